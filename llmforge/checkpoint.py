@@ -1,0 +1,147 @@
+"""Atomic safetensors checkpoints: complete or absent, never pickle.
+
+A checkpoint folder `step-000500/` holds `model.safetensors`, `optimizer.safetensors` (the
+optimizer state flattened to tensors, its hyperparameters as JSON metadata) and `state.json`
+(stage, step, sampler state, RNG states, plan hash). It is written under a temporary name and
+renamed into place, so a kill -9 at any moment leaves either the old set or the new one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def weights_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors, each shared tensor once (tied embeddings are stored as tok_emb only)."""
+    out, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        out[name] = tensor.detach().contiguous().cpu()
+    return out
+
+
+def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    save_file(weights_state(model), str(path), metadata=metadata)
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read weights ({e})",
+                              hint="the file is damaged; delete that checkpoint folder to use an older one")
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    # A tied tensor saved under one name is loaded under all of them.
+    state = model.state_dict()
+    loaded = {state[k].data_ptr() for k in tensors if k in state}
+    missing = [m for m in missing if state[m].data_ptr() not in loaded]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})", hint="the recipe's model differs from the saved one")
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    meta = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    for name, value in json.loads(meta.get("scalars", "{}")).items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": json.loads(meta["param_groups"])}
+
+
+def rng_state() -> dict:
+    out = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    def decode(s):
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+    torch.set_rng_state(decode(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, state: dict, keep: int) -> Path:
+    """Write step-NNNNNN/ atomically under root, then keep only the newest `keep` checkpoints."""
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(model, tmp / "model.safetensors")
+    tensors, meta = _flatten_optimizer(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
+    (tmp / "state.json").write_text(json.dumps(state | {"step": step, "rng": rng_state()}, indent=1))
+    if final.exists():  # the same step saved again (e.g. on a signal right after a resume)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Temporary folders are never listed."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
+             and (p / "state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore model, optimizer and RNG states; return state.json."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        load_weights(model, path / "model.safetensors")
+        with safe_open(str(path / "optimizer.safetensors"), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise CheckpointError(f"{path}: cannot load checkpoint ({e})",
+                              hint="delete that folder to resume from an older checkpoint, or use --restart")
+    set_rng_state(state["rng"])
+    return state
+
+
+def clean_temporary(root: Path) -> None:
+    """Remove half-written folders left by a killed process."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,64 @@
+"""Loading a trained stage and sampling from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .checkpoint import load_weights
+from .errors import CheckpointError
+from .model import ModelConfig, Transformer
+from .tokenizer import Tokenizer
+
+
+def find_stage(run_dir: Path, stage: str | None) -> Path:
+    """The final/ folder of the named stage, or of the last finished one."""
+    stages = run_dir / "stages"
+    done = sorted(p for p in stages.glob("*/final") if (p / "model.safetensors").is_file()) \
+        if stages.is_dir() else []
+    if not done:
+        raise CheckpointError(f"{run_dir}: no finished stage to load",
+                              hint="run `llmforge run RECIPE` first, or point at another run directory")
+    if stage is None:
+        return done[-1]
+    for p in done:
+        if p.parent.name.split("-", 1)[1] == stage or p.parent.name == stage:
+            return p
+    names = ", ".join(p.parent.name.split("-", 1)[1] for p in done)
+    raise CheckpointError(f"{run_dir}: no finished stage named {stage!r} (finished: {names})",
+                          hint="pass one of those to --stage")
+
+
+def load_trained(final: Path, device: str = "cpu") -> tuple[Transformer, Tokenizer]:
+    config = json.loads((final / "config.json").read_text())
+    model = Transformer(ModelConfig.from_dict(config["model"]))
+    load_weights(model, final / "model.safetensors")
+    model.to(device).eval()
+    return model, Tokenizer.load(final / "tokenizer.model")
+
+
+def sample(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_new_tokens: int = 200,
+           temperature: float = 0.8, top_k: int | None = 50, seed: int = 0) -> Iterator[str]:
+    """Stream the continuation of `prompt` as text pieces (complete UTF-8 characters only)."""
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    new: list[int] = []
+    shown = ""
+    for token in model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                                generator=generator, stop_ids=(tokenizer.eot_id,)):
+        if token == tokenizer.eot_id:
+            break
+        new.append(token)
+        text = tokenizer.decode(new)
+        # Byte-fallback tokens can split a character; hold back until it is complete.
+        if not text.endswith("\ufffd"):
+            yield text[len(shown):]
+            shown = text
+    rest = tokenizer.decode(new)[len(shown):]
+    if rest:
+        yield rest

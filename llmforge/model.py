@@ -1,0 +1,343 @@
+"""A decoder-only transformer in one file, in the spirit of nanoGPT's model.py.
+
+ModelConfig switches between the GPT-2 and LLaMA families (see PRESETS). No I/O, devices,
+parallelism or recipes here: callers build a config, move the model and wrap it as they like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# SDPA's `enable_gqa` arrived in torch 2.5; before that we repeat K/V heads ourselves. The builtin
+# has no inspectable signature, so compare versions (TorchVersion compares semantically).
+_SDPA_HAS_GQA = torch.__version__ >= (2, 5)
+
+NORMS, POSITIONS, MLPS = ("rmsnorm", "layernorm"), ("rope", "learned"), ("swiglu", "gelu")
+
+
+def _check(ok: bool, msg: str):
+    if not ok:
+        raise ValueError(f"ModelConfig: {msg}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    seq_len: int  # longest sequence; sizes the position tables
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_kv_head: int | None = None  # None -> n_head (plain MHA); fewer -> grouped-query attention
+    norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
+    positions: str = "rope"  # "rope" | "learned"
+    mlp: str = "swiglu"  # "swiglu" | "gelu"
+    mlp_hidden: int | None = None  # None -> see `hidden`
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    bias: bool = False  # in every Linear except lm_head, and in LayerNorm
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self):  # internal guards; the recipe layer reports user errors earlier
+        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, ok in (("norm", NORMS), ("positions", POSITIONS), ("mlp", MLPS)):
+            _check(getattr(self, name) in ok, f"{name} must be one of {ok}, got {getattr(self, name)!r}")
+        _check(self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} not divisible by n_head {self.n_head}")
+        _check(self.kv_heads >= 1 and self.n_head % self.kv_heads == 0,
+               f"n_kv_head {self.n_kv_head} must be >= 1 and divide n_head {self.n_head}")
+        _check(self.positions != "rope" or self.head_dim % 2 == 0,
+               f"rope needs an even head_dim (n_embd / n_head), got {self.head_dim}")
+        _check(self.mlp_hidden is None or self.mlp_hidden >= 1, f"mlp_hidden must be >= 1, got {self.mlp_hidden}")
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(min(self.norm_eps, self.init_std, self.rope_theta) > 0, "norm_eps, init_std, rope_theta must be > 0")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "gelu":
+            return 4 * self.n_embd  # GPT-2
+        # SwiGLU has three matrices, not two, so LLaMA takes 2/3 of 4*d to keep the parameter count,
+        # then rounds up to `multiple_of` for matmul-friendly shapes. We use 64; LLaMA-7B used 256
+        # (d=4096: 8*d/3=10922 -> 10944 here, 11008 there).
+        return 64 * ((8 * self.n_embd // 3 + 63) // 64)
+
+    def _matmul_weights(self) -> int:
+        """Weights of all blocks' matrices plus lm_head (biases, norms, lookup tables excluded)."""
+        d, kv = self.n_embd, self.kv_heads * self.head_dim
+        n_mats = 3 if self.mlp == "swiglu" else 2
+        return self.n_layer * (2 * d * d + 2 * d * kv + n_mats * d * self.hidden) + self.vocab_size * d
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """From the config alone; equals sum(p.numel() for p in Transformer(self).parameters()).
+        exclude_embeddings drops the lookup tables tok_emb and pos_emb (so a tied lm_head, which *is*
+        tok_emb, goes too); an untied lm_head is a real matmul and stays."""
+        d, h, kv, b = self.n_embd, self.hidden, self.kv_heads * self.head_dim, int(self.bias)
+        norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
+        biases = b * (2 * d + 2 * kv + (2 * h if self.mlp == "swiglu" else h) + d)  # q,o; k,v; up(s); down
+        total = self._matmul_weights() + self.n_layer * (2 * norm + biases) + norm  # + final norm
+        if self.tie_embeddings:  # lm_head *is* tok_emb: count that matrix once, as the table below
+            total -= self.vocab_size * d
+        if not exclude_embeddings:
+            total += self.vocab_size * d + (self.seq_len * d if self.positions == "learned" else 0)
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward), as in PaLM appendix B / nanoGPT's estimate_mfu.
+
+        A matmul weight costs a multiply and an add per token forward (2 FLOPs); backward costs twice
+        that (grads w.r.t. input and w.r.t. weight): 6 per weight. lm_head counts even when tied (the
+        lookup is free, the output matmul is not); biases, norms, softmax and lookups are ignored.
+        Attention adds per layer and token q.k^T against T keys (2*T*d) and probs@v (2*T*d), with
+        d = n_head*head_dim whatever the GQA grouping; x3 for fwd+bwd gives 12*T*d. Like PaLM we do
+        not halve it for the causal mask.
+        """
+        t = self.seq_len if seq_len is None else seq_len
+        return 6 * self._matmul_weights() + 12 * self.n_layer * self.n_embd * t
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(d) - {f.name for f in fields})
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in d]
+        _check(not unknown and not missing, f"bad config dict: unknown keys {unknown}, missing keys {missing}")
+        return cls(**d)
+
+
+PRESETS: dict[str, dict] = {
+    "llama": dict(norm="rmsnorm", positions="rope", mlp="swiglu", bias=False, tie_embeddings=False),
+    "gpt2": dict(norm="layernorm", positions="learned", mlp="gelu", bias=True, tie_embeddings=True),
+}
+
+
+class KVCache:
+    """Per-layer keys/values [B, kv_heads, pos, head_dim] of the tokens seen so far (kv_heads, not
+    n_head: GQA's memory saving). Grows by concatenation: simple, and cheap at the lengths generate()
+    sees. `pos` is advanced by Transformer.forward once all layers ran."""
+
+    def __init__(self, n_layer: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019): LayerNorm without centering or bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        if hasattr(F, "rms_norm"):  # fused, torch >= 2.4
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [seq_len, head_dim] for RoPE (RoFormer, Su et al. 2021) in the "rotate half" layout:
+    pair i is (x[i], x[i + head_dim/2]) turning at theta^(-2i/head_dim), as in HF Llama."""
+    inv_freq = cfg.rope_theta ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B, H, T, head_dim], cos/sin [T, head_dim]. Rotating in fp32 keeps large angles accurate
+    # under bf16 at negligible cost next to the matmuls.
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv, self.head_dim = layer, cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, cache: KVCache | None):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        S = k.shape[2]  # keys visible to these T queries: cached + new
+        # Training/prefill (S == T): plain causal. One decode query (T == 1) may see every cached
+        # key: no mask. A chunk on top of a cache sits at positions S-T..S-1; SDPA's is_causal
+        # aligns its mask top-left, wrong when S > T, so spell out "key pos <= query pos".
+        mask = None
+        if S != T and T > 1:
+            mask = torch.arange(S, device=x.device) <= torch.arange(S - T, S, device=x.device)[:, None]
+        gqa = self.n_kv != self.n_head
+        if gqa and not _SDPA_HAS_GQA:  # enable_gqa's grouping: query head h reads kv head h // (n_head/n_kv)
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))
+        extra = {"enable_gqa": True} if gqa and _SDPA_HAS_GQA else {}
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == T,
+                                           dropout_p=self.dropout if self.training else 0.0, **extra)
+        return self.resid_drop(self.o_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+
+class MLP(nn.Module):
+    """swiglu: w2(silu(w1(x)) * w3(x)) (Shazeer 2020) with LLaMA's names (w1 gate, w3 up, w2 down).
+    gelu: c_proj(gelu(c_fc(x))) with the tanh approximation of GELU that GPT-2 used."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu, d, h, b = cfg.mlp == "swiglu", cfg.n_embd, cfg.hidden, cfg.bias
+        if self.swiglu:
+            self.w1, self.w3, self.w2 = nn.Linear(d, h, bias=b), nn.Linear(d, h, bias=b), nn.Linear(h, d, bias=b)
+        else:
+            self.c_fc, self.c_proj = nn.Linear(d, h, bias=b), nn.Linear(h, d, bias=b)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm, self.attn = make_norm(cfg), Attention(cfg, layer)
+        self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
+
+    def forward(self, x, rope, cache):
+        x = x + self.attn(self.attn_norm(x), rope, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.positions == "learned":
+            self.pos_emb = nn.Embedding(cfg.seq_len, cfg.n_embd)
+        else:  # derived from the config, so not in state_dict. model.to(bfloat16) would round them
+            cos, sin = rope_tables(cfg)  # too; autocast leaves buffers in fp32.
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:  # one Parameter, two names (Press & Wolf 2017); parameters() yields
+            self.lm_head.weight = self.tok_emb.weight  # it once, state_dict() under both keys.
+        # GPT-2 init: N(0, init_std) for every matrix, zero biases, norms keep their ones. Each block
+        # adds two residual branches, so the residual stream's variance grows with 2*n_layer; GPT-2
+        # scales the branches' output projections by 1/sqrt(2*n_layer) to offset it. Module order
+        # is fixed, so the result is deterministic given torch.manual_seed.
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                scale = math.sqrt(2 * cfg.n_layer) if name.endswith(("o_proj", "w2", "c_proj")) else 1.0
+                nn.init.normal_(m.weight, mean=0.0, std=cfg.init_std / scale)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx [B, T] token ids -> logits [B, T, vocab]. With a cache, idx continues what it holds."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds seq_len {self.config.seq_len}")
+        x, rope = self.tok_emb(idx), None
+        if self.config.positions == "learned":
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.lm_head(self.norm(x))
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 stop_ids: Collection[int] = ()) -> Iterator[int]:
+        """Yield up to max_new_tokens sampled ids, one at a time, continuing the prompt idx [1, T].
+
+        Call model.eval() first (dropout is left as is). temperature 0 is greedy. Stops right after
+        yielding a token in stop_ids. The prompt is prefilled once into a KV cache, then each step
+        feeds one token. When the cache is full (seq_len positions) the window is cropped to its last
+        seq_len//2 tokens and re-prefilled from position 0: one recompute per seq_len//2 steps, not
+        per step, and exact for rope and learned positions alike since no cached entry survives.
+        """
+        if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] == 0:
+            raise ValueError(f"generate expects a non-empty prompt of shape [1, T], got {tuple(idx.shape)}")
+        if temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"need temperature >= 0 and top_k >= 1, got {temperature}, {top_k}")
+        seq_len, n_layer = self.config.seq_len, self.config.n_layer
+        window = idx[:, -seq_len:]  # an over-long prompt keeps its most recent seq_len tokens
+        cache = KVCache(n_layer)
+        logits = self(window, cache)
+        for step in range(max_new_tokens):
+            token = _sample(logits[0, -1], temperature, top_k, generator)
+            yield token
+            if token in stop_ids or step == max_new_tokens - 1:
+                return
+            new = torch.tensor([[token]], dtype=idx.dtype, device=idx.device)
+            window = torch.cat([window, new], dim=1)
+            if cache.pos < seq_len:
+                logits = self(new, cache)
+            else:
+                window, cache = window[:, -max(1, seq_len // 2):], KVCache(n_layer)
+                logits = self(window, cache)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> int:
+    """One id from [vocab] logits: argmax at temperature 0, else softmax(logits / T) over the top_k."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator))

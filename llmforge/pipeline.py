@@ -1,0 +1,153 @@
+"""From a validated recipe to a ready-to-run engine Context: run directory checks, tokenizer,
+data preparation and the plan. Also the cheap plan-only path behind `llmforge plan`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from .data import cache, iter_documents, list_files, prepare_source
+from .engine import Context
+from .errors import RecipeError, TokenizerError
+from .plan import Plan, SourceStats, compile_plan, detect_device
+from .recipe import Recipe, diff_recipes, dump_recipe
+from .tokenizer import Tokenizer, train_tokenizer
+
+# Recipe keys that change how a run is watched or saved, never what it computes.
+_HARMLESS = (".eval.", ".checkpoint.")
+
+
+def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False) -> Context:
+    if restart and run_dir.exists():
+        shutil.rmtree(run_dir)
+    check_run_dir(recipe, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+    device = detect_device(recipe.runtime)
+    _set_threads(device.threads)
+    tokenizer = ensure_tokenizer(recipe, run_dir, reporter)
+    sources = {}
+    for name in used_sources(recipe):
+        spec = recipe.data[name]
+        total = sum(p.stat().st_size for p in list_files(name, spec, recipe.base_dir))
+        with reporter.task(f"tokenizing {name}", min(total, spec.max_bytes or total)) as advance:
+            sources[name] = prepare_source(name, spec, recipe.base_dir, tokenizer, advance)
+    stats = {n: SourceStats(s.documents, len(s.train), len(s.val)) for n, s in sources.items()}
+    plan = compile_plan(recipe, vocab_size=tokenizer.vocab_size, sources=stats, device=device)
+    _write_atomic(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1))
+    return Context(plan, run_dir, tokenizer, sources, reporter)
+
+
+def estimate_plan(recipe: Recipe, run_dir: Path) -> Plan:
+    """The plan without training anything: exact token counts where the run directory's tokenizer
+    and the cache already have them, estimates from file sizes otherwise."""
+    device = detect_device(recipe.runtime)
+    _set_threads(device.threads)
+    tok_path = run_dir / "tokenizer" / "tokenizer.model"
+    tokenizer = Tokenizer.load(tok_path) if tok_path.is_file() else None
+    if tokenizer is None and recipe.tokenizer.path:
+        tokenizer = Tokenizer.load(_resolve(recipe, recipe.tokenizer.path))
+    stats = {}
+    for name in used_sources(recipe):
+        spec = recipe.data[name]
+        entry = cache.cache_dir() / "tokens" / cache.cache_key(name, spec, recipe.base_dir, tokenizer.fingerprint) \
+            if tokenizer else None
+        if entry is not None and (entry / "meta.json").is_file():
+            src = cache.load_entry(name, entry)
+            stats[name] = SourceStats(src.documents, len(src.train), len(src.val))
+        else:
+            files = list_files(name, spec, recipe.base_dir)
+            size = min(sum(p.stat().st_size for p in files), spec.max_bytes or 1 << 62)
+            # ~3.5 bytes per token for a subword vocab of a few thousand on English or code; 1 for chars.
+            tokens = int(size / (1.0 if recipe.tokenizer.type == "char" else 3.5))
+            val = int(tokens * spec.val_fraction)
+            stats[name] = SourceStats(len(files), tokens - val, val, estimated=True)
+    vocab = tokenizer.vocab_size if tokenizer else recipe.tokenizer.vocab_size
+    return compile_plan(recipe, vocab_size=vocab, sources=stats, device=device)
+
+
+def used_sources(recipe: Recipe) -> list[str]:
+    names = [n for stage in recipe.stages for n in stage.mix]
+    return list(dict.fromkeys(names))
+
+
+def check_run_dir(recipe: Recipe, run_dir: Path) -> None:
+    """Refuse a recipe change that would alter work already done in this run directory."""
+    old_file = run_dir / "recipe.yaml"
+    if not old_file.is_file():
+        return
+    old = yaml.safe_load(old_file.read_text())
+    started = {i for i, st in enumerate(old.get("stages", []))
+               if (run_dir / "stages" / f"{i + 1:02d}-{st['name']}").exists()}
+    if not started:
+        return
+    problems = []
+    for path, a, b in diff_recipes(old, recipe.model_dump(mode="json")):
+        if path.startswith("runtime."):
+            continue  # how to run, not what: resuming on another device is allowed
+        if path.startswith("stages["):
+            index = int(path[len("stages["):path.index("]")])
+            if index not in started or any(k in path for k in _HARMLESS):
+                continue
+            why = f"stage {old['stages'][index]['name']!r} has already trained"
+        else:
+            why = "work has already been done with the old value"
+        problems.append(f"{path}: changed from {a!r} to {b!r} since {run_dir} started ({why})")
+    if problems:
+        raise RecipeError(problems, hint="run with --restart to start over, or --run-dir DIR for a new run")
+
+
+def ensure_tokenizer(recipe: Recipe, run_dir: Path, reporter) -> Tokenizer:
+    """The run's tokenizer: already in the run directory, copied from a file, or trained."""
+    out = run_dir / "tokenizer"
+    if (out / "tokenizer.model").is_file():
+        return Tokenizer.load(out / "tokenizer.model")
+    spec = recipe.tokenizer
+    if spec.path:
+        source = _resolve(recipe, spec.path)
+        Tokenizer.load(source)  # fails clearly on a missing or broken file, before copying it
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / "tokenizer.model", source.read_bytes())
+        return Tokenizer.load(out / "tokenizer.model")
+    names = spec.train_on or used_sources(recipe)
+    share = spec.sample_bytes // len(names)
+    # An equal share of the sample from each source, so a small source still shapes the vocab.
+    docs = itertools.chain.from_iterable(_take_bytes(iter_documents(n, recipe.data[n], recipe.base_dir), share)
+                                         for n in names)
+    with reporter.task(f"training {spec.type} tokenizer ({spec.vocab_size} tokens)", None):
+        path = train_tokenizer(docs, out, type=spec.type, vocab_size=spec.vocab_size,
+                               byte_fallback=spec.byte_fallback, sample_bytes=spec.sample_bytes)
+    return Tokenizer.load(path)
+
+
+def _take_bytes(docs, budget: int):
+    for doc in docs:
+        yield doc
+        budget -= len(doc.encode("utf-8"))
+        if budget <= 0:
+            return
+
+
+def _resolve(recipe: Recipe, path: str) -> Path:
+    p = Path(path).expanduser()
+    p = p if p.is_absolute() else recipe.base_dir / p
+    if not p.is_file():
+        raise TokenizerError(f"tokenizer.path: {p} does not exist", hint="give the path of a sentencepiece .model file")
+    return p
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _write_atomic(path: Path, content: str | bytes) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_bytes(content.encode() if isinstance(content, str) else content)
+    os.replace(tmp, path)

@@ -1,0 +1,283 @@
+"""Recipe -> Plan: every derived number for this machine, computed before any training.
+
+The recipe says *what* (global batch in tokens, budget, schedule); the plan says *how* here
+(device, precision, micro-batch x grad-accum x world size, steps, memory and time estimates).
+Every derived number appears in `llmforge plan`; nothing is decided silently elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+from .errors import PlanError
+from .model import PRESETS, ModelConfig
+from .recipe import Recipe, resolve_percent
+
+
+@dataclass(frozen=True)
+class Device:
+    type: str  # cpu | cuda | mps
+    name: str
+    memory_bytes: int
+    precision: str  # fp32 | bf16 | fp16
+    compile: bool
+    threads: int
+    peak_flops: float | None  # dense FLOP/s at `precision`; None when unknown
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    name: str
+    weight: float  # normalized share of the stage's tokens
+    documents: int | None
+    train_tokens: int
+    val_tokens: int
+    take_tokens: int  # tokens this stage draws from the source
+    epochs: float  # take_tokens / train_tokens
+    estimated: bool  # token counts estimated from bytes: the source is not tokenized yet
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    name: str
+    kind: str
+    dir_name: str  # "01-pretrain"
+    seq_len: int
+    batch_tokens: int
+    global_batch: int  # sequences per optimizer step = micro_batch * grad_accum * world_size
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    steps: int
+    tokens: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    decay: str
+    optimizer: dict
+    eval_every: int
+    eval_tokens: int
+    checkpoint_every: int
+    checkpoint_keep: int
+    log_every: int
+    mix: tuple[SourcePlan, ...]
+    flops: float
+    est_peak_memory_bytes: int
+    est_time_s: float | None
+
+    def math_hash(self) -> str:
+        """What decides this stage's numbers on a given machine; stored in every checkpoint."""
+        keys = ("kind", "seq_len", "global_batch", "micro_batch", "grad_accum", "world_size", "steps",
+                "lr", "min_lr", "warmup_steps", "decay", "optimizer")
+        blob = {k: getattr(self, k) for k in keys} | {"mix": [(s.name, s.weight) for s in self.mix]}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    seed: int
+    device: Device
+    model: ModelConfig
+    params: int
+    params_non_embedding: int
+    flops_per_token: int
+    stages: tuple[StagePlan, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["model"] = self.model.to_dict()
+        return out
+
+
+@dataclass(frozen=True)
+class SourceStats:
+    documents: int | None
+    train_tokens: int
+    val_tokens: int
+    estimated: bool = False
+
+
+def model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:
+    """The recipe's model section with its preset's defaults filled in."""
+    spec = recipe.model
+    fields = dict(PRESETS[spec.preset])
+    fields.update({k: v for k, v in spec.model_dump(exclude={"preset"}).items() if v is not None})
+    return ModelConfig(vocab_size=vocab_size, **fields)
+
+
+def detect_device(runtime) -> Device:
+    import torch
+
+    kind = runtime.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise PlanError("runtime.device: cuda was asked for but no CUDA device is available",
+                        hint="use runtime.device=auto or cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise PlanError("runtime.device: mps was asked for but is not available", hint="use auto or cpu")
+    threads = runtime.threads if runtime.threads != "auto" else torch.get_num_threads()
+    if kind == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        name, memory = props.name, props.total_memory
+        auto_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    else:
+        name = "Apple GPU" if kind == "mps" else f"CPU ({threads} threads)"
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        auto_precision = "fp32"  # autocast on CPU is slower than fp32 for small models
+    precision = auto_precision if runtime.precision == "auto" else runtime.precision
+    if kind == "cpu" and precision == "fp16":
+        raise PlanError("runtime.precision: fp16 is not supported on CPU", hint="use fp32 or bf16")
+    compile_on = runtime.compile == "on" or (runtime.compile == "auto" and kind == "cuda")
+    return Device(kind, name, memory, precision, compile_on, threads, _peak_flops(kind, name, precision))
+
+
+# Dense peak FLOP/s by GPU name (bf16/fp16 tensor cores, no sparsity) from vendor datasheets.
+_GPU_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def _peak_flops(kind: str, name: str, precision: str) -> float | None:
+    if kind != "cuda":
+        return None
+    for key, peak in _GPU_PEAK.items():
+        if key in name:
+            return peak if precision != "fp32" else peak / 2  # TF32 is about half of bf16
+    return None
+
+
+def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceStats], device: Device,
+                 world_size: int = 1) -> Plan:
+    cfg = model_config(recipe, vocab_size)
+    params = cfg.num_params()
+    stages, problems = [], []
+    for i, spec in enumerate(recipe.stages):
+        try:
+            stages.append(_plan_stage(i, spec, recipe, cfg, sources, device, world_size))
+        except PlanError as e:
+            problems.append(e)
+    if problems:
+        raise PlanError("\n".join(p.message for p in problems), hint=problems[0].hint)
+    return Plan(recipe.name, recipe.seed, device, cfg, params, cfg.num_params(exclude_embeddings=True),
+                cfg.flops_per_token(), tuple(stages))
+
+
+def _plan_stage(i, spec, recipe, cfg, sources, device, world_size) -> StagePlan:
+    where = f"stages[{i}]"
+    seq_len = recipe.stage_seq_len(spec)
+    if spec.batch_tokens % (seq_len * world_size):
+        per = seq_len * world_size
+        lo, hi = spec.batch_tokens // per * per, (spec.batch_tokens // per + 1) * per
+        raise PlanError(f"{where}.batch_tokens: {spec.batch_tokens} is not a multiple of seq_len x world size "
+                        f"({seq_len} x {world_size})", hint=f"use {lo or hi} or {hi}")
+    global_batch = spec.batch_tokens // seq_len
+    steps = spec.steps or math.ceil(spec.tokens / spec.batch_tokens)
+    tokens = steps * spec.batch_tokens
+    micro, memory = _choose_micro_batch(where, recipe.runtime.micro_batch, global_batch // world_size,
+                                        seq_len, cfg, device)
+    mix = _plan_mix(where, spec.mix, sources, tokens, seq_len)
+    warmup = round(resolve_percent(spec.schedule.warmup, steps))
+    if warmup >= steps and steps > 1:
+        raise PlanError(f"{where}.schedule.warmup: {warmup} warmup steps but the stage has only {steps} steps",
+                        hint="use a smaller warmup, e.g. '2%'")
+    opt = spec.optimizer
+    flops = float(cfg.flops_per_token(seq_len)) * tokens
+    return StagePlan(
+        index=i, name=spec.name, kind=spec.kind, dir_name=f"{i + 1:02d}-{spec.name}", seq_len=seq_len,
+        batch_tokens=spec.batch_tokens, global_batch=global_batch, micro_batch=micro,
+        grad_accum=global_batch // (micro * world_size), world_size=world_size, steps=steps, tokens=tokens,
+        lr=opt.lr, min_lr=resolve_percent(spec.schedule.min_lr, opt.lr), warmup_steps=warmup,
+        decay=spec.schedule.decay,
+        optimizer={"name": opt.name, "betas": list(opt.betas), "eps": opt.eps,
+                   "weight_decay": opt.weight_decay, "grad_clip": opt.grad_clip},
+        eval_every=spec.eval.every, eval_tokens=spec.eval.tokens, checkpoint_every=spec.checkpoint.every,
+        checkpoint_keep=spec.checkpoint.keep, log_every=recipe.runtime.log_every, mix=mix, flops=flops,
+        est_peak_memory_bytes=memory, est_time_s=_estimate_time(flops, cfg, micro, seq_len, device),
+    )
+
+
+def _plan_mix(where, mix: dict, sources: dict, tokens: int, seq_len: int) -> tuple[SourcePlan, ...]:
+    total = sum(mix.values())
+    out = []
+    for name, weight in mix.items():
+        st = sources[name]
+        if st.train_tokens < seq_len + 1:
+            raise PlanError(f"{where}.mix.{name}: the source has {st.train_tokens} training tokens, "
+                            f"fewer than one window of seq_len+1 = {seq_len + 1}",
+                            hint="add data to the source or use a shorter seq_len")
+        take = round(tokens * weight / total)
+        out.append(SourcePlan(name, weight / total, st.documents, st.train_tokens, st.val_tokens, take,
+                              take / st.train_tokens, st.estimated))
+    return tuple(out)
+
+
+def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str) -> int:
+    """Peak training memory in bytes: weights + grads + AdamW moments + activations + logits.
+
+    fp32 master weights and grads (4 + 4 bytes/param) and two AdamW moments (8 bytes/param).
+    Activations: per token per layer, the tensors autograd keeps for backward — about 8 x n_embd
+    (norm inputs/outputs, q/k/v, attention output, residuals) + 4 x mlp hidden — at 4 bytes, or
+    2 under bf16/fp16 autocast. SDPA's fused kernels keep no T x T attention matrix. Logits are
+    materialized in fp32 with their gradient: ~3 x tokens x vocab x 4 bytes.
+    """
+    tokens = micro_batch * seq_len
+    act_bytes = 4 if precision == "fp32" else 2
+    per_token_layer = (8 * cfg.n_embd + 2 * cfg.kv_heads * cfg.head_dim + 4 * cfg.hidden) * act_bytes
+    activations = cfg.n_layer * tokens * per_token_layer + 2 * tokens * cfg.n_embd * 4
+    logits = 3 * tokens * cfg.vocab_size * 4
+    states = cfg.num_params() * 16
+    return int((states + activations + logits) * 1.1)  # ~10% for allocator slack and workspaces
+
+
+def _choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, device) -> tuple[int, int]:
+    budget = device.memory_bytes * (0.9 if device.type != "cpu" else 0.6)
+    if requested != "auto":
+        if per_rank % requested:
+            raise PlanError(f"runtime.micro_batch: {requested} does not divide the {per_rank} sequences "
+                            f"per step and device of {where}", hint="use a divisor, or auto")
+        return requested, estimate_memory(cfg, requested, seq_len, device.precision)
+    # CPUs gain little past ~16k tokens per forward; GPUs take the largest micro-batch that fits.
+    cap = 16384 if device.type == "cpu" else 1 << 30
+    divisors = [d for d in range(per_rank, 0, -1) if per_rank % d == 0]
+    for d in divisors:
+        memory = estimate_memory(cfg, d, seq_len, device.precision)
+        if (d * seq_len <= cap or d == 1) and memory <= budget:
+            return d, memory
+    need = estimate_memory(cfg, 1, seq_len, device.precision)
+    raise PlanError(f"model: needs ~{need / 2**30:.1f} GiB to train even at micro-batch 1, more than the "
+                    f"{device.memory_bytes / 2**30:.1f} GiB this {device.type} offers",
+                    hint="use a smaller model or seq_len")
+
+
+def _estimate_time(flops: float, cfg: ModelConfig, micro: int, seq_len: int, device: Device) -> float | None:
+    """Wall time at a typical 40% of peak on GPU; on CPU, 50% of a measured matmul's speed."""
+    if device.peak_flops:
+        return flops / (0.4 * device.peak_flops)
+    if device.type != "cpu":
+        return None
+    return flops / (0.5 * _cpu_matmul_flops(micro * seq_len, cfg.n_embd, cfg.hidden))
+
+
+_CALIBRATION: dict = {}
+
+
+def _cpu_matmul_flops(m: int, k: int, n: int) -> float:
+    """FLOP/s of this CPU on a matmul shaped like the model's MLP (measured once, ~0.1 s)."""
+    import torch
+
+    m = min(m, 4096)
+    if (m, k, n) not in _CALIBRATION:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        start, reps = time.perf_counter(), 0
+        while time.perf_counter() - start < 0.05 or reps < 3:
+            a @ b
+            reps += 1
+        _CALIBRATION[(m, k, n)] = 2 * m * k * n * reps / (time.perf_counter() - start)
+    return _CALIBRATION[(m, k, n)]

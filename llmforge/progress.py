@@ -1,0 +1,170 @@
+"""Showing a run: a rich live view on a terminal, plain lines otherwise, metrics.jsonl always.
+
+The engine calls one Reporter interface; whether anything is drawn is the reporter's business,
+so the training loop has no `if tty` branches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+
+class Reporter:
+    def __init__(self, console: Console | None = None, live: bool | None = None):
+        self.console = console or Console()
+        self.live = self.console.is_terminal if live is None else live
+        self.metrics_file = None
+        self.progress: Progress | None = None
+        self.task_id = None
+        self.stage = None
+
+    # -- messages and preparation ----------------------------------------------------------------
+    def note(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False)
+
+    @contextlib.contextmanager
+    def task(self, description: str, total_bytes: int | None):
+        """A bounded piece of preparation work; yields advance(n_bytes)."""
+        if not self.live:
+            self.note(f"{description} ...")
+            yield lambda n: None
+            return
+        columns = [TextColumn("{task.description}"), BarColumn()]
+        if total_bytes:
+            columns += [DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=self.console, transient=True) as progress:
+            tid = progress.add_task(description, total=total_bytes)
+            yield lambda n: progress.advance(tid, n)
+
+    # -- stages ----------------------------------------------------------------------------------
+    def stage_start(self, sp, start_step: int, metrics_path: Path) -> None:
+        self.stage = sp
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, start_step)
+        self.metrics_file = open(metrics_path, "a")
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+                TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                console=self.console,
+            )
+            self.progress.start()
+            self.task_id = self.progress.add_task(sp.name, total=sp.steps, completed=start_step, info="")
+        else:
+            self.note(f"stage {sp.name}: steps {start_step}..{sp.steps}")
+
+    def log(self, step: int, metrics: dict) -> None:
+        self._write({"step": step, **metrics})
+        info = (f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+                f"{metrics['tokens_per_s']:,.0f} tok/s  eta {_duration(metrics['eta_s'])}")
+        if self.progress:
+            self.progress.update(self.task_id, completed=step, info=info)
+        else:
+            self.note(f"{self.stage.name} step {step}/{self.stage.steps}  {info}")
+
+    def eval(self, step: int, metrics: dict) -> None:
+        if not metrics:
+            return
+        self._write({"step": step, **metrics})
+        text = f"{self.stage.name} step {step}/{self.stage.steps}  val_loss {metrics['val_loss']:.4f}  " \
+               f"val_bpb {metrics['val_bpb']:.4f}"
+        self.console.print(text, markup=False, highlight=False)
+
+    def stage_end(self, sp) -> None:
+        if self.progress:
+            self.progress.update(self.task_id, completed=sp.steps)
+            self.progress.stop()
+            self.progress = None
+        if self.metrics_file:
+            self.metrics_file.close()
+            self.metrics_file = None
+        self.note(f"stage {sp.name}: done")
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
+            self.progress = None
+        if self.metrics_file:
+            self.metrics_file.close()
+            self.metrics_file = None
+
+    def _write(self, record: dict) -> None:
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+
+
+def _truncate_metrics(path: Path, start_step: int) -> None:
+    """On resume, drop what the resumed steps will log again (evals at start_step included)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if rec.get("step", 0) < start_step or (rec.get("step") == start_step and "val_loss" not in rec):
+            keep.append(line)
+    path.write_text("".join(k + "\n" for k in keep))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _si(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def render_plan(plan, console: Console) -> None:
+    """Print every derived number of a plan."""
+    d, m = plan.device, plan.model
+    console.print(f"[bold]plan[/] {plan.name}: {d.type} ({d.name}), {d.precision}"
+                  f"{', compiled' if d.compile else ''}, {d.memory_bytes / 2**30:.0f} GiB", highlight=False)
+    console.print(f"model: {m.n_layer} layers, {m.n_head} heads ({m.kv_heads} kv), {m.n_embd} wide, "
+                  f"seq_len {m.seq_len}, vocab {m.vocab_size}, {m.norm}/{m.positions}/{m.mlp}"
+                  f"{', tied' if m.tie_embeddings else ''} -> {_si(plan.params)} params "
+                  f"({_si(plan.params_non_embedding)} non-embedding), {_si(plan.flops_per_token)} FLOPs/token",
+                  highlight=False)
+    for sp in plan.stages:
+        eta = f", ~{_duration(sp.est_time_s)}" if sp.est_time_s else ""
+        console.print(
+            f"[bold]stage {sp.dir_name}[/] ({sp.kind}): {sp.steps} steps x {sp.batch_tokens:,} tokens = "
+            f"{_si(sp.tokens)} tokens\n"
+            f"  batch {sp.global_batch} x {sp.seq_len} = micro {sp.micro_batch} x accum {sp.grad_accum} "
+            f"x world {sp.world_size}\n"
+            f"  {sp.optimizer['name']} lr {sp.lr:.3g} -> {sp.min_lr:.3g} {sp.decay}, warmup {sp.warmup_steps} steps, "
+            f"weight decay {sp.optimizer['weight_decay']}, clip {sp.optimizer['grad_clip']}\n"
+            f"  eval every {sp.eval_every or 'end'} on {sp.eval_tokens:,} tokens; checkpoint every "
+            f"{sp.checkpoint_every or 'end'}, keep {sp.checkpoint_keep}\n"
+            f"  {sp.flops:.2e} FLOPs, est. peak memory {sp.est_peak_memory_bytes / 2**30:.2f} GiB{eta}",
+            highlight=False)
+        table = Table(box=None, padding=(0, 2), show_edge=False)
+        for col in ("source", "weight", "docs", "train tokens", "val tokens", "stage takes", "epochs"):
+            table.add_column(col, justify="left" if col == "source" else "right")
+        for s in sp.mix:
+            approx = "~" if s.estimated else ""
+            table.add_row(s.name, f"{s.weight:.2f}", f"{s.documents:,}" if s.documents is not None else "?",
+                          f"{approx}{s.train_tokens:,}", f"{approx}{s.val_tokens:,}", f"{s.take_tokens:,}",
+                          f"{approx}{s.epochs:.2f}")
+        console.print(table)
+    if any(s.estimated for sp in plan.stages for s in sp.mix):
+        console.print("~ estimated from file sizes; exact once `llmforge run` has tokenized the data", highlight=False)
+
+
+def error_console() -> Console:
+    return Console(stderr=True, file=sys.stderr)

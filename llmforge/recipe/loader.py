@@ -1,0 +1,298 @@
+"""Load a recipe: safe YAML -> `--set` overrides -> schema validation, every problem reported at once.
+
+Each problem becomes one line `file:line: key.path: what is wrong (did you mean ...?)`, or
+`key.path: ... (from --set ...)` when an override caused it. Only yaml.SafeLoader is used: a recipe
+is data and can never name Python code to run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ..errors import RecipeError
+from .schema import Recipe
+
+Loc = tuple  # a key path: ("stages", 0, "optimizer", "lr")
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"{path}: no such recipe file"], hint="check the path; recipes/ has examples")
+    data, lines = _read_yaml(path)
+    origins = {}
+    problems = []
+    for item in overrides:
+        try:
+            loc = apply_override(data, item)
+            origins[loc] = item
+        except ValueError as e:
+            problems.append(f"--set {item}: {e}")
+    if problems:
+        raise RecipeError(problems, hint="write overrides as key.path=value, e.g. stages[0].optimizer.lr=1e-3")
+    recipe = validate_recipe(data, where=lambda loc: _where(loc, path, lines, origins))
+    recipe._base_dir = path.resolve().parent
+    return recipe
+
+
+def validate_recipe(data, where=lambda loc: ("", "")) -> Recipe:
+    """Validate raw recipe data; raise RecipeError listing every problem with its key path."""
+    if not isinstance(data, dict):
+        raise RecipeError([f"{where(())[0]}the recipe must be a mapping of keys (name, model, data, stages, ...)"])
+    problems: list[tuple[Loc, str]] = []
+    recipe = None
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        problems += _explain(e, data)
+    problems += _check_references(data)
+    if problems:
+        seen, lines = set(), []
+        for loc, msg in problems:
+            prefix, suffix = where(loc)
+            line = f"{prefix}{format_loc(loc) or '<recipe>'}: {msg}{suffix}"
+            if line not in seen:
+                seen.add(line)
+                lines.append(line)
+        raise RecipeError(lines, hint="fix the keys above; docs/recipe.md lists every key")
+    return recipe
+
+
+def format_loc(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# --- YAML with line numbers ----------------------------------------------------------------------
+
+def _read_yaml(path: Path) -> tuple[object, dict[Loc, int]]:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}: " if mark else f"{path}: "
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError([f"{where}invalid YAML: {problem}"], hint="check indentation and quoting there")
+    finally:
+        loader.dispose()
+    lines: dict[Loc, int] = {}
+    duplicates: list[str] = []
+    if node is not None:
+        _index_lines(node, (), lines, duplicates, path)
+    if duplicates:
+        raise RecipeError(duplicates, hint="each key may appear once; YAML would silently keep the last")
+    return data, lines
+
+
+def _index_lines(node, loc: Loc, lines: dict, duplicates: list, path: Path) -> None:
+    lines[loc] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                duplicates.append(f"{path}:{key_node.start_mark.line + 1}: {format_loc(loc + (key,))}: duplicate key")
+            seen.add(key)
+            _index_lines(value_node, loc + (key,), lines, duplicates, path)
+            lines[loc + (key,)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _index_lines(item, loc + (i,), lines, duplicates, path)
+
+
+def _where(loc: Loc, path: Path, lines: dict, origins: dict) -> tuple[str, str]:
+    """(prefix, suffix) that place a problem: `file:line: ` or ` [from --set ...]`."""
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in origins:
+            return "", f" [from --set {origins[loc[:n]]}]"
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return f"{path}:{lines[loc[:n]]}: ", ""
+    return f"{path}: ", ""
+
+
+# --- overrides -----------------------------------------------------------------------------------
+
+_SEGMENT = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def apply_override(data: dict, item: str) -> Loc:
+    """Apply `key.path=value` to raw recipe data in place; return the resolved key path.
+
+    The value is parsed as YAML (safe), so `1e-3`, `true`, `[a, b]` and `{web: 1}` all work.
+    A stage can be addressed by index (`stages[0]`, `stages.0`) or by name (`stages.pretrain`).
+    """
+    if "=" not in item:
+        raise ValueError("expected key.path=value")
+    key, _, raw_value = item.partition("=")
+    parts: list = []
+    pos = 0
+    key = key.strip()
+    for m in _SEGMENT.finditer(key):
+        if m.start() != pos and key[pos:m.start()] != ".":
+            raise ValueError(f"cannot parse key path {key!r}")
+        parts.append(int(m.group(2)) if m.group(2) is not None else m.group(1))
+        pos = m.end()
+    if not parts or pos != len(key):
+        raise ValueError(f"cannot parse key path {key!r}")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    if not isinstance(data, dict):
+        raise ValueError("the recipe is not a mapping")
+    node, loc = data, []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            part = _list_index(node, part, format_loc(tuple(loc)))
+        elif not isinstance(node, dict):
+            raise ValueError(f"{format_loc(tuple(loc))} is a value, not a section")
+        loc.append(part)
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
+    return tuple(loc)
+
+
+def _list_index(items: list, part, where: str) -> int:
+    if isinstance(part, str) and part.isdigit():
+        part = int(part)
+    if isinstance(part, int):
+        if part >= len(items):
+            raise ValueError(f"{where} has {len(items)} entries; index {part} is out of range")
+        return part
+    names = [x.get("name") for x in items if isinstance(x, dict)]
+    if part in names:
+        return names.index(part)
+    raise ValueError(f"{where} has no entry named {part!r} (known: {', '.join(map(str, names))})")
+
+
+# --- turning pydantic's errors into lines --------------------------------------------------------
+
+def _explain(error: ValidationError, data) -> list[tuple[Loc, str]]:
+    out = []
+    for err in error.errors(include_url=False):
+        loc = _clean_loc(err["loc"], data, err["type"])
+        kind, msg = err["type"], err["msg"]
+        if kind == "extra_forbidden":
+            msg = "unknown key" + _did_you_mean(loc[-1], _allowed_keys(loc[:-1]))
+        elif kind == "missing":
+            msg = "missing required key"
+        else:
+            msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+            msg = msg[:1].lower() + msg[1:]
+            if kind not in ("value_error",) and "input" in err and not isinstance(err["input"], (dict, list)):
+                msg += f" (got {err['input']!r})"
+        out.append((loc, msg))
+    return out
+
+
+def _clean_loc(loc: tuple, data, kind: str) -> Loc:
+    """Drop the union/validator tags pydantic inserts, keeping only real keys and indexes."""
+    clean, node = [], data
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            clean.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            clean.append(part)
+            node = node[part]
+        elif kind == "missing" and i == len(loc) - 1:
+            clean.append(part)
+        # else: a tag such as 'function-after[...]' or 'int'
+    return tuple(clean)
+
+
+def _model_at(loc: Loc):
+    """The schema model class that describes the mapping at `loc`, if any."""
+    tp = Recipe
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(part)
+            if field is None:
+                return None
+            tp = field.annotation
+        elif typing.get_origin(tp) in (list, dict):
+            tp = typing.get_args(tp)[-1]
+        else:
+            return None
+    tp = _unwrap(tp)
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _unwrap(tp):
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            members = [a for a in typing.get_args(tp) if a is not type(None)]
+            models = [a for a in members if isinstance(a, type) and issubclass(a, BaseModel)]
+            tp = (models or members)[0]
+        else:
+            return tp
+
+
+def _allowed_keys(loc: Loc) -> list[str]:
+    model = _model_at(loc)
+    return list(model.model_fields) if model else []
+
+
+def _did_you_mean(word, candidates) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (known: {', '.join(map(str, candidates))})" if candidates else ""
+
+
+def _check_references(data: dict) -> list[tuple[Loc, str]]:
+    """Cross-section checks, on raw data so they are reported alongside field errors."""
+    problems = []
+    sources = list(data.get("data") or {}) if isinstance(data.get("data"), dict) else []
+    stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    names = {}
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            continue
+        mix = stage.get("mix")
+        if isinstance(mix, dict):
+            for src in mix:
+                if src not in sources:
+                    problems.append((("stages", i, "mix", src), _unknown_source(src, sources)))
+        name = stage.get("name")
+        if isinstance(name, str):
+            if name in names:
+                problems.append((("stages", i, "name"), f"duplicate stage name {name!r} (also stages[{names[name]}])"))
+            names.setdefault(name, i)
+        seq, model_seq = stage.get("seq_len"), model.get("seq_len")
+        if isinstance(seq, int) and isinstance(model_seq, int) and seq > model_seq:
+            problems.append((("stages", i, "seq_len"), f"{seq} is longer than model.seq_len ({model_seq})"))
+    tok = data.get("tokenizer")
+    if isinstance(tok, dict) and isinstance(tok.get("train_on"), list):
+        for j, src in enumerate(tok["train_on"]):
+            if src not in sources:
+                problems.append((("tokenizer", "train_on", j), _unknown_source(src, sources)))
+    return problems
+
+
+def _unknown_source(name, sources) -> str:
+    hint = _did_you_mean(name, sources)
+    known = f" (known: {', '.join(sources)})" if sources else " (the data section defines none)"
+    return f"unknown source {name!r}" + (hint if "did you mean" in hint else known)

@@ -1,0 +1,245 @@
+"""The recipe schema (v1): pydantic models with extra="forbid", so a typo is an error, never ignored.
+
+Each component gets its own small spec (TokenizerSpec, ModelSpec, SourceSpec, StageSpec, ...);
+nothing downstream receives the whole recipe unless it truly needs all of it.
+Cross-references between sections (mix -> data sources) are checked in `loader.py`, on the raw
+data, so that they are reported together with field errors.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    PrivateAttr,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+
+# Decimal suffixes for budgets ("200M" tokens), binary ones where powers of two matter
+# ("128Ki" batch tokens = 131072, which divides any power-of-two seq_len).
+_SUFFIX = {
+    "k": 10**3, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
+}
+_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(Ki|Mi|Gi|k|K|M|B|G|T)?\s*$")
+
+
+def parse_count(value):
+    """'20M' -> 20_000_000, '1.5B', '100k', '128Ki' -> 131072, '1e6'; ints pass through."""
+    if isinstance(value, bool):
+        raise ValueError("expected a count like 1000, '100k', '20M' or '1.5B'")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"expected a whole number, got {value}")
+        return int(value)
+    if isinstance(value, str):
+        m = _COUNT.match(value)
+        if m:
+            number = float(m.group(1)) * _SUFFIX.get(m.group(2) or "", 1)
+            if number.is_integer():
+                return int(number)
+            raise ValueError(f"{value!r} is not a whole number")
+    raise ValueError(f"expected a count like 1000, '100k', '20M' or '1.5B', got {value!r}")
+
+
+def parse_fraction(value):
+    """'5%' -> 0.05; numbers in [0, 1) pass through. Used where only a share makes sense."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            return float(value.strip()[:-1]) / 100
+        except ValueError:
+            pass
+        raise ValueError(f"expected a percentage like '5%', got {value!r}")
+    return value
+
+
+def _steps_or_percent(value):
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and _PERCENT.match(value):
+        return value.strip()
+    raise ValueError(f"expected a step count like 100 or a share of the stage like '2%', got {value!r}")
+
+
+def _number_or_percent(value):
+    if isinstance(value, str) and not _PERCENT.match(value):
+        try:  # YAML 1.1 reads 1e-5 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if isinstance(value, str) and _PERCENT.match(value):
+        return value.strip()
+    raise ValueError(f"expected a number like 3e-5 or a share of the peak like '10%', got {value!r}")
+
+
+def _auto_or_positive(value):
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    raise ValueError(f"expected 'auto' or a positive whole number, got {value!r}")
+
+
+_PERCENT = re.compile(r"^\s*[0-9]*\.?[0-9]+\s*%\s*$")
+
+Count = Annotated[int, BeforeValidator(parse_count), Field(ge=0)]
+PositiveCount = Annotated[int, BeforeValidator(parse_count), Field(gt=0)]
+Fraction = Annotated[float, BeforeValidator(parse_fraction), Field(ge=0, lt=1)]
+# Shares of a whole only known at plan time ("2%" of the steps, "10%" of the peak lr) stay strings.
+StepsOrPercent = Annotated[Union[int, str], BeforeValidator(_steps_or_percent)]
+NumberOrPercent = Annotated[Union[float, str], BeforeValidator(_number_or_percent)]
+AutoOrPositive = Annotated[Union[Literal["auto"], int], BeforeValidator(_auto_or_positive)]
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+
+
+def resolve_percent(value: int | float | str, whole: float) -> float:
+    """'10%' of `whole`, or the absolute value itself."""
+    if isinstance(value, str):
+        return float(value.strip().rstrip("%").strip()) / 100 * whole
+    return value
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TokenizerSpec(Spec):
+    type: Literal["bpe", "unigram", "char"] = "bpe"
+    vocab_size: PositiveCount | None = None
+    path: str | None = None  # an existing sentencepiece .model file instead of training one
+    byte_fallback: bool = True
+    train_on: list[str] | None = None  # source names; default: every source a stage mixes
+    sample_bytes: PositiveCount = 10_000_000
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if self.path is None and self.vocab_size is None:
+            raise ValueError("give vocab_size (to train a tokenizer) or path (to load a .model file)")
+        if self.path is not None and self.vocab_size is not None:
+            raise ValueError("give vocab_size or path, not both (a loaded tokenizer has its own vocab)")
+        return self
+
+
+class ModelSpec(Spec):
+    preset: Literal["llama", "gpt2"] = "llama"
+    n_layer: int = Field(gt=0)
+    n_head: int = Field(gt=0)
+    n_embd: int = Field(gt=0)
+    seq_len: int = Field(gt=1)
+    n_kv_head: int | None = Field(default=None, gt=0)
+    # None means "what the preset says".
+    norm: Literal["rmsnorm", "layernorm"] | None = None
+    positions: Literal["rope", "learned"] | None = None
+    mlp: Literal["swiglu", "gelu"] | None = None
+    mlp_hidden: int | None = Field(default=None, gt=0)
+    tie_embeddings: bool | None = None
+    bias: bool | None = None
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    rope_theta: float = Field(default=10000.0, gt=0)
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        positions = self.positions or ("rope" if self.preset == "llama" else "learned")
+        if positions == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rope needs an even head size; n_embd/n_head = {self.n_embd // self.n_head}")
+        return self
+
+
+class SourceSpec(Spec):
+    path: str | None = None  # file, directory or glob; relative to the recipe's folder
+    builtin: Literal["python-stdlib"] | None = None
+    format: Literal["text"] = "text"
+    val_fraction: Fraction = 0.05  # the last share of the source's tokens is held out
+    max_bytes: PositiveCount | None = None  # read at most this much of the source
+
+    @model_validator(mode="after")
+    def _one_origin(self):
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("give exactly one of path or builtin")
+        return self
+
+
+class OptimizerSpec(Spec):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(default=3e-4, gt=0)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)  # max global grad norm; null turns it off
+
+
+class ScheduleSpec(Spec):
+    warmup: StepsOrPercent = 0  # steps, or a share of the stage's steps
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr: NumberOrPercent = "10%"  # absolute, or a share of optimizer.lr
+
+
+class EvalSpec(Spec):
+    every: int = Field(default=0, ge=0)  # steps between evals; 0: only at the start and the end
+    tokens: PositiveCount = 65536  # held-out tokens per eval
+
+
+class CheckpointSpec(Spec):
+    every: int = Field(default=0, ge=0)  # steps between checkpoints; 0: only at the end
+    keep: int = Field(default=3, ge=1)  # newest checkpoints kept per stage
+
+
+class StageSpec(Spec):
+    name: Name
+    kind: Literal["pretrain"]
+    mix: dict[str, Annotated[float, Field(gt=0)]] = Field(min_length=1)
+    tokens: PositiveCount | None = None
+    steps: int | None = Field(default=None, gt=0)
+    batch_tokens: PositiveCount
+    seq_len: int | None = Field(default=None, gt=1)  # default: model.seq_len
+    optimizer: OptimizerSpec = OptimizerSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    eval: EvalSpec = EvalSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if (self.tokens is None) == (self.steps is None):
+            raise ValueError("give exactly one budget: tokens or steps")
+        return self
+
+
+class RuntimeSpec(Spec):
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
+    micro_batch: AutoOrPositive = "auto"  # sequences per forward
+    threads: AutoOrPositive = "auto"  # CPU threads for torch
+    log_every: int = Field(default=10, gt=0)  # steps between progress/metrics lines
+
+
+class Recipe(Spec):
+    name: Name
+    seed: int = 1337
+    tokenizer: TokenizerSpec
+    model: ModelSpec
+    data: dict[Name, SourceSpec] = Field(min_length=1)
+    stages: list[StageSpec] = Field(min_length=1)
+    runtime: RuntimeSpec = RuntimeSpec()
+    _base_dir: Path | None = PrivateAttr(default=None)  # the recipe file's folder
+
+    @property
+    def base_dir(self) -> Path:
+        """Relative data paths are resolved against the recipe file's folder."""
+        return self._base_dir or Path.cwd()
+
+    def stage_seq_len(self, stage: StageSpec) -> int:
+        return stage.seq_len or self.model.seq_len

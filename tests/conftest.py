@@ -1,0 +1,78 @@
+"""Shared fixtures: a small generated corpus, a tiny recipe, and a private token cache."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_RECIPE = """\
+name: tiny
+seed: 7
+tokenizer: {{type: bpe, vocab_size: 320}}
+model: {{preset: llama, n_layer: 2, n_head: 2, n_kv_head: 1, n_embd: 32, seq_len: 32}}
+data:
+  corpus: {{path: corpus.txt, val_fraction: 10%}}
+stages:
+  - name: pretrain
+    kind: pretrain
+    mix: {{corpus: 1.0}}
+    steps: {steps}
+    batch_tokens: 256
+    optimizer: {{lr: 3e-3}}
+    schedule: {{warmup: 3, decay: cosine}}
+    eval: {{every: 10, tokens: 1024}}
+    checkpoint: {{every: {every}, keep: 2}}
+runtime: {{log_every: 2}}
+"""
+
+
+def make_corpus(n_words: int = 16000, seed: int = 0) -> str:
+    """Deterministic pseudo-text: words built from syllables, in sentences and paragraphs, so a
+    tokenizer finds real subwords and a model has structure to learn."""
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "mi", "ne", "ta", "ri", "su", "vo", "el", "an", "or", "is"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(300)]
+    out, sentence = [], []
+    for i in range(n_words):
+        sentence.append(rng.choice(words[: 30 + i % 270]))
+        if len(sentence) > rng.randint(4, 12):
+            out.append(" ".join(sentence).capitalize() + rng.choice([".", ".", "!", "?"]))
+            sentence = []
+            if rng.random() < 0.15:
+                out.append("\n\n")
+    return " ".join(out) + "\n"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Tests never touch ~/.cache: the token cache lives in a per-session temp folder
+    (set in os.environ so CLI subprocesses inherit it)."""
+    old = os.environ.get("LLMFORGE_CACHE")
+    os.environ["LLMFORGE_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
+    yield
+    if old is None:
+        os.environ.pop("LLMFORGE_CACHE", None)
+    else:
+        os.environ["LLMFORGE_CACHE"] = old
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    """A folder with corpus.txt and recipe.yaml (40 steps, checkpoint every 10)."""
+    (tmp_path / "corpus.txt").write_text(make_corpus())
+    (tmp_path / "recipe.yaml").write_text(TINY_RECIPE.format(steps=40, every=10))
+    return tmp_path
+
+
+def cli(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run the real `llmforge` CLI in a subprocess, as a user would."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "llmforge", *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,80 @@
+"""Token cache, sampler and held-out windows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llmforge.data import Sampler, eval_windows, prepare_source
+from llmforge.data.cache import cache_key
+from llmforge.errors import DataError
+from llmforge.recipe.schema import SourceSpec
+from llmforge.tokenizer import Tokenizer, train_tokenizer
+
+from .conftest import make_corpus
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    return Tokenizer.load(train_tokenizer(iter([make_corpus()]), out, type="bpe", vocab_size=320))
+
+
+def test_prepare_is_cached_and_exact(tmp_path, tok):
+    (tmp_path / "a.txt").write_text("hello world. " * 200)
+    (tmp_path / "b.txt").write_text(make_corpus(2000))
+    spec = SourceSpec(path="*.txt", val_fraction=0.1)
+    src = prepare_source("s", spec, tmp_path, tok)
+    assert src.documents == 2 and src.tokens.dtype == np.uint16
+    assert src.bytes == (tmp_path / "a.txt").stat().st_size + (tmp_path / "b.txt").stat().st_size
+    assert (src.tokens == tok.eot_id).sum() == 2  # every document ends with end-of-text
+    assert len(src.val) == int(len(src.tokens) * 0.1) and len(src.train) + len(src.val) == len(src.tokens)
+    text = tok.decode([t for t in src.tokens.tolist() if t != tok.eot_id])
+    assert sorted([text[:2600], text[2600:]]) != [] and "hello world. " * 200 in text
+    again = prepare_source("s", spec, tmp_path, tok)
+    assert again.path == src.path  # a cache hit: same entry, not re-tokenized
+
+
+def test_changed_file_or_tokenizer_changes_the_key(tmp_path, tok):
+    (tmp_path / "a.txt").write_text("one two three")
+    spec = SourceSpec(path="a.txt")
+    key = cache_key("s", spec, tmp_path, tok.fingerprint)
+    assert cache_key("s", spec, tmp_path, "another-tokenizer") != key
+    (tmp_path / "a.txt").write_text("one two four!")
+    assert cache_key("s", spec, tmp_path, tok.fingerprint) != key
+    assert cache_key("s", SourceSpec(path="a.txt", val_fraction=0.2), tmp_path, tok.fingerprint) != key
+
+
+def test_bad_sources(tmp_path, tok):
+    with pytest.raises(DataError, match="matches no files"):
+        prepare_source("s", SourceSpec(path="nothing-*.txt"), tmp_path, tok)
+    (tmp_path / "bad.txt").write_bytes(b"fine text \xff\xfe broken")
+    with pytest.raises(DataError, match=r"bad.txt: invalid UTF-8 at byte offset 10"):
+        prepare_source("s", SourceSpec(path="bad.txt"), tmp_path, tok)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="no text"):
+        prepare_source("s", SourceSpec(path="empty.txt"), tmp_path, tok)
+
+
+def test_sampler_is_a_pure_function_of_its_counter():
+    a, b = np.arange(1000, dtype=np.uint16), np.arange(5000, 5500, dtype=np.uint16)
+    s1 = Sampler([(a, 0.75), (b, 0.25)], seq_len=16, batch_size=64, seed=1, stream=0)
+    batches = [s1.next_batch() for _ in range(5)]
+    s2 = Sampler([(a, 0.75), (b, 0.25)], seq_len=16, batch_size=64, seed=1, stream=0)
+    s2.load_state_dict(s1.state_dict() | {"batches": 3})
+    assert np.array_equal(s2.next_batch(), batches[3])
+    rows = np.concatenate(batches)
+    assert rows.shape == (320, 17) and rows.dtype == np.int64
+    assert np.all(np.diff(rows, axis=1) == 1)  # contiguous windows
+    share_b = (rows[:, 0] >= 5000).mean()
+    assert 0.15 < share_b < 0.35
+    other = Sampler([(a, 0.75), (b, 0.25)], seq_len=16, batch_size=64, seed=2, stream=0).next_batch()
+    assert not np.array_equal(other, batches[0])
+
+
+def test_eval_windows_fixed_and_non_overlapping():
+    val = np.arange(1000)
+    w = eval_windows(val, seq_len=10, max_tokens=200)
+    assert w.shape == (20, 11)
+    assert len(set(w[:, 0].tolist())) == 20 and np.all(np.diff(w[:, 0]) >= 10)
+    assert eval_windows(np.arange(5), seq_len=10, max_tokens=100).shape == (0, 11)

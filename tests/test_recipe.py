@@ -1,0 +1,151 @@
+"""Recipe loading: every problem at once, with key path, file:line and did-you-mean; overrides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmforge.errors import RecipeError
+from llmforge.recipe import apply_override, diff_recipes, load_recipe, parse_count
+
+from .conftest import REPO, TINY_RECIPE, cli
+
+BROKEN = """\
+name: demo
+tokenizer: {type: bpe, vocab_size: 2k}
+model:
+  n_layer: 2
+  n_head: 2
+  n_embd: 64
+  seq_len: 128
+  nrom: rmsnorm
+data:
+  web: {path: x.txt}
+stages:
+  - name: pretrain
+    kind: pretrain
+    mix: {wbe: 1.0}
+    tokens: 20M
+    batch_tokens: 16Ki
+    optimizer: {lr: -1}
+    schedule: {decay: cosin}
+    evals: {every: 10}
+runtime: {device: gpu}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def problems(path, overrides=()) -> list[str]:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, list(overrides))
+    return info.value.lines
+
+
+def test_every_problem_reported_with_path_and_line(tmp_path):
+    path = write(tmp_path, BROKEN)
+    lines = problems(path)
+    assert f"{path}:8: model.nrom: unknown key (did you mean 'norm'?)" in lines
+    assert f"{path}:14: stages[0].mix.wbe: unknown source 'wbe' (did you mean 'web'?)" in lines
+    assert any(l.startswith(f"{path}:17: stages[0].optimizer.lr: input should be greater than 0") for l in lines)
+    assert any(l.startswith(f"{path}:18: stages[0].schedule.decay: input should be 'cosine'") for l in lines)
+    assert f"{path}:19: stages[0].evals: unknown key (did you mean 'eval'?)" in lines
+    assert any(l.startswith(f"{path}:20: runtime.device:") for l in lines)
+    assert len(lines) == 6
+
+
+def test_cross_field_problems(tmp_path):
+    text = TINY_RECIPE.format(steps=10, every=5).replace("steps: 10", "steps: 10\n    tokens: 1M")
+    text = text.replace("n_head: 2, n_kv_head: 1", "n_head: 3")
+    lines = problems(write(tmp_path, text))
+    assert any("stages[0]: give exactly one budget: tokens or steps" in l for l in lines)
+    assert any("model: n_embd (32) must be divisible by n_head (3)" in l for l in lines)
+
+
+def test_missing_keys_and_yaml_errors(tmp_path):
+    lines = problems(write(tmp_path, "name: x\nmodel: {n_layer: 1}\n"))
+    assert any(l.endswith("tokenizer: missing required key") for l in lines)
+    assert any("model.n_head: missing required key" in l for l in lines)
+    lines = problems(write(tmp_path, "name: x\nmodel: [1, 2\n"))
+    assert len(lines) == 1 and "invalid YAML" in lines[0] and f"{tmp_path / 'recipe.yaml'}:" in lines[0]
+    lines = problems(write(tmp_path, "name: x\nname: y\n"))
+    assert lines == [f"{tmp_path / 'recipe.yaml'}:2: name: duplicate key"]
+
+
+def test_overrides_by_index_and_by_name(tiny):
+    by_index = load_recipe(tiny / "recipe.yaml", ["stages[0].optimizer.lr=1e-2"])
+    by_name = load_recipe(tiny / "recipe.yaml", ["stages.pretrain.optimizer.lr=1e-2"])
+    assert by_index.stages[0].optimizer.lr == by_name.stages[0].optimizer.lr == 1e-2
+    r = load_recipe(tiny / "recipe.yaml", ["model.n_layer=3", "runtime.device=cpu", "stages.0.steps=5k"])
+    assert (r.model.n_layer, r.runtime.device, r.stages[0].steps) == (3, "cpu", 5000)
+
+
+def test_overrides_are_validated_against_the_schema(tiny):
+    lines = problems(tiny / "recipe.yaml", ["stages.pretrain.optimizer.lrr=1", "model.n_layer=many"])
+    assert "stages[0].optimizer.lrr: unknown key (did you mean 'lr'?) [from --set stages.pretrain.optimizer.lrr=1]" in lines
+    assert any(l.startswith("model.n_layer: input should be a valid integer") and "[from --set" in l for l in lines)
+    lines = problems(tiny / "recipe.yaml", ["stages.sft.steps=1"])
+    assert lines == ["--set stages.sft.steps=1: stages has no entry named 'sft' (known: pretrain)"]
+    with pytest.raises(ValueError):
+        apply_override({}, "no-equals-sign")
+
+
+@pytest.mark.parametrize("text,value", [("20M", 20_000_000), ("1.5B", 1_500_000_000), ("100k", 100_000),
+                                        ("128Ki", 131072), ("1e6", 1_000_000), (512, 512)])
+def test_counts(text, value):
+    assert parse_count(text) == value
+
+
+def test_diff_recipes():
+    assert diff_recipes({"a": {"b": 1, "c": [1, 2]}}, {"a": {"b": 2, "c": [1, 2]}}) == [("a.b", 1, 2)]
+
+
+def test_no_python_objects_in_yaml(tmp_path):
+    lines = problems(write(tmp_path, "name: !!python/object/apply:os.system ['echo hacked']\n"))
+    assert len(lines) == 1 and "invalid YAML" in lines[0]
+
+
+def test_cli_broken_recipe_exit_2_no_traceback(tmp_path):
+    path = write(tmp_path, BROKEN)
+    for command in ("plan", "run"):
+        result = cli(command, path, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+        assert len(error_lines) == 6
+        assert any("stages[0].mix.wbe" in l for l in error_lines)
+    result = cli("plan", tmp_path / "missing.yaml")
+    assert result.returncode == 2 and "no such recipe file" in result.stderr
+
+
+def test_plan_json_keys(tiny):
+    result = cli("plan", tiny / "recipe.yaml", "--json", cwd=tiny)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["params"] > 0
+    stage = plan["stages"][0]
+    for key in ("name", "kind", "steps", "tokens", "micro_batch", "grad_accum", "flops", "est_peak_memory_bytes"):
+        assert key in stage
+    assert stage["steps"] == 40 and stage["tokens"] == 40 * 256
+    assert stage["micro_batch"] * stage["grad_accum"] * stage["world_size"] == 256 // 32
+
+
+def test_plan_errors(tiny):
+    result = cli("plan", tiny / "recipe.yaml", "--set", "stages[0].batch_tokens=250", cwd=tiny)
+    assert result.returncode == 2
+    assert "stages[0].batch_tokens: 250 is not a multiple of seq_len x world size (32 x 1)" in result.stderr
+    result = cli("plan", tiny / "recipe.yaml", "--set", "model.n_embd=32768", "--set", "model.n_layer=64", cwd=tiny)
+    assert result.returncode == 2 and "GiB" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_plans(recipe, tmp_path):
+    result = cli("plan", recipe, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["stages"]

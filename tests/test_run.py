@@ -1,0 +1,158 @@
+"""End to end through the real CLI: train, skip when done, sample, resume exactly after kill -9
+and after Ctrl-C, refuse a changed recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import cli
+
+FINAL = Path("runs/tiny/stages/01-pretrain/final")
+
+
+def final_bytes(folder: Path) -> bytes:
+    return (folder / FINAL / "model.safetensors").read_bytes()
+
+
+def metrics(folder: Path) -> list[dict]:
+    path = folder / "runs/tiny/stages/01-pretrain/metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run of the tiny recipe; other tests compare against it."""
+    from .conftest import TINY_RECIPE, make_corpus
+
+    folder = tmp_path_factory.mktemp("reference")
+    (folder / "corpus.txt").write_text(make_corpus())
+    (folder / "recipe.yaml").write_text(TINY_RECIPE.format(steps=40, every=10))
+    started = time.perf_counter()
+    result = cli("run", "recipe.yaml", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    return folder, result, time.perf_counter() - started
+
+
+def test_run_end_to_end(reference):
+    folder, result, _ = reference
+    run = folder / "runs/tiny"
+    assert (run / "recipe.yaml").is_file() and (run / "plan.json").is_file()
+    assert (run / "tokenizer/tokenizer.model").is_file()
+    final = run / "stages/01-pretrain/final"
+    config = json.loads((final / "config.json").read_text())
+    assert config["model"]["n_layer"] == 2 and config["stage"] == "pretrain"
+    assert (final / "tokenizer.model").is_file()
+    checkpoints = sorted(p.name for p in (run / "stages/01-pretrain/checkpoints").iterdir())
+    assert checkpoints == ["step-000030", "step-000040"]  # keep: 2
+    records = metrics(folder)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in train] == list(range(2, 41, 2))
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(train[0])
+    assert [r["step"] for r in evals] == [0, 10, 20, 30, 40]
+    assert {"val_loss", "val_bpb", "val/corpus/bpb"} <= set(evals[0])
+    assert evals[-1]["val_bpb"] < 0.75 * evals[0]["val_bpb"]  # it learns
+    assert "Traceback" not in result.stderr
+
+
+def test_second_run_is_a_no_op(reference):
+    folder, _, _ = reference
+    before = final_bytes(folder)
+    result = cli("run", "recipe.yaml", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    assert "already done" in result.stdout
+    assert final_bytes(folder) == before
+
+
+def test_sample_prints_text(reference):
+    folder, _, _ = reference
+    result = cli("sample", "runs/tiny", "--prompt", "Ka", "--max-new-tokens", "30", "--seed", "1", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Ka") and len(result.stdout.strip()) > 10
+    again = cli("sample", "runs/tiny", "--prompt", "Ka", "--max-new-tokens", "30", "--seed", "1", cwd=folder)
+    assert again.stdout == result.stdout  # seeded
+    missing = cli("sample", "runs/tiny", "--prompt", "x", "--stage", "sft", cwd=folder)
+    assert missing.returncode == 2 and "no finished stage named 'sft'" in missing.stderr
+
+
+def start(folder: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llmforge", "run", "recipe.yaml"], cwd=folder,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+
+
+def wait_for_step(folder: Path, proc: subprocess.Popen, step: int, timeout: float = 120) -> None:
+    path = folder / "runs/tiny/stages/01-pretrain/metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and any(json.loads(l).get("step", 0) >= step for l in path.read_text().splitlines()
+                                 if l.endswith("}")):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run never reached step {step}")
+
+
+@pytest.mark.parametrize("kill_at", [0, 13, 31])
+def test_kill_9_then_resume_is_bitwise_identical(reference, tiny, kill_at):
+    proc = start(tiny)
+    if kill_at:
+        wait_for_step(tiny, proc, kill_at)
+    else:  # as early as possible: during tokenizer training or data preparation
+        time.sleep(1.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    result = cli("run", "recipe.yaml", cwd=tiny)
+    assert result.returncode == 0, result.stderr
+    if kill_at:
+        assert "resuming from step-" in result.stdout
+    assert final_bytes(tiny) == final_bytes(reference[0])
+    # The resumed metrics read like an uninterrupted run's: every step once.
+    steps = [r["step"] for r in metrics(tiny) if "loss" in r]
+    assert steps == list(range(2, 41, 2))
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_a_checkpoint_and_exits(reference, tiny, sig, code):
+    proc = start(tiny)
+    wait_for_step(tiny, proc, 15)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "checkpoint saved" in err and "run the same command again to resume" in err
+    saved = sorted((tiny / "runs/tiny/stages/01-pretrain/checkpoints").iterdir())[-1]
+    assert int(saved.name.split("-")[1]) >= 15  # not just the last periodic checkpoint
+    result = cli("run", "recipe.yaml", cwd=tiny)
+    assert result.returncode == 0, result.stderr
+    assert final_bytes(tiny) == final_bytes(reference[0])
+
+
+def test_changed_recipe_is_refused_then_restart(tiny):
+    proc = start(tiny)
+    wait_for_step(tiny, proc, 12)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    result = cli("run", "recipe.yaml", "--set", "stages.pretrain.optimizer.lr=1e-2", cwd=tiny)
+    assert result.returncode == 2
+    assert "stages[0].optimizer.lr: changed from 0.003 to 0.01" in result.stderr
+    assert "--restart" in result.stderr and "Traceback" not in result.stderr
+    # Watching and saving settings may change mid-run.
+    result = cli("run", "recipe.yaml", "--set", "stages.pretrain.eval.every=20", cwd=tiny)
+    assert result.returncode == 0, result.stderr
+    result = cli("run", "recipe.yaml", "--set", "stages.pretrain.optimizer.lr=1e-2", "--restart", cwd=tiny)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tiny / "runs/tiny/plan.json").read_text())["stages"][0]["lr"] == 1e-2
+
+
+def test_bad_data_path_is_a_clear_error(tiny):
+    (tiny / "corpus.txt").unlink()
+    result = cli("run", "recipe.yaml", cwd=tiny)
+    assert result.returncode == 2
+    assert "data.corpus.path: 'corpus.txt' matches no files" in result.stderr
+    assert "Traceback" not in result.stderr
