@@ -13,12 +13,13 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import Interrupted, LlmforgeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train language models from one declarative YAML recipe.")
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 SetOption = typer.Option(None, "--set", help="Override a recipe key: key.path=value (repeatable), "
                                              "e.g. stages[0].optimizer.lr=1e-3 or stages.pretrain.steps=100.")
@@ -32,12 +33,12 @@ def user_errors():
         yield
     except LlmforgeError as e:
         for line in e.lines:
-            err.print(f"[bold red]error:[/] {line}", markup=True, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(line)}")
         if e.hint:
-            err.print(f"[dim]hint: {e.hint}[/]", soft_wrap=True)
+            err.print(f"[dim]hint: {escape(e.hint)}[/]")
         raise typer.Exit(2)
     except Interrupted as e:
-        err.print(f"[yellow]{e.message}[/]; run the same command again to resume.")
+        err.print(f"[yellow]{escape(e.message)}[/]; run the same command again to resume.")
         raise typer.Exit(128 + e.signum)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]; nothing half-written was kept. Run the same command again to resume.")
@@ -84,7 +85,7 @@ def plan(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
         if as_json:
             sys.stdout.write(json.dumps(result.to_json(), indent=1) + "\n")
         else:
-            render_plan(result, Console(highlight=False))
+            render_plan(result, Console(highlight=False, soft_wrap=True))
 
 
 @app.command()

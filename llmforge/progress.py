@@ -18,7 +18,7 @@ from rich.table import Table
 
 class Reporter:
     def __init__(self, console: Console | None = None, live: bool | None = None):
-        self.console = console or Console()
+        self.console = console or Console(soft_wrap=True)  # log lines must not be wrapped
         self.live = self.console.is_terminal if live is None else live
         self.metrics_file = None
         self.progress: Progress | None = None

@@ -119,7 +119,11 @@ def test_cli_broken_recipe_exit_2_no_traceback(tmp_path):
         assert "Traceback" not in result.stderr
         error_lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
         assert len(error_lines) == 6
+        assert error_lines[0].startswith(f"error: {path}:8: model.nrom")  # in file order
         assert any("stages[0].mix.wbe" in l for l in error_lines)
+    result = cli("plan", path, "--set", "stages[0].optimizer.lrr=1", cwd=tmp_path)
+    assert "error: stages[0].optimizer.lrr: unknown key (did you mean 'lr'?) [from --set stages[0].optimizer.lrr=1]" \
+        in result.stderr.splitlines()
     result = cli("plan", tmp_path / "missing.yaml")
     assert result.returncode == 2 and "no such recipe file" in result.stderr
 

@@ -53,14 +53,14 @@ def validate_recipe(data, where=lambda loc: ("", "")) -> Recipe:
         problems += _explain(e, data)
     problems += _check_references(data)
     if problems:
-        seen, lines = set(), []
+        lines = []
         for loc, msg in problems:
             prefix, suffix = where(loc)
-            line = f"{prefix}{format_loc(loc) or '<recipe>'}: {msg}{suffix}"
-            if line not in seen:
-                seen.add(line)
-                lines.append(line)
-        raise RecipeError(lines, hint="fix the keys above; docs/recipe.md lists every key")
+            lines.append((prefix, f"{prefix}{format_loc(loc) or '<recipe>'}: {msg}{suffix}"))
+        # In file order, like a compiler; problems from --set (no line) come last.
+        lines.sort(key=lambda pl: int(m.group(1)) if (m := re.search(r":(\d+): $", pl[0])) else 1 << 30)
+        raise RecipeError(list(dict.fromkeys(line for _, line in lines)),
+                          hint="fix the keys above; docs/recipe.md lists every key")
     return recipe
 
 

@@ -188,12 +188,12 @@ class ScheduleSpec(Spec):
 
 
 class EvalSpec(Spec):
-    every: int = Field(default=0, ge=0)  # steps between evals; 0: only at the start and the end
+    every: Count = 0  # steps between evals; 0: only at the start and the end
     tokens: PositiveCount = 65536  # held-out tokens per eval
 
 
 class CheckpointSpec(Spec):
-    every: int = Field(default=0, ge=0)  # steps between checkpoints; 0: only at the end
+    every: Count = 0  # steps between checkpoints; 0: only at the end
     keep: int = Field(default=3, ge=1)  # newest checkpoints kept per stage
 
 
@@ -202,7 +202,7 @@ class StageSpec(Spec):
     kind: Literal["pretrain"]
     mix: dict[str, Annotated[float, Field(gt=0)]] = Field(min_length=1)
     tokens: PositiveCount | None = None
-    steps: int | None = Field(default=None, gt=0)
+    steps: PositiveCount | None = None
     batch_tokens: PositiveCount
     seq_len: int | None = Field(default=None, gt=1)  # default: model.seq_len
     optimizer: OptimizerSpec = OptimizerSpec()
