@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,10 @@ def test_every_shipped_recipe_plans(recipe, tmp_path):
     result = cli("plan", recipe, "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["stages"]
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from llmforge.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    result = cli("--help")
+    assert result.returncode == 0 and "run" in result.stdout and "plan" in result.stdout

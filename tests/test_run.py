@@ -63,6 +63,19 @@ def test_run_end_to_end(reference):
     assert "Traceback" not in result.stderr
 
 
+# The tiny recipe's training loss, recorded from a known-good run (torch 2.13, CPU, fp32).
+# A 2% tolerance absorbs CPU instruction-set differences; a broken schedule, init, optimizer
+# or data order moves these by far more.
+GOLDEN_LOSS = {2: 5.7664, 10: 5.0401, 20: 4.2154, 30: 3.9158, 40: 3.8276}
+
+
+def test_golden_loss_curve(reference):
+    folder, _, _ = reference
+    loss = {r["step"]: r["loss"] for r in metrics(folder) if "loss" in r}
+    for step, expected in GOLDEN_LOSS.items():
+        assert loss[step] == pytest.approx(expected, rel=0.02), step
+
+
 def test_second_run_is_a_no_op(reference):
     folder, _, _ = reference
     before = final_bytes(folder)
