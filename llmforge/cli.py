@@ -109,6 +109,14 @@ def sample(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/
         sys.stdout.write("\n")
 
 
+@app.command()
+def schema():
+    """Print the recipe's JSON Schema (editors use docs/recipe.schema.json for completion)."""
+    from .recipe import recipe_json_schema
+
+    sys.stdout.write(recipe_json_schema())
+
+
 def main() -> None:
     app()
 

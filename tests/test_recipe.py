@@ -162,3 +162,10 @@ def test_help_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     result = cli("--help")
     assert result.returncode == 0 and "run" in result.stdout and "plan" in result.stdout
+
+
+def test_committed_json_schema_is_current():
+    from llmforge.recipe import recipe_json_schema
+
+    committed = (REPO / "docs" / "recipe.schema.json").read_text()
+    assert committed == recipe_json_schema(), "run: llmforge schema > docs/recipe.schema.json"

@@ -9,8 +9,15 @@ from .schema import Recipe, StageSpec, parse_count, resolve_percent
 
 __all__ = [
     "Recipe", "StageSpec", "apply_override", "diff_recipes", "dump_recipe", "format_loc",
-    "load_recipe", "parse_count", "resolve_percent", "validate_recipe",
+    "load_recipe", "parse_count", "recipe_json_schema", "resolve_percent", "validate_recipe",
 ]
+
+
+def recipe_json_schema() -> str:
+    """JSON Schema of a recipe, for editors: `# yaml-language-server: $schema=docs/recipe.schema.json`."""
+    import json
+
+    return json.dumps(Recipe.model_json_schema(), indent=1) + "\n"
 
 
 def dump_recipe(recipe: Recipe) -> str:

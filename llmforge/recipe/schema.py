@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -91,13 +92,22 @@ def _auto_or_positive(value):
 
 _PERCENT = re.compile(r"^\s*[0-9]*\.?[0-9]+\s*%\s*$")
 
-Count = Annotated[int, BeforeValidator(parse_count), Field(ge=0)]
-PositiveCount = Annotated[int, BeforeValidator(parse_count), Field(gt=0)]
-Fraction = Annotated[float, BeforeValidator(parse_fraction), Field(ge=0, lt=1)]
+# What editors see (docs/recipe.schema.json): the spellings users may write, not the parsed types.
+_COUNT_JSON = {"anyOf": [{"type": "integer", "minimum": 0},
+                         {"type": "string", "pattern": r"^[0-9.eE+-]+\s*(Ki|Mi|Gi|k|K|M|B|G|T)?$"}]}
+_PERCENT_JSON = {"type": "string", "pattern": r"^[0-9.]+\s*%$"}
+
+Count = Annotated[int, BeforeValidator(parse_count), Field(ge=0), WithJsonSchema(_COUNT_JSON)]
+PositiveCount = Annotated[int, BeforeValidator(parse_count), Field(gt=0), WithJsonSchema(_COUNT_JSON)]
+Fraction = Annotated[float, BeforeValidator(parse_fraction), Field(ge=0, lt=1),
+                     WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0, "exclusiveMaximum": 1}, _PERCENT_JSON]})]
 # Shares of a whole only known at plan time ("2%" of the steps, "10%" of the peak lr) stay strings.
-StepsOrPercent = Annotated[Union[int, str], BeforeValidator(_steps_or_percent)]
-NumberOrPercent = Annotated[Union[float, str], BeforeValidator(_number_or_percent)]
-AutoOrPositive = Annotated[Union[Literal["auto"], int], BeforeValidator(_auto_or_positive)]
+StepsOrPercent = Annotated[Union[int, str], BeforeValidator(_steps_or_percent),
+                           WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0}, _PERCENT_JSON]})]
+NumberOrPercent = Annotated[Union[float, str], BeforeValidator(_number_or_percent),
+                            WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0}, _PERCENT_JSON]})]
+AutoOrPositive = Annotated[Union[Literal["auto"], int], BeforeValidator(_auto_or_positive),
+                           WithJsonSchema({"anyOf": [{"const": "auto"}, {"type": "integer", "minimum": 1}]})]
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 
 
