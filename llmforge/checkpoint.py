@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from .errors import CheckpointError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 
 
 def weights_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -104,9 +105,13 @@ def save_checkpoint(root: Path, step: int, model, optimizer, state: dict, keep: 
     tensors, meta = _flatten_optimizer(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
     (tmp / "state.json").write_text(json.dumps(state | {"step": step, "rng": rng_state()}, indent=1))
-    if final.exists():  # the same step saved again (e.g. on a signal right after a resume)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():  # the same step again: move the old one aside first, never delete it in place
+        old = root / f".tmp-old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -117,7 +122,7 @@ def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
-             and (p / "state.json").is_file()]
+             and all((p / f).is_file() for f in _FILES)]
     return [p for _, p in sorted(found)]
 
 

@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import clean_temporary, list_checkpoints, load_checkpoint, load_weights, save_checkpoint, save_weights
 from .data import Sampler, eval_windows
-from .errors import Interrupted
+from .errors import CheckpointError, Interrupted
 from .model import Transformer
 from .optim import build_optimizer, lr_at
 from .plan import Plan, StagePlan
@@ -55,6 +55,7 @@ class Context:
     sources: dict  # name -> PreparedSource
     reporter: object
     stop: StopFlag = field(default_factory=StopFlag)
+    lock: object = None  # the run directory's lock, held while the run lives
 
 
 def run_stages(ctx: Context) -> None:
@@ -76,8 +77,8 @@ def stage_dir(run_dir: Path, sp: StagePlan) -> Path:
 def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
     plan, device = ctx.plan, torch.device(ctx.plan.device.type)
     root = stage_dir(ctx.run_dir, sp)
-    ckpt_root = root / "checkpoints"
-    clean_temporary(ckpt_root)
+    clean_temporary(root)
+    clean_temporary(root / "checkpoints")
     torch.manual_seed(plan.seed + sp.index)  # the same initial weights on every machine
     model = Transformer(plan.model)
     if init_from is not None:
@@ -89,35 +90,29 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
                       sp.global_batch, plan.seed, sp.index)
     evals = {s.name: eval_windows(ctx.sources[s.name].val, sp.seq_len, sp.eval_tokens // len(sp.mix))
              for s in sp.mix}
-    start = 0
-    if checkpoints := list_checkpoints(ckpt_root):
-        state = load_checkpoint(checkpoints[-1], model, optimizer)
-        sampler.load_state_dict(state["sampler"])
-        start = state["step"]
-        if state.get("plan_hash") != sp.math_hash():
-            ctx.reporter.note(f"stage {sp.name}: this machine's plan differs from the checkpoint's "
-                              "(micro-batch, device or world size); same math, not bitwise identical")
-        ctx.reporter.note(f"stage {sp.name}: resuming from {checkpoints[-1].name}")
+    identity = _identity(ctx, sp)
+    start, losses, last_eval = _resume(ctx, sp, identity, model, optimizer, sampler)
     step_model = torch.compile(model) if plan.device.compile else model
-    objective = OBJECTIVES[sp.kind]
-    amp = _autocast(plan.device)
+    objective, amp = OBJECTIVES[sp.kind], _autocast(plan.device)
 
     def save(step: int) -> None:
-        save_checkpoint(ckpt_root, step, model, optimizer, {"stage": sp.name, "sampler": sampler.state_dict(),
-                        "plan_hash": sp.math_hash()}, sp.checkpoint_keep)
+        if step != start:  # at `start` the state is exactly the checkpoint just loaded
+            save_checkpoint(root / "checkpoints", step, model, optimizer, identity | {
+                "stage": sp.name, "sampler": sampler.state_dict(), "pending_losses": [x.item() for x in losses],
+                "last_eval": last_eval}, sp.checkpoint_keep)
 
     ctx.reporter.stage_start(sp, start, root / "metrics.jsonl")
-    losses, timer = [], Timer(start)
+    timer = Timer(start)
     for step in range(start, sp.steps + 1):
         if ctx.stop.signum:
             save(step)
             raise Interrupted(ctx.stop.signum, f"stopped at step {step} of stage {sp.name}; checkpoint saved")
         if step in (0, sp.steps) or (sp.eval_every and step % sp.eval_every == 0):
-            ctx.reporter.eval(step, evaluate(step_model, evals, ctx.tokenizer.token_bytes, sp.micro_batch,
-                                             device, amp))
+            last_eval = evaluate(step_model, evals, ctx.tokenizer.token_bytes, sp.micro_batch, device, amp)
+            ctx.reporter.eval(step, last_eval)
         if step == sp.steps:
             break
-        if sp.checkpoint_every and step % sp.checkpoint_every == 0 and step != start:
+        if sp.checkpoint_every and step % sp.checkpoint_every == 0:
             save(step)
         lr = lr_at(step, peak=sp.lr, warmup=sp.warmup_steps, total=sp.steps, decay=sp.decay, min_lr=sp.min_lr)
         for group in optimizer.param_groups:
@@ -131,6 +126,37 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
     save(sp.steps)
     write_final(root / "final", model, ctx, sp)
     ctx.reporter.stage_end(sp)
+
+
+def _identity(ctx: Context, sp: StagePlan) -> dict:
+    """What a checkpoint must agree on to be resumed: inputs (refused if changed) and the
+    machine binding (allowed to change: same math, but no longer bitwise identical)."""
+    d = ctx.plan.device
+    return {"tokenizer": ctx.tokenizer.fingerprint,
+            "data": {s.name: ctx.sources[s.name].path.name for s in sp.mix},  # content-addressed keys
+            "plan_hash": sp.math_hash(), "machine": f"{d.type}, {d.precision}, {d.threads} threads"}
+
+
+def _resume(ctx: Context, sp: StagePlan, identity: dict, model, optimizer, sampler):
+    """Load the latest complete checkpoint, if any: (start step, pending losses, last eval)."""
+    checkpoints = list_checkpoints(stage_dir(ctx.run_dir, sp) / "checkpoints")
+    if not checkpoints:
+        return 0, [], {}
+    state = load_checkpoint(checkpoints[-1], model, optimizer)
+    changed = [f"data source {n!r}" for n, key in state.get("data", {}).items() if identity["data"].get(n) != key]
+    if state.get("tokenizer") != identity["tokenizer"]:
+        changed.insert(0, "the tokenizer")
+    if changed:
+        raise CheckpointError(f"stage {sp.name}: {' and '.join(changed)} changed since {checkpoints[-1]} was "
+                              "saved; resuming would train on different tokens",
+                              hint="restore the original data, or use --restart to start over")
+    if (state.get("plan_hash"), state.get("machine")) != (identity["plan_hash"], identity["machine"]):
+        ctx.reporter.note(f"stage {sp.name}: resuming on a different setup ({state.get('machine')} -> "
+                          f"{identity['machine']}, or another micro-batch): same math, not bitwise identical")
+    sampler.load_state_dict(state["sampler"])
+    ctx.reporter.note(f"stage {sp.name}: resuming from {checkpoints[-1].name}")
+    losses = [torch.tensor(x, dtype=torch.float32) for x in state.get("pending_losses", [])]
+    return state["step"], losses, state.get("last_eval", {})
 
 
 def train_step(model, optimizer, objective, batch: torch.Tensor, sp: StagePlan, amp) -> torch.Tensor:
@@ -159,12 +185,15 @@ def evaluate(model, windows: dict[str, np.ndarray], token_bytes: np.ndarray, mic
     for name, win in windows.items():
         if not len(win):
             continue
+        # Bits per byte of *text*: targets that decode to no bytes (end-of-text) count in neither sum.
+        counted = torch.from_numpy(token_bytes[win[:, 1:]] > 0)
         nats = 0.0
-        for chunk in np.array_split(win, math.ceil(len(win) / micro_batch)):
+        for rows in np.array_split(np.arange(len(win)), math.ceil(len(win) / micro_batch)):
             with amp:
-                nats += token_losses(model, torch.from_numpy(chunk).to(device)).double().sum().item()
+                losses = token_losses(model, torch.from_numpy(win[rows]).to(device))
+            nats += losses.double().cpu()[counted[rows]].sum().item()
         n_bytes = int(token_bytes[win[:, 1:]].sum())
-        n_tokens = win[:, 1:].size
+        n_tokens = int(counted.sum())
         out[f"val/{name}/loss"] = nats / n_tokens
         out[f"val/{name}/bpb"] = nats / math.log(2) / max(n_bytes, 1)
         nats_all, tokens_all, bytes_all = nats_all + nats, tokens_all + n_tokens, bytes_all + n_bytes
@@ -199,7 +228,7 @@ class Timer:
     """Tokens/s and ETA from the wall time between log lines."""
 
     def __init__(self, step: int):
-        self.step, self.time, self.started = step, time.perf_counter(), time.perf_counter()
+        self.step, self.time = step, time.perf_counter()
 
     def rates(self, step: int, sp: StagePlan) -> dict:
         now = time.perf_counter()

@@ -25,16 +25,20 @@ def find_stage(run_dir: Path, stage: str | None) -> Path:
     if stage is None:
         return done[-1]
     for p in done:
-        if p.parent.name.split("-", 1)[1] == stage or p.parent.name == stage:
+        if p.parent.name.split("-", 1)[-1] == stage or p.parent.name == stage:
             return p
-    names = ", ".join(p.parent.name.split("-", 1)[1] for p in done)
+    names = ", ".join(p.parent.name.split("-", 1)[-1] for p in done)
     raise CheckpointError(f"{run_dir}: no finished stage named {stage!r} (finished: {names})",
                           hint="pass one of those to --stage")
 
 
 def load_trained(final: Path, device: str = "cpu") -> tuple[Transformer, Tokenizer]:
-    config = json.loads((final / "config.json").read_text())
-    model = Transformer(ModelConfig.from_dict(config["model"]))
+    try:
+        config = json.loads((final / "config.json").read_text())
+        model = Transformer(ModelConfig.from_dict(config["model"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{final}: cannot read the model's config.json ({e})",
+                              hint="the stage's final folder is damaged; run the recipe again to rebuild it")
     load_weights(model, final / "model.safetensors")
     model.to(device).eval()
     return model, Tokenizer.load(final / "tokenizer.model")

@@ -3,6 +3,7 @@ data preparation and the plan. Also the cheap plan-only path behind `llmforge pl
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -23,10 +24,11 @@ _HARMLESS = (".eval.", ".checkpoint.")
 
 
 def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False) -> Context:
-    if restart and run_dir.exists():
-        shutil.rmtree(run_dir)
-    check_run_dir(recipe, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir)
+    if restart:
+        clear_run_dir(run_dir)
+    check_run_dir(recipe, run_dir)
     _write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
     device = detect_device(recipe.runtime)
     _set_threads(device.threads)
@@ -40,7 +42,34 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False) 
     stats = {n: SourceStats(s.documents, len(s.train), len(s.val)) for n, s in sources.items()}
     plan = compile_plan(recipe, vocab_size=tokenizer.vocab_size, sources=stats, device=device)
     _write_atomic(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1))
-    return Context(plan, run_dir, tokenizer, sources, reporter)
+    return Context(plan, run_dir, tokenizer, sources, reporter, lock=lock)
+
+
+def lock_run_dir(run_dir: Path):
+    """One process per run directory: a second `run` on it would fight over its checkpoints.
+    The OS drops the lock when the process ends, however it ends."""
+    handle = open(run_dir / ".lock", "a+")
+    try:
+        import fcntl
+
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # Windows: no advisory locks; run without one
+        pass
+    except OSError:
+        handle.close()
+        raise RecipeError([f"{run_dir}: another llmforge process is running in this run directory"],
+                          hint="wait for it to finish, stop it, or use --run-dir DIR for a separate run")
+    return handle
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """--restart: delete a previous run, but only something that looks like one."""
+    entries = [p for p in run_dir.iterdir() if p.name != ".lock"]
+    if entries and not any((run_dir / n).exists() for n in ("recipe.yaml", "plan.json", "stages", "tokenizer")):
+        raise RecipeError([f"{run_dir}: not an llmforge run directory; --restart will not delete it"],
+                          hint="pick an empty folder or a previous run's folder with --run-dir")
+    for p in entries:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def estimate_plan(recipe: Recipe, run_dir: Path) -> Plan:
@@ -77,52 +106,64 @@ def used_sources(recipe: Recipe) -> list[str]:
 
 
 def check_run_dir(recipe: Recipe, run_dir: Path) -> None:
-    """Refuse a recipe change that would alter work already done in this run directory."""
+    """Refuse a recipe change that would alter work already done in this run directory.
+
+    Top-level sections (seed, tokenizer, model, data) feed every stage; a stage's own keys only
+    matter once that stage has started. Stages may be appended; runtime keys may change.
+    """
     old_file = run_dir / "recipe.yaml"
     if not old_file.is_file():
         return
     old = yaml.safe_load(old_file.read_text())
-    started = {i for i, st in enumerate(old.get("stages", []))
-               if (run_dir / "stages" / f"{i + 1:02d}-{st['name']}").exists()}
+    new = recipe.model_dump(mode="json")
+    old_stages, new_stages = old.pop("stages", []), new.pop("stages")
+    started = [i for i, st in enumerate(old_stages) if (run_dir / "stages" / f"{i + 1:02d}-{st['name']}").exists()]
     if not started:
         return
-    problems = []
-    for path, a, b in diff_recipes(old, recipe.model_dump(mode="json")):
-        if path.startswith("runtime."):
-            continue  # how to run, not what: resuming on another device is allowed
-        if path.startswith("stages["):
-            index = int(path[len("stages["):path.index("]")])
-            if index not in started or any(k in path for k in _HARMLESS):
-                continue
-            why = f"stage {old['stages'][index]['name']!r} has already trained"
-        else:
-            why = "work has already been done with the old value"
-        problems.append(f"{path}: changed from {a!r} to {b!r} since {run_dir} started ({why})")
+    problems = [f"{path}: changed from {a!r} to {b!r} since {run_dir} started (work has already been done "
+                "with the old value)" for path, a, b in diff_recipes(old, new) if not path.startswith("runtime.")]
+    for i in started:
+        name = old_stages[i]["name"]
+        if i >= len(new_stages):
+            problems.append(f"stages[{i}]: stage {name!r} was removed, but it has already trained")
+            continue
+        for path, a, b in diff_recipes(old_stages[i], new_stages[i], ("stages", i)):
+            if not any(k in path for k in _HARMLESS):
+                problems.append(f"{path}: changed from {a!r} to {b!r} since {run_dir} started "
+                                f"(stage {name!r} has already trained)")
     if problems:
         raise RecipeError(problems, hint="run with --restart to start over, or --run-dir DIR for a new run")
 
 
 def ensure_tokenizer(recipe: Recipe, run_dir: Path, reporter) -> Tokenizer:
-    """The run's tokenizer: already in the run directory, copied from a file, or trained."""
+    """The run's tokenizer: already in the run directory (if built from the same settings),
+    copied from a file, or trained."""
     out = run_dir / "tokenizer"
-    if (out / "tokenizer.model").is_file():
-        return Tokenizer.load(out / "tokenizer.model")
     spec = recipe.tokenizer
-    if spec.path:
-        source = _resolve(recipe, spec.path)
-        Tokenizer.load(source)  # fails clearly on a missing or broken file, before copying it
+    names = spec.train_on or used_sources(recipe)
+    source = _resolve(recipe, spec.path) if spec.path else None
+    settings = json.dumps({"spec": spec.model_dump(mode="json"), "train_on": names,
+                           "file": hashlib.sha256(source.read_bytes()).hexdigest() if source else None})
+    if (out / "tokenizer.model").is_file() and _read(out / "settings.json") == settings:
+        return Tokenizer.load(out / "tokenizer.model")
+    if source:
+        Tokenizer.load(source)  # fails clearly on a broken file, before copying it
         out.mkdir(parents=True, exist_ok=True)
         _write_atomic(out / "tokenizer.model", source.read_bytes())
-        return Tokenizer.load(out / "tokenizer.model")
-    names = spec.train_on or used_sources(recipe)
-    share = spec.sample_bytes // len(names)
-    # An equal share of the sample from each source, so a small source still shapes the vocab.
-    docs = itertools.chain.from_iterable(_take_bytes(iter_documents(n, recipe.data[n], recipe.base_dir), share)
-                                         for n in names)
-    with reporter.task(f"training {spec.type} tokenizer ({spec.vocab_size} tokens)", None):
-        path = train_tokenizer(docs, out, type=spec.type, vocab_size=spec.vocab_size,
-                               byte_fallback=spec.byte_fallback, sample_bytes=spec.sample_bytes)
-    return Tokenizer.load(path)
+    else:
+        share = spec.sample_bytes // len(names)
+        # An equal share of the sample from each source, so a small source still shapes the vocab.
+        docs = itertools.chain.from_iterable(
+            _take_bytes(iter_documents(n, recipe.data[n], recipe.base_dir), share) for n in names)
+        with reporter.task(f"training {spec.type} tokenizer ({spec.vocab_size} tokens)", None):
+            train_tokenizer(docs, out, type=spec.type, vocab_size=spec.vocab_size,
+                            byte_fallback=spec.byte_fallback, sample_bytes=spec.sample_bytes)
+    _write_atomic(out / "settings.json", settings)  # last: a kill before this means "build again"
+    return Tokenizer.load(out / "tokenizer.model")
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
 
 
 def _take_bytes(docs, budget: int):
@@ -137,7 +178,8 @@ def _resolve(recipe: Recipe, path: str) -> Path:
     p = Path(path).expanduser()
     p = p if p.is_absolute() else recipe.base_dir / p
     if not p.is_file():
-        raise TokenizerError(f"tokenizer.path: {p} does not exist", hint="give the path of a sentencepiece .model file")
+        what = "is a directory" if p.is_dir() else "does not exist"
+        raise TokenizerError(f"tokenizer.path: {p} {what}", hint="give the path of a sentencepiece .model file")
     return p
 
 

@@ -89,6 +89,7 @@ class Plan:
     params_non_embedding: int
     flops_per_token: int
     stages: tuple[StagePlan, ...] = field(default_factory=tuple)
+    warnings: tuple[str, ...] = ()  # things that will run, but perhaps not as the user meant
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -127,14 +128,16 @@ def detect_device(runtime) -> Device:
     if kind == "cuda":
         props = torch.cuda.get_device_properties(0)
         name, memory = props.name, props.total_memory
-        auto_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # fp16 would need loss scaling; GPUs without bf16 train in fp32 (with TF32 where there is one).
+        auto_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     else:
         name = "Apple GPU" if kind == "mps" else f"CPU ({threads} threads)"
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         auto_precision = "fp32"  # autocast on CPU is slower than fp32 for small models
     precision = auto_precision if runtime.precision == "auto" else runtime.precision
-    if kind == "cpu" and precision == "fp16":
-        raise PlanError("runtime.precision: fp16 is not supported on CPU", hint="use fp32 or bf16")
+    if precision == "fp16":
+        raise PlanError("runtime.precision: fp16 is not supported yet (it needs loss scaling)",
+                        hint="use bf16 where the device has it, else fp32")
     compile_on = runtime.compile == "on" or (runtime.compile == "auto" and kind == "cuda")
     return Device(kind, name, memory, precision, compile_on, threads, _peak_flops(kind, name, precision))
 
@@ -164,8 +167,11 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
             problems.append(e)
     if problems:
         raise PlanError("\n".join(p.message for p in problems), hint=problems[0].hint)
+    warnings = [f"data.{s.name}: no held-out window of seq_len+1 = {sp.seq_len + 1} tokens "
+                f"({s.val_tokens} val tokens); stage {sp.name} cannot eval on it"
+                for sp in stages for s in sp.mix if s.val_tokens < sp.seq_len + 1]
     return Plan(recipe.name, recipe.seed, device, cfg, params, cfg.num_params(exclude_embeddings=True),
-                cfg.flops_per_token(), tuple(stages))
+                cfg.flops_per_token(), tuple(stages), tuple(dict.fromkeys(warnings)))
 
 
 def _plan_stage(i, spec, recipe, cfg, sources, device, world_size) -> StagePlan:
@@ -175,7 +181,7 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size) -> StagePlan:
         per = seq_len * world_size
         lo, hi = spec.batch_tokens // per * per, (spec.batch_tokens // per + 1) * per
         raise PlanError(f"{where}.batch_tokens: {spec.batch_tokens} is not a multiple of seq_len x world size "
-                        f"({seq_len} x {world_size})", hint=f"use {lo or hi} or {hi}")
+                        f"({seq_len} x {world_size})", hint=f"use {lo} or {hi}" if lo else f"use {hi}")
     global_batch = spec.batch_tokens // seq_len
     steps = spec.steps or math.ceil(spec.tokens / spec.batch_tokens)
     tokens = steps * spec.batch_tokens
@@ -187,12 +193,16 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size) -> StagePlan:
         raise PlanError(f"{where}.schedule.warmup: {warmup} warmup steps but the stage has only {steps} steps",
                         hint="use a smaller warmup, e.g. '2%'")
     opt = spec.optimizer
+    min_lr = resolve_percent(spec.schedule.min_lr, opt.lr)
+    if min_lr > opt.lr:
+        raise PlanError(f"{where}.schedule.min_lr: {min_lr:g} is above the peak lr {opt.lr:g}",
+                        hint="use a share of the peak like '10%', or a smaller number")
     flops = float(cfg.flops_per_token(seq_len)) * tokens
     return StagePlan(
         index=i, name=spec.name, kind=spec.kind, dir_name=f"{i + 1:02d}-{spec.name}", seq_len=seq_len,
         batch_tokens=spec.batch_tokens, global_batch=global_batch, micro_batch=micro,
         grad_accum=global_batch // (micro * world_size), world_size=world_size, steps=steps, tokens=tokens,
-        lr=opt.lr, min_lr=resolve_percent(spec.schedule.min_lr, opt.lr), warmup_steps=warmup,
+        lr=opt.lr, min_lr=min_lr, warmup_steps=warmup,
         decay=spec.schedule.decay,
         optimizer={"name": opt.name, "betas": list(opt.betas), "eps": opt.eps,
                    "weight_decay": opt.weight_decay, "grad_clip": opt.grad_clip},

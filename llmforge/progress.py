@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -163,9 +163,8 @@ def render_plan(plan, console: Console) -> None:
                           f"{approx}{s.train_tokens:,}", f"{approx}{s.val_tokens:,}", f"{s.take_tokens:,}",
                           f"{approx}{s.epochs:.2f}")
         console.print(table)
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     if any(s.estimated for sp in plan.stages for s in sp.mix):
         console.print("~ estimated from file sizes; exact once `llmforge run` has tokenized the data", highlight=False)
 
-
-def error_console() -> Console:
-    return Console(stderr=True, file=sys.stderr)

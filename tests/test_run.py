@@ -169,3 +169,35 @@ def test_bad_data_path_is_a_clear_error(tiny):
     assert result.returncode == 2
     assert "data.corpus.path: 'corpus.txt' matches no files" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_two_stages_chain_and_resume(tiny):
+    """Stage 2 starts from stage 1's final weights; a kill in stage 2 resumes exactly."""
+    recipe = (tiny / "recipe.yaml").read_text()
+    anneal = recipe.split("stages:\n", 1)[1].split("runtime:")[0]
+    anneal = anneal.replace("name: pretrain", "name: anneal").replace("steps: 40", "steps: 20")
+    anneal = anneal.replace("lr: 3e-3", "lr: 1e-3").replace("warmup: 3, decay: cosine", "decay: linear")
+    text = recipe.replace("runtime:", anneal + "runtime:")
+    (tiny / "recipe.yaml").write_text(text)
+    reference = tiny / "reference"
+    reference.mkdir()
+    (reference / "recipe.yaml").write_text(text.replace("path: corpus.txt", f"path: {tiny / 'corpus.txt'}"))
+    assert cli("run", "recipe.yaml", cwd=reference).returncode == 0
+
+    proc = start(tiny)
+    path = tiny / "runs/tiny/stages/02-anneal/metrics.jsonl"
+    deadline = time.time() + 120
+    while not (path.exists() and '"step": 12' in path.read_text()) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    result = cli("run", "recipe.yaml", cwd=tiny)
+    assert result.returncode == 0, result.stderr
+    assert "stage pretrain: already done" in result.stdout and "resuming from step-" in result.stdout
+    for stage in ("01-pretrain", "02-anneal"):
+        ours = (tiny / f"runs/tiny/stages/{stage}/final/model.safetensors").read_bytes()
+        assert ours == (reference / f"runs/tiny/stages/{stage}/final/model.safetensors").read_bytes()
+    first = [json.loads(l) for l in (tiny / "runs/tiny/stages/01-pretrain/metrics.jsonl").read_text().splitlines()]
+    second = [json.loads(l) for l in path.read_text().splitlines()]
+    # Same held-out windows: stage 2 at step 0 scores exactly what stage 1 ended with.
+    assert second[0]["val_loss"] == first[-1]["val_loss"]

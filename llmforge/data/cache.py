@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..recipe.schema import SourceSpec
-from .sources import iter_documents, source_fingerprint
+from .sources import iter_pieces, source_fingerprint
 
 CACHE_VERSION = 1
 _BATCH_BYTES = 1 << 20  # encode ~1 MB of text per sentencepiece batch call
@@ -65,6 +65,7 @@ def prepare_source(name: str, spec: SourceSpec, base_dir: Path, tokenizer,
     key = cache_key(name, spec, base_dir, tokenizer.fingerprint)
     entry = cache_dir() / "tokens" / key
     if not (entry / "meta.json").is_file():
+        _clean_stale(entry.parent)
         _write_entry(entry, name, spec, base_dir, tokenizer, on_progress)
     return load_entry(name, entry)
 
@@ -83,21 +84,24 @@ def _write_entry(entry: Path, name, spec, base_dir, tokenizer, on_progress) -> N
     tmp.mkdir(parents=True)
     n_tokens = n_docs = n_bytes = 0
     with open(tmp / "tokens.bin", "wb") as f:
-        batch, batch_bytes = [], 0
+        batch, ends, batch_bytes = [], [], 0
 
         def flush():
             nonlocal n_tokens
-            for ids in tokenizer.encode_batch(batch):
-                ids.append(tokenizer.eot_id)
+            for ids, end in zip(tokenizer.encode_batch(batch), ends):
+                if end:
+                    ids.append(tokenizer.eot_id)
                 np.asarray(ids, dtype=dtype).tofile(f)
                 n_tokens += len(ids)
             batch.clear()
+            ends.clear()
 
-        for doc in iter_documents(name, spec, base_dir):
-            size = len(doc.encode("utf-8"))
-            batch.append(doc)
+        for text, end in iter_pieces(name, spec, base_dir):
+            size = len(text.encode("utf-8"))
+            batch.append(text)
+            ends.append(end)
             batch_bytes += size
-            n_docs += 1
+            n_docs += end
             n_bytes += size
             if batch_bytes >= _BATCH_BYTES:
                 flush()
@@ -116,4 +120,27 @@ def _write_entry(entry: Path, name, spec, base_dir, tokenizer, on_progress) -> N
             "split": split, "documents": n_docs, "bytes": n_bytes, "tokenizer": tokenizer.fingerprint}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(entry, ignore_errors=True)  # a leftover without meta.json is not a valid entry
-    os.replace(tmp, entry)
+    try:
+        os.replace(tmp, entry)
+    except OSError:  # another process finished the same entry first: theirs is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (entry / "meta.json").is_file():
+            raise
+
+
+def _clean_stale(folder: Path) -> None:
+    """Remove temporary entries left by killed processes (their pid is in the name)."""
+    for p in folder.glob(".tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

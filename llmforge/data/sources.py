@@ -33,7 +33,9 @@ def list_files(name: str, spec: SourceSpec, base_dir: Path) -> list[Path]:
     pattern = Path(spec.path).expanduser()
     pattern = pattern if pattern.is_absolute() else base_dir / pattern
     if pattern.is_dir():
-        files = [p for p in pattern.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        # Hidden files and folders (.git, .DS_Store, editor swap files) are never data.
+        files = [p for p in pattern.rglob("*") if p.is_file()
+                 and not any(part.startswith(".") for part in p.relative_to(pattern).parts)]
         root = pattern
     elif pattern.is_file():
         return [pattern]
@@ -56,26 +58,61 @@ def _shuffled(files: list[Path], root: Path) -> list[Path]:
     return sorted(files, key=key)
 
 
-def iter_documents(name: str, spec: SourceSpec, base_dir: Path) -> Iterator[str]:
-    """Documents of a source, one per file, stopping at max_bytes of UTF-8 text."""
+_PIECE_BYTES = 1 << 20  # a long document is read and tokenized ~1 MB at a time
+
+
+def iter_pieces(name: str, spec: SourceSpec, base_dir: Path) -> Iterator[tuple[str, bool]]:
+    """(text, ends_document) pieces of the source's documents (one per file), in order, stopping at
+    max_bytes. A file is streamed in ~1 MB pieces cut at line ends, so no file is ever held whole."""
     budget = spec.max_bytes or sys.maxsize
     for path in list_files(name, spec, base_dir):
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            if spec.builtin:  # a stray non-UTF-8 file in the installed stdlib is not the user's fault
-                continue
-            raise DataError(f"{path}: invalid UTF-8 at byte offset {e.start} (source {name!r})",
-                            hint="convert the file to UTF-8 or remove it from the source")
-        if not text:
-            continue
-        if len(raw) > budget:
-            text = raw[:budget].decode("utf-8", errors="ignore")
-        budget -= len(text.encode("utf-8"))
-        yield text
-        if budget <= 0:
-            return
+        pending = None
+        for text in _read_pieces(path, name, skip_bad=spec.builtin is not None):
+            size = len(text.encode("utf-8"))
+            if size >= budget:
+                text = text.encode("utf-8")[:budget].decode("utf-8", errors="ignore")
+                if pending is not None:
+                    yield pending, False
+                yield text, True
+                return
+            budget -= size
+            if pending is not None:
+                yield pending, False
+            pending = text
+        if pending is not None:
+            yield pending, True
+
+
+def iter_documents(name: str, spec: SourceSpec, base_dir: Path) -> Iterator[str]:
+    """Text of the source in reading order, in pieces (for tokenizer training, where document
+    boundaries do not matter)."""
+    return (text for text, _ in iter_pieces(name, spec, base_dir))
+
+
+def _read_pieces(path: Path, name: str, skip_bad: bool) -> Iterator[str]:
+    offset, carry = 0, b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(_PIECE_BYTES)
+            data = carry + block
+            if not data:
+                return
+            cut = len(data)
+            if block:  # more may follow: end this piece at a line end, or at least between characters
+                cut = data.rfind(b"\n") + 1 or len(data)
+                while cut < len(data) and cut > 0 and data[cut] & 0xC0 == 0x80:
+                    cut -= 1
+            piece, carry = data[:cut], data[cut:]
+            try:
+                text = piece.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if skip_bad:  # a stray non-UTF-8 file in the installed stdlib is not the user's fault
+                    return
+                raise DataError(f"{path}: invalid UTF-8 at byte offset {offset + e.start} (source {name!r})",
+                                hint="convert the file to UTF-8 or remove it from the source")
+            offset += len(piece)
+            if text:
+                yield text
 
 
 def source_fingerprint(name: str, spec: SourceSpec, base_dir: Path) -> str:

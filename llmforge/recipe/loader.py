@@ -75,17 +75,20 @@ def format_loc(loc: Loc) -> str:
 
 def _read_yaml(path: Path) -> tuple[object, dict[Loc, int]]:
     text = path.read_text(encoding="utf-8", errors="replace")
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}: " if mark else f"{path}: "
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        mark = getattr(e, "problem_mark", None) or getattr(e, "position", None)
+        line = mark.line + 1 if hasattr(mark, "line") else None
+        where = f"{path}:{line}: " if line else f"{path}: "
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e).splitlines()[0]
         raise RecipeError([f"{where}invalid YAML: {problem}"], hint="check indentation and quoting there")
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     lines: dict[Loc, int] = {}
     duplicates: list[str] = []
     if node is not None:
@@ -95,7 +98,11 @@ def _read_yaml(path: Path) -> tuple[object, dict[Loc, int]]:
     return data, lines
 
 
-def _index_lines(node, loc: Loc, lines: dict, duplicates: list, path: Path) -> None:
+def _index_lines(node, loc: Loc, lines: dict, duplicates: list, path: Path, seen=None) -> None:
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # a YAML alias: indexed where it was defined (and no cycles, no blow-up)
+        return
+    seen.add(id(node))
     lines[loc] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         seen = set()
@@ -104,18 +111,22 @@ def _index_lines(node, loc: Loc, lines: dict, duplicates: list, path: Path) -> N
             if key in seen:
                 duplicates.append(f"{path}:{key_node.start_mark.line + 1}: {format_loc(loc + (key,))}: duplicate key")
             seen.add(key)
-            _index_lines(value_node, loc + (key,), lines, duplicates, path)
+            _index_lines(value_node, loc + (key,), lines, duplicates, path, seen)
             lines[loc + (key,)] = key_node.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _index_lines(item, loc + (i,), lines, duplicates, path)
+            _index_lines(item, loc + (i,), lines, duplicates, path, seen)
 
 
 def _where(loc: Loc, path: Path, lines: dict, origins: dict) -> tuple[str, str]:
     """(prefix, suffix) that place a problem: `file:line: ` or ` [from --set ...]`."""
-    for n in range(len(loc), -1, -1):
-        if loc[:n] in origins:
-            return "", f" [from --set {origins[loc[:n]]}]"
+    for origin, item in origins.items():  # an override set this key or a section holding it
+        if loc[:len(origin)] == origin:
+            return "", f" [from --set {item}]"
+    if loc not in lines:  # not in the file: perhaps an override created it further down
+        for origin, item in origins.items():
+            if loc and origin[:len(loc)] == loc:
+                return "", f" [from --set {item}]"
     for n in range(len(loc), -1, -1):
         if loc[:n] in lines:
             return f"{path}:{lines[loc[:n]]}: ", ""
@@ -294,5 +305,5 @@ def _check_references(data: dict) -> list[tuple[Loc, str]]:
 
 def _unknown_source(name, sources) -> str:
     hint = _did_you_mean(name, sources)
-    known = f" (known: {', '.join(sources)})" if sources else " (the data section defines none)"
+    known = f" (known: {', '.join(map(str, sources))})" if sources else " (the data section defines none)"
     return f"unknown source {name!r}" + (hint if "did you mean" in hint else known)

@@ -230,7 +230,9 @@ class StageSpec(Spec):
 class RuntimeSpec(Spec):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: Literal["auto", "on", "off"] = "auto"
+    # YAML 1.1 reads a bare on/off as true/false; take either spelling.
+    compile: Annotated[Literal["auto", "on", "off"], BeforeValidator(lambda v: {True: "on", False: "off"}.get(v, v)
+                                                                     if isinstance(v, bool) else v)] = "auto"
     micro_batch: AutoOrPositive = "auto"  # sequences per forward
     threads: AutoOrPositive = "auto"  # CPU threads for torch
     log_every: int = Field(default=10, gt=0)  # steps between progress/metrics lines
