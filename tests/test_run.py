@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,8 +97,8 @@ def test_sample_prints_text(reference):
     assert missing.returncode == 2 and "no finished stage named 'sft'" in missing.stderr
 
 
-def start(folder: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "llmforge", "run", "recipe.yaml"], cwd=folder,
+def start(folder: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llmforge", "run", "recipe.yaml", *args], cwd=folder,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
 
 
@@ -127,8 +128,9 @@ def test_kill_9_then_resume_is_bitwise_identical(reference, tiny, kill_at):
         assert "resuming from step-" in result.stdout
     assert final_bytes(tiny) == final_bytes(reference[0])
     # The resumed metrics read like an uninterrupted run's: every step once.
-    steps = [r["step"] for r in metrics(tiny) if "loss" in r]
-    assert steps == list(range(2, 41, 2))
+    def curve(folder):
+        return [(r["step"], r.get("loss"), r.get("lr"), r.get("val_loss")) for r in metrics(folder)]
+    assert curve(tiny) == curve(reference[0])
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -201,3 +203,65 @@ def test_two_stages_chain_and_resume(tiny):
     second = [json.loads(l) for l in path.read_text().splitlines()]
     # Same held-out windows: stage 2 at step 0 scores exactly what stage 1 ended with.
     assert second[0]["val_loss"] == first[-1]["val_loss"]
+
+
+def test_changed_data_mid_stage_is_refused(tiny):
+    proc = start(tiny)
+    wait_for_step(tiny, proc, 12)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with open(tiny / "corpus.txt", "a") as f:
+        f.write("A new sentence changes the tokens.\n")
+    result = cli("run", "recipe.yaml", cwd=tiny)
+    assert result.returncode == 2, result.stderr
+    assert "data source 'corpus' changed since" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tokenizer_settings_change_before_training_rebuilds_it(tiny):
+    args = ("run", "recipe.yaml", "--set", "stages.pretrain.steps=1")
+    assert cli(*args, cwd=tiny).returncode == 0
+    first = (tiny / "runs/tiny/tokenizer/tokenizer.model").read_bytes()
+    shutil.rmtree(tiny / "runs/tiny/stages")  # as if killed before any stage began
+    result = cli(*args, "--set", "tokenizer.vocab_size=300", cwd=tiny)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tiny / "runs/tiny/plan.json").read_text())["model"]["vocab_size"] == 300
+    assert (tiny / "runs/tiny/tokenizer/tokenizer.model").read_bytes() != first
+
+
+def test_restart_only_deletes_run_directories(tiny):
+    precious = tiny / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    result = cli("run", "recipe.yaml", "--run-dir", "precious", "--restart", cwd=tiny)
+    assert result.returncode == 2 and "not an llmforge run directory" in result.stderr
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_one_process_per_run_directory(tiny):
+    proc = start(tiny, "--set", "stages.pretrain.steps=100000")
+    wait_for_step(tiny, proc, 2)
+    result = cli("run", "recipe.yaml", cwd=tiny)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert result.returncode == 2 and "another llmforge process is running" in result.stderr
+
+
+def test_gpt2_preset_char_tokenizer_runs(tiny):
+    text = (tiny / "recipe.yaml").read_text()
+    text = text.replace("{type: bpe, vocab_size: 320}", "{type: char, vocab_size: 400}")
+    text = text.replace("preset: llama, n_layer: 2, n_head: 2, n_kv_head: 1", "preset: gpt2, n_layer: 2, n_head: 2")
+    text = text.replace("log_every: 2}", "log_every: 2, compile: off}")  # YAML reads bare off as false
+    (tiny / "recipe.yaml").write_text(text)
+    result = cli("run", "recipe.yaml", "--set", "stages.pretrain.steps=12", cwd=tiny)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads((tiny / "runs/tiny/plan.json").read_text())
+    assert plan["model"]["positions"] == "learned" and plan["model"]["tie_embeddings"]
+    assert plan["model"]["vocab_size"] < 400  # char: vocab_size is an upper bound
+    sample = cli("sample", "runs/tiny", "--prompt", "Ka", "--max-new-tokens", "40", cwd=tiny)  # past seq_len 32
+    assert sample.returncode == 0 and len(sample.stdout) > 20
+
+
+def test_no_held_out_data_is_a_plan_warning(tiny):
+    result = cli("plan", "recipe.yaml", "--set", "data.corpus.val_fraction=0", cwd=tiny)
+    assert result.returncode == 0, result.stderr
+    assert "warning: data.corpus: no held-out window" in result.stdout
