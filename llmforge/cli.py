@@ -70,6 +70,22 @@ def run(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
 
 
 @app.command()
+def prepare(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
+            run_dir: Optional[Path] = RunDirOption,
+            overrides: Optional[List[str]] = SetOption):
+    """Train the tokenizer and tokenize every source into the cache, then print the exact plan."""
+    with user_errors():
+        from .pipeline import prepare_run
+        from .progress import Reporter, render_plan
+        from .recipe import load_recipe
+
+        spec = load_recipe(recipe, overrides or [])
+        reporter = Reporter()
+        ctx = prepare_run(spec, run_dir or Path("runs") / spec.name, reporter)
+        render_plan(ctx.plan, reporter.console)
+
+
+@app.command()
 def plan(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
          as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
          run_dir: Optional[Path] = RunDirOption,

@@ -109,7 +109,7 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
             raise Interrupted(ctx.stop.signum, f"stopped at step {step} of stage {sp.name}; checkpoint saved")
         if step in (0, sp.steps) or (sp.eval_every and step % sp.eval_every == 0):
             last_eval = evaluate(step_model, evals, ctx.tokenizer.token_bytes, sp.micro_batch, device, amp)
-            ctx.reporter.eval(step, last_eval)
+            ctx.reporter.eval(step, last_eval | (_dropped(ctx, sp) if step == 0 else {}))
         if step == sp.steps:
             break
         if sp.checkpoint_every and step % sp.checkpoint_every == 0:
@@ -126,6 +126,15 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
     save(sp.steps)
     write_final(root / "final", model, ctx, sp)
     ctx.reporter.stage_end(sp)
+
+
+def _dropped(ctx: Context, sp: StagePlan) -> dict:
+    """Records the data preparation left out, logged once with the stage's first eval."""
+    out = {}
+    for s in sp.mix:
+        if s.skipped or s.filtered:
+            out |= {f"data/{s.name}/skipped": s.skipped, f"data/{s.name}/filtered": s.filtered}
+    return out
 
 
 def _identity(ctx: Context, sp: StagePlan) -> dict:

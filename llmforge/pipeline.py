@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from .data import cache, iter_documents, list_files, prepare_source
+from .data import iter_documents, list_files, prepare_source
+from .data.cache import find_source
 from .engine import Context
 from .errors import RecipeError, TokenizerError
 from .plan import Plan, SourceStats, compile_plan, detect_device
@@ -24,6 +25,7 @@ _HARMLESS = (".eval.", ".checkpoint.")
 
 
 def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False) -> Context:
+    """Everything before training: run directory, tokenizer, token cache, plan."""
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_run_dir(run_dir)
     if restart:
@@ -33,16 +35,21 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False) 
     device = detect_device(recipe.runtime)
     _set_threads(device.threads)
     tokenizer = ensure_tokenizer(recipe, run_dir, reporter)
+    workers = None if recipe.runtime.data_workers == "auto" else recipe.runtime.data_workers
     sources = {}
     for name in used_sources(recipe):
         spec = recipe.data[name]
         total = sum(p.stat().st_size for p in list_files(name, spec, recipe.base_dir))
         with reporter.task(f"tokenizing {name}", min(total, spec.max_bytes or total)) as advance:
-            sources[name] = prepare_source(name, spec, recipe.base_dir, tokenizer, advance)
-    stats = {n: SourceStats(s.documents, len(s.train), len(s.val)) for n, s in sources.items()}
-    plan = compile_plan(recipe, vocab_size=tokenizer.vocab_size, sources=stats, device=device)
+            sources[name] = prepare_source(name, spec, recipe.base_dir, tokenizer, advance, workers)
+    plan = compile_plan(recipe, vocab_size=tokenizer.vocab_size, sources={n: _stats(s) for n, s in sources.items()},
+                        device=device)
     _write_atomic(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1))
     return Context(plan, run_dir, tokenizer, sources, reporter, lock=lock)
+
+
+def _stats(src) -> SourceStats:
+    return SourceStats(src.documents, len(src.train), len(src.val), skipped=src.skipped, filtered=src.filtered)
 
 
 def lock_run_dir(run_dir: Path):
@@ -84,11 +91,8 @@ def estimate_plan(recipe: Recipe, run_dir: Path) -> Plan:
     stats = {}
     for name in used_sources(recipe):
         spec = recipe.data[name]
-        entry = cache.cache_dir() / "tokens" / cache.cache_key(name, spec, recipe.base_dir, tokenizer.fingerprint) \
-            if tokenizer else None
-        if entry is not None and (entry / "meta.json").is_file():
-            src = cache.load_entry(name, entry)
-            stats[name] = SourceStats(src.documents, len(src.train), len(src.val))
+        if tokenizer and (src := find_source(name, spec, recipe.base_dir, tokenizer)):
+            stats[name] = _stats(src)
         else:
             files = list_files(name, spec, recipe.base_dir)
             size = min(sum(p.stat().st_size for p in files), spec.max_bytes or 1 << 62)

@@ -40,6 +40,8 @@ class SourcePlan:
     take_tokens: int  # tokens this stage draws from the source
     epochs: float  # take_tokens / train_tokens
     estimated: bool  # token counts estimated from bytes: the source is not tokenized yet
+    skipped: int = 0
+    filtered: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ class SourceStats:
     train_tokens: int
     val_tokens: int
     estimated: bool = False
+    skipped: int = 0  # bad records skipped (on_error: skip)
+    filtered: int = 0  # documents outside min_chars..max_chars
 
 
 def model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:
@@ -187,7 +191,7 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size) -> StagePlan:
     tokens = steps * spec.batch_tokens
     micro, memory = _choose_micro_batch(where, recipe.runtime.micro_batch, global_batch // world_size,
                                         seq_len, cfg, device)
-    mix = _plan_mix(where, spec.mix, sources, tokens, seq_len)
+    mix = _plan_mix(where, spec.mix, sources, recipe.data, tokens, seq_len)
     warmup = round(resolve_percent(spec.schedule.warmup, steps))
     if warmup >= steps and steps > 1:
         raise PlanError(f"{where}.schedule.warmup: {warmup} warmup steps but the stage has only {steps} steps",
@@ -212,7 +216,7 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size) -> StagePlan:
     )
 
 
-def _plan_mix(where, mix: dict, sources: dict, tokens: int, seq_len: int) -> tuple[SourcePlan, ...]:
+def _plan_mix(where, mix: dict, sources: dict, specs: dict, tokens: int, seq_len: int) -> tuple[SourcePlan, ...]:
     total = sum(mix.values())
     out = []
     for name, weight in mix.items():
@@ -222,8 +226,14 @@ def _plan_mix(where, mix: dict, sources: dict, tokens: int, seq_len: int) -> tup
                             f"fewer than one window of seq_len+1 = {seq_len + 1}",
                             hint="add data to the source or use a shorter seq_len")
         take = round(tokens * weight / total)
+        epochs = take / st.train_tokens
+        cap = specs[name].epochs
+        if cap is not None and epochs > cap and not st.estimated:
+            raise PlanError(f"{where}.mix.{name}: the stage takes {take:,} tokens from {name!r}, {epochs:.2f} passes "
+                            f"over its {st.train_tokens:,} training tokens; data.{name}.epochs allows {cap:g}",
+                            hint=f"add data, lower its weight or the stage's budget, or raise data.{name}.epochs")
         out.append(SourcePlan(name, weight / total, st.documents, st.train_tokens, st.val_tokens, take,
-                              take / st.train_tokens, st.estimated))
+                              epochs, st.estimated, st.skipped, st.filtered))
     return tuple(out)
 
 

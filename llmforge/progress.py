@@ -155,13 +155,15 @@ def render_plan(plan, console: Console) -> None:
             f"  {sp.flops:.2e} FLOPs, est. peak memory {sp.est_peak_memory_bytes / 2**30:.2f} GiB{eta}",
             highlight=False)
         table = Table(box=None, padding=(0, 2), show_edge=False)
-        for col in ("source", "weight", "docs", "train tokens", "val tokens", "stage takes", "epochs"):
+        dropped = any(s.skipped or s.filtered for s in sp.mix)
+        for col in ("source", "weight", "docs", "train tokens", "val tokens", "stage takes", "epochs") + \
+                (("skipped", "filtered") if dropped else ()):
             table.add_column(col, justify="left" if col == "source" else "right")
         for s in sp.mix:
             approx = "~" if s.estimated else ""
             table.add_row(s.name, f"{s.weight:.2f}", f"{s.documents:,}" if s.documents is not None else "?",
                           f"{approx}{s.train_tokens:,}", f"{approx}{s.val_tokens:,}", f"{s.take_tokens:,}",
-                          f"{approx}{s.epochs:.2f}")
+                          f"{approx}{s.epochs:.2f}", *((f"{s.skipped:,}", f"{s.filtered:,}") if dropped else ()))
         console.print(table)
     for warning in plan.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")

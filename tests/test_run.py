@@ -65,16 +65,16 @@ def test_run_end_to_end(reference):
 
 
 # The tiny recipe's training loss, recorded from a known-good run (torch 2.13, CPU, fp32).
-# A 2% tolerance absorbs CPU instruction-set differences; a broken schedule, init, optimizer
-# or data order moves these by far more.
-GOLDEN_LOSS = {2: 5.7664, 10: 5.0401, 20: 4.2154, 30: 3.9158, 40: 3.8276}
+# 0.5% absorbs float differences between CPUs; a change to the schedule, init, optimizer or data
+# order moves some of these by more (a new data order moved step 20 by 1.5%): re-record then.
+GOLDEN_LOSS = {2: 5.7607, 10: 5.0429, 20: 4.2774, 30: 3.9653, 40: 3.8447}
 
 
 def test_golden_loss_curve(reference):
     folder, _, _ = reference
     loss = {r["step"]: r["loss"] for r in metrics(folder) if "loss" in r}
     for step, expected in GOLDEN_LOSS.items():
-        assert loss[step] == pytest.approx(expected, rel=0.02), step
+        assert loss[step] == pytest.approx(expected, rel=0.005), step
 
 
 def test_second_run_is_a_no_op(reference):

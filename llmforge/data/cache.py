@@ -2,17 +2,22 @@
 
 An entry is a folder `<cache>/tokens/<key>/` holding `tokens.bin` (every document's tokens
 followed by the end-of-text token, uint16 when the vocab fits, else uint32) and `meta.json`.
-The key hashes the source's fingerprint, its options and the tokenizer's fingerprint, so a changed
-file or tokenizer can never reuse stale tokens. Entries are written to a temporary folder and
-renamed into place: an entry is complete or absent.
+The key hashes the source's content, the options that shape its documents and the tokenizer's
+fingerprint, so a changed file or tokenizer can never reuse stale tokens. Entries are written to
+a temporary folder and renamed into place: an entry is complete or absent. The cache is shared
+by every run and stage on the machine (`~/.cache/llmforge`, or `$LLMFORGE_CACHE`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,10 +26,12 @@ import numpy as np
 
 from ..errors import DataError
 from ..recipe.schema import SourceSpec
-from .sources import iter_pieces, source_fingerprint
+from .sources import Skips, iter_pieces, list_files
 
-CACHE_VERSION = 1
-_BATCH_BYTES = 1 << 20  # encode ~1 MB of text per sentencepiece batch call
+CACHE_VERSION = 2
+_BATCH_BYTES = 1 << 20  # ~1 MB of text per encode call: big enough to amortize, small to bound memory
+# Options that change which documents a source yields (val_fraction only moves the split point).
+_SHAPING = {"builtin", "format", "split", "field", "min_chars", "max_chars", "on_error", "max_bytes", "val_fraction"}
 
 
 def cache_dir() -> Path:
@@ -38,6 +45,8 @@ class PreparedSource:
     split: int  # tokens[:split] train, tokens[split:] held out
     documents: int
     bytes: int
+    skipped: int  # bad records skipped (on_error: skip)
+    filtered: int  # documents dropped by min_chars / max_chars
     path: Path
 
     @property
@@ -49,24 +58,54 @@ class PreparedSource:
         return self.tokens[self.split:]
 
 
+def source_fingerprint(name: str, spec: SourceSpec, base_dir: Path) -> str:
+    """Hash of the source's file contents.
+
+    Reading a large corpus to hash it costs seconds, so the content hash is remembered under a
+    key of (path, size, mtime) of every file, as make and rsync decide: an untouched corpus is
+    recognized from its file listing alone; a touched one is hashed again.
+    """
+    files = list_files(name, spec, base_dir)
+    listing = [(str(p.resolve()), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()]]
+    memo = cache_dir() / "fingerprints" / hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:32]
+    if memo.is_file():
+        return memo.read_text()
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f".tmp-{memo.name}-{os.getpid()}")
+    tmp.write_text(h.hexdigest())
+    os.replace(tmp, memo)
+    return h.hexdigest()
+
+
 def cache_key(name: str, spec: SourceSpec, base_dir: Path, tokenizer_fingerprint: str) -> str:
     parts = {
         "version": CACHE_VERSION,
-        "source": source_fingerprint(name, spec, base_dir),
-        "options": spec.model_dump(mode="json", include={"format", "max_bytes", "val_fraction"}),
+        "content": source_fingerprint(name, spec, base_dir),
+        "options": spec.model_dump(mode="json", include=_SHAPING),
         "tokenizer": tokenizer_fingerprint,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def find_source(name: str, spec: SourceSpec, base_dir: Path, tokenizer) -> PreparedSource | None:
+    """The cached entry for this source and tokenizer, if it exists (never tokenizes)."""
+    entry = cache_dir() / "tokens" / cache_key(name, spec, base_dir, tokenizer.fingerprint)
+    return load_entry(name, entry) if (entry / "meta.json").is_file() else None
+
+
 def prepare_source(name: str, spec: SourceSpec, base_dir: Path, tokenizer,
-                   on_progress: Callable[[int], None] = lambda n: None) -> PreparedSource:
+                   on_progress: Callable[[int], None] = lambda n: None, workers: int | None = None) -> PreparedSource:
     """Tokenize a source into the cache (or find it there) and map it into memory."""
-    key = cache_key(name, spec, base_dir, tokenizer.fingerprint)
-    entry = cache_dir() / "tokens" / key
+    entry = cache_dir() / "tokens" / cache_key(name, spec, base_dir, tokenizer.fingerprint)
     if not (entry / "meta.json").is_file():
         _clean_stale(entry.parent)
-        _write_entry(entry, name, spec, base_dir, tokenizer, on_progress)
+        _write_entry(entry, name, spec, base_dir, tokenizer, on_progress, workers or os.cpu_count() or 1)
     return load_entry(name, entry)
 
 
@@ -74,50 +113,86 @@ def load_entry(name: str, entry: Path) -> PreparedSource:
     meta = json.loads((entry / "meta.json").read_text())
     tokens = np.memmap(entry / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r",
                        shape=(meta["tokens"],)) if meta["tokens"] else np.zeros(0, dtype=meta["dtype"])
-    return PreparedSource(name, tokens, meta["split"], meta["documents"], meta["bytes"], entry)
+    return PreparedSource(name, tokens, meta["split"], meta["documents"], meta["bytes"], meta["skipped"],
+                          meta["filtered"], entry)
 
 
-def _write_entry(entry: Path, name, spec, base_dir, tokenizer, on_progress) -> None:
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+# Each worker process keeps its own tokenizer, set once by the pool initializer.
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(tokenizer, threads: int = 1) -> None:
+    global _WORKER_TOKENIZER
+    tokenizer._threads = threads  # one thread per worker process: the processes are the parallelism
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _encode(args: tuple[list[str], list[bool], str]) -> bytes:
+    return _encode_with(_WORKER_TOKENIZER, args)
+
+
+def _encode_with(tok, args: tuple[list[str], list[bool], str]) -> bytes:
+    """Token bytes of a batch of pieces, end-of-text after each piece that ends a document."""
+    texts, ends, dtype = args
+    out = []
+    for ids, end in zip(tok.encode_batch(texts), ends):
+        if end:
+            ids.append(tok.eot_id)
+        out.append(np.asarray(ids, dtype=dtype).tobytes())
+    return b"".join(out)
+
+
+def _batches(pieces, dtype: str):
+    """~1 MB groups of (texts, ends_document flags), with their byte size."""
+    texts, ends, size = [], [], 0
+    for text, end in pieces:
+        texts.append(text)
+        ends.append(end)
+        size += len(text.encode("utf-8"))
+        if size >= _BATCH_BYTES:
+            yield (texts, ends, dtype), size
+            texts, ends, size = [], [], 0
+    if texts:
+        yield (texts, ends, dtype), size
+
+
+def _write_entry(entry: Path, name, spec, base_dir, tokenizer, on_progress, workers: int) -> None:
+    dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
     tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    n_tokens = n_docs = n_bytes = 0
-    with open(tmp / "tokens.bin", "wb") as f:
-        batch, ends, batch_bytes = [], [], 0
+    skips = Skips()
+    n_bytes = n_docs = 0
+    itemsize = np.dtype(dtype).itemsize
+    with open(tmp / "tokens.bin", "wb") as f, _pool(tokenizer, workers) as pool:
+        # Results are written in submission order, with at most 2 batches per worker in flight:
+        # parallel, deterministic, and memory-bounded whatever the corpus size.
+        pending: deque = deque()
 
-        def flush():
-            nonlocal n_tokens
-            for ids, end in zip(tokenizer.encode_batch(batch), ends):
-                if end:
-                    ids.append(tokenizer.eot_id)
-                np.asarray(ids, dtype=dtype).tofile(f)
-                n_tokens += len(ids)
-            batch.clear()
-            ends.clear()
+        def drain(limit: int) -> None:
+            while len(pending) > limit:
+                future, size = pending.popleft()
+                f.write(future.result() if pool else future)
+                on_progress(size)
 
-        for text, end in iter_pieces(name, spec, base_dir):
-            size = len(text.encode("utf-8"))
-            batch.append(text)
-            ends.append(end)
-            batch_bytes += size
-            n_docs += end
+        for args, size in _batches(iter_pieces(name, spec, base_dir, skips), dtype):
             n_bytes += size
-            if batch_bytes >= _BATCH_BYTES:
-                flush()
-                on_progress(batch_bytes)
-                batch_bytes = 0
-        flush()
-        on_progress(batch_bytes)
+            n_docs += sum(args[1])
+            pending.append((pool.submit(_encode, args) if pool else _encode_with(tokenizer, args), size))
+            drain(2 * workers)
+        drain(0)
+    n_tokens = (tmp / "tokens.bin").stat().st_size // itemsize
     if n_docs == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"data.{name}: the source has no text (every file is empty)",
-                        hint="point the source at files with content")
+        why = f"all {skips.bad + skips.filtered} records were skipped or filtered" if skips.bad + skips.filtered \
+            else "every file is empty"
+        raise DataError(f"data.{name}: the source has no text ({why})", hint="point the source at files with content")
     # The tail of the source is held out (like nanoGPT's last 10%): simple, and for one long
     # document (a novel, a log) it is the only split that leaks nothing.
     split = n_tokens - int(n_tokens * spec.val_fraction)
-    meta = {"version": CACHE_VERSION, "source": name, "dtype": np.dtype(dtype).name, "tokens": n_tokens,
-            "split": split, "documents": n_docs, "bytes": n_bytes, "tokenizer": tokenizer.fingerprint}
+    meta = {"version": CACHE_VERSION, "source": name, "dtype": dtype, "tokens": n_tokens, "split": split,
+            "documents": n_docs, "bytes": n_bytes, "skipped": skips.bad, "filtered": skips.filtered,
+            "skip_examples": skips.examples, "tokenizer": tokenizer.fingerprint}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(entry, ignore_errors=True)  # a leftover without meta.json is not a valid entry
     try:
@@ -126,6 +201,16 @@ def _write_entry(entry: Path, name, spec, base_dir, tokenizer, on_progress) -> N
         shutil.rmtree(tmp, ignore_errors=True)
         if not (entry / "meta.json").is_file():
             raise
+
+
+def _pool(tokenizer, workers: int):
+    """Worker processes for tokenizing, or a no-op context when one process is enough."""
+    if workers <= 1:
+        return contextlib.nullcontext(None)
+    # spawn, not fork: the parent may hold torch's thread pools, which do not survive a fork.
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(tokenizer,))
+
 
 
 def _clean_stale(folder: Path) -> None:

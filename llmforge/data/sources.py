@@ -1,8 +1,8 @@
-"""Data sources: where documents come from, in a fixed order, one document at a time.
+"""Data sources: which files, in what order, how much of them, and which documents are kept.
 
-A source never loads a whole corpus into memory; `iter_documents` streams. Its fingerprint
-(a hash of the content and the options that shape the documents) keys the token cache, so an
-edited file can never reuse stale tokens.
+Reading a file of each format is formats.py's job; here are file discovery, the max_bytes budget,
+the length filter and what happens to bad records (on_error). A source never loads a whole corpus
+into memory: `iter_pieces` streams.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ import glob
 import hashlib
 import sys
 import sysconfig
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError
 from ..recipe.schema import SourceSpec
+from .formats import SUFFIXES, reader_for
 
 # Folders of the standard library that are test fixtures or tooling rather than ordinary code
 # (some hold deliberately broken files) or generated tables (codecs, pydoc topics); leaving them
@@ -34,7 +36,9 @@ def list_files(name: str, spec: SourceSpec, base_dir: Path) -> list[Path]:
     pattern = pattern if pattern.is_absolute() else base_dir / pattern
     if pattern.is_dir():
         # Hidden files and folders (.git, .DS_Store, editor swap files) are never data.
-        files = [p for p in pattern.rglob("*") if p.is_file()
+        # jsonl and parquet take only their own files from a folder (not a README beside them).
+        suffixes = SUFFIXES.get(spec.format, ("",))
+        files = [p for p in pattern.rglob("*") if p.is_file() and p.name.endswith(suffixes)
                  and not any(part.startswith(".") for part in p.relative_to(pattern).parts)]
         root = pattern
     elif pattern.is_file():
@@ -43,7 +47,8 @@ def list_files(name: str, spec: SourceSpec, base_dir: Path) -> list[Path]:
         files = [Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file()]
         root = pattern.parent
     if not files:
-        what = "a folder with no files" if pattern.is_dir() else "no files"
+        kinds = "/".join(SUFFIXES.get(spec.format, ()))
+        what = f"a folder with no {kinds + ' ' if kinds else ''}files" if pattern.is_dir() else "no files"
         raise DataError(f"data.{name}.path: {spec.path!r} matches {what} (looked in {pattern})",
                         hint="check the path; relative paths are resolved against the recipe's folder")
     return _shuffled(files, root)
@@ -58,29 +63,34 @@ def _shuffled(files: list[Path], root: Path) -> list[Path]:
     return sorted(files, key=key)
 
 
-_PIECE_BYTES = 1 << 20  # a long document is read and tokenized ~1 MB at a time
-
-
-def iter_pieces(name: str, spec: SourceSpec, base_dir: Path) -> Iterator[tuple[str, bool]]:
-    """(text, ends_document) pieces of the source's documents (one per file), in order, stopping at
-    max_bytes. A file is streamed in ~1 MB pieces cut at line ends, so no file is ever held whole."""
+def iter_pieces(name: str, spec: SourceSpec, base_dir: Path, skips: Skips | None = None) -> Iterator[tuple[str, bool]]:
+    """(text, ends_document) pieces of the source's documents, in order, stopping at max_bytes
+    (UTF-8 bytes of kept text; the document it falls in is cut there and ended). A short document
+    comes whole; a long one in ~1 MB pieces cut at line ends, so none is ever held whole. Bad
+    records (on_error: skip) and documents outside min_chars..max_chars are counted in `skips`."""
+    report = _Report(name, spec, skips if skips is not None else Skips())
+    read = reader_for(spec)
     budget = spec.max_bytes or sys.maxsize
-    for path in list_files(name, spec, base_dir):
-        pending = None
-        for text in _read_pieces(path, name, skip_bad=spec.builtin is not None):
-            size = len(text.encode("utf-8"))
+    files = list_files(name, spec, base_dir)
+    documents, inside = 0, False  # inside: a document's first pieces are out, not its last
+    for path in files:
+        for text, end in read(path, spec, report):
+            size = _utf8_len(text)
             if size >= budget:
                 text = text.encode("utf-8")[:budget].decode("utf-8", errors="ignore")
-                if pending is not None:
-                    yield pending, False
-                yield text, True
+                if text or inside:
+                    yield text, True
                 return
             budget -= size
-            if pending is not None:
-                yield pending, False
-            pending = text
-        if pending is not None:
-            yield pending, True
+            documents += end
+            inside = not end
+            yield text, end
+    if documents == 0:
+        what = f"{len(files)} file" + ("s" if len(files) != 1 else "")
+        raise DataError(f"data.{name}: the source has no text ({what}, {report.skips.summary() or 'all empty'})",
+                        hint="point the source at files with content"
+                             + ("; check field, min_chars and max_chars" if report.skips.bad or report.skips.filtered
+                                else ""))
 
 
 def iter_documents(name: str, spec: SourceSpec, base_dir: Path) -> Iterator[str]:
@@ -89,38 +99,54 @@ def iter_documents(name: str, spec: SourceSpec, base_dir: Path) -> Iterator[str]
     return (text for text, _ in iter_pieces(name, spec, base_dir))
 
 
-def _read_pieces(path: Path, name: str, skip_bad: bool) -> Iterator[str]:
-    offset, carry = 0, b""
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(_PIECE_BYTES)
-            data = carry + block
-            if not data:
-                return
-            cut = len(data)
-            if block:  # more may follow: end this piece at a line end, or at least between characters
-                cut = data.rfind(b"\n") + 1 or len(data)
-                while cut < len(data) and cut > 0 and data[cut] & 0xC0 == 0x80:
-                    cut -= 1
-            piece, carry = data[:cut], data[cut:]
-            try:
-                text = piece.decode("utf-8")
-            except UnicodeDecodeError as e:
-                if skip_bad:  # a stray non-UTF-8 file in the installed stdlib is not the user's fault
-                    return
-                raise DataError(f"{path}: invalid UTF-8 at byte offset {offset + e.start} (source {name!r})",
-                                hint="convert the file to UTF-8 or remove it from the source")
-            offset += len(piece)
-            if text:
-                yield text
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
-def source_fingerprint(name: str, spec: SourceSpec, base_dir: Path) -> str:
-    """Hash of everything that decides the source's documents: options and file contents."""
-    h = hashlib.sha256(spec.model_dump_json(include={"format", "max_bytes", "builtin"}).encode())
-    for path in list_files(name, spec, base_dir):
-        h.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+@dataclass
+class Skips:
+    """Records dropped while reading: bad ones (on_error: skip) and ones filtered by length."""
+
+    bad: int = 0
+    filtered: int = 0
+    examples: list[str] = field(default_factory=list)  # first 5 bad ones: "path:line: reason"
+
+    def add_bad(self, where: str, reason: str) -> None:
+        self.bad += 1
+        if len(self.examples) < 5:
+            self.examples.append(f"{where}: {reason}")
+
+    def summary(self) -> str:
+        """'3 bad records skipped (first: a.jsonl:4: ...), 2 documents filtered by length', or ''."""
+        parts = []
+        if self.bad:
+            parts.append(f"{self.bad} bad record{'s' * (self.bad != 1)} skipped (first: {self.examples[0]})")
+        if self.filtered:
+            parts.append(f"{self.filtered} document{'s' * (self.filtered != 1)} filtered by length")
+        return ", ".join(parts)
+
+
+class _Report:
+    """The source's rules as readers see them (formats.Report): on_error and min/max_chars."""
+
+    def __init__(self, name: str, spec: SourceSpec, skips: Skips):
+        self.source, self.spec, self.skips = name, spec, skips
+        # A stray non-UTF-8 file in the installed stdlib is not the user's fault: skip it.
+        self.skipping = spec.on_error == "skip" or spec.builtin is not None
+        self.low = max(spec.min_chars, 1)  # a document with no text is always dropped
+        self.high = spec.max_chars if spec.max_chars is not None else sys.maxsize
+
+    def bad(self, where: str, reason: str, hint: str) -> None:
+        if not self.skipping:
+            raise DataError(f"{where}: {reason}",
+                            hint=f"{hint}; or set on_error: skip in data.{self.source} to skip bad records")
+        self.skips.add_bad(where, reason)
+
+    def keep(self, lo: int, hi: int | None = None) -> bool | None:
+        hi = lo if hi is None else hi
+        if self.low <= lo and hi <= self.high:
+            return True
+        if hi < self.low or lo > self.high:
+            self.skips.filtered += 1
+            return False
+        return None

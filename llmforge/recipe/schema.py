@@ -171,14 +171,24 @@ class ModelSpec(Spec):
 class SourceSpec(Spec):
     path: str | None = None  # file, directory or glob; relative to the recipe's folder
     builtin: Literal["python-stdlib"] | None = None
-    format: Literal["text"] = "text"
+    format: Literal["text", "jsonl", "parquet"] = "text"
+    split: Literal["file", "paragraph", "line"] = "file"  # text: one document per file/blank-line block/line
+    field: str = "text"  # jsonl: the field holding the text; parquet: the column
+    min_chars: Count = 0  # documents shorter than this are dropped
+    max_chars: PositiveCount | None = None  # documents longer than this are dropped
+    on_error: Literal["fail", "skip"] = "fail"  # skip: bad records are counted and reported, not fatal
     val_fraction: Fraction = 0.05  # the last share of the source's tokens is held out
     max_bytes: PositiveCount | None = None  # read at most this much of the source
+    epochs: Annotated[float, Field(gt=0)] | None = None  # at most this many passes over the training split
 
     @model_validator(mode="after")
     def _one_origin(self):
         if (self.path is None) == (self.builtin is None):
             raise ValueError("give exactly one of path or builtin")
+        if self.split != "file" and self.format != "text":
+            raise ValueError(f"split applies to text sources, not {self.format}")
+        if self.max_chars is not None and self.max_chars < self.min_chars:
+            raise ValueError(f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars})")
         return self
 
 
@@ -236,6 +246,7 @@ class RuntimeSpec(Spec):
     micro_batch: AutoOrPositive = "auto"  # sequences per forward
     threads: AutoOrPositive = "auto"  # CPU threads for torch
     log_every: int = Field(default=10, gt=0)  # steps between progress/metrics lines
+    data_workers: AutoOrPositive = "auto"  # processes tokenizing data; auto: one per CPU core
 
 
 class Recipe(Spec):

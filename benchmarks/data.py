@@ -1,0 +1,161 @@
+"""Data pipeline benchmark: tokenization throughput, cache-hit time, sampler share of a step,
+and (with --scale) peak memory preparing and training on a corpus much larger than memory.
+
+    python benchmarks/data.py              # ~50 MB corpus from the Python standard library
+    python benchmarks/data.py --scale 2G   # also: a 2 GB corpus, peak RSS of prepare and of training
+
+Targets on a 2-core CPU: >= 8 MB/s tokenizing, cache hit < 1 s, sampler < 2% of a training step,
+peak RSS < 1 GB for a 2 GB corpus. Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llmforge.data import Sampler, prepare_source  # noqa: E402
+from llmforge.recipe import parse_count  # noqa: E402
+from llmforge.recipe.schema import SourceSpec  # noqa: E402
+from llmforge.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+
+
+def make_corpus(folder: Path, size: int) -> int:
+    """Copies of the standard library's UTF-8 .py files until `size` bytes, in ~20 MB files."""
+    texts = []
+    for p in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        try:
+            texts.append(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            pass
+    folder.mkdir(parents=True, exist_ok=True)
+    written, i, part = 0, 0, 0
+    out = open(folder / f"part-{part:04d}.py", "w", encoding="utf-8")
+    while written < size:
+        text = texts[i % len(texts)]
+        out.write(text)
+        written += len(text.encode("utf-8"))
+        i += 1
+        if out.tell() > 20 << 20:
+            out.close()
+            part += 1
+            out = open(folder / f"part-{part:04d}.py", "w", encoding="utf-8")
+    out.close()
+    return written
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def throughput(work: Path, tok: Tokenizer, size: int) -> None:
+    corpus = work / "corpus"
+    n_bytes = make_corpus(corpus, size)
+    spec = SourceSpec(path=str(corpus))
+    os.environ["LLMFORGE_CACHE"] = str(work / "cache")
+    start = time.perf_counter()
+    src = prepare_source("bench", spec, work, tok)
+    cold = time.perf_counter() - start
+    hit = median_time(lambda: prepare_source("bench", spec, work, tok), 5)
+    print(f"tokenize   {n_bytes / 2**20:8.1f} MB in {cold:6.2f} s = {n_bytes / 2**20 / cold:6.1f} MB/s "
+          f"({len(src.tokens) / cold / 1e6:.2f} M tokens/s, {os.cpu_count()} workers)   target >= 8 MB/s")
+    print(f"cache hit  {hit:8.3f} s (median of 5)                                     target < 1 s")
+    sampler_share(src)
+
+
+def sampler_share(src) -> None:
+    """The quickstart model's training step, with and without drawing its batch."""
+    import torch
+    import yaml
+
+    from llmforge.model import Transformer
+    from llmforge.optim import build_optimizer
+    from llmforge.plan import model_config
+    from llmforge.recipe import validate_recipe
+    from llmforge.stages import pretrain
+
+    recipe = validate_recipe(yaml.safe_load((ROOT / "recipes/quickstart.yaml").read_text()))
+    cfg = model_config(recipe, 2048)
+    stage = recipe.stages[0]
+    seq, batch = cfg.seq_len, stage.batch_tokens // cfg.seq_len
+    sampler = Sampler([(src.train, 0.7), (src.train[: len(src.train) // 3], 0.3)], seq, batch, 1, 0)
+    model = Transformer(cfg)
+    opt = build_optimizer(model, "adamw", 1e-3, (0.9, 0.95), 1e-8, 0.1)
+    fixed = torch.from_numpy(sampler.next_batch())
+
+    def step(x):
+        pretrain.loss(model, x).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(5):
+        step(fixed)
+    draw = median_time(sampler.next_batch, 200)
+    train = median_time(lambda: step(fixed), 30)
+    print(f"sampler    {draw * 1e3:8.3f} ms per batch of {batch}x{seq + 1}, step {train * 1e3:.1f} ms "
+          f"-> {100 * draw / (draw + train):.2f}% of a step                     target < 2%")
+
+
+def scale(work: Path, tok_path: Path, size: int) -> None:
+    """Peak RSS of `llmforge prepare` and of a short training run on a corpus of `size` bytes."""
+    corpus = work / "big"
+    n_bytes = make_corpus(corpus, size)
+    recipe = work / "big.yaml"
+    recipe.write_text(f"""name: big
+tokenizer: {{path: {tok_path}}}
+model: {{preset: llama, n_layer: 4, n_head: 4, n_embd: 128, seq_len: 128, tie_embeddings: true}}
+data:
+  big: {{path: {corpus}, val_fraction: 0.1%}}
+stages:
+  - {{name: pretrain, kind: pretrain, mix: {{big: 1.0}}, steps: 50, batch_tokens: 2Ki,
+      eval: {{tokens: 16Ki}}}}
+""")
+    env = dict(os.environ, LLMFORGE_CACHE=str(work / "cache"))
+    for command in ("prepare", "run"):
+        start = time.perf_counter()
+        # A tiny parent process that reports its child's peak resident memory.
+        code = "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); " \
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        out = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "llmforge", command, str(recipe),
+                              "--run-dir", str(work / "run")], env=env, capture_output=True, text=True, check=True)
+        peak = int(out.stdout.strip().splitlines()[-1]) / 2**20  # ru_maxrss is in KiB on Linux
+        print(f"{command:<10} {n_bytes / 2**30:5.2f} GB corpus: peak RSS {peak:6.2f} GB of one process, "
+              f"{time.perf_counter() - start:6.1f} s                target < 1 GB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="50M", help="corpus size for the throughput test (default 50M)")
+    parser.add_argument("--scale", default=None, help="also measure memory on a corpus this big, e.g. 2G")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="llmforge-bench-"))
+    try:
+        sample = work / "sample"
+        make_corpus(sample, 10 << 20)
+        tok_path = train_tokenizer((p.read_text() for p in sorted(sample.iterdir())), work / "tok",
+                                   type="bpe", vocab_size=2048, sample_bytes=10 << 20)
+        tok = Tokenizer.load(tok_path)
+        print(f"machine    {os.cpu_count()} CPUs; tokenizer: sentencepiece bpe, 2048 tokens")
+        throughput(work, tok, parse_count(args.size))
+        if args.scale:
+            scale(work, tok_path, parse_count(args.scale))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
