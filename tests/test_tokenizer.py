@@ -252,3 +252,21 @@ def test_load_errors(tmp_path, tok):
     with pytest.raises(TokenizerError):
         Tokenizer.load(empty)
     assert Tokenizer.load(tok.path.parent).fingerprint == tok.fingerprint  # a directory works too
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_encode_batch_equals_encode(docs, tmp_path, kind):
+    """encode_batch's word memo must give exactly sentencepiece's ids, on code and on odd text."""
+    tok = Tokenizer.load(train_tokenizer(iter(docs), tmp_path / kind, type=kind, vocab_size=400))
+    assert tok._words_are_independent == (kind == "bpe")
+    texts = docs + AWKWARD + ["  a  b   c ", " x", "x ", "\n  \n  y", "a\u3000b c\t d", "ab  " * 50]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]  # again, from the memo
+    packed = tok.encode_to_bytes(texts, "uint16")
+    assert [np.frombuffer(b, dtype=np.uint16).tolist() for b in packed] == [tok.encode(t) for t in texts]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from(list("ab ▁\n\té日")), max_size=40), max_size=6))
+def test_encode_batch_equals_encode_property(tok, texts):
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]

@@ -134,12 +134,8 @@ def _encode(args: tuple[list[str], list[bool], str]) -> bytes:
 def _encode_with(tok, args: tuple[list[str], list[bool], str]) -> bytes:
     """Token bytes of a batch of pieces, end-of-text after each piece that ends a document."""
     texts, ends, dtype = args
-    out = []
-    for ids, end in zip(tok.encode_batch(texts), ends):
-        if end:
-            ids.append(tok.eot_id)
-        out.append(np.asarray(ids, dtype=dtype).tobytes())
-    return b"".join(out)
+    eot = np.asarray([tok.eot_id], dtype=dtype).tobytes()
+    return b"".join(ids + eot if end else ids for ids, end in zip(tok.encode_to_bytes(texts, dtype), ends))
 
 
 def _batches(pieces, dtype: str):
