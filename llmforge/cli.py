@@ -93,7 +93,7 @@ def plan(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
     """Print what a run would do on this machine, without training."""
     with user_errors():
         from .pipeline import estimate_plan
-        from .progress import render_plan
+        from .progress import make_console, render_plan
         from .recipe import load_recipe
 
         spec = load_recipe(recipe, overrides or [])
@@ -101,7 +101,7 @@ def plan(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
         if as_json:
             sys.stdout.write(json.dumps(result.to_json(), indent=1) + "\n")
         else:
-            render_plan(result, Console(highlight=False, soft_wrap=True))
+            render_plan(result, make_console())
 
 
 @app.command()

@@ -18,7 +18,7 @@ from rich.table import Table
 
 class Reporter:
     def __init__(self, console: Console | None = None, live: bool | None = None):
-        self.console = console or Console(soft_wrap=True)  # log lines must not be wrapped
+        self.console = console or make_console()
         self.live = self.console.is_terminal if live is None else live
         self.metrics_file = None
         self.progress: Progress | None = None
@@ -99,6 +99,12 @@ class Reporter:
         if self.metrics_file:
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
+
+
+def make_console() -> Console:
+    """Log lines are never wrapped; piped output (logs, CI) gets room for full tables."""
+    console = Console(soft_wrap=True, highlight=False)
+    return console if console.is_terminal else Console(soft_wrap=True, highlight=False, width=160)
 
 
 def _truncate_metrics(path: Path, start_step: int) -> None:

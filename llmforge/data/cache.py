@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import multiprocessing
 import os
 import shutil
@@ -105,7 +106,11 @@ def prepare_source(name: str, spec: SourceSpec, base_dir: Path, tokenizer,
     entry = cache_dir() / "tokens" / cache_key(name, spec, base_dir, tokenizer.fingerprint)
     if not (entry / "meta.json").is_file():
         _clean_stale(entry.parent)
-        _write_entry(entry, name, spec, base_dir, tokenizer, on_progress, workers or os.cpu_count() or 1)
+        tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}"
+        try:
+            _write_entry(entry, tmp, name, spec, base_dir, tokenizer, on_progress, workers or os.cpu_count() or 1)
+        finally:  # on success tmp was renamed; on any error (Ctrl-C too) it must not linger
+            shutil.rmtree(tmp, ignore_errors=True)
     return load_entry(name, entry)
 
 
@@ -113,6 +118,10 @@ def load_entry(name: str, entry: Path) -> PreparedSource:
     meta = json.loads((entry / "meta.json").read_text())
     tokens = np.memmap(entry / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r",
                        shape=(meta["tokens"],)) if meta["tokens"] else np.zeros(0, dtype=meta["dtype"])
+    if hasattr(getattr(tokens, "_mmap", None), "madvise"):
+        # Training reads scattered windows: without this, each page fault pulls in ~128 KB of
+        # readahead, and resident memory creeps toward the corpus size.
+        tokens._mmap.madvise(mmap.MADV_RANDOM)
     return PreparedSource(name, tokens, meta["split"], meta["documents"], meta["bytes"], meta["skipped"],
                           meta["filtered"], entry)
 
@@ -152,9 +161,8 @@ def _batches(pieces, dtype: str):
         yield (texts, ends, dtype), size
 
 
-def _write_entry(entry: Path, name, spec, base_dir, tokenizer, on_progress, workers: int) -> None:
+def _write_entry(entry: Path, tmp: Path, name, spec, base_dir, tokenizer, on_progress, workers: int) -> None:
     dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
-    tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     skips = Skips()
@@ -179,7 +187,6 @@ def _write_entry(entry: Path, name, spec, base_dir, tokenizer, on_progress, work
         drain(0)
     n_tokens = (tmp / "tokens.bin").stat().st_size // itemsize
     if n_docs == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
         why = f"all {skips.bad + skips.filtered} records were skipped or filtered" if skips.bad + skips.filtered \
             else "every file is empty"
         raise DataError(f"data.{name}: the source has no text ({why})", hint="point the source at files with content")
@@ -194,7 +201,6 @@ def _write_entry(entry: Path, name, spec, base_dir, tokenizer, on_progress, work
     try:
         os.replace(tmp, entry)
     except OSError:  # another process finished the same entry first: theirs is as good as ours
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (entry / "meta.json").is_file():
             raise
 

@@ -15,11 +15,13 @@ corpus size, exact to save and restore, and enough to compute any batch.
 from __future__ import annotations
 
 import functools
+import mmap
 
 import numpy as np
 
 _PHI = 0.6180339887498949  # frac of the golden ratio: the most evenly spread offset sequence
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_RELEASE_EVERY = 256  # batches between release_pages() calls
 
 
 class Sampler:
@@ -55,6 +57,8 @@ class Sampler:
                 rows.append(self._windows(s, np.arange(self.drawn[s], self.drawn[s] + n)))
                 self.drawn[s] += int(n)
         batch = np.concatenate(rows)
+        if self.batches % _RELEASE_EVERY == _RELEASE_EVERY - 1:
+            release_pages(self.arrays)
         # Mix sources within the batch, so micro-batches (and later ranks) each see the blend.
         order = np.random.Generator(np.random.PCG64([self.seed, self.stream, self.batches])).permutation(len(batch))
         self.batches += 1
@@ -92,6 +96,16 @@ class Sampler:
     def load_state_dict(self, state: dict) -> None:
         self.batches = int(state["batches"])
         self.drawn = [int(x) for x in state.get("drawn", [0] * len(self.arrays))]
+
+
+def release_pages(arrays) -> None:
+    """Drop the pages of memory-mapped token files from this process's resident set. They stay in
+    the OS page cache (the next read is cheap), but a long run over a corpus larger than memory
+    does not look like it holds the corpus."""
+    for arr in arrays:
+        mapped = getattr(arr, "_mmap", None)
+        if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def _hash(*parts: int) -> np.uint64:
