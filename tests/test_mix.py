@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
 import pytest
 
@@ -14,7 +13,7 @@ from llmforge.data.sources import Skips
 from llmforge.recipe.schema import SourceSpec
 
 from .conftest import cli, make_corpus
-from .test_run import start
+from .test_run import start, wait_for_step
 
 RECIPE = """\
 name: mix
@@ -67,10 +66,7 @@ def test_three_sources_train_with_per_source_eval(mixdir):
     # Resume mid-stage with a mix: the same bytes as the run above.
     reference = (mixdir / "runs/mix/stages/01-pretrain/final/model.safetensors").read_bytes()
     proc = start(mixdir, "--run-dir", "again")
-    path = mixdir / "again/stages/01-pretrain/metrics.jsonl"
-    deadline = time.time() + 120
-    while not (path.exists() and '"step": 15' in path.read_text()) and time.time() < deadline:
-        time.sleep(0.02)
+    wait_for_step(mixdir, proc, 15, metrics="again/stages/01-pretrain/metrics.jsonl")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     result = cli("run", "recipe.yaml", "--run-dir", "again", cwd=mixdir)

@@ -102,8 +102,10 @@ def start(folder: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
 
 
-def wait_for_step(folder: Path, proc: subprocess.Popen, step: int, timeout: float = 120) -> None:
-    path = folder / "runs/tiny/stages/01-pretrain/metrics.jsonl"
+def wait_for_step(folder: Path, proc: subprocess.Popen, step: int, timeout: float = 120,
+                  metrics: str = "runs/tiny/stages/01-pretrain/metrics.jsonl") -> None:
+    """Wait until the running `proc` has logged `step` in its metrics file under `folder`."""
+    path = folder / metrics
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if path.exists() and any(json.loads(l).get("step", 0) >= step for l in path.read_text().splitlines()
@@ -188,9 +190,7 @@ def test_two_stages_chain_and_resume(tiny):
 
     proc = start(tiny)
     path = tiny / "runs/tiny/stages/02-anneal/metrics.jsonl"
-    deadline = time.time() + 120
-    while not (path.exists() and '"step": 12' in path.read_text()) and time.time() < deadline:
-        time.sleep(0.02)
+    wait_for_step(tiny, proc, 12, metrics="runs/tiny/stages/02-anneal/metrics.jsonl")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     result = cli("run", "recipe.yaml", cwd=tiny)
