@@ -169,3 +169,10 @@ def test_committed_json_schema_is_current():
 
     committed = (REPO / "docs" / "recipe.schema.json").read_text()
     assert committed == recipe_json_schema(), "run: llmforge schema > docs/recipe.schema.json"
+
+
+def test_yaml_booleans_are_not_numbers(tiny):
+    lines = problems(tiny / "recipe.yaml", ["model.n_layer=yes", "stages.pretrain.optimizer.lr=true"])
+    assert "model.n_layer: expected a number, got true [from --set model.n_layer=yes]" in lines
+    assert any(l.startswith("stages[0].optimizer.lr: expected a number, got true") for l in lines)
+    assert load_recipe(tiny / "recipe.yaml", ["runtime.compile=off"]).runtime.compile == "off"

@@ -108,6 +108,15 @@ NumberOrPercent = Annotated[Union[float, str], BeforeValidator(_number_or_percen
                             WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0}, _PERCENT_JSON]})]
 AutoOrPositive = Annotated[Union[Literal["auto"], int], BeforeValidator(_auto_or_positive),
                            WithJsonSchema({"anyOf": [{"const": "auto"}, {"type": "integer", "minimum": 1}]})]
+# YAML reads yes/no/on/off as booleans, and pydantic would take True as 1: refuse that for numbers.
+def _not_bool(value):
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 
 
@@ -141,20 +150,20 @@ class TokenizerSpec(Spec):
 
 class ModelSpec(Spec):
     preset: Literal["llama", "gpt2"] = "llama"
-    n_layer: int = Field(gt=0)
-    n_head: int = Field(gt=0)
-    n_embd: int = Field(gt=0)
-    seq_len: int = Field(gt=1)
-    n_kv_head: int | None = Field(default=None, gt=0)
+    n_layer: Int = Field(gt=0)
+    n_head: Int = Field(gt=0)
+    n_embd: Int = Field(gt=0)
+    seq_len: Int = Field(gt=1)
+    n_kv_head: Int | None = Field(default=None, gt=0)
     # None means "what the preset says".
     norm: Literal["rmsnorm", "layernorm"] | None = None
     positions: Literal["rope", "learned"] | None = None
     mlp: Literal["swiglu", "gelu"] | None = None
-    mlp_hidden: int | None = Field(default=None, gt=0)
+    mlp_hidden: Int | None = Field(default=None, gt=0)
     tie_embeddings: bool | None = None
     bias: bool | None = None
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    rope_theta: float = Field(default=10000.0, gt=0)
+    dropout: Float = Field(default=0.0, ge=0, lt=1)
+    rope_theta: Float = Field(default=10000.0, gt=0)
 
     @model_validator(mode="after")
     def _shapes(self):
@@ -179,7 +188,7 @@ class SourceSpec(Spec):
     on_error: Literal["fail", "skip"] = "fail"  # skip: bad records are counted and reported, not fatal
     val_fraction: Fraction = 0.05  # the last share of the source's tokens is held out
     max_bytes: PositiveCount | None = None  # read at most this much of the source
-    epochs: Annotated[float, Field(gt=0)] | None = None  # at most this many passes over the training split
+    epochs: Annotated[Float, Field(gt=0)] | None = None  # at most this many passes over the training split
 
     @model_validator(mode="after")
     def _one_origin(self):
@@ -194,11 +203,11 @@ class SourceSpec(Spec):
 
 class OptimizerSpec(Spec):
     name: Literal["adamw"] = "adamw"
-    lr: float = Field(default=3e-4, gt=0)
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
-    eps: float = Field(default=1e-8, gt=0)
-    weight_decay: float = Field(default=0.1, ge=0)
-    grad_clip: float | None = Field(default=1.0, gt=0)  # max global grad norm; null turns it off
+    lr: Float = Field(default=3e-4, gt=0)
+    betas: tuple[Annotated[Float, Field(ge=0, lt=1)], Annotated[Float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    eps: Float = Field(default=1e-8, gt=0)
+    weight_decay: Float = Field(default=0.1, ge=0)
+    grad_clip: Float | None = Field(default=1.0, gt=0)  # max global grad norm; null turns it off
 
 
 class ScheduleSpec(Spec):
@@ -214,17 +223,17 @@ class EvalSpec(Spec):
 
 class CheckpointSpec(Spec):
     every: Count = 0  # steps between checkpoints; 0: only at the end
-    keep: int = Field(default=3, ge=1)  # newest checkpoints kept per stage
+    keep: Int = Field(default=3, ge=1)  # newest checkpoints kept per stage
 
 
 class StageSpec(Spec):
     name: Name
     kind: Literal["pretrain"]
-    mix: dict[str, Annotated[float, Field(gt=0)]] = Field(min_length=1)
+    mix: dict[str, Annotated[Float, Field(gt=0)]] = Field(min_length=1)
     tokens: PositiveCount | None = None
     steps: PositiveCount | None = None
     batch_tokens: PositiveCount
-    seq_len: int | None = Field(default=None, gt=1)  # default: model.seq_len
+    seq_len: Int | None = Field(default=None, gt=1)  # default: model.seq_len
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: ScheduleSpec = ScheduleSpec()
     eval: EvalSpec = EvalSpec()
@@ -245,13 +254,13 @@ class RuntimeSpec(Spec):
                                                                      if isinstance(v, bool) else v)] = "auto"
     micro_batch: AutoOrPositive = "auto"  # sequences per forward
     threads: AutoOrPositive = "auto"  # CPU threads for torch
-    log_every: int = Field(default=10, gt=0)  # steps between progress/metrics lines
+    log_every: Int = Field(default=10, gt=0)  # steps between progress/metrics lines
     data_workers: AutoOrPositive = "auto"  # processes tokenizing data; auto: one per CPU core
 
 
 class Recipe(Spec):
     name: Name
-    seed: int = 1337
+    seed: Int = 1337
     tokenizer: TokenizerSpec
     model: ModelSpec
     data: dict[Name, SourceSpec] = Field(min_length=1)
