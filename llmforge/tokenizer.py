@@ -40,6 +40,7 @@ _LINE_CHARS = _CHUNK_BYTES // 4
 # (~100 MB at most).
 _WORD = re.compile(r" *[^ ]+| +")  # a word: its leading spaces, then non-spaces (or trailing spaces)
 _MEMO_WORDS = 500_000
+_MEMO_CHARS = 20_000_000
 # The thread count is recorded inside the .model file and decides how the trainer splits its work,
 # so it must be a constant (not os.cpu_count()) for the output to be identical on every machine.
 _TRAIN_THREADS = 8
@@ -174,33 +175,39 @@ def _write_atomically(out_dir: Path, model: bytes) -> Path:
     return out_dir / MODEL_FILE
 
 
-_BPE = 2  # sentencepiece's ModelProto.trainer_spec.model_type: UNIGRAM=1, BPE=2, WORD=3, CHAR=4
-
-
-def _model_type(model: bytes) -> int | None:
-    """trainer_spec.model_type read straight from the serialized ModelProto (field 2, then its
-    field 3), so that no protobuf package is needed."""
-    def fields(buf: bytes):
-        i = 0
-        while i < len(buf):
-            key, i = _varint(buf, i)
-            number, wire = key >> 3, key & 7
-            if wire == 0:
-                value, i = _varint(buf, i)
-            elif wire == 2:
-                size, i = _varint(buf, i)
-                value, i = buf[i:i + size], i + size
-            elif wire in (1, 5):
-                value, i = None, i + (8 if wire == 1 else 4)
-            else:
-                return
-            yield number, value
-
+def _words_are_independent(model: bytes) -> bool:
+    """Whether encoding word by word (see encode_batch) gives exactly sentencepiece's ids: BPE
+    (trainer_spec.model_type 2), whitespace as a word prefix and a word boundary (trainer fields
+    24 and 22), and text kept as written (normalizer "identity", no dummy prefix, no whitespace
+    squeezing: normalizer fields 1, 3, 4; 3 and 4 default to true when absent). That is how
+    llmforge trains; models from elsewhere (Llama's add a dummy prefix) take the plain path.
+    Read straight from the serialized ModelProto, so no protobuf package is needed."""
     try:
-        spec = next(v for n, v in fields(model) if n == 2)
-        return next(v for n, v in fields(spec) if n == 3)
-    except (StopIteration, IndexError):
-        return None
+        top = dict(_fields(model))
+        trainer, normalizer = dict(_fields(top[2])), dict(_fields(top[3]))
+    except (KeyError, IndexError):
+        return False
+    return (trainer.get(3) == 2 and not trainer.get(24, 0) and trainer.get(22, 1) == 1
+            and normalizer.get(1) == b"identity" and normalizer.get(3, 1) == 0 and normalizer.get(4, 1) == 0)
+
+
+def _fields(buf: bytes):
+    """(field number, value) pairs of a serialized protobuf message: varints as ints,
+    length-delimited fields as bytes, fixed-width ones as None."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            value, i = buf[i:i + size], i + size
+        elif wire in (1, 5):
+            value, i = None, i + (8 if wire == 1 else 4)
+        else:
+            raise IndexError("unknown wire type")
+        yield number, value
 
 
 def _varint(buf: bytes, i: int) -> tuple[int, int]:
@@ -244,7 +251,8 @@ class Tokenizer:
         self._meta_ids = meta if all(sp.is_byte(i) for i in meta) else [sp.unk_id()]
         self._memo: dict[str, list[int]] = {}  # word -> ids, for encode_batch
         self._memo_bytes: dict[str, dict[str, bytes]] = {}  # dtype -> word -> packed ids
-        self._words_are_independent = _model_type(model) == _BPE
+        self._memo_chars = 0  # characters of the words in the memos, to bound them
+        self._words_are_independent = _words_are_independent(model)
         self._threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
     @classmethod
@@ -303,9 +311,12 @@ class Tokenizer:
             if ws:
                 seen.update(ws)
         missing = seen.difference(memo)
-        if len(memo) + len(missing) > _MEMO_WORDS:
-            memo.clear()
-            missing = seen
+        added = sum(map(len, missing))
+        if len(memo) + len(missing) > _MEMO_WORDS or self._memo_chars + added > _MEMO_CHARS:
+            memo.clear()  # text with few spaces (CJK, minified code) has long, rarely repeated words
+            missing, self._memo_chars = seen, 0
+            added = sum(map(len, missing))
+        self._memo_chars += added
         if missing:
             missing = list(missing)
             memo.update(zip(missing, map(convert, self._sp.encode(missing, num_threads=self._threads))))

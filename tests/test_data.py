@@ -109,3 +109,17 @@ def test_eval_windows_fixed_and_non_overlapping():
     assert w.shape == (20, 11)
     assert len(set(w[:, 0].tolist())) == 20 and np.all(np.diff(w[:, 0]) >= 10)
     assert eval_windows(np.arange(5), seq_len=10, max_tokens=100).shape == (0, 11)
+
+
+def test_file_order_does_not_depend_on_where_the_project_is(tmp_path):
+    from llmforge.data import list_files
+
+    orders = []
+    for where in ("one", "deeper/two"):
+        base = tmp_path / where
+        for d in "abcdefgh":
+            (base / "data" / d).mkdir(parents=True)
+            (base / "data" / d / "x.txt").write_text(d)
+        files = list_files("s", SourceSpec(path="data/*/x.txt"), base)
+        orders.append([p.parent.name for p in files])
+    assert orders[0] == orders[1]

@@ -270,3 +270,20 @@ def test_encode_batch_equals_encode(docs, tmp_path, kind):
 @given(st.lists(st.text(alphabet=st.sampled_from(list("ab ▁\n\té日")), max_size=40), max_size=6))
 def test_encode_batch_equals_encode_property(tok, texts):
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
+def test_foreign_bpe_models_take_the_plain_path(docs, tmp_path):
+    """A Llama-style model (dummy prefix, squeezed spaces) must not use the word memo."""
+    import io
+
+    import sentencepiece as spm
+
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(docs), model_writer=proto, model_type="bpe",
+                                   vocab_size=600, byte_fallback=True)
+    path = tmp_path / "llama-style.model"
+    path.write_bytes(proto.getvalue())
+    tok = Tokenizer.load(path)
+    assert not tok._words_are_independent
+    texts = ["hello  world  again", " x y", "a\u3000b"] + docs[:3]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]

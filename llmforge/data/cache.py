@@ -97,18 +97,27 @@ def cache_key(name: str, spec: SourceSpec, base_dir: Path, tokenizer_fingerprint
 def find_source(name: str, spec: SourceSpec, base_dir: Path, tokenizer) -> PreparedSource | None:
     """The cached entry for this source and tokenizer, if it exists (never tokenizes)."""
     entry = cache_dir() / "tokens" / cache_key(name, spec, base_dir, tokenizer.fingerprint)
-    return load_entry(name, entry) if (entry / "meta.json").is_file() else None
+    return load_entry(name, entry) if _complete(entry) else None
+
+
+def _complete(entry: Path) -> bool:
+    """meta.json present and tokens.bin exactly as long as it says (not cut short by a crash)."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        return (entry / "tokens.bin").stat().st_size == meta["tokens"] * np.dtype(meta["dtype"]).itemsize
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def prepare_source(name: str, spec: SourceSpec, base_dir: Path, tokenizer,
                    on_progress: Callable[[int], None] = lambda n: None, workers: int | None = None) -> PreparedSource:
     """Tokenize a source into the cache (or find it there) and map it into memory."""
     entry = cache_dir() / "tokens" / cache_key(name, spec, base_dir, tokenizer.fingerprint)
-    if not (entry / "meta.json").is_file():
+    if not _complete(entry):
         _clean_stale(entry.parent)
         tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}"
         try:
-            _write_entry(entry, tmp, name, spec, base_dir, tokenizer, on_progress, workers or os.cpu_count() or 1)
+            _write_entry(entry, tmp, name, spec, base_dir, tokenizer, on_progress, workers or _cores())
         finally:  # on success tmp was renamed; on any error (Ctrl-C too) it must not linger
             shutil.rmtree(tmp, ignore_errors=True)
     return load_entry(name, entry)
@@ -197,11 +206,13 @@ def _write_entry(entry: Path, tmp: Path, name, spec, base_dir, tokenizer, on_pro
             "documents": n_docs, "bytes": n_bytes, "skipped": skips.bad, "filtered": skips.filtered,
             "skip_examples": skips.examples, "tokenizer": tokenizer.fingerprint}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(entry, ignore_errors=True)  # a leftover without meta.json is not a valid entry
+    if _complete(entry):  # another process finished the same entry first: theirs is as good as ours
+        return
+    shutil.rmtree(entry, ignore_errors=True)  # an incomplete leftover
     try:
         os.replace(tmp, entry)
-    except OSError:  # another process finished the same entry first: theirs is as good as ours
-        if not (entry / "meta.json").is_file():
+    except OSError:
+        if not _complete(entry):
             raise
 
 
@@ -213,6 +224,11 @@ def _pool(tokenizer, workers: int):
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker, initargs=(tokenizer,))
 
+
+
+def _cores() -> int:
+    """CPUs this process may use (a container's limit, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _clean_stale(folder: Path) -> None:

@@ -45,7 +45,9 @@ def list_files(name: str, spec: SourceSpec, base_dir: Path) -> list[Path]:
         return [pattern]
     else:
         files = [Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file()]
-        root = pattern.parent
+        # The folder above the first wildcard: file order must not depend on where the project sits.
+        parts = pattern.parts
+        root = Path(*parts[:next(i for i, part in enumerate(parts) if glob.has_magic(part) or i == len(parts) - 1)])
     if not files:
         kinds = "/".join(SUFFIXES.get(spec.format, ()))
         what = f"a folder with no {kinds + ' ' if kinds else ''}files" if pattern.is_dir() else "no files"
