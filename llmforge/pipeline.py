@@ -156,9 +156,11 @@ def ensure_tokenizer(recipe: Recipe, run_dir: Path, reporter) -> Tokenizer:
         _write_atomic(out / "tokenizer.model", source.read_bytes())
     else:
         share = spec.sample_bytes // len(names)
-        # An equal share of the sample from each source, so a small source still shapes the vocab.
+        # An equal share of the sample from each source, so a small source still shapes the vocab,
+        # and never from a source's held-out tail (its last val_fraction), which eval must not leak.
         docs = itertools.chain.from_iterable(
-            _take_bytes(iter_documents(n, recipe.data[n], recipe.base_dir), share) for n in names)
+            _take_bytes(iter_documents(n, recipe.data[n], recipe.base_dir), min(share, _train_bytes(recipe, n)))
+            for n in names)
         with reporter.task(f"training {spec.type} tokenizer ({spec.vocab_size} tokens)", None):
             train_tokenizer(docs, out, type=spec.type, vocab_size=spec.vocab_size,
                             byte_fallback=spec.byte_fallback, sample_bytes=spec.sample_bytes)
@@ -170,12 +172,23 @@ def _read(path: Path) -> str | None:
     return path.read_text() if path.is_file() else None
 
 
+def _train_bytes(recipe: Recipe, name: str) -> int:
+    """About how many bytes of a source come before its held-out tail (file sizes: compressed
+    files make this an underestimate, which errs on the safe side)."""
+    spec = recipe.data[name]
+    size = sum(p.stat().st_size for p in list_files(name, spec, recipe.base_dir))
+    return max(1, int(min(size, spec.max_bytes or size) * (1 - spec.val_fraction)))
+
+
 def _take_bytes(docs, budget: int):
+    """The first `budget` UTF-8 bytes of the documents (the last one cut short)."""
     for doc in docs:
-        yield doc
-        budget -= len(doc.encode("utf-8"))
-        if budget <= 0:
+        size = len(doc.encode("utf-8"))
+        if size >= budget:
+            yield doc.encode("utf-8")[:budget].decode("utf-8", errors="ignore")
             return
+        budget -= size
+        yield doc
 
 
 def _resolve(recipe: Recipe, path: str) -> Path:

@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+from .data.sampler import windows_per_epoch
 from .errors import PlanError
 from .model import PRESETS, ModelConfig
 from .recipe import Recipe, resolve_percent
@@ -226,7 +227,7 @@ def _plan_mix(where, mix: dict, sources: dict, specs: dict, tokens: int, seq_len
                             f"fewer than one window of seq_len+1 = {seq_len + 1}",
                             hint="add data to the source or use a shorter seq_len")
         take = round(tokens * weight / total)
-        epochs = take / st.train_tokens
+        epochs = take / (windows_per_epoch(st.train_tokens, seq_len) * seq_len)  # as the sampler walks it
         cap = specs[name].epochs
         if cap is not None and epochs > cap and not st.estimated:
             raise PlanError(f"{where}.mix.{name}: the stage takes {take:,} tokens from {name!r}, {epochs:.2f} passes "

@@ -170,9 +170,19 @@ def _long_document(path: Path, start: int, end: int, line: int | None, report: R
     yield from _stream(path, start, end, line, report)
 
 
+def _word_start(data: bytes) -> int:
+    """Offset of the last space that follows a non-space (0 if none). The BPE tokenizer never
+    merges across that point (see Tokenizer.encode_batch), so pieces cut there tokenize exactly
+    as the whole document would."""
+    i = data.rfind(b" ")
+    while i > 0 and data[i - 1] == 0x20:
+        i -= 1
+    return max(i, 0)
+
+
 def _stream(path: Path, start: int, end: int, line: int | None, report: Report) -> Pieces:
-    """The span in ~PIECE_BYTES pieces, each ending at a line end when there is one (else between
-    characters), so that tokenizing the pieces separately splits no word that a line end does not."""
+    """The span in ~PIECE_BYTES pieces, each ending before a word start when there is one (else
+    at a line end, else between characters), so tokenizing them separately changes no token."""
     pending, carry, offset = None, b"", start  # offset: file position of carry[0]
     with open(path, "rb") as f:
         f.seek(start)
@@ -182,8 +192,8 @@ def _stream(path: Path, start: int, end: int, line: int | None, report: Report) 
             if not data:
                 break
             cut = len(data)
-            if block and offset + len(data) < end:  # more follows: cut after the last line end, or
-                cut = data.rfind(b"\n") + 1  # else before the last character (it may be incomplete)
+            if block and offset + len(data) < end:  # more follows: cut at the last word start, or
+                cut = _word_start(data) or data.rfind(b"\n") + 1  # line end, or before the last character
                 if not cut:
                     cut = len(data) - 1
                     while cut > len(data) - 4 and data[cut] & 0xC0 == 0x80:  # UTF-8: <= 3 continuation bytes

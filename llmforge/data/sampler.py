@@ -68,7 +68,7 @@ class Sampler:
         """Windows number j (a running count) of source s."""
         arr, T = self.arrays[s], self.seq_len
         span = len(arr) - (T + 1)  # the last possible start
-        n_windows = max(1, (span + 1 - T) // T + 1) if span >= T - 1 else 1
+        n_windows = windows_per_epoch(len(arr), T)
         shift_range = min(T, span - (n_windows - 1) * T + 1)
         out = np.empty((len(j), T + 1), dtype=np.int64)
         epochs = j // n_windows
@@ -88,7 +88,7 @@ class Sampler:
     def epochs_drawn(self) -> list[float]:
         """Passes made over each source so far (for reporting)."""
         T = self.seq_len
-        return [d * T / max(len(a) - 1, 1) for d, a in zip(self.drawn, self.arrays)]
+        return [d / windows_per_epoch(len(a), self.seq_len) for d, a in zip(self.drawn, self.arrays)]
 
     def state_dict(self) -> dict:
         return {"batches": self.batches, "drawn": list(self.drawn)}
@@ -96,6 +96,13 @@ class Sampler:
     def load_state_dict(self, state: dict) -> None:
         self.batches = int(state["batches"])
         self.drawn = [int(x) for x in state.get("drawn", [0] * len(self.arrays))]
+
+
+def windows_per_epoch(n_tokens: int, seq_len: int) -> int:
+    """Non-overlapping windows of seq_len+1 tokens an epoch visits, leaving room to shift the
+    window grid by up to seq_len-1 tokens between epochs."""
+    span = n_tokens - (seq_len + 1)
+    return max(1, (span + 1 - seq_len) // seq_len + 1) if span >= seq_len - 1 else 1
 
 
 def release_pages(arrays) -> None:
