@@ -109,7 +109,7 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
             raise Interrupted(ctx.stop.signum, f"stopped at step {step} of stage {sp.name}; checkpoint saved")
         if step in (0, sp.steps) or (sp.eval_every and step % sp.eval_every == 0):
             last_eval = evaluate(step_model, evals, ctx.tokenizer.token_bytes, sp.micro_batch, device, amp)
-            ctx.reporter.eval(step, last_eval | (_dropped(ctx, sp) if step == 0 else {}))
+            ctx.reporter.log_eval(step, last_eval | (_dropped(ctx, sp) if step == 0 else {}))
         if step == sp.steps:
             break
         if sp.checkpoint_every and step % sp.checkpoint_every == 0:

@@ -69,7 +69,7 @@ class Reporter:
         else:
             self.note(f"{self.stage.name} step {step}/{self.stage.steps}  {info}")
 
-    def eval(self, step: int, metrics: dict) -> None:
+    def log_eval(self, step: int, metrics: dict) -> None:
         if not metrics:
             return
         self._write({"step": step, **metrics})
