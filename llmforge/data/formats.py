@@ -215,36 +215,34 @@ def _stream(path: Path, start: int, end: int, line: int | None, report: Report) 
         yield pending, True
 
 
-def _scan(path: Path, start: int, end: int) -> tuple[int, int | None]:
-    """(characters, offset of the first invalid UTF-8 byte or None) of a span, read block by block."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    chars, offset = 0, start
-    with open(path, "rb") as f:
-        f.seek(start)
-        while offset < end:
-            block = f.read(min(PIECE_BYTES, end - offset))
-            if not block:
-                break
-            held = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
-            try:
-                chars += len(decoder.decode(block, final=offset + len(block) >= end))
-            except UnicodeDecodeError as e:
-                return chars, offset - held + e.start
-            offset += len(block)
-    return chars, None
-
-
-def _count_newlines(path: Path, start: int, end: int) -> int:
-    n = 0
+def _blocks(path: Path, start: int, end: int) -> Iterator[bytes]:
+    """The bytes of a span of a file, PIECE_BYTES at a time."""
     with open(path, "rb") as f:
         f.seek(start)
         while start < end:
             block = f.read(min(PIECE_BYTES, end - start))
             if not block:
-                break
-            n += block.count(b"\n")
+                return
             start += len(block)
-    return n
+            yield block
+
+
+def _scan(path: Path, start: int, end: int) -> tuple[int, int | None]:
+    """(characters, offset of the first invalid UTF-8 byte or None) of a span, read block by block."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    chars, offset = 0, start
+    for block in _blocks(path, start, end):
+        held = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
+        try:
+            chars += len(decoder.decode(block, final=offset + len(block) >= end))
+        except UnicodeDecodeError as e:
+            return chars, offset - held + e.start
+        offset += len(block)
+    return chars, None
+
+
+def _count_newlines(path: Path, start: int, end: int) -> int:
+    return sum(block.count(b"\n") for block in _blocks(path, start, end))
 
 
 def _bad_utf8(path: Path, offset: int, line: int | None, report: Report) -> None:
