@@ -39,8 +39,7 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False) 
     sources = {}
     for name in used_sources(recipe):
         spec = recipe.data[name]
-        total = sum(p.stat().st_size for p in list_files(name, spec, recipe.base_dir))
-        with reporter.task(f"tokenizing {name}", min(total, spec.max_bytes or total)) as advance:
+        with reporter.task(f"tokenizing {name}", _source_bytes(recipe, name)) as advance:
             sources[name] = prepare_source(name, spec, recipe.base_dir, tokenizer, advance, workers)
     plan = compile_plan(recipe, vocab_size=tokenizer.vocab_size, sources={n: _stats(s) for n, s in sources.items()},
                         device=device)
@@ -95,7 +94,7 @@ def estimate_plan(recipe: Recipe, run_dir: Path) -> Plan:
             stats[name] = _stats(src)
         else:
             files = list_files(name, spec, recipe.base_dir)
-            size = min(sum(p.stat().st_size for p in files), spec.max_bytes or 1 << 62)
+            size = _source_bytes(recipe, name, files)
             # ~3.5 bytes per token for a subword vocab of a few thousand on English or code; 1 for chars.
             tokens = int(size / (1.0 if recipe.tokenizer.type == "char" else 3.5))
             val = int(tokens * spec.val_fraction)
@@ -172,12 +171,17 @@ def _read(path: Path) -> str | None:
     return path.read_text() if path.is_file() else None
 
 
+def _source_bytes(recipe: Recipe, name: str, files: list[Path] | None = None) -> int:
+    """The bytes a source will be read from: its files' sizes, capped by max_bytes."""
+    spec = recipe.data[name]
+    size = sum(p.stat().st_size for p in files or list_files(name, spec, recipe.base_dir))
+    return min(size, spec.max_bytes or size)
+
+
 def _train_bytes(recipe: Recipe, name: str) -> int:
     """About how many bytes of a source come before its held-out tail (file sizes: compressed
     files make this an underestimate, which errs on the safe side)."""
-    spec = recipe.data[name]
-    size = sum(p.stat().st_size for p in list_files(name, spec, recipe.base_dir))
-    return max(1, int(min(size, spec.max_bytes or size) * (1 - spec.val_fraction)))
+    return max(1, int(_source_bytes(recipe, name) * (1 - recipe.data[name].val_fraction)))
 
 
 def _take_bytes(docs, budget: int):
