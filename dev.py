@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up a local .venv and run the quickstart or the tests. Needs only Python 3.10+.
 
-    python3 dev.py quickstart   # train recipes/quickstart.yaml, then sample from it
+    python3 dev.py quickstart   # run recipes/quickstart.yaml, then ask the model two questions
     python3 dev.py test         # the test suite (pytest arguments may follow)
 """
 
@@ -46,7 +46,9 @@ def main(argv: list[str]) -> int:
     code = subprocess.run([llmforge, "run", "recipes/quickstart.yaml"], cwd=ROOT).returncode
     if code:
         return code
-    return subprocess.run([llmforge, "sample", "runs/quickstart", "--prompt", "def ", "--max-new-tokens", "150"],
+    # Two questions about people no training conversation mentioned, through the chat command.
+    questions = "Where does Orla live?\nWhat pet does Pietro have?\n"
+    return subprocess.run([llmforge, "chat", "runs/quickstart", "--temperature", "0"], input=questions, text=True,
                           cwd=ROOT).returncode
 
 

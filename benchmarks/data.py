@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llmforge.data import Sampler, prepare_source  # noqa: E402
+from llmforge.data.rows import WindowRows  # noqa: E402
 from llmforge.recipe import parse_count  # noqa: E402
 from llmforge.recipe.schema import SourceSpec  # noqa: E402
 from llmforge.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
@@ -74,11 +75,11 @@ def throughput(work: Path, tok: Tokenizer, size: int) -> None:
     print(f"tokenize   {n_bytes / 2**20:8.1f} MB in {cold:6.2f} s = {n_bytes / 2**20 / cold:6.1f} MB/s "
           f"({len(src.tokens) / cold / 1e6:.2f} M tokens/s, {os.cpu_count()} workers)   target >= 8 MB/s")
     print(f"cache hit  {hit:8.3f} s (median of 5)                                     target < 1 s")
-    sampler_share(src)
+    sampler_share(src, tok)
 
 
-def sampler_share(src) -> None:
-    """The quickstart model's training step, with and without drawing its batch."""
+def sampler_share(src, tok: Tokenizer) -> None:
+    """The stdlib recipe's model and training step, with and without drawing its batch."""
     import torch
     import yaml
 
@@ -88,17 +89,21 @@ def sampler_share(src) -> None:
     from llmforge.recipe import validate_recipe
     from llmforge.stages import pretrain
 
-    recipe = validate_recipe(yaml.safe_load((ROOT / "recipes/quickstart.yaml").read_text()))
+    recipe = validate_recipe(yaml.safe_load((ROOT / "recipes/stdlib.yaml").read_text()))
     cfg = model_config(recipe, 2048)
     stage = recipe.stages[0]
     seq, batch = cfg.seq_len, stage.batch_tokens // cfg.seq_len
-    sampler = Sampler([(src.train, 0.7), (src.train[: len(src.train) // 3], 0.3)], seq, batch, 1, 0)
+    sources = [(WindowRows(src.train, seq), 0.7), (WindowRows(src.train[: len(src.train) // 3], seq), 0.3)]
+    sampler = Sampler(sources, batch, seed=1, stream=0)
     model = Transformer(cfg)
     opt = build_optimizer(model, "adamw", 1e-3, (0.9, 0.95), 1e-8, 0.1)
-    fixed = torch.from_numpy(sampler.next_batch())
+    objective = pretrain.Objective(stage, tok.token_bytes)
+    drawn = sampler.next_batch()
+    units = objective.units(drawn)  # as the engine: counted on the host batch
+    fixed = {k: torch.from_numpy(v) for k, v in drawn.items()}
 
     def step(x):
-        pretrain.loss(model, x).backward()
+        (objective.loss(model, x)["loss"] / units).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -66,7 +66,12 @@ def run(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
             run_stages(ctx)
         finally:
             reporter.close()
-        reporter.note(f"done: {run_dir} (sample with `llmforge sample {run_dir} --prompt ...`)")
+        from .evaluation import stage_results
+        from .progress import render_results
+
+        render_results(stage_results(run_dir), reporter.console)
+        how = f"llmforge chat {run_dir}" if ctx.template else f"llmforge sample {run_dir} --prompt ..."
+        reporter.note(f"done: {run_dir} (try `{how}`)")
 
 
 @app.command()
@@ -104,25 +109,121 @@ def plan(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
             render_plan(result, make_console())
 
 
-@app.command()
-def sample(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/quickstart."),
-           prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
-           stage: Optional[str] = typer.Option(None, "--stage", help="Stage name (default: the last finished)."),
-           max_new_tokens: int = typer.Option(200, "--max-new-tokens", min=1),
-           temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="0 = greedy."),
-           top_k: Optional[int] = typer.Option(50, "--top-k", min=1),
-           seed: int = typer.Option(0, "--seed")):
-    """Continue a prompt with a trained stage's model."""
-    with user_errors():
-        from .generate import find_stage, load_trained, sample as generate
+RunDirArgument = typer.Argument(..., help="A run directory, e.g. runs/quickstart.")
+StageOption = typer.Option(None, "--stage", help="Stage name (default: the last finished).")
+MaxNewOption = typer.Option(200, "--max-new-tokens", min=1)
+TemperatureOption = typer.Option(0.8, "--temperature", min=0.0, help="0 = greedy.")
+TopKOption = typer.Option(50, "--top-k", min=1)
+SeedOption = typer.Option(0, "--seed")
 
-        model, tokenizer = load_trained(find_stage(run_dir, stage))
-        sys.stdout.write(prompt)
-        for piece in generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_k=top_k, seed=seed):
+
+@app.command()
+def sample(run_dir: Path = RunDirArgument,
+           prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (with --chat: a user message)."),
+           chat_mode: bool = typer.Option(False, "--chat", help="Prompt through the chat template; print the reply."),
+           stage: Optional[str] = StageOption, max_new_tokens: int = MaxNewOption,
+           temperature: float = TemperatureOption, top_k: Optional[int] = TopKOption, seed: int = SeedOption):
+    """Continue a prompt with a trained stage's model (or, with --chat, answer it)."""
+    with user_errors():
+        from .generate import find_stage, load_trained, reply, sample as generate
+
+        final = find_stage(run_dir, stage)
+        model, tokenizer = load_trained(final)
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+        if chat_mode:
+            pieces = reply(model, tokenizer, _template(final), [{"role": "user", "content": prompt}], **options)
+        else:
+            sys.stdout.write(prompt)
+            pieces = generate(model, tokenizer, prompt, **options)
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+
+
+@app.command()
+def chat(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
+         system: Optional[str] = typer.Option(None, "--system", help="A system message to start with."),
+         max_new_tokens: int = MaxNewOption, temperature: float = TemperatureOption,
+         top_k: Optional[int] = TopKOption, seed: int = SeedOption):
+    """Chat with a trained stage in the terminal. One line per message; /reset starts over,
+    /quit (or end of input) leaves. Reads stdin, so it can be scripted: echo hi | llmforge chat RUN."""
+    with user_errors():
+        from .generate import find_stage, load_trained, reply
+
+        final = find_stage(run_dir, stage)
+        model, tokenizer = load_trained(final)
+        template = _template(final)
+        start = [{"role": "system", "content": system}] if system else []
+        messages = list(start)
+        tty = sys.stdin.isatty()
+        err.print(f"chatting with {final.parent.name} ({run_dir}); /reset starts over, /quit leaves")
+        turn = 0
+        while True:
+            try:
+                line = input("you> " if tty else "")
+            except EOFError:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line == "/quit":
+                break
+            if line == "/reset":
+                messages = list(start)
+                err.print("(new conversation)")
+                continue
+            messages.append({"role": "user", "content": line})
+            sys.stdout.write("assistant> " if tty else "")
+            text = ""
+            for piece in reply(model, tokenizer, template, messages, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_k=top_k, seed=seed + turn):
+                text += piece
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            messages.append({"role": "assistant", "content": text.strip() or "..."})
+            turn += 1
+
+
+def _template(final: Path):
+    from .errors import CheckpointError
+    from .generate import load_template
+
+    template = load_template(final)
+    if template is None:
+        raise CheckpointError(f"{final.parent.name} was trained without a chat template",
+                              hint="chat needs a recipe with tokenizer.chat_template and an sft stage; "
+                                   "use `llmforge sample` to continue plain text")
+    return template
+
+
+@app.command(name="eval")
+def eval_(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
+          task: Optional[List[str]] = typer.Option(None, "--task", help="Task eval to run (repeatable; "
+                                                   "default: the stage's eval.tasks). Known: world-qa."),
+          as_json: bool = typer.Option(False, "--json", help="Print the results as JSON.")):
+    """Measure a finished stage on its held-out data (val loss/bpb; dpo: reward accuracy) and
+    its task evals."""
+    with user_errors():
+        from .evaluation import evaluate_stage
+        from .progress import Reporter, render_results
+        from .recipe.schema import TASKS
+
+        unknown = [t for t in task or [] if t not in TASKS]
+        if unknown:
+            from .errors import RecipeError
+
+            raise RecipeError([f"--task: unknown task {unknown[0]!r}"], hint=f"known: {', '.join(TASKS)}")
+        reporter = Reporter(err if as_json else None)  # --json: stdout holds the JSON alone
+        try:
+            results = evaluate_stage(run_dir, stage, task, reporter)
+        finally:
+            reporter.close()
+        if as_json:
+            sys.stdout.write(json.dumps(results, indent=1) + "\n")
+        else:
+            render_results([results], reporter.console, title=f"{run_dir}: stage {results['stage']}")
 
 
 @app.command()

@@ -21,6 +21,7 @@ import torch
 
 from .checkpoint import clean_temporary, list_checkpoints, load_checkpoint, load_weights, save_checkpoint, save_weights
 from .data import Sampler, eval_windows
+from .data.rows import PackedRows, PairRows, WindowRows
 from .errors import CheckpointError, Interrupted
 from .model import Transformer
 from .optim import build_optimizer, lr_at
@@ -52,22 +53,22 @@ class Context:
     plan: Plan
     run_dir: Path
     tokenizer: object
-    sources: dict  # name -> PreparedSource
+    sources: dict  # name -> PreparedSource or PreparedExamples
+    template: object  # the chat template (chat.ChatTemplate), or None
     reporter: object
     stop: StopFlag = field(default_factory=StopFlag)
     lock: object = None  # the run directory's lock, held while the run lives
 
 
 def run_stages(ctx: Context) -> None:
-    previous = None
     with ctx.stop.installed():
         for sp in ctx.plan.stages:
             final = stage_dir(ctx.run_dir, sp) / "final"
             if not (final / "model.safetensors").is_file():
-                run_stage(ctx, sp, init_from=previous)
+                init = next((stage_dir(ctx.run_dir, p) / "final" for p in ctx.plan.stages if p.name == sp.init), None)
+                run_stage(ctx, sp, init_from=init)
             else:
                 ctx.reporter.note(f"stage {sp.name}: already done ({final})")
-            previous = final
 
 
 def stage_dir(run_dir: Path, sp: StagePlan) -> Path:
@@ -86,20 +87,24 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
     model.to(device)
     opt = sp.optimizer
     optimizer = build_optimizer(model, opt["name"], sp.lr, opt["betas"], opt["eps"], opt["weight_decay"])
-    sampler = Sampler([(ctx.sources[s.name].train, s.weight) for s in sp.mix], sp.seq_len,
-                      sp.global_batch, plan.seed, sp.index)
-    evals = {s.name: eval_windows(ctx.sources[s.name].val, sp.seq_len, sp.eval_tokens // len(sp.mix))
-             for s in sp.mix}
+    objective, amp = OBJECTIVES[sp.kind](sp, ctx.tokenizer.token_bytes), _autocast(plan.device)
+    train, evals = stage_rows(ctx.sources, sp, plan.seed)
+    if sp.kind == "dpo":  # before resuming: the reference is the stage's starting weights
+        attach_reference(root / "reference.npz", model, objective, train, evals, sp.micro_batch, device, amp)
+        evals = {name: rows.rows(np.arange(n)) for name, (rows, n) in evals.items()}
+    else:
+        evals = {name: rows for name, (rows, n) in evals.items()}
+    sampler = Sampler([(train[s.name], s.weight) for s in sp.mix], sp.global_batch, plan.seed, sp.index)
     identity = _identity(ctx, sp)
-    start, losses, last_eval = _resume(ctx, sp, identity, model, optimizer, sampler)
+    start, pending, last_eval = _resume(ctx, sp, identity, model, optimizer, sampler)
     step_model = torch.compile(model) if plan.device.compile else model
-    objective, amp = OBJECTIVES[sp.kind], _autocast(plan.device)
 
     def save(step: int) -> None:
         if step != start:  # at `start` the state is exactly the checkpoint just loaded
             save_checkpoint(root / "checkpoints", step, model, optimizer, identity | {
-                "stage": sp.name, "sampler": sampler.state_dict(), "pending_losses": [x.item() for x in losses],
-                "last_eval": last_eval}, sp.checkpoint_keep)
+                "stage": sp.name, "sampler": sampler.state_dict(),
+                "pending": [{k: v.item() for k, v in m.items()} for m in pending], "last_eval": last_eval},
+                sp.checkpoint_keep)
 
     ctx.reporter.stage_start(sp, start, root / "metrics.jsonl")
     timer = Timer(start)
@@ -108,7 +113,7 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
             save(step)
             raise Interrupted(ctx.stop.signum, f"stopped at step {step} of stage {sp.name}; checkpoint saved")
         if step in (0, sp.steps) or (sp.eval_every and step % sp.eval_every == 0):
-            last_eval = evaluate(step_model, evals, ctx.tokenizer.token_bytes, sp.micro_batch, device, amp)
+            last_eval = evaluate(step_model, objective, evals, sp.micro_batch, device, amp)
             ctx.reporter.log_eval(step, last_eval | (_dropped(ctx, sp) if step == 0 else {}))
         if step == sp.steps:
             break
@@ -117,15 +122,80 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
         lr = lr_at(step, peak=sp.lr, warmup=sp.warmup_steps, total=sp.steps, decay=sp.decay, min_lr=sp.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = torch.from_numpy(sampler.next_batch()).to(device, non_blocking=True)
-        losses.append(train_step(step_model, optimizer, objective, batch, sp, amp))
+        pending.append(train_step(step_model, optimizer, objective, sampler.next_batch(), sp, amp, device))
         if (step + 1) % sp.log_every == 0 or step + 1 == sp.steps:
-            loss = torch.stack(losses).mean().item()  # one host sync per log, not per step
-            ctx.reporter.log(step + 1, {"loss": loss, "lr": lr, **timer.rates(step + 1, sp)})
-            losses.clear()
+            means = {k: torch.stack([m[k] for m in pending]).mean().item() for k in pending[0]}  # one sync per log
+            ctx.reporter.log(step + 1, means | {"lr": lr, **timer.rates(step + 1, sp)})
+            pending.clear()
     save(sp.steps)
-    write_final(root / "final", model, ctx, sp)
+    results = dict(last_eval)
+    if sp.tasks:
+        from .tasks import run_tasks
+
+        results |= run_tasks(sp.tasks, model.eval(), ctx.tokenizer, ctx.template)
+        ctx.reporter.log_eval(sp.steps, results)
+    write_final(root / "final", model, ctx, sp, results)
     ctx.reporter.stage_end(sp)
+
+
+def stage_rows(sources: dict, sp: StagePlan, seed: int) -> tuple[dict, dict]:
+    """The stage's training row source per mixed source, and its held-out rows per source: a
+    batch (pretrain, sft) or, for dpo, (PairRows, count) until the reference is attached."""
+    train, evals = {}, {}
+    share = sp.eval_tokens // len(sp.mix)
+    for s in sp.mix:
+        src, T, o = sources[s.name], sp.seq_len, sp.options
+        if sp.kind == "pretrain":
+            train[s.name] = WindowRows(src.train, T)
+            evals[s.name] = ({"tokens": eval_windows(src.val, T, share)}, None)
+        elif sp.kind == "sft":
+            train[s.name] = PackedRows(src.train, T, packing=o["packing"], overlong=o["overlong"],
+                                       train_on=o["train_on"], seed=seed)
+            val = PackedRows(src.val, T, packing=o["packing"], overlong="drop", train_on=o["train_on"], seed=seed)
+            evals[s.name] = (val.rows(np.arange(min(val.n_rows, max(1, share // T)))), None)
+        else:
+            train[s.name] = PairRows(src.train, T, overlong=o["overlong"], seed=seed)
+            val = PairRows(src.val, T, overlong="drop", seed=seed)
+            evals[s.name] = (val, min(val.n_rows, max(1, share // (2 * T))))
+    return train, evals
+
+
+def attach_reference(path: Path, model, objective, train: dict, evals: dict, micro_batch: int, device, amp) -> None:
+    """The frozen reference's log-probs of every pair, computed once from the stage's starting
+    weights (before any training step) and kept in the stage folder, so resuming reuses them."""
+    sets = {f"train/{n}": r for n, r in train.items()} | {f"val/{n}": r for n, (r, _) in evals.items()}
+    try:
+        with np.load(path) as saved:
+            stored = {k: saved[k] for k in sets}
+    except (OSError, KeyError, ValueError):
+        model.eval()
+        stored = {}
+        for key, rows in sets.items():
+            parts = [np.zeros((0, 2), dtype=np.float32)]
+            for idx in np.array_split(np.arange(rows.n_rows), max(1, math.ceil(rows.n_rows / micro_batch))):
+                with amp:
+                    parts.append(objective.reference(model, _to(rows.rows(idx, with_reference=False), device)))
+            stored[key] = np.concatenate(parts)
+        model.train()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        with open(tmp, "wb") as f:
+            np.savez(f, **stored)
+        os.replace(tmp, path)
+    for key, rows in sets.items():
+        # Indexed by example: rows() looks them up through the layout.
+        ref = np.zeros((len(rows.ex), 2), dtype=np.float32)
+        ref[rows.layout.keep] = stored[key]
+        rows.reference = ref
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _split(batch: dict, size: int) -> list[dict]:
+    n = len(next(iter(batch.values())))
+    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
 def _dropped(ctx: Context, sp: StagePlan) -> dict:
@@ -134,6 +204,8 @@ def _dropped(ctx: Context, sp: StagePlan) -> dict:
     for s in sp.mix:
         if s.skipped or s.filtered:
             out |= {f"data/{s.name}/skipped": s.skipped, f"data/{s.name}/filtered": s.filtered}
+        if s.dropped or s.truncated:
+            out |= {f"data/{s.name}/overlong_dropped": s.dropped, f"data/{s.name}/truncated": s.truncated}
     return out
 
 
@@ -147,7 +219,7 @@ def _identity(ctx: Context, sp: StagePlan) -> dict:
 
 
 def _resume(ctx: Context, sp: StagePlan, identity: dict, model, optimizer, sampler):
-    """Load the latest complete checkpoint, if any: (start step, pending losses, last eval)."""
+    """Load the latest complete checkpoint, if any: (start step, pending step metrics, last eval)."""
     checkpoints = list_checkpoints(stage_dir(ctx.run_dir, sp) / "checkpoints")
     if not checkpoints:
         return 0, [], {}
@@ -164,63 +236,59 @@ def _resume(ctx: Context, sp: StagePlan, identity: dict, model, optimizer, sampl
                           f"{identity['machine']}, or another micro-batch): same math, not bitwise identical")
     sampler.load_state_dict(state["sampler"])
     ctx.reporter.note(f"stage {sp.name}: resuming from {checkpoints[-1].name}")
-    losses = [torch.tensor(x, dtype=torch.float32) for x in state.get("pending_losses", [])]
-    return state["step"], losses, state.get("last_eval", {})
+    pending = [{k: torch.tensor(v, dtype=torch.float32) for k, v in m.items()} for m in state.get("pending", [])]
+    return state["step"], pending, state.get("last_eval", {})
 
 
-def train_step(model, optimizer, objective, batch: torch.Tensor, sp: StagePlan, amp) -> torch.Tensor:
-    """One optimizer step over the global batch, in grad_accum micro-batches."""
-    total = torch.zeros((), device=batch.device)
-    for micro in batch.split(sp.micro_batch):
+def train_step(model, optimizer, objective, batch: dict, sp: StagePlan, amp, device) -> dict:
+    """One optimizer step over the global batch, in grad_accum micro-batches; the loss is a mean
+    over the whole batch's units (tokens, pairs), however unevenly the micro-batches hold them."""
+    units = objective.units(batch)
+    totals: dict = {}
+    for micro in _split(batch, sp.micro_batch):
         with amp:
-            loss = objective.loss(model, micro) / sp.grad_accum
-        loss.backward()
-        total += loss.detach()
+            sums = objective.loss(model, _to(micro, device))
+        (sums["loss"] / units).backward()
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0) + v.detach()
     if sp.optimizer["grad_clip"]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), sp.optimizer["grad_clip"])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total
+    return {k: (v / units).float() for k, v in totals.items()}
 
 
 @torch.no_grad()
-def evaluate(model, windows: dict[str, np.ndarray], token_bytes: np.ndarray, micro_batch: int,
-             device, amp) -> dict:
-    """Held-out loss in nats/token and bits per UTF-8 byte, overall and per source."""
-    from .stages.pretrain import token_losses
-
+def evaluate(model, objective, batches: dict[str, dict], micro_batch: int, device, amp) -> dict:
+    """Held-out metrics (pretrain/sft: loss in nats/token and bits per UTF-8 byte; dpo: loss and
+    reward accuracy/margin), overall and per source."""
     model.eval()
-    out, nats_all, tokens_all, bytes_all = {}, 0.0, 0, 0
-    for name, win in windows.items():
-        if not len(win):
-            continue
-        # Bits per byte of *text*: targets that decode to no bytes (end-of-text) count in neither sum.
-        counted = torch.from_numpy(token_bytes[win[:, 1:]] > 0)
-        nats = 0.0
-        for rows in np.array_split(np.arange(len(win)), math.ceil(len(win) / micro_batch)):
+    out, total = {}, {}
+    for name, batch in batches.items():
+        sums: dict = {}
+        for micro in _split(batch, micro_batch) if len(next(iter(batch.values()))) else []:
             with amp:
-                losses = token_losses(model, torch.from_numpy(win[rows]).to(device))
-            nats += losses.double().cpu()[counted[rows]].sum().item()
-        n_bytes = int(token_bytes[win[:, 1:]].sum())
-        n_tokens = int(counted.sum())
-        out[f"val/{name}/loss"] = nats / n_tokens
-        out[f"val/{name}/bpb"] = nats / math.log(2) / max(n_bytes, 1)
-        nats_all, tokens_all, bytes_all = nats_all + nats, tokens_all + n_tokens, bytes_all + n_bytes
+                for k, v in objective.eval_sums(model, _to(micro, device)).items():
+                    sums[k] = sums.get(k, 0) + v
+        out |= {f"val/{name}/{k}": v for k, v in objective.summarize(sums).items()}
+        for k, v in sums.items():
+            total[k] = total.get(k, 0) + v
     model.train()
-    if not tokens_all:
-        return {}
-    return {"val_loss": nats_all / tokens_all, "val_bpb": nats_all / math.log(2) / max(bytes_all, 1)} | out
+    return {f"val_{k}": v for k, v in objective.summarize(total).items()} | out
 
 
-def write_final(final: Path, model, ctx: Context, sp: StagePlan) -> None:
-    """The stage's loadable model: weights, config and tokenizer, renamed into place at once."""
+def write_final(final: Path, model, ctx: Context, sp: StagePlan, results: dict) -> None:
+    """The stage's loadable model: weights, config, tokenizer and its final eval results, renamed
+    into place at once."""
     tmp = final.parent / f".tmp-final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_weights(model, tmp / "model.safetensors")
     config = {"model": ctx.plan.model.to_dict(), "stage": sp.name, "kind": sp.kind,
-              "tokenizer_fingerprint": ctx.tokenizer.fingerprint}
+              "tokenizer_fingerprint": ctx.tokenizer.fingerprint,
+              "chat_template": ctx.template.to_dict() if ctx.template else None}
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    (tmp / "eval.json").write_text(json.dumps(results, indent=1))
     shutil.copyfile(ctx.tokenizer.path, tmp / "tokenizer.model")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

@@ -1,4 +1,4 @@
-"""Loading a trained stage and sampling from it."""
+"""Loading a trained stage and generating from it: plain continuation, or a chat reply."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 
+from .chat import ChatTemplate
 from .checkpoint import load_weights
 from .errors import CheckpointError
 from .model import ModelConfig, Transformer
@@ -44,18 +45,33 @@ def load_trained(final: Path, device: str = "cpu") -> tuple[Transformer, Tokeniz
     return model, Tokenizer.load(final / "tokenizer.model")
 
 
-def sample(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_new_tokens: int = 200,
-           temperature: float = 0.8, top_k: int | None = 50, seed: int = 0) -> Iterator[str]:
+def sample(model: Transformer, tokenizer: Tokenizer, prompt: str, **options) -> Iterator[str]:
     """Stream the continuation of `prompt` as text pieces (complete UTF-8 characters only)."""
+    yield from stream(model, tokenizer, tokenizer.encode(prompt) or [tokenizer.eot_id], (tokenizer.eot_id,), **options)
+
+
+def reply(model: Transformer, tokenizer: Tokenizer, template: ChatTemplate, messages: list[dict],
+          **options) -> Iterator[str]:
+    """Stream the assistant's next turn in a conversation, prompted through the chat template;
+    it ends when the model closes its turn (or at max_new_tokens)."""
+    ids = template.prompt(tokenizer, messages)
+    yield from stream(model, tokenizer, ids, (template.stop_id(tokenizer), tokenizer.eot_id), **options)
+
+
+def stream(model: Transformer, tokenizer: Tokenizer, ids: list[int], stop_ids: tuple[int, ...], *,
+           max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 50, seed: int = 0,
+           stopped: list | None = None) -> Iterator[str]:
+    """Generated text after `ids`, piece by piece, until a stop id (not shown). If given, `stopped`
+    gets True appended when a stop id ended the text (False when max_new_tokens did)."""
     device = next(model.parameters()).device
-    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
     generator = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     new: list[int] = []
-    shown = ""
+    shown, ended = "", False
     for token in model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                                generator=generator, stop_ids=(tokenizer.eot_id,)):
-        if token == tokenizer.eot_id:
+                                generator=generator, stop_ids=stop_ids):
+        if token in stop_ids:
+            ended = True
             break
         new.append(token)
         text = tokenizer.decode(new)
@@ -64,5 +80,16 @@ def sample(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_new_tok
             yield text[len(shown):]
             shown = text
     rest = tokenizer.decode(new)[len(shown):]
+    if stopped is not None:
+        stopped.append(ended)
     if rest:
         yield rest
+
+
+def load_template(final: Path) -> ChatTemplate | None:
+    """The chat template a stage was trained with (None if its recipe had none)."""
+    try:
+        spec = json.loads((final / "config.json").read_text()).get("chat_template")
+    except (OSError, ValueError):
+        return None
+    return ChatTemplate.from_spec(spec)

@@ -195,7 +195,7 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, cache: KVCache | None):
+    def forward(self, x, rope, cache: KVCache | None, docs: torch.Tensor | None = None):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -211,11 +211,14 @@ class Attention(nn.Module):
         mask = None
         if S != T and T > 1:
             mask = torch.arange(S, device=x.device) <= torch.arange(S - T, S, device=x.device)[:, None]
+        if docs is not None:  # packed sequences: a token sees only earlier tokens of its own document
+            mask = docs[:, None, :, None] == docs[:, None, None, :]
+            mask &= torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         gqa = self.n_kv != self.n_head
         if gqa and not _SDPA_HAS_GQA:  # enable_gqa's grouping: query head h reads kv head h // (n_head/n_kv)
             k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))
         extra = {"enable_gqa": True} if gqa and _SDPA_HAS_GQA else {}
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == T,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == T and mask is None,
                                            dropout_p=self.dropout if self.training else 0.0, **extra)
         return self.resid_drop(self.o_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
@@ -247,8 +250,8 @@ class Block(nn.Module):
         self.attn_norm, self.attn = make_norm(cfg), Attention(cfg, layer)
         self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
 
-    def forward(self, x, rope, cache):
-        x = x + self.attn(self.attn_norm(x), rope, cache)
+    def forward(self, x, rope, cache, docs=None):
+        x = x + self.attn(self.attn_norm(x), rope, cache, docs)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -280,20 +283,34 @@ class Transformer(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """idx [B, T] token ids -> logits [B, T, vocab]. With a cache, idx continues what it holds."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, docs: torch.Tensor | None = None) -> torch.Tensor:
+        """idx [B, T] token ids -> logits [B, T, vocab]. With a cache, idx continues what it holds.
+
+        docs [B, T] (packed training sequences): which document each token belongs to, as
+        non-decreasing ids. Attention stays inside a document and positions restart at 0 with
+        each one, so a packed document is computed exactly as it would be alone.
+        """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds seq_len {self.config.seq_len}")
+        if docs is not None:
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+            first = torch.ones_like(docs, dtype=torch.bool)
+            first[:, 1:] = docs[:, 1:] != docs[:, :-1]
+            pos = pos - torch.where(first, pos, 0).cummax(dim=1).values  # offset from the document's start
+        else:
+            pos = torch.arange(start, start + T, device=idx.device)
         x, rope = self.tok_emb(idx), None
         if self.config.positions == "learned":
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_emb(pos)
+        elif docs is not None:  # [B, 1, T, head_dim]: broadcast over heads
+            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))
         else:
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, docs)
         if cache is not None:
             cache.pos += T
         return self.lm_head(self.norm(x))

@@ -3,6 +3,7 @@ data preparation and the plan. Also the cheap plan-only path behind `llmforge pl
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from .chat import ChatTemplate
 from .data import iter_documents, list_files, prepare_source
 from .data.cache import find_source
 from .engine import Context
@@ -32,22 +34,31 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False) 
         clear_run_dir(run_dir)
     check_run_dir(recipe, run_dir)
     _write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+    # Where relative data paths point: `llmforge eval` reads the run's data without the recipe file.
+    _write_atomic(run_dir / "run.json", json.dumps({"base_dir": str(recipe.base_dir.resolve())}))
     device = detect_device(recipe.runtime)
     _set_threads(device.threads)
     tokenizer = ensure_tokenizer(recipe, run_dir, reporter)
+    template = ChatTemplate.from_spec(recipe.tokenizer.chat_template)
     workers = None if recipe.runtime.data_workers == "auto" else recipe.runtime.data_workers
     sources = {}
     for name in used_sources(recipe):
         spec = recipe.data[name]
         with reporter.task(f"tokenizing {name}", _source_bytes(recipe, name)) as advance:
-            sources[name] = prepare_source(name, spec, recipe.base_dir, tokenizer, advance, workers)
+            sources[name] = prepare_source(name, spec, recipe.base_dir, tokenizer, advance, workers, template)
     plan = compile_plan(recipe, vocab_size=tokenizer.vocab_size, sources={n: _stats(s) for n, s in sources.items()},
                         device=device)
+    plan = dataclasses.replace(plan, previews=previews(recipe))
     _write_atomic(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1))
-    return Context(plan, run_dir, tokenizer, sources, reporter, lock=lock)
+    return Context(plan, run_dir, tokenizer, sources, template=template, reporter=reporter, lock=lock)
 
 
 def _stats(src) -> SourceStats:
+    if hasattr(src, "per_example"):  # conversations: token counts of the splits' sequences
+        train, val = src.train, src.val
+        return SourceStats(src.documents, int(train.offsets[-1] - train.offsets[0]),
+                           int(val.offsets[-1] - val.offsets[0]), skipped=src.skipped, filtered=src.filtered,
+                           examples=train)
     return SourceStats(src.documents, len(src.train), len(src.val), skipped=src.skipped, filtered=src.filtered)
 
 
@@ -88,9 +99,10 @@ def estimate_plan(recipe: Recipe, run_dir: Path) -> Plan:
     if tokenizer is None and recipe.tokenizer.path:
         tokenizer = Tokenizer.load(_resolve(recipe, recipe.tokenizer.path))
     stats = {}
+    template = ChatTemplate.from_spec(recipe.tokenizer.chat_template)
     for name in used_sources(recipe):
         spec = recipe.data[name]
-        if tokenizer and (src := find_source(name, spec, recipe.base_dir, tokenizer)):
+        if tokenizer and (src := find_source(name, spec, recipe.base_dir, tokenizer, template)):
             stats[name] = _stats(src)
         else:
             files = list_files(name, spec, recipe.base_dir)
@@ -100,7 +112,38 @@ def estimate_plan(recipe: Recipe, run_dir: Path) -> Plan:
             val = int(tokens * spec.val_fraction)
             stats[name] = SourceStats(len(files), tokens - val, val, estimated=True)
     vocab = tokenizer.vocab_size if tokenizer else recipe.tokenizer.vocab_size
-    return compile_plan(recipe, vocab_size=vocab, sources=stats, device=device)
+    plan = compile_plan(recipe, vocab_size=vocab, sources=stats, device=device)
+    return dataclasses.replace(plan, previews=previews(recipe))
+
+
+def previews(recipe: Recipe) -> dict:
+    """For each sft/dpo stage, its first source's first example rendered by the chat template,
+    with the learned spans marked (a dpo pair shows the chosen reply, then the rejected one)."""
+    from .data.examples import read_examples
+    from .data.sources import Skips, _Report
+
+    template = ChatTemplate.from_spec(recipe.tokenizer.chat_template)
+    out = {}
+    for stage in recipe.stages:
+        if stage.kind == "pretrain" or template is None:
+            continue
+        name = next(iter(stage.mix))
+        spec = recipe.data[name]
+        example = None
+        for path in list_files(name, spec, recipe.base_dir):
+            example = next(iter(read_examples(path, spec, _Report(name, spec, Skips()))), None)
+            if example:
+                break
+        if example is None:
+            continue
+        if stage.kind == "dpo":
+            prompt, chosen, rejected = example[1]
+            head = template.prompt_segments(prompt)
+            out[stage.name] = head + template.reply_segments(chosen) + [("  vs  ", True, False)] \
+                + head + template.reply_segments(rejected)
+        else:
+            out[stage.name] = template.segments(example[1], stage.option("train_on"))
+    return out
 
 
 def used_sources(recipe: Recipe) -> list[str]:
@@ -143,6 +186,7 @@ def ensure_tokenizer(recipe: Recipe, run_dir: Path, reporter) -> Tokenizer:
     copied from a file, or trained."""
     out = run_dir / "tokenizer"
     spec = recipe.tokenizer
+    template = ChatTemplate.from_spec(spec.chat_template)
     names = spec.train_on or used_sources(recipe)
     source = _resolve(recipe, spec.path) if spec.path else None
     settings = json.dumps({"spec": spec.model_dump(mode="json"), "train_on": names,
@@ -162,9 +206,13 @@ def ensure_tokenizer(recipe: Recipe, run_dir: Path, reporter) -> Tokenizer:
             for n in names)
         with reporter.task(f"training {spec.type} tokenizer ({spec.vocab_size} tokens)", None):
             train_tokenizer(docs, out, type=spec.type, vocab_size=spec.vocab_size,
-                            byte_fallback=spec.byte_fallback, sample_bytes=spec.sample_bytes)
+                            byte_fallback=spec.byte_fallback, sample_bytes=spec.sample_bytes,
+                            user_symbols=template.symbols if template else ())
+    tokenizer = Tokenizer.load(out / "tokenizer.model")
+    for symbol in template.symbols if template else ():
+        tokenizer.special_id(symbol)  # a loaded tokenizer without the chat tokens fails here, clearly
     _write_atomic(out / "settings.json", settings)  # last: a kill before this means "build again"
-    return Tokenizer.load(out / "tokenizer.model")
+    return tokenizer
 
 
 def _read(path: Path) -> str | None:

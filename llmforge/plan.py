@@ -14,10 +14,12 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+from .data.rows import layout
 from .data.sampler import windows_per_epoch
 from .errors import PlanError
 from .model import PRESETS, ModelConfig
 from .recipe import Recipe, resolve_percent
+from .recipe.schema import KIND_KEYS
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,14 @@ class SourcePlan:
     documents: int | None
     train_tokens: int
     val_tokens: int
-    take_tokens: int  # tokens this stage draws from the source
-    epochs: float  # take_tokens / train_tokens
+    take_tokens: int  # tokens this stage draws from the source (row capacity, for sft/dpo)
+    epochs: float  # passes over the source's rows
     estimated: bool  # token counts estimated from bytes: the source is not tokenized yet
     skipped: int = 0
     filtered: int = 0
+    rows: int = 0  # rows per epoch: windows (pretrain), packed sequences (sft), pairs (dpo)
+    dropped: int = 0  # examples longer than seq_len+1 left out (overlong: drop)
+    truncated: int = 0  # examples cut to seq_len+1 tokens (overlong: truncate)
 
 
 @dataclass(frozen=True)
@@ -51,9 +56,11 @@ class StagePlan:
     name: str
     kind: str
     dir_name: str  # "01-pretrain"
+    init: str | None  # the earlier stage whose final weights this one starts from; None: random init
+    options: dict  # the kind's own settings (sft: train_on, packing, overlong; dpo: beta, loss, ...)
     seq_len: int
-    batch_tokens: int
-    global_batch: int  # sequences per optimizer step = micro_batch * grad_accum * world_size
+    batch_tokens: int  # token capacity of a step's rows (dpo: both sides of each pair)
+    global_batch: int  # rows per optimizer step = micro_batch * grad_accum * world_size (dpo: pairs)
     micro_batch: int
     grad_accum: int
     world_size: int
@@ -69,6 +76,7 @@ class StagePlan:
     checkpoint_every: int
     checkpoint_keep: int
     log_every: int
+    tasks: tuple[str, ...]  # task evals on the final weights
     mix: tuple[SourcePlan, ...]
     flops: float
     est_peak_memory_bytes: int
@@ -76,8 +84,8 @@ class StagePlan:
 
     def math_hash(self) -> str:
         """What decides this stage's numbers on a given machine; stored in every checkpoint."""
-        keys = ("kind", "seq_len", "global_batch", "micro_batch", "grad_accum", "world_size", "steps",
-                "lr", "min_lr", "warmup_steps", "decay", "optimizer")
+        keys = ("kind", "init", "options", "seq_len", "global_batch", "micro_batch", "grad_accum", "world_size",
+                "steps", "lr", "min_lr", "warmup_steps", "decay", "optimizer")
         blob = {k: getattr(self, k) for k in keys} | {"mix": [(s.name, s.weight) for s in self.mix]}
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -93,6 +101,9 @@ class Plan:
     flops_per_token: int
     stages: tuple[StagePlan, ...] = field(default_factory=tuple)
     warnings: tuple[str, ...] = ()  # things that will run, but perhaps not as the user meant
+    # sft/dpo stage name -> one training example as chat-template segments (text, special, learned),
+    # so `plan` can show what the model will learn from
+    previews: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -108,6 +119,7 @@ class SourceStats:
     estimated: bool = False
     skipped: int = 0  # bad records skipped (on_error: skip)
     filtered: int = 0  # documents outside min_chars..max_chars
+    examples: object = None  # conversation sources: the training split's Examples (data/rows.py)
 
 
 def model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:
@@ -182,17 +194,31 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
 def _plan_stage(i, spec, recipe, cfg, sources, device, world_size) -> StagePlan:
     where = f"stages[{i}]"
     seq_len = recipe.stage_seq_len(spec)
-    if spec.batch_tokens % (seq_len * world_size):
-        per = seq_len * world_size
-        lo, hi = spec.batch_tokens // per * per, (spec.batch_tokens // per + 1) * per
-        raise PlanError(f"{where}.batch_tokens: {spec.batch_tokens} is not a multiple of seq_len x world size "
-                        f"({seq_len} x {world_size})", hint=f"use {lo} or {hi}" if lo else f"use {hi}")
-    global_batch = spec.batch_tokens // seq_len
-    steps = spec.steps or math.ceil(spec.tokens / spec.batch_tokens)
-    tokens = steps * spec.batch_tokens
+    options = {k: spec.option(k) for k, (kinds, _) in KIND_KEYS.items() if spec.kind in kinds.split()}
+    per_row = 2 * seq_len if spec.kind == "dpo" else seq_len  # a dpo row is a pair: two sequences
+    if spec.batch_tokens is not None:
+        if spec.batch_tokens % (per_row * world_size):
+            per = per_row * world_size
+            lo, hi = spec.batch_tokens // per * per, (spec.batch_tokens // per + 1) * per
+            what = f"{'2 x ' if spec.kind == 'dpo' else ''}seq_len x world size ({per_row // seq_len * seq_len} x {world_size})"
+            raise PlanError(f"{where}.batch_tokens: {spec.batch_tokens} is not a multiple of {what}",
+                            hint=f"use {lo} or {hi}, or give batch_size" if lo else f"use {hi}, or give batch_size")
+        global_batch = spec.batch_tokens // per_row
+    else:
+        global_batch = spec.batch_size
+        if global_batch % world_size:
+            raise PlanError(f"{where}.batch_size: {global_batch} does not divide among {world_size} processes",
+                            hint=f"use a multiple of {world_size}")
+    batch_tokens = global_batch * per_row
+    rows = {name: _rows(where, spec, name, sources[name], seq_len, options, recipe.seed) for name in spec.mix}
+    if spec.epochs is not None:
+        steps = max(1, math.ceil(spec.epochs * sum(r[0] for r in rows.values()) / global_batch))
+    else:
+        steps = spec.steps or math.ceil(spec.tokens / batch_tokens)
+    tokens = steps * batch_tokens
     micro, memory = _choose_micro_batch(where, recipe.runtime.micro_batch, global_batch // world_size,
-                                        seq_len, cfg, device)
-    mix = _plan_mix(where, spec.mix, sources, recipe.data, tokens, seq_len)
+                                        per_row, cfg, device)
+    mix = _plan_mix(where, spec.mix, sources, recipe.data, rows, steps * global_batch, per_row)
     warmup = round(resolve_percent(spec.schedule.warmup, steps))
     if warmup >= steps and steps > 1:
         raise PlanError(f"{where}.schedule.warmup: {warmup} warmup steps but the stage has only {steps} steps",
@@ -203,38 +229,62 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size) -> StagePlan:
         raise PlanError(f"{where}.schedule.min_lr: {min_lr:g} is above the peak lr {opt.lr:g}",
                         hint="use a share of the peak like '10%', or a smaller number")
     flops = float(cfg.flops_per_token(seq_len)) * tokens
+    names = [s.name for s in recipe.stages]
+    init = names[i - 1] if spec.init is None and i > 0 else None if spec.init in (None, "none") else spec.init
     return StagePlan(
-        index=i, name=spec.name, kind=spec.kind, dir_name=f"{i + 1:02d}-{spec.name}", seq_len=seq_len,
-        batch_tokens=spec.batch_tokens, global_batch=global_batch, micro_batch=micro,
+        index=i, name=spec.name, kind=spec.kind, dir_name=f"{i + 1:02d}-{spec.name}", init=init, options=options,
+        seq_len=seq_len, batch_tokens=batch_tokens, global_batch=global_batch, micro_batch=micro,
         grad_accum=global_batch // (micro * world_size), world_size=world_size, steps=steps, tokens=tokens,
         lr=opt.lr, min_lr=min_lr, warmup_steps=warmup,
         decay=spec.schedule.decay,
         optimizer={"name": opt.name, "betas": list(opt.betas), "eps": opt.eps,
                    "weight_decay": opt.weight_decay, "grad_clip": opt.grad_clip},
         eval_every=spec.eval.every, eval_tokens=spec.eval.tokens, checkpoint_every=spec.checkpoint.every,
-        checkpoint_keep=spec.checkpoint.keep, log_every=recipe.runtime.log_every, mix=mix, flops=flops,
-        est_peak_memory_bytes=memory, est_time_s=_estimate_time(flops, cfg, micro, seq_len, device),
+        checkpoint_keep=spec.checkpoint.keep, log_every=recipe.runtime.log_every, tasks=tuple(spec.eval.tasks),
+        mix=mix, flops=flops, est_peak_memory_bytes=memory,
+        est_time_s=_estimate_time(flops, cfg, micro * per_row // seq_len, seq_len, device),
     )
 
 
-def _plan_mix(where, mix: dict, sources: dict, specs: dict, tokens: int, seq_len: int) -> tuple[SourcePlan, ...]:
-    total = sum(mix.values())
-    out = []
-    for name, weight in mix.items():
-        st = sources[name]
+def _rows(where, spec, name, st: SourceStats, seq_len: int, options: dict, seed: int) -> tuple[int, int, int]:
+    """(rows per epoch, dropped, truncated) of a source in this stage; examples that would teach
+    nothing are an error here, before any compute is spent."""
+    if spec.kind == "pretrain" or st.examples is None:  # pretrain, or not tokenized yet: estimate
         if st.train_tokens < seq_len + 1:
             raise PlanError(f"{where}.mix.{name}: the source has {st.train_tokens} training tokens, "
                             f"fewer than one window of seq_len+1 = {seq_len + 1}",
                             hint="add data to the source or use a shorter seq_len")
-        take = round(tokens * weight / total)
-        epochs = take / (windows_per_epoch(st.train_tokens, seq_len) * seq_len)  # as the sampler walks it
+        return windows_per_epoch(st.train_tokens, seq_len), 0, 0
+    lay = layout(st.examples, seq_len, packing=options.get("packing", False), overlong=options["overlong"],
+                 train_on=options.get("train_on", "assistant"), seed=seed)
+    if len(lay.empty):
+        what = "response" if spec.kind == "dpo" else "learned token"
+        raise PlanError(f"{where}.mix.{name}: {len(lay.empty)} example(s) have no {what} within seq_len+1 = "
+                        f"{seq_len + 1} tokens, so training on them would learn nothing "
+                        f"(first: {st.examples.origins(int(lay.empty[0]))})",
+                        hint=f"set {where}.overlong: drop, raise seq_len, or shorten those examples")
+    if lay.n_rows == 0:
+        raise PlanError(f"{where}.mix.{name}: all {len(st.examples)} examples are longer than seq_len+1 = "
+                        f"{seq_len + 1} tokens and overlong: drop leaves none", hint="raise seq_len")
+    return lay.n_rows, lay.dropped, lay.truncated
+
+
+def _plan_mix(where, mix: dict, sources: dict, specs: dict, rows: dict, total_rows: int,
+              per_row: int) -> tuple[SourcePlan, ...]:
+    total = sum(mix.values())
+    out = []
+    for name, weight in mix.items():
+        st, (n_rows, dropped, truncated) = sources[name], rows[name]
+        take = round(total_rows * weight / total)
+        epochs = take / n_rows  # as the sampler walks it
         cap = specs[name].epochs
         if cap is not None and epochs > cap and not st.estimated:
-            raise PlanError(f"{where}.mix.{name}: the stage takes {take:,} tokens from {name!r}, {epochs:.2f} passes "
-                            f"over its {st.train_tokens:,} training tokens; data.{name}.epochs allows {cap:g}",
+            raise PlanError(f"{where}.mix.{name}: the stage takes {take * per_row:,} tokens from {name!r}, "
+                            f"{epochs:.2f} passes over its {st.train_tokens:,} training tokens; "
+                            f"data.{name}.epochs allows {cap:g}",
                             hint=f"add data, lower its weight or the stage's budget, or raise data.{name}.epochs")
-        out.append(SourcePlan(name, weight / total, st.documents, st.train_tokens, st.val_tokens, take,
-                              epochs, st.estimated, st.skipped, st.filtered))
+        out.append(SourcePlan(name, weight / total, st.documents, st.train_tokens, st.val_tokens, take * per_row,
+                              epochs, st.estimated, st.skipped, st.filtered, n_rows, dropped, truncated))
     return tuple(out)
 
 

@@ -7,6 +7,7 @@ so the training loop has no `if tty` branches.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 
 class Reporter:
@@ -62,7 +64,8 @@ class Reporter:
 
     def log(self, step: int, metrics: dict) -> None:
         self._write({"step": step, **metrics})
-        info = (f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+        extra = "".join(f"{k} {metrics[k]:.3f}  " for k in ("reward_acc", "reward_margin") if k in metrics)
+        info = (f"loss {metrics['loss']:.4f}  {extra}lr {metrics['lr']:.2e}  "
                 f"{metrics['tokens_per_s']:,.0f} tok/s  eta {_duration(metrics['eta_s'])}")
         if self.progress:
             self.progress.update(self.task_id, completed=step, info=info)
@@ -73,8 +76,10 @@ class Reporter:
         if not metrics:
             return
         self._write({"step": step, **metrics})
-        text = f"{self.stage.name} step {step}/{self.stage.steps}  val_loss {metrics['val_loss']:.4f}  " \
-               f"val_bpb {metrics['val_bpb']:.4f}"
+        # Overall figures only (per-source ones, "val/<source>/...", are in metrics.jsonl).
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                          if k.startswith("val_") or (k.count("/") == 1 and not k.startswith(("val/", "data/"))))
+        text = f"{self.stage.name} step {step}/{self.stage.steps}  {shown}"
         self.console.print(text, markup=False, highlight=False)
 
     def stage_end(self, sp) -> None:
@@ -171,8 +176,49 @@ def render_plan(plan, console: Console) -> None:
                           f"{approx}{s.train_tokens:,}", f"{approx}{s.val_tokens:,}", f"{s.take_tokens:,}",
                           f"{approx}{s.epochs:.2f}", *((f"{s.skipped:,}", f"{s.filtered:,}") if dropped else ()))
         console.print(table)
+        if sp.name in plan.previews:
+            render_preview(plan.previews[sp.name], console)
     for warning in plan.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     if any(s.estimated for sp in plan.stages for s in sp.mix):
         console.print("~ estimated from file sizes; exact once `llmforge run` has tokenized the data", highlight=False)
 
+
+
+def render_preview(segments: list, console: Console) -> None:
+    """One training example through the chat template: learned text highlighted (bold green on a
+    terminal, between [[ ]] elsewhere), the prompt dim; special tokens as written."""
+    out = Text("  example, learned tokens highlighted: " if console.is_terminal else
+               "  example, learned tokens in [[ ]]: ")
+    if console.is_terminal:
+        for text, special, learned in segments:
+            out.append(text, style=("bold green" if learned else "dim") + (" italic" if special else ""))
+    else:  # consecutive learned segments share one pair of brackets
+        for learned, group in itertools.groupby(segments, key=lambda s: s[2]):
+            text = "".join(t for t, _, _ in group)
+            out.append(f"[[{text}]]" if learned else text)
+    console.print(out, highlight=False)
+
+
+# Columns of the results table: (metric key, heading, as a percentage).
+_RESULT_COLUMNS = (("val_loss", "val loss", False), ("val_bpb", "val bpb", False),
+                   ("val_reward_acc", "reward acc", True), ("world-qa/format", "format", True),
+                   ("world-qa/correct", "correct", True), ("world-qa/concise", "concise", True))
+
+
+def render_results(results: list[dict], console: Console, title: str = "results on held-out data") -> None:
+    """One row per stage with its final held-out figures (columns no stage has are left out)."""
+    columns = [c for c in _RESULT_COLUMNS if any(c[0] in r for r in results)]
+    extra = sorted({k for r in results for k in r if "/" in k and not k.startswith(("val/", "data/"))}
+                   - {c[0] for c in columns})
+    columns += [(k, k, True) for k in extra]  # other tasks' scores
+    if not results or not columns:
+        return
+    table = Table(title=title, box=None, padding=(0, 2), show_edge=False, title_justify="left")
+    table.add_column("stage")
+    for _, heading, _ in columns:
+        table.add_column(heading, justify="right")
+    for r in results:
+        cells = ["-" if k not in r else f"{r[k]:.0%}" if pct else f"{r[k]:.4f}" for k, _, pct in columns]
+        table.add_row(f"{r['stage']} ({r['kind']})" if "kind" in r else r["stage"], *cells)
+    console.print(table)

@@ -191,6 +191,17 @@ def _words_are_independent(model: bytes) -> bool:
             and normalizer.get(1) == b"identity" and normalizer.get(3, 1) == 0 and normalizer.get(4, 1) == 0)
 
 
+def _user_defined(model: bytes) -> dict[str, int]:
+    """{piece: id} of the model's user-defined pieces (ModelProto field 1: pieces, each with its
+    text in field 1 and its type in field 3, USER_DEFINED = 4); the Python API does not say."""
+    out = {}
+    for i, (number, value) in enumerate((n, v) for n, v in _fields(model) if n == 1):
+        fields = dict(_fields(value))
+        if fields.get(3) == 4:
+            out[fields[1].decode()] = i
+    return out
+
+
 def _fields(buf: bytes):
     """(field number, value) pairs of a serialized protobuf message: varints as ints,
     length-delimited fields as bytes, fixed-width ones as None."""
@@ -246,7 +257,11 @@ class Tokenizer:
                  else bytes([int(sp.id_to_piece(i)[3:5], 16)]) if sp.is_byte(i)
                  else sp.id_to_piece(i).replace(_META, " ").encode() for i in range(self.vocab_size)]
         self._bytes = table
+        # User-defined symbols (the chat template's tags) are whole tokens that no text merge makes.
+        self.specials = _user_defined(model)
+        # Bytes of *text* each id stands for (bits per byte): control and special tokens count none.
         self.token_bytes = np.fromiter(map(len, table), dtype=np.int32, count=self.vocab_size)
+        self.token_bytes[list(self.specials.values())] = 0
         meta = [sp.piece_to_id(f"<0x{b:02X}>") for b in _META.encode()]
         self._meta_ids = meta if all(sp.is_byte(i) for i in meta) else [sp.unk_id()]
         self._memo: dict[str, list[int]] = {}  # word -> ids, for encode_batch
@@ -271,6 +286,15 @@ class Tokenizer:
 
     def __reduce__(self):  # picklable for data-loading worker processes
         return (Tokenizer, (self.path, self._model))
+
+    def special_id(self, piece: str) -> int:
+        """The id of a user-defined symbol such as the chat template's <|user|>."""
+        if piece not in self.specials:
+            known = ", ".join(self.specials) or "none"
+            raise TokenizerError(f"{self.path}: the tokenizer has no special token {piece!r} (it has: {known})",
+                                 hint="set tokenizer.chat_template so the tokenizer is trained with its tokens, "
+                                      "or load a tokenizer that has them")
+        return self.specials[piece]
 
     def encode(self, text: str) -> list[int]:
         return self._encode_meta(text) if _META in text else self._sp.encode(text)

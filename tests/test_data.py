@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from llmforge.data import Sampler, eval_windows, prepare_source
+from llmforge.data.rows import WindowRows
 from llmforge.data.cache import cache_key
 from llmforge.errors import DataError
 from llmforge.recipe.schema import SourceSpec
@@ -58,37 +59,38 @@ def test_bad_sources(tmp_path, tok):
 
 def test_sampler_resumes_exactly_from_its_state():
     a, b = np.arange(1000, dtype=np.uint16), np.arange(5000, 5500, dtype=np.uint16)
-    s1 = Sampler([(a, 0.75), (b, 0.25)], seq_len=16, batch_size=64, seed=1, stream=0)
-    batches = [s1.next_batch() for _ in range(3)]
+    sources = [(WindowRows(a, 16), 0.75), (WindowRows(b, 16), 0.25)]
+    s1 = Sampler(sources, batch_size=64, seed=1, stream=0)
+    batches = [s1.next_batch()["tokens"] for _ in range(3)]
     state = s1.state_dict()
-    batches += [s1.next_batch() for _ in range(3)]
-    s2 = Sampler([(a, 0.75), (b, 0.25)], seq_len=16, batch_size=64, seed=1, stream=0)
+    batches += [s1.next_batch()["tokens"] for _ in range(3)]
+    s2 = Sampler(sources, batch_size=64, seed=1, stream=0)
     s2.load_state_dict(state)
-    assert all(np.array_equal(s2.next_batch(), x) for x in batches[3:])
+    assert all(np.array_equal(s2.next_batch()["tokens"], x) for x in batches[3:])
     assert len(str(state)) < 100  # a few counters, whatever the corpus size
     rows = np.concatenate(batches)
     assert rows.shape == (384, 17) and rows.dtype == np.int64
     assert np.all(np.diff(rows, axis=1) == 1)  # contiguous windows
-    other = Sampler([(a, 0.75), (b, 0.25)], seq_len=16, batch_size=64, seed=2, stream=0).next_batch()
+    other = Sampler(sources, batch_size=64, seed=2, stream=0).next_batch()["tokens"]
     assert not np.array_equal(other, batches[0])
 
 
 @pytest.mark.parametrize("weights", [(0.5, 0.3, 0.2), (0.97, 0.02, 0.01), (1 / 3, 1 / 3, 1 / 3)])
 def test_realized_token_shares_match_the_weights(weights):
     arrays = [np.full(10_000, i, dtype=np.uint16) for i in range(3)]
-    sampler = Sampler(list(zip(arrays, weights)), seq_len=32, batch_size=24, seed=0, stream=1)
+    sampler = Sampler([(WindowRows(a, 32), w) for a, w in zip(arrays, weights)], batch_size=24, seed=0, stream=1)
     for steps in (10, 97, 400):
         counts = sum(sampler.counts(n) for n in range(steps))
         assert counts.sum() == steps * 24
         assert np.allclose(counts / counts.sum(), weights, atol=0.01)
-    drawn = np.concatenate([sampler.next_batch() for _ in range(97)])
+    drawn = np.concatenate([sampler.next_batch()["tokens"] for _ in range(97)])
     assert np.allclose(np.bincount(drawn[:, 0], minlength=3) / len(drawn), weights, atol=0.01)
 
 
 def test_each_epoch_visits_every_window_once():
     arr = np.arange(3300, dtype=np.uint16)  # 3300 tokens: 102 windows of 32 (+1) per epoch
-    sampler = Sampler([(arr, 1.0)], seq_len=32, batch_size=17, seed=3, stream=0)
-    starts = np.concatenate([sampler.next_batch()[:, 0] for _ in range(12)])  # 204 windows: two epochs
+    sampler = Sampler([(WindowRows(arr, 32), 1.0)], batch_size=17, seed=3, stream=0)
+    starts = np.concatenate([sampler.next_batch()["tokens"][:, 0] for _ in range(12)])  # 204 windows: two epochs
     first, second = np.sort(starts[:102]), np.sort(starts[102:])
     assert len(set(first.tolist())) == 102 and len(set(second.tolist())) == 102
     assert np.all(np.diff(first) == 32) and np.all(np.diff(second) == 32)  # a full grid, no overlaps

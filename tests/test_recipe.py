@@ -66,7 +66,7 @@ def test_cross_field_problems(tmp_path):
     text = TINY_RECIPE.format(steps=10, every=5).replace("steps: 10", "steps: 10\n    tokens: 1M")
     text = text.replace("n_head: 2, n_kv_head: 1", "n_head: 3")
     lines = problems(write(tmp_path, text))
-    assert any("stages[0]: give exactly one budget: tokens or steps" in l for l in lines)
+    assert any("stages[0]: give exactly one budget: tokens, steps or epochs" in l for l in lines)
     assert any("model: n_embd (32) must be divisible by n_head (3)" in l for l in lines)
 
 

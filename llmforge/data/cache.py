@@ -26,13 +26,15 @@ from typing import Callable
 import numpy as np
 
 from ..errors import DataError
-from ..recipe.schema import SourceSpec
+from ..recipe.schema import EXAMPLE_FORMATS, SourceSpec
+from .example_cache import load_examples, write_examples
 from .sources import Skips, iter_pieces, list_files
 
-CACHE_VERSION = 2
+CACHE_VERSION = 4
 _BATCH_BYTES = 1 << 20  # ~1 MB of text per encode call: big enough to amortize, small to bound memory
 # Options that change which documents a source yields (val_fraction only moves the split point).
-_SHAPING = {"builtin", "format", "split", "field", "min_chars", "max_chars", "on_error", "max_bytes", "val_fraction"}
+_SHAPING = {"builtin", "format", "split", "field", "prompt_field", "response_field", "min_chars", "max_chars", "on_error",
+            "max_bytes", "val_fraction"}
 
 
 def cache_dir() -> Path:
@@ -94,45 +96,84 @@ def cache_key(name: str, spec: SourceSpec, base_dir: Path, tokenizer_fingerprint
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def find_source(name: str, spec: SourceSpec, base_dir: Path, tokenizer) -> PreparedSource | None:
+def _entry(name: str, spec: SourceSpec, base_dir: Path, tokenizer, template) -> Path:
+    key = cache_key(name, spec, base_dir, tokenizer.fingerprint)
+    if spec.format in EXAMPLE_FORMATS:  # the template decides the tokens around every turn
+        key = hashlib.sha256(json.dumps([key, template.to_dict()]).encode()).hexdigest()[:32]
+    return cache_dir() / "tokens" / key
+
+
+def find_source(name: str, spec: SourceSpec, base_dir: Path, tokenizer, template=None):
     """The cached entry for this source and tokenizer, if it exists (never tokenizes)."""
-    entry = cache_dir() / "tokens" / cache_key(name, spec, base_dir, tokenizer.fingerprint)
+    entry = _entry(name, spec, base_dir, tokenizer, template)
     return load_entry(name, entry) if _complete(entry) else None
 
 
 def _complete(entry: Path) -> bool:
-    """meta.json present and tokens.bin exactly as long as it says (not cut short by a crash)."""
+    """meta.json present and the token files exactly as long as it says (not cut short by a crash)."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
-        return (entry / "tokens.bin").stat().st_size == meta["tokens"] * np.dtype(meta["dtype"]).itemsize
+        ok = (entry / "tokens.bin").stat().st_size == meta["tokens"] * np.dtype(meta["dtype"]).itemsize
+        if meta.get("kind") == "examples":
+            ok = ok and (entry / "learned.bin").stat().st_size == meta["tokens"] and (entry / "offsets.npy").is_file()
+        return ok
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
 def prepare_source(name: str, spec: SourceSpec, base_dir: Path, tokenizer,
-                   on_progress: Callable[[int], None] = lambda n: None, workers: int | None = None) -> PreparedSource:
-    """Tokenize a source into the cache (or find it there) and map it into memory."""
-    entry = cache_dir() / "tokens" / cache_key(name, spec, base_dir, tokenizer.fingerprint)
+                   on_progress: Callable[[int], None] = lambda n: None, workers: int | None = None,
+                   template=None):
+    """Tokenize a source into the cache (or find it there) and map it into memory: a
+    PreparedSource (text) or PreparedExamples (chat, prompt_response, preference; needs the
+    chat template)."""
+    if spec.format in EXAMPLE_FORMATS and template is None:
+        raise DataError(f"data.{name}: {spec.format} data needs a chat template",
+                        hint="set tokenizer.chat_template: default")
+    entry = _entry(name, spec, base_dir, tokenizer, template)
     if not _complete(entry):
         _clean_stale(entry.parent)
         tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}"
         try:
-            _write_entry(entry, tmp, name, spec, base_dir, tokenizer, on_progress, workers or _cores())
+            if spec.format in EXAMPLE_FORMATS:
+                write_examples(tmp, name, spec, base_dir, tokenizer, template, on_progress)
+            else:
+                _write_entry(tmp, name, spec, base_dir, tokenizer, on_progress, workers or _cores())
+            _publish(tmp, entry)
         finally:  # on success tmp was renamed; on any error (Ctrl-C too) it must not linger
             shutil.rmtree(tmp, ignore_errors=True)
     return load_entry(name, entry)
 
 
-def load_entry(name: str, entry: Path) -> PreparedSource:
+def _publish(tmp: Path, entry: Path) -> None:
+    if _complete(entry):  # another process finished the same entry first: theirs is as good as ours
+        return
+    shutil.rmtree(entry, ignore_errors=True)  # an incomplete leftover
+    try:
+        os.replace(tmp, entry)
+    except OSError:
+        if not _complete(entry):
+            raise
+
+
+def load_entry(name: str, entry: Path):
     meta = json.loads((entry / "meta.json").read_text())
-    tokens = np.memmap(entry / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r",
-                       shape=(meta["tokens"],)) if meta["tokens"] else np.zeros(0, dtype=meta["dtype"])
-    if hasattr(getattr(tokens, "_mmap", None), "madvise"):
-        # Training reads scattered windows: without this, each page fault pulls in ~128 KB of
-        # readahead, and resident memory creeps toward the corpus size.
-        tokens._mmap.madvise(mmap.MADV_RANDOM)
+    tokens = _map(entry / "tokens.bin", meta["dtype"], meta["tokens"])
+    if meta.get("kind") == "examples":
+        return load_examples(name, entry, meta, tokens, _map(entry / "learned.bin", "uint8", meta["tokens"]))
     return PreparedSource(name, tokens, meta["split"], meta["documents"], meta["bytes"], meta["skipped"],
                           meta["filtered"], entry)
+
+
+def _map(path: Path, dtype: str, n: int) -> np.ndarray:
+    if not n:
+        return np.zeros(0, dtype=dtype)
+    arr = np.memmap(path, dtype=np.dtype(dtype), mode="r", shape=(n,))
+    if hasattr(getattr(arr, "_mmap", None), "madvise"):
+        # Training reads scattered windows: without this, each page fault pulls in ~128 KB of
+        # readahead, and resident memory creeps toward the corpus size.
+        arr._mmap.madvise(mmap.MADV_RANDOM)
+    return arr
 
 
 # Each worker process keeps its own tokenizer, set once by the pool initializer.
@@ -170,7 +211,7 @@ def _batches(pieces, dtype: str):
         yield (texts, ends, dtype), size
 
 
-def _write_entry(entry: Path, tmp: Path, name, spec, base_dir, tokenizer, on_progress, workers: int) -> None:
+def _write_entry(tmp: Path, name, spec, base_dir, tokenizer, on_progress, workers: int) -> None:
     dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -206,14 +247,6 @@ def _write_entry(entry: Path, tmp: Path, name, spec, base_dir, tokenizer, on_pro
             "documents": n_docs, "bytes": n_bytes, "skipped": skips.bad, "filtered": skips.filtered,
             "skip_examples": skips.examples, "tokenizer": tokenizer.fingerprint}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    if _complete(entry):  # another process finished the same entry first: theirs is as good as ours
-        return
-    shutil.rmtree(entry, ignore_errors=True)  # an incomplete leftover
-    try:
-        os.replace(tmp, entry)
-    except OSError:
-        if not _complete(entry):
-            raise
 
 
 def _pool(tokenizer, workers: int):

@@ -4,6 +4,7 @@ A reader yields a short document whole, as (text, True), and streams a long one 
 pieces cut at line ends, the last with ends_document=True, so no file, paragraph or line is ever
 held whole. Readers do not decide what happens to a bad record or which lengths are kept: they ask
 the `Report` that sources.py hands them (it raises or counts, per `on_error` and min/max_chars).
+Conversation formats (chat, prompt_response, preference) are read in examples.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 from ..errors import DataError
-from ..recipe.schema import SourceSpec
+from ..recipe.schema import EXAMPLE_FORMATS, SourceSpec
 
 Pieces = Iterator[tuple[str, bool]]
 
@@ -24,7 +25,8 @@ PIECE_BYTES = 1 << 20  # a long document is read and tokenized ~1 MB at a time
 _PARQUET_BATCH_ROWS = 256  # rows per record batch: a few MB even for long documents
 
 # Files a directory contributes to a source of this format (a named file or a glob is taken as is).
-SUFFIXES = {"jsonl": (".jsonl", ".jsonl.gz"), "parquet": (".parquet",)}
+_JSONL = (".jsonl", ".jsonl.gz")
+SUFFIXES = {"jsonl": _JSONL, "parquet": (".parquet",), "chat": _JSONL, "prompt_response": _JSONL, "preference": _JSONL}
 
 _UTF8_HINT = "convert the file to UTF-8 or remove it from the source"
 
@@ -47,6 +49,9 @@ Reader = Callable[[Path, SourceSpec, Report], Pieces]
 
 
 def reader_for(spec: SourceSpec) -> Reader:
+    if spec.format in EXAMPLE_FORMATS:  # conversations: their text, for tokenizer training
+        from .examples import read_example_texts
+        return read_example_texts
     if spec.format == "jsonl":
         return read_jsonl
     if spec.format == "parquet":
@@ -255,9 +260,10 @@ def _bad_utf8(path: Path, offset: int, line: int | None, report: Report) -> None
 
 # --- jsonl ----------------------------------------------------------------------------------------
 
-def read_jsonl(path: Path, spec: SourceSpec, report: Report) -> Pieces:
-    """A document per non-blank line: a JSON object whose `field` holds the text. `.gz`: gzipped."""
-    field = spec.field
+def json_records(path: Path, report: Report, like: str) -> Iterator[tuple[str, dict]]:
+    """("path:line", object) per non-blank line of a JSON-lines file (`.gz`: gzipped); shared by the
+    jsonl reader and the example readers (examples.py). A line that is not UTF-8 or not a JSON
+    object goes to report.bad; `like` shows the expected shape in the hint."""
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
@@ -277,42 +283,52 @@ def read_jsonl(path: Path, spec: SourceSpec, report: Report) -> Pieces:
                                "each line must be one JSON object")
                     continue
                 if not isinstance(record, dict):
-                    report.bad(where, f"a JSON {_json_type(record)}, not an object",
-                               f'each line must be one JSON object, like {{"{field}": "..."}}')
+                    report.bad(where, f"a JSON {json_type(record)}, not an object",
+                               f"each line must be one JSON object, like {like}")
                     continue
-                if field not in record:
-                    report.bad(where, f"no field {field!r} ({_listing('fields', list(record))})",
-                               f"set data.{report.source}.field to the field that holds the text")
-                    continue
-                text = record[field]
-                if not isinstance(text, str):
-                    report.bad(where, f"field {field!r} is {_json_type(text)}, not a string",
-                               f"data.{report.source}.field must name a field that holds text")
-                    continue
-                if not text.isascii() and not _encodable(text):
-                    report.bad(where, f"field {field!r} holds an unpaired surrogate (not valid Unicode)",
-                               "fix the record's \\uXXXX escapes")
-                    continue
-                if report.keep(len(text)):
-                    yield text, True
+                yield where, record
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise DataError(f"{path}: not a readable gzip file ({e})", hint="recompress the file, or drop .gz from its name")
 
 
-def _json_type(value) -> str:
+def read_jsonl(path: Path, spec: SourceSpec, report: Report) -> Pieces:
+    """A document per non-blank line: a JSON object whose `field` holds the text. `.gz`: gzipped."""
+    field = spec.text_field
+    for where, record in json_records(path, report, f'{{"{field}": "..."}}'):
+        if field not in record:
+            report.bad(where, f"no field {field!r} ({listing('fields', list(record))})",
+                       f"set data.{report.source}.field to the field that holds the text")
+            continue
+        text = record[field]
+        if not isinstance(text, str):
+            report.bad(where, f"field {field!r} is {json_type(text)}, not a string",
+                       f"data.{report.source}.field must name a field that holds text")
+            continue
+        if not valid_unicode(text):
+            report.bad(where, f"field {field!r} holds an unpaired surrogate (not valid Unicode)",
+                       "fix the record's \\uXXXX escapes")
+            continue
+        if report.keep(len(text)):
+            yield text, True
+
+
+def json_type(value) -> str:
     if value is None:
         return "null"
     return {dict: "object", list: "list", str: "string"}.get(type(value), type(value).__name__)
 
 
-def _listing(what: str, names: list) -> str:
+def listing(what: str, names: list) -> str:
     if not names:
         return f"no {what}"
     shown = ", ".join(map(str, names[:12]))
     return f"{what}: {shown}" + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
 
 
-def _encodable(text: str) -> bool:
+def valid_unicode(text: str) -> bool:
+    """False for a string with an unpaired surrogate (JSON's "\\ud800"), which cannot be encoded."""
+    if text.isascii():
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -330,7 +346,7 @@ def read_parquet(path: Path, spec: SourceSpec, report: Report) -> Pieces:
     except ImportError:
         raise DataError(f"data.{report.source}: reading parquet needs pyarrow",
                         hint="pip install 'llmforge[parquet]'") from None
-    field = spec.field
+    field = spec.text_field
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
@@ -339,7 +355,7 @@ def read_parquet(path: Path, spec: SourceSpec, report: Report) -> Pieces:
     with pf:
         schema = pf.schema_arrow
         if field not in schema.names:
-            raise DataError(f"{path}: no column {field!r} ({_listing('columns', schema.names)})",
+            raise DataError(f"{path}: no column {field!r} ({listing('columns', schema.names)})",
                             hint=f"set data.{report.source}.field to the column that holds the text")
         kind = schema.field(field).type
         value_kind = kind.value_type if pa.types.is_dictionary(kind) else kind

@@ -1,14 +1,15 @@
 """The stage's weighted, seeded, resumable sampler of training windows, and the eval windows.
 
-How a batch of B windows (seq_len+1 tokens each) is drawn:
+How a batch of B rows is drawn (a row is a seq_len+1 window for pretraining, a packed row of
+conversations for sft, a preference pair for dpo; see rows.py):
 - *How many from each source*: B x weight, rounded by systematic sampling whose offset follows
   the golden-ratio sequence, so each source's realized share of tokens tracks its weight to
-  within a few windows over any span of batches (not just on average).
-- *Which windows*: each source is cut into non-overlapping windows; every epoch visits all of them
-  once in a pseudo-random order (a keyed Feistel permutation, so no index array is ever built)
-  with an epoch-specific shift of the window grid. A source repeats only when it runs out.
+  within a few rows over any span of batches (not just on average).
+- *Which rows*: every epoch visits all of a source's rows once in a pseudo-random order (a keyed
+  Feistel permutation, so no index array is ever built); the epoch's key also shifts the window
+  grid of a token stream. A source repeats only when it runs out.
 
-The state is the batch counter and one window counter per source: a few bytes whatever the
+The state is the batch counter and one row counter per source: a few bytes whatever the
 corpus size, exact to save and restore, and enough to compute any batch.
 """
 
@@ -25,20 +26,19 @@ _RELEASE_EVERY = 256  # batches between release_pages() calls
 
 
 class Sampler:
-    def __init__(self, sources: list[tuple[np.ndarray, float]], seq_len: int, batch_size: int,
-                 seed: int, stream: int):
-        """sources: (train tokens, weight) pairs; each needs at least seq_len+1 tokens."""
-        self.arrays = [a for a, _ in sources]
+    def __init__(self, sources: list, batch_size: int, seed: int, stream: int):
+        """sources: (row source, weight) pairs (see rows.py), each with at least one row."""
+        self.sources = [src for src, _ in sources]
         weights = np.array([w for _, w in sources], dtype=np.float64)
-        self.quota = batch_size * weights / weights.sum()  # expected windows per batch per source
-        self.seq_len, self.batch_size = seq_len, batch_size
+        self.quota = batch_size * weights / weights.sum()  # expected rows per batch per source
+        self.batch_size = batch_size
         self.seed, self.stream = seed, stream
         self.batches = 0
-        self.drawn = [0] * len(self.arrays)  # windows taken from each source so far
+        self.drawn = [0] * len(self.sources)  # rows taken from each source so far
         self._keys: dict = {}
 
     def counts(self, batch: int) -> np.ndarray:
-        """Windows per source in batch `batch`: floor(quota) plus the remainders, spread by
+        """Rows per source in batch `batch`: floor(quota) plus the remainders, spread by
         systematic sampling at offset frac((batch+1) x phi). Sums to batch_size exactly."""
         base = np.floor(self.quota).astype(np.int64)
         frac = self.quota - base
@@ -49,36 +49,30 @@ class Sampler:
             base += np.histogram(points, bins=edges)[0]
         return base
 
-    def next_batch(self) -> np.ndarray:
-        """[batch_size, seq_len + 1] int64 windows, drawn by weight from the sources."""
-        rows = []
+    def next_batch(self) -> dict[str, np.ndarray]:
+        """{name: [batch_size, ...] array}: rows drawn by weight from the sources."""
+        parts = []
         for s, n in enumerate(self.counts(self.batches)):
             if n:
-                rows.append(self._windows(s, np.arange(self.drawn[s], self.drawn[s] + n)))
+                parts.append(self._rows(s, np.arange(self.drawn[s], self.drawn[s] + n)))
                 self.drawn[s] += int(n)
-        batch = np.concatenate(rows)
+        batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         if self.batches % _RELEASE_EVERY == _RELEASE_EVERY - 1:
-            release_pages(self.arrays)
+            release_pages([a for src in self.sources for a in src.arrays])
         # Mix sources within the batch, so micro-batches (and later ranks) each see the blend.
-        order = np.random.Generator(np.random.PCG64([self.seed, self.stream, self.batches])).permutation(len(batch))
+        order = np.random.Generator(np.random.PCG64([self.seed, self.stream, self.batches])).permutation(self.batch_size)
         self.batches += 1
-        return batch[order]
+        return {k: v[order] for k, v in batch.items()}
 
-    def _windows(self, s: int, j: np.ndarray) -> np.ndarray:
-        """Windows number j (a running count) of source s."""
-        arr, T = self.arrays[s], self.seq_len
-        span = len(arr) - (T + 1)  # the last possible start
-        n_windows = windows_per_epoch(len(arr), T)
-        shift_range = min(T, span - (n_windows - 1) * T + 1)
-        out = np.empty((len(j), T + 1), dtype=np.int64)
-        epochs = j // n_windows
+    def _rows(self, s: int, j: np.ndarray) -> dict:
+        """Rows number j (a running count) of source s: epoch j // n_rows, in that epoch's order."""
+        src = self.sources[s]
+        epochs = j // src.n_rows
+        parts = []
         for epoch in np.unique(epochs):
             key = self._epoch_key(s, int(epoch))
-            mask = epochs == epoch
-            idx = permute(j[mask] % n_windows, n_windows, key)
-            starts = idx * T + int(key % np.uint64(shift_range))
-            out[mask] = arr[starts[:, None] + np.arange(T + 1)]
-        return out
+            parts.append(src.rows(permute(j[epochs == epoch] % src.n_rows, src.n_rows, key), key))
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _epoch_key(self, s: int, epoch: int) -> np.uint64:
         if (s, epoch) not in self._keys:
@@ -87,15 +81,14 @@ class Sampler:
 
     def epochs_drawn(self) -> list[float]:
         """Passes made over each source so far (for reporting)."""
-        T = self.seq_len
-        return [d / windows_per_epoch(len(a), self.seq_len) for d, a in zip(self.drawn, self.arrays)]
+        return [d / src.n_rows for d, src in zip(self.drawn, self.sources)]
 
     def state_dict(self) -> dict:
         return {"batches": self.batches, "drawn": list(self.drawn)}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches = int(state["batches"])
-        self.drawn = [int(x) for x in state.get("drawn", [0] * len(self.arrays))]
+        self.drawn = [int(x) for x in state.get("drawn", [0] * len(self.sources))]
 
 
 def windows_per_epoch(n_tokens: int, seq_len: int) -> int:

@@ -28,6 +28,11 @@ _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", 
 
 def list_files(name: str, spec: SourceSpec, base_dir: Path) -> list[Path]:
     """The source's files, in the order their documents are read."""
+    if spec.builtin and spec.builtin.startswith("world-"):  # generated once into the cache
+        from .world import FILES, ensure_world
+
+        kind = {"world-facts": "facts", "world-chat": "chat", "world-prefs": "prefs"}[spec.builtin]
+        return [ensure_world() / next(f for f in FILES if f.startswith(kind))]
     if spec.builtin == "python-stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
         files = [p for p in root.rglob("*.py") if not _STDLIB_SKIP.intersection(p.relative_to(root).parts)]

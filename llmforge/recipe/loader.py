@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import RecipeError
-from .schema import Recipe
+from .schema import BUILTINS, TEXT_FORMATS, Recipe
 
 Loc = tuple  # a key path: ("stages", 0, "optimizer", "lr")
 
@@ -283,10 +283,28 @@ def _check_references(data: dict) -> list[tuple[Loc, str]]:
         if not isinstance(stage, dict):
             continue
         mix = stage.get("mix")
+        kind = stage.get("kind")
         if isinstance(mix, dict):
             for src in mix:
                 if src not in sources:
                     problems.append((("stages", i, "mix", src), _unknown_source(src, sources)))
+                elif kind in STAGE_FORMATS and _format(data["data"][src]) not in STAGE_FORMATS[kind]:
+                    problems.append((("stages", i, "mix", src), f"{_a(kind)} {kind} stage trains on "
+                                     f"{' or '.join(STAGE_FORMATS[kind])} data; source {src!r} is "
+                                     f"{_format(data['data'][src])}"))
+        no_template = isinstance(data.get("tokenizer"), dict) and not data["tokenizer"].get("chat_template")
+        if kind in ("sft", "dpo") and no_template:
+            problems.append((("stages", i, "kind"), f"{_a(kind)} {kind} stage needs tokenizer.chat_template "
+                             "(e.g. chat_template: default)"))
+        elif no_template and isinstance(stage.get("eval"), dict) and stage["eval"].get("tasks"):
+            problems.append((("stages", i, "eval", "tasks"), "task evals prompt the model through the chat "
+                             "template: set tokenizer.chat_template (e.g. chat_template: default)"))
+        init = stage.get("init")
+        if isinstance(init, str) and init != "none" and init not in names:
+            later = any(isinstance(s, dict) and s.get("name") == init for s in stages)
+            problems.append((("stages", i, "init"), f"{init!r} is not an earlier stage" + (
+                " (a stage starts from one that ran before it)" if later else _did_you_mean(init, list(names)))
+                + "; use a stage name or none"))
         name = stage.get("name")
         if isinstance(name, str):
             if name in names:
@@ -301,6 +319,21 @@ def _check_references(data: dict) -> list[tuple[Loc, str]]:
             if src not in sources:
                 problems.append((("tokenizer", "train_on", j), _unknown_source(src, sources)))
     return problems
+
+
+# The data formats each stage kind trains on.
+STAGE_FORMATS = {"pretrain": TEXT_FORMATS, "sft": ("chat", "prompt_response"), "dpo": ("preference",)}
+
+
+def _a(word: str) -> str:
+    return "an" if word[:1] in "aeios" else "a"  # an sft, a dpo, a pretrain
+
+
+def _format(source) -> str:
+    """A raw source's format, as the schema will resolve it."""
+    if not isinstance(source, dict):
+        return "text"
+    return source.get("format") or BUILTINS.get(source.get("builtin"), {}).get("format", "text")
 
 
 def _unknown_source(name, sources) -> str:

@@ -131,6 +131,25 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ChatTemplateSpec(Spec):
+    """The special tokens that frame each turn of a conversation (see llmforge/chat.py)."""
+    system: str = "<|system|>"
+    user: str = "<|user|>"
+    assistant: str = "<|assistant|>"
+    end: str = "<|end|>"  # closes every turn; generation stops when the assistant emits it
+
+    @model_validator(mode="after")
+    def _distinct(self):
+        tokens = [self.system, self.user, self.assistant, self.end]
+        if len(set(tokens)) != 4 or not all(t and not any(c.isspace() for c in t) for t in tokens):
+            raise ValueError("the four chat tokens must be distinct, non-empty, and without spaces")
+        return self
+
+
+def _template(value):
+    return {} if value == "default" else value
+
+
 class TokenizerSpec(Spec):
     type: Literal["bpe", "unigram", "char"] = "bpe"
     vocab_size: PositiveCount | None = None
@@ -138,6 +157,11 @@ class TokenizerSpec(Spec):
     byte_fallback: bool = True
     train_on: list[str] | None = None  # source names; default: every source a stage mixes
     sample_bytes: PositiveCount = 10_000_000
+    # 'default' (<|system|> <|user|> <|assistant|> <|end|>) or your own four tokens; they are added to
+    # the tokenizer as user-defined symbols. Needed by sft and dpo stages.
+    chat_template: Annotated[ChatTemplateSpec, BeforeValidator(_template),
+                             WithJsonSchema({"anyOf": [{"const": "default"}, ChatTemplateSpec.model_json_schema()]})] \
+        | None = None
 
     @model_validator(mode="after")
     def _one_way(self):
@@ -177,12 +201,30 @@ class ModelSpec(Spec):
         return self
 
 
+# Built-in sources and the format/split/val_fraction their data comes in. The world-* sources are
+# one generated world (llmforge/data/world.py): facts to pretrain on, questions about them to
+# fine-tune on, preference pairs; their last 20% of examples are about people never trained on.
+BUILTINS = {
+    "python-stdlib": {"format": "text"},
+    "world-facts": {"format": "text", "split": "paragraph"},
+    "world-chat": {"format": "chat", "val_fraction": 0.2},
+    "world-prefs": {"format": "preference", "val_fraction": 0.2},
+}
+TEXT_FORMATS = ("text", "jsonl", "parquet")  # documents of plain text, for pretraining
+EXAMPLE_FORMATS = ("chat", "prompt_response", "preference")  # conversations, for sft and dpo
+
+
 class SourceSpec(Spec):
     path: str | None = None  # file, directory or glob; relative to the recipe's folder
-    builtin: Literal["python-stdlib"] | None = None
-    format: Literal["text", "jsonl", "parquet"] = "text"
+    builtin: Literal["python-stdlib", "world-facts", "world-chat", "world-prefs"] | None = None
+    # text/jsonl/parquet: documents. chat: jsonl of {messages: [{role, content}]}. prompt_response:
+    # jsonl with a prompt and a response field. preference: jsonl of {prompt, chosen, rejected}.
+    format: Literal["text", "jsonl", "parquet", "chat", "prompt_response", "preference"] = "text"
     split: Literal["file", "paragraph", "line"] = "file"  # text: one document per file/blank-line block/line
-    field: str = "text"  # jsonl: the field holding the text; parquet: the column
+    field: str | None = None  # jsonl: the field holding the text (default text); parquet: the column
+    # (default text); chat: the field holding the message list (default messages)
+    prompt_field: str = "prompt"  # prompt_response: the user's turn
+    response_field: str = "response"  # prompt_response: the assistant's turn
     min_chars: Count = 0  # documents shorter than this are dropped
     max_chars: PositiveCount | None = None  # documents longer than this are dropped
     on_error: Literal["fail", "skip"] = "fail"  # skip: bad records are counted and reported, not fatal
@@ -190,15 +232,36 @@ class SourceSpec(Spec):
     max_bytes: PositiveCount | None = None  # read at most this much of the source
     epochs: Annotated[Float, Field(gt=0)] | None = None  # at most this many passes over the training split
 
+    @model_validator(mode="before")
+    @classmethod
+    def _builtin_defaults(cls, data):
+        """A built-in source's data comes in one format: fill it in, refuse a contradiction."""
+        if isinstance(data, dict) and data.get("builtin") in BUILTINS:
+            fixed = BUILTINS[data["builtin"]]
+            for key, value in fixed.items():
+                given = parse_fraction(data.get(key, value)) if key == "val_fraction" else data.get(key, value)
+                if given != value:
+                    raise ValueError(f"builtin {data['builtin']} has {key} {value}; leave {key} out")
+            data = {**fixed, **data}
+        return data
+
     @model_validator(mode="after")
     def _one_origin(self):
         if (self.path is None) == (self.builtin is None):
             raise ValueError("give exactly one of path or builtin")
         if self.split != "file" and self.format != "text":
             raise ValueError(f"split applies to text sources, not {self.format}")
+        if self.field is not None and self.format in ("prompt_response", "preference"):
+            raise ValueError(f"field does not apply to {self.format} data"
+                             + (" (use prompt_field and response_field)" if self.format == "prompt_response" else ""))
         if self.max_chars is not None and self.max_chars < self.min_chars:
             raise ValueError(f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars})")
         return self
+
+    @property
+    def text_field(self) -> str:
+        """The jsonl field / parquet column with the text, or the chat field with the messages."""
+        return self.field or ("messages" if self.format == "chat" else "text")
 
 
 class OptimizerSpec(Spec):
@@ -216,9 +279,13 @@ class ScheduleSpec(Spec):
     min_lr: NumberOrPercent = "10%"  # absolute, or a share of optimizer.lr
 
 
+TASKS = ("world-qa",)  # built-in task evals (llmforge/tasks.py), run on a stage's final weights
+
+
 class EvalSpec(Spec):
     every: Count = 0  # steps between evals; 0: only at the start and the end
     tokens: PositiveCount = 65536  # held-out tokens per eval
+    tasks: list[Literal[TASKS]] = []  # task evals run once the stage is done (generation: slower)
 
 
 class CheckpointSpec(Spec):
@@ -226,24 +293,64 @@ class CheckpointSpec(Spec):
     keep: Int = Field(default=3, ge=1)  # newest checkpoints kept per stage
 
 
+# Stage keys that only mean something for some kinds, with their defaults.
+KIND_KEYS = {
+    "train_on": ("sft", "assistant"), "packing": ("sft", True), "overlong": ("sft dpo", "truncate"),
+    "beta": ("dpo", 0.1), "label_smoothing": ("dpo", 0.0), "loss": ("dpo", "sigmoid"), "rpo_alpha": ("dpo", 0.0),
+}
+
+
 class StageSpec(Spec):
     name: Name
-    kind: Literal["pretrain"]
+    kind: Literal["pretrain", "sft", "dpo"]
+    # The weights this stage starts from: the previous stage's final weights (default), another
+    # earlier stage's (its name), or 'none' for a fresh random init.
+    init: Name | None = None
     mix: dict[str, Annotated[Float, Field(gt=0)]] = Field(min_length=1)
+    # The budget: exactly one of tokens, steps, epochs (passes over the mixed sources' training data).
     tokens: PositiveCount | None = None
     steps: PositiveCount | None = None
-    batch_tokens: PositiveCount
+    epochs: Annotated[Float, Field(gt=0)] | None = None
+    # The global batch: tokens per optimizer step, or sequences per step (dpo: preference pairs).
+    batch_tokens: PositiveCount | None = None
+    batch_size: PositiveCount | None = None
     seq_len: Int | None = Field(default=None, gt=1)  # default: model.seq_len
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: ScheduleSpec = ScheduleSpec()
     eval: EvalSpec = EvalSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    # sft: which tokens are learned (the assistant's turns, or every token), and whether several
+    # conversations share a sequence (packing, attention kept inside each) or each is padded.
+    train_on: Literal["assistant", "all"] | None = None
+    packing: bool | None = None
+    # sft, dpo: an example longer than seq_len+1 tokens is cut to fit, or left out.
+    overlong: Literal["truncate", "drop"] | None = None
+    # dpo: strength of the pull toward the reference, smoothing for noisy labels, and the loss
+    # (sigmoid: Rafailov et al. 2023; ipo: Azar et al. 2023).
+    beta: Float | None = Field(default=None, gt=0)
+    label_smoothing: Float | None = Field(default=None, ge=0, lt=0.5)
+    loss: Literal["sigmoid", "ipo"] | None = None
+    # dpo: weight of an added NLL loss on the chosen response (per token; RPO, Pang et al. 2024),
+    # which keeps the chosen answers likely while the margin grows (small models drift without it).
+    rpo_alpha: Float | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _one_budget(self):
-        if (self.tokens is None) == (self.steps is None):
-            raise ValueError("give exactly one budget: tokens or steps")
+        if sum(x is not None for x in (self.tokens, self.steps, self.epochs)) != 1:
+            raise ValueError("give exactly one budget: tokens, steps or epochs")
+        if (self.batch_tokens is None) == (self.batch_size is None):
+            raise ValueError("give exactly one batch: batch_tokens or batch_size")
+        misplaced = [k for k, (kinds, _) in KIND_KEYS.items() if getattr(self, k) is not None
+                     and self.kind not in kinds.split()]
+        if misplaced:
+            kinds = KIND_KEYS[misplaced[0]][0].replace(" ", " and ")
+            raise ValueError(f"{', '.join(misplaced)} applies to {kinds} stages, not {self.kind}")
         return self
+
+    def option(self, key: str):
+        """A kind-specific setting (KIND_KEYS) with its default filled in."""
+        value = getattr(self, key)
+        return KIND_KEYS[key][1] if value is None else value
 
 
 class RuntimeSpec(Spec):

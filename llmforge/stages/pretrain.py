@@ -1,7 +1,17 @@
-"""Pretraining: next-token cross-entropy on packed windows of text."""
+"""Pretraining: next-token cross-entropy on packed windows of text.
+
+Every stage kind's objective has the same small interface (the engine knows no other):
+  units(batch)            what the step's loss is a mean over (tokens, pairs), for the whole
+                          global batch, so micro-batches of unequal content weigh correctly;
+  loss(model, batch)      {name: summed tensor}; "loss" is backpropagated, all are logged as means;
+  eval_sums(model, batch) summed held-out quantities; summarize(sums) -> the val metrics.
+"""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -15,6 +25,29 @@ def token_losses(model, batch: torch.Tensor) -> torch.Tensor:
     return loss.view_as(targets)
 
 
-def loss(model, batch: torch.Tensor) -> torch.Tensor:
-    """Mean loss in nats per token: what the optimizer minimizes."""
-    return token_losses(model, batch).mean()
+def summarize_lm(sums: dict) -> dict:
+    """Held-out loss in nats per learned token, and bits per UTF-8 byte of the learned text."""
+    if not sums.get("tokens"):
+        return {}
+    return {"loss": sums["nats"] / sums["tokens"], "bpb": sums["text_nats"] / math.log(2) / max(sums["bytes"], 1)}
+
+
+class Objective:
+    def __init__(self, sp, token_bytes: np.ndarray):
+        self.token_bytes = token_bytes
+
+    def units(self, batch: dict) -> int:
+        return batch["tokens"][:, 1:].size
+
+    def loss(self, model, batch: dict) -> dict:
+        return {"loss": token_losses(model, batch["tokens"]).sum()}
+
+    def eval_sums(self, model, batch: dict) -> dict:
+        # Bits per byte of *text*: targets that decode to no bytes (end-of-text) count in neither sum.
+        targets = batch["tokens"][:, 1:].cpu().numpy()
+        counted = torch.from_numpy(self.token_bytes[targets] > 0)
+        nats = token_losses(model, batch["tokens"]).double().cpu()[counted].sum().item()
+        n_bytes = int(self.token_bytes[targets].sum())
+        return {"nats": nats, "text_nats": nats, "tokens": int(counted.sum()), "bytes": n_bytes}
+
+    summarize = staticmethod(summarize_lm)

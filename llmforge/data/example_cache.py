@@ -1,0 +1,106 @@
+"""Token cache entries for conversation data (chat, prompt_response, preference).
+
+Besides `tokens.bin` and `meta.json` (as for text, see cache.py), an entry holds `learned.bin`
+(one byte per token: 1 where the token is the assistant's, so a training target under
+train_on: assistant), `offsets.npy` (where each sequence starts; a preference pair is two
+sequences, prompt+chosen then prompt+rejected) and `origins.npy` (file number and line of each
+example, so a plan-time problem can name the record). The held-out split is the last
+val_fraction of *examples*, not tokens: an example is never cut in two.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..chat import ChatTemplate
+from ..errors import DataError
+from .rows import Examples
+from .sources import Skips, _Report, list_files
+
+
+@dataclass
+class PreparedExamples:
+    name: str
+    tokens: np.ndarray  # memory-mapped, every sequence end to end
+    learned: np.ndarray  # memory-mapped uint8 flags, one per token
+    offsets: np.ndarray  # [sequences + 1]
+    origins: np.ndarray  # [examples, 2]: file number, line
+    files: list[str]
+    per_example: int  # 1, or 2 for preference pairs
+    split: int  # examples[:split] train, examples[split:] held out
+    documents: int  # examples
+    bytes: int
+    skipped: int
+    filtered: int
+    path: Path
+
+    def _part(self, lo: int, hi: int) -> Examples:
+        k = self.per_example
+        return Examples(self.tokens, self.learned, self.offsets[lo * k:hi * k + 1], k,
+                        lambda i: self.where(lo + i))
+
+    @property
+    def train(self) -> Examples:
+        return self._part(0, self.split)
+
+    @property
+    def val(self) -> Examples:
+        return self._part(self.split, self.documents)
+
+    def where(self, i: int) -> str:
+        f, line = self.origins[i]
+        return f"{self.files[f]}:{line}"
+
+
+def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTemplate, on_progress) -> None:
+    from .examples import read_examples
+
+    tmp.mkdir(parents=True)
+    dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
+    skips = Skips()
+    report = _Report(name, spec, skips)
+    files = list_files(name, spec, base_dir)
+    offsets, origins, n_bytes, total = [0], [], 0, 0
+    with open(tmp / "tokens.bin", "wb") as tok_f, open(tmp / "learned.bin", "wb") as learn_f:
+        for number, path in enumerate(files):
+            for where, example in read_examples(path, spec, report):
+                for segments in _sequences(spec.format, example, template):
+                    ids, learned = template.encode(tokenizer, segments)
+                    tok_f.write(np.asarray(ids, dtype=dtype).tobytes())
+                    learn_f.write(np.asarray(learned, dtype=np.uint8).tobytes())
+                    total += len(ids)
+                    offsets.append(total)
+                    n_bytes += sum(len(text.encode()) for text, special, _ in segments if not special)
+                origins.append((number, int(where.rsplit(":", 1)[1])))
+            on_progress(path.stat().st_size)
+    n = len(origins)
+    if n == 0:
+        why = f"all {skips.bad + skips.filtered} records were skipped or filtered" if skips.bad + skips.filtered \
+            else "every file is empty"
+        raise DataError(f"data.{name}: the source has no examples ({why})", hint="point the source at files with records")
+    np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+    np.save(tmp / "origins.npy", np.asarray(origins, dtype=np.int64).reshape(-1, 2))
+    meta = {"kind": "examples", "format": spec.format, "source": name, "dtype": dtype, "tokens": total,
+            "per_example": 2 if spec.format == "preference" else 1, "split": n - int(round(n * spec.val_fraction, 9)),
+            "documents": n, "bytes": n_bytes, "skipped": skips.bad, "filtered": skips.filtered,
+            "skip_examples": skips.examples, "files": [str(p) for p in files], "tokenizer": tokenizer.fingerprint}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def _sequences(fmt: str, example, template: ChatTemplate) -> list:
+    """The template's segments of each sequence an example becomes."""
+    if fmt == "preference":
+        prompt, chosen, rejected = example
+        head = template.prompt_segments(prompt)
+        return [head + template.reply_segments(chosen), head + template.reply_segments(rejected)]
+    return [template.segments(example)]
+
+
+def load_examples(name: str, entry: Path, meta: dict, tokens: np.ndarray, learned: np.ndarray) -> PreparedExamples:
+    return PreparedExamples(name, tokens, learned, np.load(entry / "offsets.npy"), np.load(entry / "origins.npy"),
+                            meta["files"], meta["per_example"], meta["split"], meta["documents"], meta["bytes"],
+                            meta["skipped"], meta["filtered"], entry)

@@ -1,0 +1,186 @@
+"""Readers for the conversation formats of sft and dpo stages: chat, prompt_response, preference.
+
+All three are JSON lines (`.jsonl`, `.jsonl.gz`), one example per non-blank line, read through
+formats.json_records so that encoding and JSON problems read exactly as the jsonl format's. Each
+example is checked whole here (roles, turn order, non-empty text), because the chat template
+(llmforge/chat.py) renders what it is given without looking; a bad one goes to report.bad as
+"path:line: messages[2]: ...", naming the message at fault. Messages come out as plain
+{"role", "content"} dicts: other keys (name, weight, tool calls...) are dropped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..chat import ROLES
+from ..recipe.schema import SourceSpec
+from .formats import Pieces, Report, json_records, json_type, listing, valid_unicode
+
+Messages = list[dict]  # [{"role": "system" | "user" | "assistant", "content": str}]
+Preference = tuple[Messages, str, str]  # (prompt messages, chosen reply, rejected reply)
+
+_MESSAGE = '{"role": "user", "content": "..."}'
+_MESSAGE_HINT = f"each message is an object like {_MESSAGE}"
+_TURNS_HINT = ("a conversation is an optional system message, then user and assistant turns in turn, "
+               "ending with the assistant's")
+_PROMPT_HINT = ("a preference prompt is a string, or messages ending with the user's turn "
+                "(the replies are chosen and rejected)")
+_PAIR_HINT = 'a preference record is like {"prompt": "...", "chosen": "...", "rejected": "..."}'
+_TEXT_HINT = "every turn needs its text, as a non-empty string"
+
+
+class _Bad(Exception):
+    """A bad example: args are (reason, hint) for report.bad."""
+
+
+def read_chat(path: Path, spec: SourceSpec, report: Report) -> Iterator[tuple[str, Messages]]:
+    """(where, messages) per record: the message list under `field` (default "messages")."""
+    field = spec.text_field
+    hint = f"set data.{report.source}.field to the field that holds the messages"
+
+    def parse(record: dict) -> Messages:
+        return _conversation(_get(record, field, hint), field, last="assistant")
+    return _read(path, report, f'{{"{field}": [{_MESSAGE}, ...]}}', parse, _contents)
+
+
+def read_prompt_response(path: Path, spec: SourceSpec, report: Report) -> Iterator[tuple[str, Messages]]:
+    """(where, [user turn, assistant turn]) per record, from prompt_field and response_field."""
+    fields = (spec.prompt_field, spec.response_field)
+
+    def parse(record: dict) -> Messages:
+        turns = []
+        for role, key, setting in zip(("user", "assistant"), fields, ("prompt_field", "response_field")):
+            hint = f"set data.{report.source}.{setting} to the field that holds the {role}'s turn"
+            turns.append({"role": role, "content": _text(_get(record, key, hint), f"field {key!r}")})
+        return turns
+    return _read(path, report, '{{"{}": "...", "{}": "..."}}'.format(*fields), parse, _contents)
+
+
+def read_preference(path: Path, spec: SourceSpec, report: Report) -> Iterator[tuple[str, Preference]]:
+    """(where, (prompt messages, chosen, rejected)) per record. The prompt is a string (one user
+    turn) or a message list ending with the user's turn; chosen and rejected are strings, or
+    TRL's conversational form: a list holding one assistant message."""
+    def parse(record: dict) -> Preference:
+        prompt = _get(record, "prompt", _PAIR_HINT)
+        if isinstance(prompt, list):
+            messages = _conversation(prompt, "prompt", last="user")
+        else:
+            messages = [{"role": "user", "content": _text(prompt, "field 'prompt'", _PROMPT_HINT)}]
+        chosen, rejected = (_reply(_get(record, key, _PAIR_HINT), key) for key in ("chosen", "rejected"))
+        if chosen == rejected:  # no preference to learn: the dpo loss would be constant
+            raise _Bad("chosen and rejected are the same", "a preference pair needs two different replies")
+        return messages, chosen, rejected
+    return _read(path, report, '{"prompt": "...", "chosen": "...", "rejected": "..."}', parse, _pair_contents)
+
+
+_READERS = {"chat": read_chat, "prompt_response": read_prompt_response, "preference": read_preference}
+
+
+def read_examples(path: Path, spec: SourceSpec, report: Report) -> Iterator[tuple[str, Messages | Preference]]:
+    """(where, example) per kept record of a chat, prompt_response or preference file: messages,
+    or (prompt messages, chosen, rejected) for preference."""
+    return _READERS[spec.format](path, spec, report)
+
+
+def read_example_texts(path: Path, spec: SourceSpec, report: Report) -> Pieces:
+    """A document per example: its contents joined by newlines (formats.reader_for gives this
+    reader to tokenizer training, which must see the words the sft and dpo stages train on; the
+    chat tags are the tokenizer's own symbols and are not part of the text)."""
+    contents = _pair_contents if spec.format == "preference" else _contents
+    for _, example in read_examples(path, spec, report):
+        yield "\n".join(contents(example)), True
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+def _read(path: Path, report: Report, like: str, parse: Callable, contents: Callable) -> Iterator:
+    for where, record in json_records(path, report, like):
+        try:
+            example = parse(record)
+        except _Bad as e:
+            report.bad(where, *e.args)
+            continue
+        # The length filter counts the text the example is made of (not the JSON around it).
+        if report.keep(sum(map(len, contents(example)))):
+            yield where, example
+
+
+def _contents(messages: Messages) -> list[str]:
+    return [m["content"] for m in messages]
+
+
+def _pair_contents(example: Preference) -> list[str]:
+    prompt, chosen, rejected = example
+    return _contents(prompt) + [chosen, rejected]
+
+
+def _get(record: dict, key: str, hint: str):
+    if key not in record:
+        raise _Bad(f"no field {key!r} ({listing('fields', list(record))})", hint)
+    return record[key]
+
+
+def _text(value, label: str, hint: str = _TEXT_HINT) -> str:
+    """A turn's text: a string that is not blank (a blank turn teaches nothing, or teaches silence)."""
+    if not isinstance(value, str):
+        raise _Bad(f"{label} is {json_type(value)}, not a string", hint)
+    if not value.strip():
+        raise _Bad(f"{label} is {'empty' if not value else 'only whitespace'}", _TEXT_HINT)
+    if not valid_unicode(value):
+        raise _Bad(f"{label} holds an unpaired surrogate (not valid Unicode)", "fix the record's \\uXXXX escapes")
+    return value
+
+
+def _message(value, at: str) -> dict:
+    if not isinstance(value, dict):
+        raise _Bad(f"{at}: a JSON {json_type(value)}, not an object", _MESSAGE_HINT)
+    for key in ("role", "content"):
+        if key not in value:
+            raise _Bad(f"{at}: no {key!r} ({listing('fields', list(value))})", _MESSAGE_HINT)
+    role = value["role"]
+    if role not in ROLES:
+        raise _Bad(f"{at}: unknown role {role!r} (known: {', '.join(ROLES)})",
+                   "map other roles (human, gpt, bot...) to system, user or assistant")
+    return {"role": role, "content": _text(value["content"], f"{at}: content")}
+
+
+def _conversation(value, name: str, last: str) -> Messages:
+    """Messages in an order the chat template can render: an optional system message first, then
+    user and assistant turns alternating from the user's, ending with `last` (assistant for a
+    chat example, whose replies are learned; user for a preference prompt, which awaits one)."""
+    if not isinstance(value, list):
+        raise _Bad(f"field {name!r} is {json_type(value)}, not a list", f"{name} must be a list like [{_MESSAGE}, ...]")
+    if not value:
+        raise _Bad(f"field {name!r} is an empty list", _TURNS_HINT)
+    hint = _TURNS_HINT if last == "assistant" else _PROMPT_HINT
+    messages = [_message(m, f"{name}[{i}]") for i, m in enumerate(value)]
+    previous = None
+    for i, m in enumerate(messages):
+        role, at = m["role"], f"{name}[{i}]"
+        if role == "system":
+            if i:
+                raise _Bad(f"{at}: a 'system' message after the first", hint)
+        elif previous in (None, "system"):
+            if role != "user":
+                raise _Bad(f"{at}: the first turn is {role!r}, not 'user'", hint)
+        elif role == previous:
+            raise _Bad(f"{at}: two {role!r} turns in a row", hint)
+        previous = role
+    if previous != last:
+        raise _Bad(f"{name}[{len(messages) - 1}]: the last turn is {previous!r}, not {last!r}", hint)
+    return messages
+
+
+def _reply(value, name: str) -> str:
+    """A preference reply: a string, or [{"role": "assistant", "content": ...}] (TRL's form)."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise _Bad(f"field {name!r} is a list of {len(value)} messages, not one assistant message",
+                       f'{name} is a string, or [{{"role": "assistant", "content": "..."}}]')
+        message = _message(value[0], f"{name}[0]")
+        if message["role"] != "assistant":
+            raise _Bad(f"{name}[0]: a {message['role']!r} message, not 'assistant'",
+                       f"{name} is the assistant's reply to the prompt")
+        return message["content"]
+    return _text(value, f"field {name!r}")

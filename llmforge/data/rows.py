@@ -1,0 +1,175 @@
+"""Row sources: what one training row is for each stage kind, and how a source is cut into rows.
+
+A row source has `n_rows` rows per epoch, `arrays` (memory-mapped files, for page release) and
+`rows(idx, key) -> {name: array}` that builds the given rows; the Sampler (sampler.py) decides
+which rows go into which batch. Rows are fixed once per source and stage, so an epoch is a
+permutation of them and a checkpoint only needs a counter.
+
+- WindowRows (pretrain): non-overlapping seq_len+1 windows of the token stream.
+- PackedRows (sft): conversations laid end to end in rows of seq_len inputs, each row carrying
+  the document id of every token so attention stays inside each conversation; or, with packing
+  off, one conversation per row, padded.
+- PairRows (dpo): one preference pair per row: prompt+chosen and prompt+rejected, padded, with
+  the frozen reference model's log-probabilities of each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .sampler import _hash, permute, windows_per_epoch
+
+IGNORE = -1  # target id of a position that is not learned
+
+
+class WindowRows:
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.arrays = [tokens]
+        self.n_rows = windows_per_epoch(len(tokens), seq_len)
+
+    def rows(self, idx: np.ndarray, key) -> dict:
+        # Each epoch shifts the window grid by a key-chosen offset, so window edges move.
+        T = self.seq_len
+        span = len(self.tokens) - (T + 1)
+        shift_range = min(T, span - (self.n_rows - 1) * T + 1)
+        starts = idx * T + int(np.uint64(key) % np.uint64(shift_range))
+        return {"tokens": np.asarray(self.tokens[starts[:, None] + np.arange(T + 1)], dtype=np.int64)}
+
+
+@dataclass
+class Examples:
+    """One split of a tokenized example source: sequences laid end to end in `tokens`, with a
+    `learned` flag per token (assistant content and its end tag) and [n_seq + 1] `offsets`.
+    A preference pair is two consecutive sequences (chosen, rejected)."""
+    tokens: np.ndarray
+    learned: np.ndarray
+    offsets: np.ndarray
+    per_example: int  # sequences per example: 1 (chat), 2 (preference pair)
+    origins: list  # "file:line" of each example, looked up lazily (see cache.py)
+
+    def __len__(self) -> int:
+        return (len(self.offsets) - 1) // self.per_example
+
+    def lengths(self) -> np.ndarray:
+        """[n, per_example] tokens of each sequence."""
+        return np.diff(self.offsets).reshape(-1, self.per_example)
+
+    def first_learned(self) -> np.ndarray:
+        """[n, per_example] index of each sequence's first learned token (its length if none)."""
+        hits = np.flatnonzero(np.asarray(self.learned[self.offsets[0]:self.offsets[-1]]))
+        hits = hits + self.offsets[0]
+        at = np.searchsorted(hits, self.offsets[:-1])
+        first = np.where(at < len(hits), hits[np.minimum(at, len(hits) - 1)], self.offsets[-1]) - self.offsets[:-1]
+        return np.minimum(first, np.diff(self.offsets)).reshape(-1, self.per_example)
+
+    def sequence(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return np.asarray(self.tokens[a:b], dtype=np.int64), np.asarray(self.learned[a:b], dtype=bool)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which examples a stage uses and how they fill rows (computed identically by plan and engine)."""
+    keep: np.ndarray  # example indexes in row order
+    row_starts: np.ndarray  # [n_rows + 1] positions in `keep` where each row begins
+    dropped: int  # longer than seq_len+1 tokens, left out (overlong: drop)
+    truncated: int  # cut to seq_len+1 tokens (overlong: truncate)
+    empty: np.ndarray  # examples that would learn nothing: no learned token within seq_len+1
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.row_starts) - 1
+
+
+def layout(ex: Examples, seq_len: int, *, packing: bool, overlong: str, train_on: str, seed: int) -> Layout:
+    """Drop or truncate long examples, then pack them (in a fixed seeded order) into rows of
+    seq_len input positions; an example of L tokens takes L-1 (its inputs). Without packing,
+    one example per row."""
+    T = seq_len
+    lengths = ex.lengths()
+    first = np.ones_like(lengths) if train_on == "all" else ex.first_learned()
+    long = (lengths > T + 1).any(axis=1)
+    empty = np.flatnonzero((first > T).any(axis=1) | (first >= lengths).any(axis=1))
+    usable = ~long if overlong == "drop" else np.ones(len(lengths), dtype=bool)
+    usable[empty] = usable[empty] & (overlong != "drop")
+    order = np.flatnonzero(usable)
+    if len(order) > 1:  # a seeded shuffle, so neighbours in the file are not always packed together
+        order = order[permute(np.arange(len(order)), len(order), _hash(seed, 0x5F7))]
+    if packing and ex.per_example == 1:
+        sizes = np.minimum(lengths[order, 0], T + 1) - 1
+        starts, fill = [0], 0
+        for i, size in enumerate(sizes.tolist()):
+            if fill + size > T:
+                starts.append(i)
+                fill = 0
+            fill += size
+        starts.append(len(order))
+        row_starts = np.array(starts if len(order) else [0], dtype=np.int64)
+    else:
+        row_starts = np.arange(len(order) + 1, dtype=np.int64)
+    dropped = int(long.sum()) if overlong == "drop" else 0
+    truncated = 0 if overlong == "drop" else int(long.sum())
+    if overlong == "drop":
+        empty = np.setdiff1d(empty, np.flatnonzero(long))
+    return Layout(order, row_starts, dropped, truncated, empty)
+
+
+class PackedRows:
+    def __init__(self, ex: Examples, seq_len: int, *, packing: bool, overlong: str, train_on: str, seed: int):
+        self.ex, self.seq_len, self.packing, self.train_on = ex, seq_len, packing, train_on
+        self.layout = layout(ex, seq_len, packing=packing, overlong=overlong, train_on=train_on, seed=seed)
+        self.arrays = [ex.tokens, ex.learned]
+        self.n_rows = self.layout.n_rows
+
+    def rows(self, idx: np.ndarray, key=None) -> dict:
+        """inputs/targets [n, T] (targets IGNORE where nothing is learned, and in padding) and,
+        when packing, docs [n, T]: the row's document number of each position (padding: its own)."""
+        T, lay = self.seq_len, self.layout
+        inputs = np.zeros((len(idx), T), dtype=np.int64)
+        targets = np.full((len(idx), T), IGNORE, dtype=np.int64)
+        docs = np.zeros((len(idx), T), dtype=np.int64)
+        for r, row in enumerate(np.asarray(idx).tolist()):
+            fill = 0
+            for d, e in enumerate(lay.keep[lay.row_starts[row]:lay.row_starts[row + 1]].tolist()):
+                ids, learned = self.ex.sequence(e)
+                ids, learned = ids[:T + 1], learned[:T + 1]
+                n = len(ids) - 1
+                inputs[r, fill:fill + n] = ids[:-1]
+                learn = learned[1:] if self.train_on == "assistant" else np.ones(n, dtype=bool)
+                targets[r, fill:fill + n] = np.where(learn, ids[1:], IGNORE)
+                docs[r, fill:fill + n] = d
+                fill += n
+            docs[r, fill:] = d + 1  # padding attends only to padding
+        out = {"inputs": inputs, "targets": targets}
+        return out | {"docs": docs} if self.packing else out
+
+
+class PairRows:
+    def __init__(self, ex: Examples, seq_len: int, *, overlong: str, seed: int):
+        self.ex, self.seq_len = ex, seq_len
+        self.layout = layout(ex, seq_len, packing=False, overlong=overlong, train_on="assistant", seed=seed)
+        self.arrays = [ex.tokens, ex.learned]
+        self.n_rows = self.layout.n_rows
+        self.reference: np.ndarray | None = None  # [len(ex), 2] log-probs under the frozen reference
+
+    def rows(self, idx: np.ndarray, key=None, with_reference: bool = True) -> dict:
+        """chosen/rejected [n, T+1] token rows and *_learned [n, T] target flags, plus `reference`
+        [n, 2]: the reference model's summed log-probs of the chosen and rejected responses."""
+        T = self.seq_len
+        examples = self.layout.keep[np.asarray(idx)]
+        out = {}
+        for side, name in enumerate(("chosen", "rejected")):
+            tokens = np.zeros((len(idx), T + 1), dtype=np.int64)
+            learned = np.zeros((len(idx), T), dtype=bool)
+            for r, e in enumerate(examples.tolist()):
+                ids, flags = self.ex.sequence(2 * e + side)
+                ids, flags = ids[:T + 1], flags[:T + 1]
+                tokens[r, :len(ids)] = ids
+                learned[r, :len(ids) - 1] = flags[1:]
+            out[name], out[f"{name}_learned"] = tokens, learned
+        if with_reference:
+            out["reference"] = self.reference[examples]
+        return out

@@ -1,0 +1,99 @@
+"""`llmforge eval`: a finished stage measured again on its held-out data and its task evals,
+with exactly the code that evaluated it during the run (engine.evaluate, tasks.run_tasks).
+
+A run directory holds all it needs: the resolved recipe, the folder relative data paths are
+resolved against (run.json), the tokenizer and each stage's final weights; the token cache is
+reused, or rebuilt from the data if it was cleared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .chat import ChatTemplate
+from .data import prepare_source
+from .engine import _autocast, attach_reference, evaluate, stage_rows
+from .errors import CheckpointError
+from .generate import find_stage, load_trained
+from .plan import compile_plan, detect_device
+from .recipe import validate_recipe
+from .stages import OBJECTIVES
+from .tokenizer import Tokenizer
+
+
+def load_run_recipe(run_dir: Path):
+    try:
+        recipe = validate_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
+        base = json.loads((run_dir / "run.json").read_text())["base_dir"]
+    except (OSError, ValueError, KeyError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{run_dir}: not a complete run directory ({e})",
+                              hint="point at a folder made by `llmforge run`, e.g. runs/quickstart") from None
+    recipe._base_dir = Path(base)
+    return recipe
+
+
+def evaluate_stage(run_dir: Path, stage: str | None, tasks: list[str] | None = None, reporter=None) -> dict:
+    """Held-out metrics of a stage's final weights (val loss/bpb; for dpo, reward accuracy against
+    its reference) plus its task evals (the recipe's eval.tasks, or `tasks`)."""
+    final = find_stage(run_dir, stage)
+    recipe = load_run_recipe(run_dir)
+    name = json.loads((final / "config.json").read_text())["stage"]
+    device = detect_device(recipe.runtime)
+    torch.set_num_threads(device.threads)
+    tokenizer = Tokenizer.load(run_dir / "tokenizer" / "tokenizer.model")
+    template = ChatTemplate.from_spec(recipe.tokenizer.chat_template)
+    spec = next(s for s in recipe.stages if s.name == name)
+    sources = {}
+    for src in spec.mix:
+        with _task(reporter, f"preparing {src}"):
+            sources[src] = prepare_source(src, recipe.data[src], recipe.base_dir, tokenizer, template=template)
+    from .pipeline import _stats
+
+    stats = {n: _stats(s) for n, s in sources.items()}
+    plan = compile_plan(recipe.model_copy(update={"stages": [spec]}), vocab_size=tokenizer.vocab_size,
+                        sources=stats, device=device)
+    sp = next(s for s in plan.stages)
+    sp = sp.__class__(**{**sp.__dict__, "index": recipe.stages.index(spec)})  # its place in the run
+    model, _ = load_trained(final, device.type)
+    objective, amp = OBJECTIVES[sp.kind](sp, tokenizer.token_bytes), _autocast(device)
+    train, evals = stage_rows(sources, sp, recipe.seed)
+    if sp.kind == "dpo":
+        reference = final.parent / "reference.npz"  # the run's stage folder (sp.dir_name counts from this plan)
+        if not reference.is_file():
+            raise CheckpointError(f"{reference} is missing: the dpo reference's log-probs are gone",
+                                  hint="run the recipe again to rebuild the stage")
+        attach_reference(reference, model, objective, train, evals, sp.micro_batch, device.type, amp)
+        evals = {n: rows.rows(np.arange(k)) for n, (rows, k) in evals.items()}
+    else:
+        evals = {n: rows for n, (rows, _) in evals.items()}
+    results = {"stage": name} | evaluate(model, objective, evals, sp.micro_batch, torch.device(device.type), amp)
+    names = sp.tasks if tasks is None else tasks
+    if names:
+        from .tasks import run_tasks
+
+        with _task(reporter, f"task evals: {', '.join(names)}"):
+            results |= run_tasks(names, model, tokenizer, template)
+    return results
+
+
+def stage_results(run_dir: Path) -> list[dict]:
+    """Each finished stage's final eval results, as saved when it finished (final/eval.json)."""
+    out = []
+    for final in sorted((run_dir / "stages").glob("*/final")):
+        try:
+            results = json.loads((final / "eval.json").read_text())
+            config = json.loads((final / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        out.append({"stage": config["stage"], "kind": config["kind"]} | results)
+    return out
+
+
+def _task(reporter, description: str):
+    return reporter.task(description, None) if reporter else contextlib.nullcontext()

@@ -1,0 +1,41 @@
+"""Supervised fine-tuning: cross-entropy on the learned tokens of conversations (the assistant's
+turns, or every token with train_on: all), in packed rows whose documents do not see each other."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.rows import IGNORE
+from .pretrain import summarize_lm
+
+
+def target_losses(model, batch: dict) -> torch.Tensor:
+    """[B, T] nats of each target; 0 where nothing is learned (IGNORE)."""
+    logits = model(batch["inputs"], docs=batch.get("docs"))
+    targets = batch["targets"]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+    return loss.view_as(targets)
+
+
+class Objective:
+    def __init__(self, sp, token_bytes: np.ndarray):
+        self.token_bytes = token_bytes
+
+    def units(self, batch: dict) -> int:
+        return max(1, int((batch["targets"] != IGNORE).sum()))
+
+    def loss(self, model, batch: dict) -> dict:
+        return {"loss": target_losses(model, batch).sum()}
+
+    def eval_sums(self, model, batch: dict) -> dict:
+        nats = target_losses(model, batch).double().cpu()
+        targets = batch["targets"].cpu().numpy()
+        learned = targets != IGNORE
+        n_bytes = np.where(learned, self.token_bytes[np.where(learned, targets, 0)], 0)
+        text = torch.from_numpy(n_bytes > 0)  # the end-of-turn tag is learned, but is no text
+        return {"nats": nats.sum().item(), "tokens": int(learned.sum()), "text_nats": nats[text].sum().item(),
+                "bytes": int(n_bytes.sum())}
+
+    summarize = staticmethod(summarize_lm)

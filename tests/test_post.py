@@ -1,0 +1,500 @@
+"""Post-training: the chat template and its loss mask, packing isolation, the DPO loss, stage
+chaining, exact resume in sft and dpo stages, and the chat/sample/eval commands."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from llmforge.chat import ChatTemplate
+from llmforge.data.rows import IGNORE, Examples, PackedRows, PairRows
+from llmforge.model import PRESETS, ModelConfig, Transformer
+from llmforge.stages import dpo, sft
+
+from .conftest import cli, make_corpus
+
+# --- a small world of people and places, for chat and preference data ------------------------------
+
+PEOPLE = ["Kalo", "Mine", "Tari", "Suvo", "Elan", "Oris", "Rika", "Nelo", "Vomi", "Lota"]
+PLACES = ["Kamisu", "Lorita", "Nevo", "Suran", "Talo"]
+
+
+def place(i: int) -> str:
+    return PLACES[(3 * i + 1) % len(PLACES)]
+
+
+def conversations(n: int = 60) -> list[dict]:
+    out = []
+    for i in range(n):
+        who = PEOPLE[i % len(PEOPLE)]
+        messages = [{"role": "user", "content": f"Where is {who}?"},
+                    {"role": "assistant", "content": f"{who} is in {place(i % len(PEOPLE))}."}]
+        if i % 4 == 0:
+            messages = [{"role": "system", "content": "Answer briefly."}] + messages
+        if i % 3 == 0:
+            other = PEOPLE[(i + 3) % len(PEOPLE)]
+            messages += [{"role": "user", "content": f"And {other}?"},
+                         {"role": "assistant", "content": f"{other} is in {place((i + 3) % len(PEOPLE))}."}]
+        out.append({"messages": messages})
+    return out
+
+
+def preferences(n: int = 60) -> list[dict]:
+    out = []
+    for i in range(n):
+        who = PEOPLE[i % len(PEOPLE)]
+        chosen = f"{who} is in {place(i % len(PEOPLE))}."
+        rejected = chosen + " I hope this helps!" if i % 2 else f"{who} is in {place(i % len(PEOPLE) + 1)}."
+        out.append({"prompt": f"Where is {who}?", "chosen": chosen, "rejected": rejected})
+    return out
+
+
+RECIPE = """\
+name: post
+seed: 11
+tokenizer: {type: bpe, vocab_size: 320, chat_template: default}
+model: {preset: llama, n_layer: 2, n_head: 2, n_kv_head: 1, n_embd: 32, seq_len: 64}
+data:
+  corpus: {path: corpus.txt, val_fraction: 10%}
+  chat: {path: chat.jsonl, format: chat, val_fraction: 10%}
+  prefs: {path: prefs.jsonl, format: preference, val_fraction: 10%}
+stages:
+  - name: pretrain
+    kind: pretrain
+    mix: {corpus: 1.0}
+    steps: 16
+    batch_tokens: 256
+    optimizer: {lr: 3e-3}
+    eval: {every: 8, tokens: 1024}
+  - name: sft
+    kind: sft
+    mix: {chat: 1.0}
+    steps: 24
+    batch_size: 4
+    optimizer: {lr: 2e-3, weight_decay: 0.0}
+    eval: {every: 8, tokens: 1024}
+    checkpoint: {every: 4, keep: 2}
+  - name: dpo
+    kind: dpo
+    init: pretrain
+    mix: {prefs: 1.0}
+    steps: 16
+    batch_size: 4
+    beta: 0.1
+    optimizer: {lr: 1e-3, weight_decay: 0.0}
+    eval: {every: 8, tokens: 1024}
+    checkpoint: {every: 4, keep: 2}
+runtime: {log_every: 2, threads: 1}  # 1: far faster on a busy 2-core machine
+"""
+
+
+def write_data(folder: Path) -> None:
+    (folder / "corpus.txt").write_text(make_corpus(6000, seed=3))
+    (folder / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in conversations()))
+    (folder / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preferences()))
+
+
+RUN = Path("runs/post")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """pretrain -> sft (starts from pretrain) -> dpo (init: pretrain), run once for the module."""
+    folder = tmp_path_factory.mktemp("post")
+    write_data(folder)
+    (folder / "recipe.yaml").write_text(RECIPE)
+    result = cli("run", "recipe.yaml", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return folder
+
+
+def final_weights(run: Path, stage: str) -> bytes:
+    return (run / "stages" / stage / "final" / "model.safetensors").read_bytes()
+
+
+# --- chat template -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from llmforge.tokenizer import Tokenizer, train_tokenizer
+
+    docs = [make_corpus(3000, seed=5)] + [" ".join(m["content"] for m in c["messages"]) for c in conversations()]
+    path = train_tokenizer(docs, tmp_path_factory.mktemp("tok"), type="bpe", vocab_size=300,
+                           user_symbols=ChatTemplate().symbols)
+    return Tokenizer.load(path)
+
+
+def test_template_renders_and_masks(tok):
+    t = ChatTemplate()
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    ids, learned = t.render(tok, messages)
+    assert tok.decode(ids) == "<|user|>Hi<|end|><|assistant|>Hello<|end|>"
+    user, assistant, end = (tok.special_id(s) for s in (t.user, t.assistant, t.end))
+    hi, hello = tok.encode("Hi"), tok.encode("Hello")
+    assert ids == [user, *hi, end, assistant, *hello, end]
+    # Learned: exactly the assistant's content and the <|end|> that closes its turn.
+    assert learned == [False] * (len(hi) + 3) + [True] * (len(hello) + 1)
+    # Two assistant turns and a system message: each assistant turn's content + end, nothing else.
+    long = [{"role": "system", "content": "Be brief."}] + messages + \
+        [{"role": "user", "content": "Where is Kalo?"}, {"role": "assistant", "content": "In Nevo."}]
+    ids, learned = t.render(tok, long)
+    spans = [(text, learn) for text, special, learn in t.segments(long)]
+    assert [text for text, learn in spans if learn] == ["Hello", "<|end|>", "In Nevo.", "<|end|>"]
+    picked = tok.decode([i for i, flag in zip(ids, learned) if flag])
+    assert picked == "Hello<|end|>In Nevo.<|end|>"
+    # train_on all: everything but the first token.
+    ids_all, learned_all = t.render(tok, long, train_on="all")
+    assert ids_all == ids and learned_all == [False] + [True] * (len(ids) - 1)
+    # The generation prompt: the conversation so far, then the assistant's tag.
+    prompt = t.prompt(tok, [{"role": "user", "content": "Hi"}])
+    assert prompt == [user, *hi, end, assistant] and prompt[-1] == tok.special_id("<|assistant|>")
+    assert t.stop_id(tok) == end
+    # The tags count as no text in bits per byte.
+    assert tok.token_bytes[[user, assistant, end]].tolist() == [0, 0, 0]
+
+
+# --- loss mask, end to end through rows and the sft objective ---------------------------------------
+
+def examples(seqs: list[tuple[list[int], list[bool]]], per_example: int = 1) -> Examples:
+    lengths = [len(ids) for ids, _ in seqs]
+    return Examples(tokens=np.array([i for ids, _ in seqs for i in ids], dtype=np.uint16),
+                    learned=np.array([f for _, fl in seqs for f in fl], dtype=np.uint8),
+                    offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                    per_example=per_example, origins=lambda i: f"x:{i}")
+
+
+def chat_sequences(tok, n: int = 7):
+    t = ChatTemplate()
+    return [t.render(tok, c["messages"]) for c in conversations(n)]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_loss_mask_end_to_end(tok, packing):
+    seqs = chat_sequences(tok)
+    ex = examples(seqs)
+    rows = PackedRows(ex, 128, packing=packing, overlong="truncate", train_on="assistant", seed=0)
+    assert rows.layout.truncated == rows.layout.dropped == 0 and len(rows.layout.keep) == len(seqs)
+    assert rows.n_rows < len(seqs) if packing else rows.n_rows == len(seqs)
+    batch = rows.rows(np.arange(rows.n_rows))
+    assert set(batch) == ({"inputs", "targets", "docs"} if packing else {"inputs", "targets"})
+    expected_units = 0
+    for r in range(rows.n_rows):
+        fill = 0
+        order = rows.layout.keep[rows.layout.row_starts[r]:rows.layout.row_starts[r + 1]]
+        for d, e in enumerate(order.tolist()):
+            ids, learned = map(np.asarray, seqs[e])
+            n = len(ids) - 1
+            assert batch["inputs"][r, fill:fill + n].tolist() == ids[:-1].tolist()
+            want = np.where(learned[1:], ids[1:], IGNORE)
+            assert batch["targets"][r, fill:fill + n].tolist() == want.tolist()
+            if packing:
+                assert (batch["docs"][r, fill:fill + n] == d).all()
+            expected_units += int(learned[1:].sum())
+            fill += n
+        assert (batch["targets"][r, fill:] == IGNORE).all()  # padding learns nothing
+    assert expected_units == sum(int(np.sum(l[1:])) for _, l in seqs)
+    objective = sft.Objective(None, tok.token_bytes)
+    assert objective.units(batch) == expected_units == int((batch["targets"] != IGNORE).sum())
+    # The loss is summed over exactly those targets: changing an ignored target changes nothing.
+    cfg = ModelConfig(vocab_size=tok.vocab_size, seq_len=128, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+    with torch.no_grad():
+        loss = objective.loss(model, tensors)["loss"]
+        per_target = sft.target_losses(model, tensors)
+    assert (per_target[tensors["targets"] == IGNORE] == 0).all()
+    assert (per_target[tensors["targets"] != IGNORE] > 0).all()
+    assert torch.allclose(loss, per_target.sum())
+
+
+def test_train_on_all_learns_every_target(tok):
+    seqs = chat_sequences(tok, 3)
+    rows = PackedRows(examples(seqs), 128, packing=True, overlong="truncate", train_on="all", seed=0)
+    batch = rows.rows(np.arange(rows.n_rows))
+    assert sft.Objective(None, tok.token_bytes).units(batch) == sum(len(ids) - 1 for ids, _ in seqs)
+
+
+# --- packing isolation --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["llama", "gpt2"])
+def test_packed_documents_do_not_see_each_other(preset):
+    cfg = ModelConfig(**{**PRESETS[preset], "vocab_size": 50, "seq_len": 32, "n_layer": 2, "n_head": 2,
+                         "n_embd": 32})
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, 50, (11,), generator=g), torch.randint(0, 50, (14,), generator=g)
+    seqs = [(a.tolist(), [True] * 11), (b.tolist(), [True] * 14)]
+    rows = PackedRows(examples(seqs), 32, packing=True, overlong="truncate", train_on="all", seed=0)
+    assert rows.n_rows == 1
+    batch = {k: torch.from_numpy(v) for k, v in rows.rows(np.array([0])).items()}
+    docs = batch["docs"][0]
+    order = rows.layout.keep.tolist()
+    second = torch.from_numpy(np.asarray(seqs[order[1]][0]))
+    first_len = len(seqs[order[0]][0]) - 1
+    span = slice(first_len, first_len + len(second) - 1)
+    assert (docs[span] == 1).all() and (docs[:first_len] == 0).all() and (docs[span.stop:] == 2).all()
+    with torch.no_grad():
+        packed = model(batch["inputs"], docs=batch["docs"])
+        changed_inputs = batch["inputs"].clone()
+        changed_inputs[0, :first_len] = (changed_inputs[0, :first_len] + 7) % 50
+        changed = model(changed_inputs, docs=batch["docs"])
+        alone = model(second[None, :-1])
+    assert not torch.allclose(packed[0, :first_len], changed[0, :first_len])  # the edit mattered there
+    assert torch.allclose(packed[0, span], changed[0, span], atol=1e-6, rtol=0)
+    assert torch.allclose(packed[0, span], alone[0], atol=1e-6, rtol=0)
+
+
+# --- DPO ----------------------------------------------------------------------------------------------
+
+def _logsigmoid(x: float) -> float:
+    return math.log(1 / (1 + math.exp(-x)))
+
+
+@pytest.mark.parametrize("loss,smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0)])
+def test_dpo_terms_by_hand(loss, smoothing):
+    t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    out = dpo.dpo_terms(t(-1.0), t(-2.0), t(-1.5), t(-1.5), beta=0.1, label_smoothing=smoothing, loss=loss)
+    h = (-1.0 + 1.5) - (-2.0 + 1.5)  # = 1.0
+    if loss == "ipo":
+        expected = (h - 1 / (2 * 0.1)) ** 2  # = 16
+    else:
+        expected = -(1 - smoothing) * _logsigmoid(0.1 * h) - smoothing * _logsigmoid(-0.1 * h)
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-12)
+    assert out["reward_chosen"].item() == pytest.approx(0.05) and out["reward_rejected"].item() == pytest.approx(-0.05)
+    assert dpo.dpo_terms(t(-1.0), t(-2.0), t(-1.5), t(-1.5), beta=0.1)["loss"].item() == \
+        pytest.approx(math.log(1 + math.exp(-0.1)), rel=1e-12)
+
+
+def pair_batch(tok):
+    """One preference pair as PairRows builds it, with the reference filled in later."""
+    t = ChatTemplate()
+    head = t.prompt_segments([{"role": "user", "content": "Where is Kalo?"}])
+    chosen = t.encode(tok, head + t.reply_segments("Kalo is in Nevo."))
+    rejected = t.encode(tok, head + t.reply_segments("Kalo is in Nevo. I hope this helps!"))
+    rows = PairRows(examples([chosen, rejected], per_example=2), 64, overlong="truncate", seed=0)
+    batch = rows.rows(np.arange(1), with_reference=False)
+    n_chosen = sum(chosen[1][1:])
+    assert batch["chosen_learned"].sum() == n_chosen and batch["rejected_learned"].sum() == sum(rejected[1][1:])
+    return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+
+def test_dpo_step_raises_the_margin(tok):
+    cfg = ModelConfig(vocab_size=tok.vocab_size, seq_len=64, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    batch = pair_batch(tok)
+    objective = dpo.Objective(SimpleNamespace(options={"beta": 0.1, "label_smoothing": 0.0, "loss": "sigmoid"}),
+                              tok.token_bytes)
+    batch["reference"] = torch.from_numpy(objective.reference(model, batch))  # the starting weights
+    with torch.no_grad():
+        c0, r0 = dpo.pair_logps(model, batch)
+    assert torch.allclose(batch["reference"], torch.stack([c0, r0], dim=1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    sums = objective.loss(model, batch)
+    assert sums["loss"].item() == pytest.approx(math.log(2), rel=1e-5)  # h = 0 at the reference
+    (sums["loss"] / objective.units(batch)).backward()
+    optimizer.step()
+    with torch.no_grad():
+        c1, r1 = dpo.pair_logps(model, batch)
+        after = objective.loss(model, batch)
+    assert (c1 - r1).item() > (c0 - r0).item()
+    assert after["loss"].item() < math.log(2) and after["reward_acc"].item() == 1.0
+
+
+# --- stage chaining -------------------------------------------------------------------------------------
+
+def stage_model(run: Path, stage: str) -> Transformer:
+    from llmforge.generate import load_trained
+
+    return load_trained(run / "stages" / stage / "final")[0]
+
+
+def stage_sources(folder: Path, run: Path, stage: str):
+    """The recipe's stage plan (from plan.json) and its prepared sources, as the engine saw them."""
+    from llmforge.data import prepare_source
+    from llmforge.evaluation import load_run_recipe
+    from llmforge.tokenizer import Tokenizer
+
+    recipe = load_run_recipe(run)
+    tokenizer = Tokenizer.load(run / "tokenizer/tokenizer.model")
+    template = ChatTemplate.from_spec(recipe.tokenizer.chat_template)
+    plan = json.loads((run / "plan.json").read_text())
+    sp = next(s for s in plan["stages"] if s["name"] == stage)
+    sp = SimpleNamespace(**{**sp, "mix": [SimpleNamespace(**m) for m in sp["mix"]]})
+    sources = {m.name: prepare_source(m.name, recipe.data[m.name], folder, tokenizer, template=template)
+               for m in sp.mix}
+    return sp, sources, tokenizer, recipe
+
+
+def test_stages_chain_from_their_init(trained):
+    from llmforge.engine import evaluate, stage_rows
+
+    run = trained / RUN
+    plan = json.loads((run / "plan.json").read_text())
+    assert [(s["name"], s["init"]) for s in plan["stages"]] == [("pretrain", None), ("sft", "pretrain"),
+                                                                 ("dpo", "pretrain")]
+    pretrain, tuned = stage_model(run, "01-pretrain"), stage_model(run, "02-sft")
+    # sft starts from pretrain's final weights: its step-0 eval is what those weights score.
+    sp, sources, tokenizer, recipe = stage_sources(trained, run, "sft")
+    _, evals = stage_rows(sources, sp, recipe.seed)
+    objective = sft.Objective(sp, tokenizer.token_bytes)
+    batches = {n: b for n, (b, _) in evals.items()}
+    scored = evaluate(pretrain, objective, batches, sp.micro_batch, torch.device("cpu"), _nullcontext())
+    first = json.loads((run / "stages/02-sft/metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(scored["val_loss"], rel=1e-6)
+    # dpo has init: pretrain, so its frozen reference is pretrain's final weights, not sft's.
+    sp, sources, _, recipe = stage_sources(trained, run, "dpo")
+    train, _ = stage_rows(sources, sp, recipe.seed)
+    rows = train["prefs"]
+    batch = {k: torch.from_numpy(v) for k, v in rows.rows(np.arange(rows.n_rows), with_reference=False).items()}
+    with np.load(run / "stages/03-dpo/reference.npz") as saved:
+        stored = saved["train/prefs"]
+        assert set(saved.files) == {"train/prefs", "val/prefs"}
+    ours = dpo.Objective(sp, None).reference(pretrain, batch)
+    assert stored.shape == ours.shape == (rows.n_rows, 2)
+    np.testing.assert_allclose(stored, ours, rtol=1e-5, atol=1e-5)
+    from_sft = dpo.Objective(sp, None).reference(tuned, batch)
+    assert not np.allclose(stored, from_sft, atol=1e-3)
+    # The dpo stage moved away from its start; sft did too.
+    assert final_weights(run, "03-dpo") != final_weights(run, "01-pretrain")
+    assert final_weights(run, "02-sft") != final_weights(run, "01-pretrain")
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+# --- kill -9 and resume inside sft and dpo stages --------------------------------------------------------
+
+def start(folder: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llmforge", "run", "recipe.yaml", *args], cwd=folder,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+
+
+def kill_at(folder: Path, proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 120) -> None:
+    """SIGKILL `proc` once its stage has logged `step` (training metrics only)."""
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and any(json.loads(l).get("step", 0) >= step and "loss" in json.loads(l)
+                                        for l in metrics.read_text().splitlines() if l.endswith("}")):
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"the run never reached step {step} in {metrics} ({proc.poll()})")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+
+
+def test_kill_9_in_sft_and_dpo_resumes_bitwise(trained):
+    """The same recipe in a second run directory from pretrain's final weights: killed in sft,
+    resumed, killed in dpo, resumed; every final model equals the uninterrupted run's."""
+    run = trained / RUN
+    copy = trained / "runs/killed"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("02-sft", "03-dpo", ".lock"))
+    args = ("--run-dir", "runs/killed")
+    kill_at(trained, start(trained, *args), copy / "stages/02-sft/metrics.jsonl", 6)
+    assert not (copy / "stages/02-sft/final").exists()
+    assert list((copy / "stages/02-sft/checkpoints").glob("step-*"))  # something to resume from
+    proc = start(trained, *args)
+    kill_at(trained, proc, copy / "stages/03-dpo/metrics.jsonl", 6)
+    assert (copy / "stages/02-sft/final").exists() and not (copy / "stages/03-dpo/final").exists()
+    result = cli("run", "recipe.yaml", *args, cwd=trained)
+    assert result.returncode == 0, result.stderr
+    assert "stage sft: already done" in result.stdout and "stage dpo: resuming from step-" in result.stdout
+    for stage in ("01-pretrain", "02-sft", "03-dpo"):
+        assert final_weights(copy, stage) == final_weights(run, stage), stage
+    # The resumed metrics read like the uninterrupted run's: every step once, the same numbers.
+    for stage in ("02-sft", "03-dpo"):
+        def curve(r):
+            return [(m["step"], m.get("loss"), m.get("val_loss")) for m in
+                    map(json.loads, (r / "stages" / stage / "metrics.jsonl").read_text().splitlines())]
+        assert curve(copy) == curve(run), stage
+
+
+# --- chat, sample --chat, eval ------------------------------------------------------------------------
+
+GREEDY = ("--temperature", "0", "--max-new-tokens", "12")
+
+
+def test_chat_through_stdin(trained):
+    result = subprocess.run([sys.executable, "-m", "llmforge", "chat", str(RUN), "--stage", "sft", *GREEDY],
+                            cwd=trained, input="Where is Kalo?\n/reset\nhello\n/quit\nnever read\n",
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("(new conversation)") == 1
+    # Two replies, each exactly what `sample --chat` says to that message alone (greedy).
+    replies = []
+    for prompt in ("Where is Kalo?", "hello"):
+        one = cli("sample", RUN, "--chat", "--prompt", prompt, "--stage", "sft", *GREEDY, cwd=trained)
+        assert one.returncode == 0, one.stderr
+        assert one.stdout.endswith("\n")
+        replies.append(one.stdout)
+    assert result.stdout == "".join(replies)
+
+
+def test_eval_json(trained):
+    run = trained / RUN
+    result = cli("eval", RUN, "--stage", "sft", "--json", cwd=trained)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    saved = json.loads((run / "stages/02-sft/final/eval.json").read_text())
+    assert scores["stage"] == "sft" and scores["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-6)
+    assert 0 < scores["val_loss"] < 10 and "val_bpb" in scores
+    result = cli("eval", RUN, "--stage", "dpo", "--json", cwd=trained)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    saved = json.loads((run / "stages/03-dpo/final/eval.json").read_text())
+    assert scores["stage"] == "dpo" and 0 <= scores["val_reward_acc"] <= 1
+    assert scores["val_reward_acc"] == pytest.approx(saved["val_reward_acc"])
+    assert scores["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-6)
+
+
+# --- recipe errors ------------------------------------------------------------------------------------
+
+def _edit(text: str, old: str, new: str) -> str:
+    assert old in text, old
+    return text.replace(old, new)
+
+
+SFT_ONLY = RECIPE.split("  - name: dpo")[0] + "runtime: {log_every: 2, threads: 1}\n"
+RECIPE_ERRORS = {
+    "sft mixes text": (_edit(SFT_ONLY, "mix: {chat: 1.0}", "mix: {chat: 0.5, corpus: 0.5}"),
+                       "stages[1].mix.corpus: an sft stage trains on chat or prompt_response data; "
+                       "source 'corpus' is text"),
+    "no chat template": (_edit(SFT_ONLY, ", chat_template: default", ""),
+                         "stages[1].kind: an sft stage needs tokenizer.chat_template"),
+    "init names a later stage": (_edit(RECIPE, "    kind: sft\n", "    kind: sft\n    init: dpo\n"),
+                                 "stages[1].init: 'dpo' is not an earlier stage"),
+    "beta on pretrain": (_edit(RECIPE, "    kind: pretrain\n", "    kind: pretrain\n    beta: 0.1\n"),
+                         "beta applies to dpo stages, not pretrain"),
+}
+
+
+@pytest.mark.parametrize("case", list(RECIPE_ERRORS))
+def test_recipe_errors(tmp_path, case):
+    text, message = RECIPE_ERRORS[case]
+    (tmp_path / "recipe.yaml").write_text(text)
+    result = cli("plan", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
