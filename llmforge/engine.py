@@ -132,8 +132,9 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
     if sp.tasks:
         from .tasks import run_tasks
 
-        results |= run_tasks(sp.tasks, model.eval(), ctx.tokenizer, ctx.template)
-        ctx.reporter.log_eval(sp.steps, results)
+        scores = run_tasks(sp.tasks, model.eval(), ctx.tokenizer, ctx.template)
+        ctx.reporter.log_eval(sp.steps, scores)
+        results |= scores
     write_final(root / "final", model, ctx, sp, results)
     ctx.reporter.stage_end(sp)
 

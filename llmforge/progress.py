@@ -122,7 +122,8 @@ def _truncate_metrics(path: Path, start_step: int) -> None:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill
-        if rec.get("step", 0) < start_step or (rec.get("step") == start_step and "val_loss" not in rec):
+        # At start_step itself only the training line stays: its evals and task scores come again.
+        if rec.get("step", 0) < start_step or (rec.get("step") == start_step and "lr" in rec):
             keep.append(line)
     path.write_text("".join(k + "\n" for k in keep))
 
@@ -167,14 +168,16 @@ def render_plan(plan, console: Console) -> None:
             highlight=False)
         table = Table(box=None, padding=(0, 2), show_edge=False)
         dropped = any(s.skipped or s.filtered for s in sp.mix)
+        overlong = any(s.dropped or s.truncated for s in sp.mix)
         for col in ("source", "weight", "docs", "train tokens", "val tokens", "stage takes", "epochs") + \
-                (("skipped", "filtered") if dropped else ()):
+                (("skipped", "filtered") if dropped else ()) + (("too long: dropped", "truncated") if overlong else ()):
             table.add_column(col, justify="left" if col == "source" else "right")
         for s in sp.mix:
             approx = "~" if s.estimated else ""
             table.add_row(s.name, f"{s.weight:.2f}", f"{s.documents:,}" if s.documents is not None else "?",
                           f"{approx}{s.train_tokens:,}", f"{approx}{s.val_tokens:,}", f"{s.take_tokens:,}",
-                          f"{approx}{s.epochs:.2f}", *((f"{s.skipped:,}", f"{s.filtered:,}") if dropped else ()))
+                          f"{approx}{s.epochs:.2f}", *((f"{s.skipped:,}", f"{s.filtered:,}") if dropped else ()),
+                          *((f"{s.dropped:,}", f"{s.truncated:,}") if overlong else ()))
         console.print(table)
         if sp.name in plan.previews:
             render_preview(plan.previews[sp.name], console)

@@ -262,8 +262,11 @@ class Tokenizer:
         # Bytes of *text* each id stands for (bits per byte): control and special tokens count none.
         self.token_bytes = np.fromiter(map(len, table), dtype=np.int32, count=self.vocab_size)
         self.token_bytes[list(self.specials.values())] = 0
-        meta = [sp.piece_to_id(f"<0x{b:02X}>") for b in _META.encode()]
-        self._meta_ids = meta if all(sp.is_byte(i) for i in meta) else [sp.unk_id()]
+        byte_ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
+        self._byte_ids = byte_ids if all(sp.is_byte(i) for i in byte_ids) else None
+        # Written out in text, these are bytes: a literal U+2581 is not a space, and a message that
+        # contains "<|end|>" cannot forge a turn (special tokens come only from special_id).
+        self._literal = re.compile("|".join(map(re.escape, [_META, *sorted(self.specials, key=len, reverse=True)])))
         self._memo: dict[str, list[int]] = {}  # word -> ids, for encode_batch
         self._memo_bytes: dict[str, dict[str, bytes]] = {}  # dtype -> word -> packed ids
         self._memo_chars = 0  # characters of the words in the memos, to bound them
@@ -297,7 +300,10 @@ class Tokenizer:
         return self.specials[piece]
 
     def encode(self, text: str) -> list[int]:
-        return self._encode_meta(text) if _META in text else self._sp.encode(text)
+        return self._encode_literal(text) if self._careful(text) else self._sp.encode(text)
+
+    def _careful(self, text: str) -> bool:
+        return _META in text or bool(self.specials and self._literal.search(text))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """encode() of each text, several times faster on real corpora.
@@ -309,11 +315,11 @@ class Tokenizer:
         the plain path.) Tests check the ids equal encode()'s.
         """
         if not self._words_are_independent:
-            return [self.encode(t) for t in texts] if any(_META in t for t in texts) else \
+            return [self.encode(t) for t in texts] if any(map(self._careful, texts)) else \
                 self._sp.encode(list(texts), num_threads=self._threads)
         words = self._memoize(texts, self._memo, list)
         lookup = self._memo.__getitem__
-        return [self._encode_meta(t) if ws is None else list(chain.from_iterable(map(lookup, ws)))
+        return [self._encode_literal(t) if ws is None else list(chain.from_iterable(map(lookup, ws)))
                 for t, ws in zip(texts, words)]
 
     def encode_to_bytes(self, texts: list[str], dtype: str) -> list[bytes]:
@@ -323,13 +329,14 @@ class Tokenizer:
             return [np.asarray(ids, dtype=dtype).tobytes() for ids in self.encode_batch(texts)]
         memo = self._memo_bytes.setdefault(dtype, {})
         words = self._memoize(texts, memo, lambda ids: np.asarray(ids, dtype=dtype).tobytes())
-        return [np.asarray(self._encode_meta(t), dtype=dtype).tobytes() if ws is None
+        return [np.asarray(self._encode_literal(t), dtype=dtype).tobytes() if ws is None
                 else b"".join(map(memo.__getitem__, ws)) for t, ws in zip(texts, words)]
 
     def _memoize(self, texts: list[str], memo: dict, convert) -> list[list[str] | None]:
-        """Split texts into words (None for a text with a literal U+2581: the rare slow path) and
+        """Split texts into words (None for a text with a literal U+2581 or a
+        special token's spelling: the rare slow path) and
         make sure every word is in the memo. The memo is emptied when it would grow past its bound."""
-        words = [None if _META in t else _WORD.findall(t) for t in texts]
+        words = [None if self._careful(t) else _WORD.findall(t) for t in texts]
         seen: set[str] = set()
         for ws in words:
             if ws:
@@ -346,14 +353,15 @@ class Tokenizer:
             memo.update(zip(missing, map(convert, self._sp.encode(missing, num_threads=self._threads))))
         return words
 
-    def _encode_meta(self, text: str) -> list[int]:
-        """Encode the text between literal U+2581s normally and each U+2581 as its three bytes."""
-        parts = self._sp.encode(text.split(_META))
-        out = parts[0]
-        for ids in parts[1:]:
-            out += self._meta_ids
-            out += ids
-        return out
+    def _encode_literal(self, text: str) -> list[int]:
+        """Encode the text between literals (U+2581, special tokens' spellings) normally and each
+        literal as its UTF-8 bytes (or <unk> without byte fallback)."""
+        out, pos = [], 0
+        for m in self._literal.finditer(text):
+            out += self._sp.encode(text[pos:m.start()])
+            out += [self._byte_ids[b] for b in m.group().encode()] if self._byte_ids else [self._sp.unk_id()]
+            pos = m.end()
+        return out + self._sp.encode(text[pos:])
 
     def decode(self, ids) -> str:
         if hasattr(ids, "tolist"):  # numpy array or torch tensor, without importing torch

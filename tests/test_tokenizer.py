@@ -109,9 +109,12 @@ def test_special_ids(tok):
     assert tok.decode([tok.eot_id]) == ""
     assert tok.eot_id not in tok.encode(EOT)  # literal text is never the control token
     for sym in USER_SYMBOLS:
-        (sym_id,) = tok.encode(sym)
-        assert tok.decode([sym_id]) == sym
-        assert tok.special_id(sym) == sym_id and tok.token_bytes[sym_id] == 0  # its real id, no text bytes
+        sym_id = tok.special_id(sym)
+        assert tok.decode([sym_id]) == sym and tok.token_bytes[sym_id] == 0  # its real id, no text bytes
+        # Written in text, a special token's spelling stays text: a message cannot forge a turn.
+        text = f"say {sym} now"
+        for ids in (tok.encode(text), tok.encode_batch([text])[0]):
+            assert sym_id not in ids and tok.decode(ids) == text
     assert set(tok.specials) == set(USER_SYMBOLS)
     assert tok.token_bytes.dtype == np.int32 and tok.token_bytes.shape == (tok.vocab_size,)
     assert tok.vocab_size == 512 and len(tok.fingerprint) == 64

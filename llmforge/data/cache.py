@@ -30,7 +30,7 @@ from ..recipe.schema import EXAMPLE_FORMATS, SourceSpec
 from .example_cache import load_examples, write_examples
 from .sources import Skips, iter_pieces, list_files
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 _BATCH_BYTES = 1 << 20  # ~1 MB of text per encode call: big enough to amortize, small to bound memory
 # Options that change which documents a source yields (val_fraction only moves the split point).
 _SHAPING = {"builtin", "format", "split", "field", "prompt_field", "response_field", "min_chars", "max_chars", "on_error",
