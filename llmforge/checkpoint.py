@@ -145,8 +145,8 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
 
 
 def clean_temporary(root: Path) -> None:
-    """Remove half-written folders left by a killed process."""
+    """Remove half-written folders and files left by a killed process."""
     if root.is_dir():
         for p in root.iterdir():
             if p.name.startswith(".tmp-"):
-                shutil.rmtree(p, ignore_errors=True)
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

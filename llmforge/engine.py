@@ -83,6 +83,7 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
     torch.manual_seed(plan.seed + sp.index)  # the same initial weights on every machine
     model = Transformer(plan.model)
     if init_from is not None:
+        _check_init(init_from, ctx.tokenizer.fingerprint)
         load_weights(model, init_from / "model.safetensors")
     model.to(device)
     opt = sp.optimizer
@@ -90,10 +91,9 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
     objective, amp = OBJECTIVES[sp.kind](sp, ctx.tokenizer.token_bytes), _autocast(plan.device)
     train, evals = stage_rows(ctx.sources, sp, plan.seed)
     if sp.kind == "dpo":  # before resuming: the reference is the stage's starting weights
-        attach_reference(root / "reference.npz", model, objective, train, evals, sp.micro_batch, device, amp)
-        evals = {name: rows.rows(np.arange(n)) for name, (rows, n) in evals.items()}
-    else:
-        evals = {name: rows for name, (rows, n) in evals.items()}
+        attach_reference(root / "reference.npz", reference_identity(ctx.tokenizer, ctx.sources, sp), train, evals,
+                         lambda batch: objective.reference(model, _to(batch, device)), sp.micro_batch, model, amp)
+    evals = eval_batches(evals)
     sampler = Sampler([(train[s.name], s.weight) for s in sp.mix], sp.global_batch, plan.seed, sp.index)
     identity = _identity(ctx, sp)
     start, pending, last_eval = _resume(ctx, sp, identity, model, optimizer, sampler)
@@ -140,20 +140,20 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
 
 
 def stage_rows(sources: dict, sp: StagePlan, seed: int) -> tuple[dict, dict]:
-    """The stage's training row source per mixed source, and its held-out rows per source: a
-    batch (pretrain, sft) or, for dpo, (PairRows, count) until the reference is attached."""
+    """Per mixed source: the stage's training row source, and its held-out (row source, rows to
+    evaluate) — the same layout rules as training, but held-out examples too long are dropped."""
     train, evals = {}, {}
     share = sp.eval_tokens // len(sp.mix)
     for s in sp.mix:
         src, T, o = sources[s.name], sp.seq_len, sp.options
         if sp.kind == "pretrain":
             train[s.name] = WindowRows(src.train, T)
-            evals[s.name] = ({"tokens": eval_windows(src.val, T, share)}, None)
+            evals[s.name] = (None, {"tokens": eval_windows(src.val, T, share)})
         elif sp.kind == "sft":
             train[s.name] = PackedRows(src.train, T, packing=o["packing"], overlong=o["overlong"],
                                        train_on=o["train_on"], seed=seed)
             val = PackedRows(src.val, T, packing=o["packing"], overlong="drop", train_on=o["train_on"], seed=seed)
-            evals[s.name] = (val.rows(np.arange(min(val.n_rows, max(1, share // T)))), None)
+            evals[s.name] = (val, min(val.n_rows, max(1, share // T)))
         else:
             train[s.name] = PairRows(src.train, T, overlong=o["overlong"], seed=seed)
             val = PairRows(src.val, T, overlong="drop", seed=seed)
@@ -161,33 +161,67 @@ def stage_rows(sources: dict, sp: StagePlan, seed: int) -> tuple[dict, dict]:
     return train, evals
 
 
-def attach_reference(path: Path, model, objective, train: dict, evals: dict, micro_batch: int, device, amp) -> None:
-    """The frozen reference's log-probs of every pair, computed once from the stage's starting
-    weights (before any training step) and kept in the stage folder, so resuming reuses them."""
+def eval_batches(evals: dict) -> dict:
+    """{source: held-out batch} from stage_rows' (row source, count) pairs (pretrain: the batch)."""
+    return {name: n if rows is None else rows.rows(np.arange(n)) for name, (rows, n) in evals.items()}
+
+
+def attach_reference(path: Path, identity: dict, train: dict, evals: dict, reference, micro_batch: int,
+                     model=None, amp=contextlib.nullcontext()) -> None:
+    """The frozen reference's log-probs of every pair, computed once by `reference(batch)` from
+    the stage's starting weights (before any training step) and kept in the stage folder with
+    what they were computed from, so a resume reuses them and anything else recomputes them.
+    With model None (llmforge eval: the weights at hand are not the reference) a missing or
+    stale file is an error."""
     sets = {f"train/{n}": r for n, r in train.items()} | {f"val/{n}": r for n, (r, _) in evals.items()}
+    stamp = json.dumps(identity, sort_keys=True)
     try:
         with np.load(path) as saved:
             stored = {k: saved[k] for k in sets}
-    except (OSError, KeyError, ValueError):
+            fresh = str(saved["identity"]) == stamp and all(len(stored[k]) == r.n_rows for k, r in sets.items())
+    except Exception:  # missing, half-written by a crash, or from another version: compute again
+        fresh = False
+    if not fresh and model is None:
+        raise CheckpointError(f"{path}: the dpo reference's log-probs are missing or do not match this data",
+                              hint="run the recipe again (with --restart if the data changed)")
+    if not fresh:
         model.eval()
         stored = {}
         for key, rows in sets.items():
             parts = [np.zeros((0, 2), dtype=np.float32)]
             for idx in np.array_split(np.arange(rows.n_rows), max(1, math.ceil(rows.n_rows / micro_batch))):
                 with amp:
-                    parts.append(objective.reference(model, _to(rows.rows(idx, with_reference=False), device)))
+                    parts.append(reference(rows.rows(idx, with_reference=False)))
             stored[key] = np.concatenate(parts)
         model.train()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
         with open(tmp, "wb") as f:
-            np.savez(f, **stored)
+            np.savez(f, identity=np.array(stamp), **stored)
         os.replace(tmp, path)
     for key, rows in sets.items():
         # Indexed by example: rows() looks them up through the layout.
         ref = np.zeros((len(rows.ex), 2), dtype=np.float32)
         ref[rows.layout.keep] = stored[key]
         rows.reference = ref
+
+
+def reference_identity(tokenizer, sources: dict, sp: StagePlan) -> dict:
+    """What a dpo reference's log-probs depend on, besides the starting weights (a finished init
+    stage never changes without --restart): tokens, and which pairs are cut or left out."""
+    return {"tokenizer": tokenizer.fingerprint, "data": {s.name: sources[s.name].path.name for s in sp.mix},
+            "init": sp.init, "seq_len": sp.seq_len, "options": sp.options}
+
+
+def _check_init(final: Path, fingerprint: str) -> None:
+    """Weights trained with another tokenizer would read every id as a different token."""
+    try:
+        trained_with = json.loads((final / "config.json").read_text()).get("tokenizer_fingerprint")
+    except (OSError, ValueError):
+        trained_with = None
+    if trained_with != fingerprint:
+        raise CheckpointError(f"{final}: these weights were trained with another tokenizer than the run's",
+                              hint="use --restart to train every stage with the current tokenizer")
 
 
 def _to(batch: dict, device) -> dict:

@@ -9,19 +9,19 @@ reused, or rebuilt from the data if it was cleared.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
 from .chat import ChatTemplate
 from .data import prepare_source
-from .engine import _autocast, attach_reference, evaluate, stage_rows
+from .engine import _autocast, attach_reference, eval_batches, evaluate, reference_identity, stage_rows
 from .errors import CheckpointError
 from .generate import find_stage, load_trained
-from .plan import compile_plan, detect_device
+from .plan import compile_plan, detect_device, stage_init
 from .recipe import validate_recipe
 from .stages import OBJECTIVES
 from .tokenizer import Tokenizer
@@ -44,7 +44,7 @@ def evaluate_stage(run_dir: Path, stage: str | None, tasks: list[str] | None = N
     final = find_stage(run_dir, stage)
     recipe = load_run_recipe(run_dir)
     name = json.loads((final / "config.json").read_text())["stage"]
-    device = detect_device(recipe.runtime)
+    device = detect_device(recipe.runtime.model_copy(update={"device": "auto"}))  # wherever eval runs
     torch.set_num_threads(device.threads)
     tokenizer = Tokenizer.load(run_dir / "tokenizer" / "tokenizer.model")
     template = ChatTemplate.from_spec(recipe.tokenizer.chat_template)
@@ -59,19 +59,15 @@ def evaluate_stage(run_dir: Path, stage: str | None, tasks: list[str] | None = N
     plan = compile_plan(recipe.model_copy(update={"stages": [spec]}), vocab_size=tokenizer.vocab_size,
                         sources=stats, device=device)
     sp = next(s for s in plan.stages)
-    sp = sp.__class__(**{**sp.__dict__, "index": recipe.stages.index(spec)})  # its place in the run
+    index = recipe.stages.index(spec)  # planned alone, it must keep its place in the run
+    sp = dataclasses.replace(sp, index=index, dir_name=f"{index + 1:02d}-{name}", init=stage_init(recipe, index))
     model, _ = load_trained(final, device.type)
     objective, amp = OBJECTIVES[sp.kind](sp, tokenizer.token_bytes), _autocast(device)
     train, evals = stage_rows(sources, sp, recipe.seed)
-    if sp.kind == "dpo":
-        reference = final.parent / "reference.npz"  # the run's stage folder (sp.dir_name counts from this plan)
-        if not reference.is_file():
-            raise CheckpointError(f"{reference} is missing: the dpo reference's log-probs are gone",
-                                  hint="run the recipe again to rebuild the stage")
-        attach_reference(reference, model, objective, train, evals, sp.micro_batch, device.type, amp)
-        evals = {n: rows.rows(np.arange(k)) for n, (rows, k) in evals.items()}
-    else:
-        evals = {n: rows for n, (rows, _) in evals.items()}
+    if sp.kind == "dpo":  # the reference saved by the run (the final weights are not the reference)
+        attach_reference(final.parent / "reference.npz", reference_identity(tokenizer, sources, sp), train, evals,
+                         None, sp.micro_batch)
+    evals = eval_batches(evals)
     results = {"stage": name} | evaluate(model, objective, evals, sp.micro_batch, torch.device(device.type), amp)
     names = sp.tasks if tasks is None else tasks
     if names:

@@ -58,7 +58,7 @@ def _stats(src) -> SourceStats:
         train, val = src.train, src.val
         return SourceStats(src.documents, int(train.offsets[-1] - train.offsets[0]),
                            int(val.offsets[-1] - val.offsets[0]), skipped=src.skipped, filtered=src.filtered,
-                           examples=train)
+                           examples=train, val_examples=val)
     return SourceStats(src.documents, len(src.train), len(src.val), skipped=src.skipped, filtered=src.filtered)
 
 
@@ -189,10 +189,19 @@ def ensure_tokenizer(recipe: Recipe, run_dir: Path, reporter) -> Tokenizer:
     template = ChatTemplate.from_spec(spec.chat_template)
     names = spec.train_on or used_sources(recipe)
     source = _resolve(recipe, spec.path) if spec.path else None
-    settings = json.dumps({"spec": spec.model_dump(mode="json"), "train_on": names,
+    settings = json.dumps({"spec": spec.model_dump(mode="json", exclude={"train_on"}), "train_on": names,
                            "file": hashlib.sha256(source.read_bytes()).hexdigest() if source else None})
-    if (out / "tokenizer.model").is_file() and _read(out / "settings.json") == settings:
+    old = _read(out / "settings.json")
+    if (out / "tokenizer.model").is_file() and old == settings:
         return Tokenizer.load(out / "tokenizer.model")
+    stages = run_dir / "stages"
+    if old is not None and stages.is_dir() and any(stages.iterdir()):
+        # Trained weights read ids as the tokens they were trained on: never swap them out.
+        was = json.loads(old).get("train_on")
+        raise RecipeError([f"tokenizer: {run_dir} trained with a tokenizer built from other settings "
+                           f"(it was trained on sources {was}, now it would be {names})"],
+                          hint=f"set tokenizer.train_on: {was} to keep it (e.g. after adding a stage), "
+                               "or use --restart to start over")
     if source:
         Tokenizer.load(source)  # fails clearly on a broken file, before copying it
         out.mkdir(parents=True, exist_ok=True)

@@ -120,6 +120,7 @@ class SourceStats:
     skipped: int = 0  # bad records skipped (on_error: skip)
     filtered: int = 0  # documents outside min_chars..max_chars
     examples: object = None  # conversation sources: the training split's Examples (data/rows.py)
+    val_examples: object = None  # ... and the held-out split's
 
 
 def model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:
@@ -184,9 +185,9 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
             problems.append(e)
     if problems:
         raise PlanError("\n".join(p.message for p in problems), hint=problems[0].hint)
-    warnings = [f"data.{s.name}: no held-out window of seq_len+1 = {sp.seq_len + 1} tokens "
-                f"({s.val_tokens} val tokens); stage {sp.name} cannot eval on it"
-                for sp in stages for s in sp.mix if s.val_tokens < sp.seq_len + 1]
+    warnings = [f"data.{s.name}: no held-out {what} of seq_len+1 = {sp.seq_len + 1} tokens; "
+                f"stage {sp.name} cannot eval on it"
+                for sp in stages for s in sp.mix for what in [_held_out_fits(sp, sources[s.name], recipe.seed)] if what]
     return Plan(recipe.name, recipe.seed, device, cfg, params, cfg.num_params(exclude_embeddings=True),
                 cfg.flops_per_token(), tuple(stages), tuple(dict.fromkeys(warnings)))
 
@@ -229,10 +230,9 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size) -> StagePlan:
         raise PlanError(f"{where}.schedule.min_lr: {min_lr:g} is above the peak lr {opt.lr:g}",
                         hint="use a share of the peak like '10%', or a smaller number")
     flops = float(cfg.flops_per_token(seq_len)) * tokens
-    names = [s.name for s in recipe.stages]
-    init = names[i - 1] if spec.init is None and i > 0 else None if spec.init in (None, "none") else spec.init
     return StagePlan(
-        index=i, name=spec.name, kind=spec.kind, dir_name=f"{i + 1:02d}-{spec.name}", init=init, options=options,
+        index=i, name=spec.name, kind=spec.kind, dir_name=f"{i + 1:02d}-{spec.name}", init=stage_init(recipe, i),
+        options=options,
         seq_len=seq_len, batch_tokens=batch_tokens, global_batch=global_batch, micro_batch=micro,
         grad_accum=global_batch // (micro * world_size), world_size=world_size, steps=steps, tokens=tokens,
         lr=opt.lr, min_lr=min_lr, warmup_steps=warmup,
@@ -244,6 +244,23 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size) -> StagePlan:
         mix=mix, flops=flops, est_peak_memory_bytes=memory,
         est_time_s=_estimate_time(flops, cfg, micro * per_row // seq_len, seq_len, device),
     )
+
+
+def _held_out_fits(sp, st: SourceStats, seed: int) -> str:
+    """'' if the stage can eval on the source, else what is missing (a window, an example that fits)."""
+    if st.val_examples is None:
+        return "" if st.val_tokens >= sp.seq_len + 1 else "window"
+    lay = layout(st.val_examples, sp.seq_len, packing=sp.options.get("packing", False), overlong="drop",
+                 train_on=sp.options.get("train_on", "assistant"), seed=seed)
+    return "" if lay.n_rows else "example within"
+
+
+def stage_init(recipe: Recipe, i: int) -> str | None:
+    """The stage whose final weights stage i starts from: its `init`, else the one before it."""
+    init = recipe.stages[i].init
+    if init is None:
+        return recipe.stages[i - 1].name if i > 0 else None
+    return None if init == "none" else init
 
 
 def _rows(where, spec, name, st: SourceStats, seq_len: int, options: dict, seed: int) -> tuple[int, int, int]:
@@ -258,7 +275,7 @@ def _rows(where, spec, name, st: SourceStats, seq_len: int, options: dict, seed:
     lay = layout(st.examples, seq_len, packing=options.get("packing", False), overlong=options["overlong"],
                  train_on=options.get("train_on", "assistant"), seed=seed)
     if len(lay.empty):
-        what = "response" if spec.kind == "dpo" else "learned token"
+        what = "response token (or chosen and rejected equal once cut)" if spec.kind == "dpo" else "learned token"
         raise PlanError(f"{where}.mix.{name}: {len(lay.empty)} example(s) have no {what} within seq_len+1 = "
                         f"{seq_len + 1} tokens, so training on them would learn nothing "
                         f"(first: {st.examples.origins(int(lay.empty[0]))})",

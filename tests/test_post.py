@@ -342,7 +342,7 @@ def stage_sources(folder: Path, run: Path, stage: str):
 
 
 def test_stages_chain_from_their_init(trained):
-    from llmforge.engine import evaluate, stage_rows
+    from llmforge.engine import eval_batches, evaluate, stage_rows
 
     run = trained / RUN
     plan = json.loads((run / "plan.json").read_text())
@@ -353,7 +353,7 @@ def test_stages_chain_from_their_init(trained):
     sp, sources, tokenizer, recipe = stage_sources(trained, run, "sft")
     _, evals = stage_rows(sources, sp, recipe.seed)
     objective = sft.Objective(sp, tokenizer.token_bytes)
-    batches = {n: b for n, (b, _) in evals.items()}
+    batches = eval_batches(evals)
     scored = evaluate(pretrain, objective, batches, sp.micro_batch, torch.device("cpu"), _nullcontext())
     first = json.loads((run / "stages/02-sft/metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 0 and first["val_loss"] == pytest.approx(scored["val_loss"], rel=1e-6)
@@ -364,7 +364,7 @@ def test_stages_chain_from_their_init(trained):
     batch = {k: torch.from_numpy(v) for k, v in rows.rows(np.arange(rows.n_rows), with_reference=False).items()}
     with np.load(run / "stages/03-dpo/reference.npz") as saved:
         stored = saved["train/prefs"]
-        assert set(saved.files) == {"train/prefs", "val/prefs"}
+        assert set(saved.files) == {"identity", "train/prefs", "val/prefs"}
     ours = dpo.Objective(sp, None).reference(pretrain, batch)
     assert stored.shape == ours.shape == (rows.n_rows, 2)
     np.testing.assert_allclose(stored, ours, rtol=1e-5, atol=1e-5)

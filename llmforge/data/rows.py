@@ -92,9 +92,14 @@ def layout(ex: Examples, seq_len: int, *, packing: bool, overlong: str, train_on
     lengths = ex.lengths()
     first = np.ones_like(lengths) if train_on == "all" else ex.first_learned()
     long = (lengths > T + 1).any(axis=1)
-    empty = np.flatnonzero((first > T).any(axis=1) | (first >= lengths).any(axis=1))
+    nothing = (first > T).any(axis=1) | (first >= lengths).any(axis=1)
+    if ex.per_example == 2:  # a pair cut to seq_len+1 may leave chosen and rejected the same tokens
+        for i in np.flatnonzero(long & ~nothing).tolist():
+            nothing[i] = np.array_equal(ex.sequence(2 * i)[0][:T + 1], ex.sequence(2 * i + 1)[0][:T + 1])
+    empty = np.flatnonzero(nothing)
     usable = ~long if overlong == "drop" else np.ones(len(lengths), dtype=bool)
-    usable[empty] = usable[empty] & (overlong != "drop")
+    if overlong == "drop":
+        usable[empty] = False
     order = np.flatnonzero(usable)
     if len(order) > 1:  # a seeded shuffle, so neighbours in the file are not always packed together
         order = order[permute(np.arange(len(order)), len(order), _hash(seed, 0x5F7))]
