@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import clean_temporary, list_checkpoints, load_checkpoint, load_weights, save_checkpoint, save_weights
 from .data import Sampler, eval_windows
-from .data.rows import PackedRows, PairRows, WindowRows
+from .data.rows import WindowRows, example_rows
 from .errors import CheckpointError, Interrupted
 from .model import Transformer
 from .optim import build_optimizer, lr_at
@@ -149,15 +149,11 @@ def stage_rows(sources: dict, sp: StagePlan, seed: int) -> tuple[dict, dict]:
         if sp.kind == "pretrain":
             train[s.name] = WindowRows(src.train, T)
             evals[s.name] = (None, {"tokens": eval_windows(src.val, T, share)})
-        elif sp.kind == "sft":
-            train[s.name] = PackedRows(src.train, T, packing=o["packing"], overlong=o["overlong"],
-                                       train_on=o["train_on"], seed=seed)
-            val = PackedRows(src.val, T, packing=o["packing"], overlong="drop", train_on=o["train_on"], seed=seed)
-            evals[s.name] = (val, min(val.n_rows, max(1, share // T)))
         else:
-            train[s.name] = PairRows(src.train, T, overlong=o["overlong"], seed=seed)
-            val = PairRows(src.val, T, overlong="drop", seed=seed)
-            evals[s.name] = (val, min(val.n_rows, max(1, share // (2 * T))))
+            train[s.name] = example_rows(sp.kind, src.train, T, o, seed)
+            val = example_rows(sp.kind, src.val, T, o, seed, overlong="drop")
+            per_row = 2 * T if sp.kind == "dpo" else T
+            evals[s.name] = (val, min(val.n_rows, max(1, share // per_row)))
     return train, evals
 
 

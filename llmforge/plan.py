@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from .data.rows import layout
+from .data.rows import example_rows
 from .data.sampler import windows_per_epoch
 from .errors import PlanError
 from .model import PRESETS, ModelConfig
@@ -201,7 +201,8 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size) -> StagePlan:
         if spec.batch_tokens % (per_row * world_size):
             per = per_row * world_size
             lo, hi = spec.batch_tokens // per * per, (spec.batch_tokens // per + 1) * per
-            what = f"{'2 x ' if spec.kind == 'dpo' else ''}seq_len x world size ({per_row // seq_len * seq_len} x {world_size})"
+            two = "2 x " if spec.kind == "dpo" else ""  # a dpo row holds both sides of a pair
+            what = f"{two}seq_len x world size ({two}{seq_len} x {world_size})"
             raise PlanError(f"{where}.batch_tokens: {spec.batch_tokens} is not a multiple of {what}",
                             hint=f"use {lo} or {hi}, or give batch_size" if lo else f"use {hi}, or give batch_size")
         global_batch = spec.batch_tokens // per_row
@@ -250,9 +251,8 @@ def _held_out_fits(sp, st: SourceStats, seed: int) -> str:
     """'' if the stage can eval on the source, else what is missing (a window, an example that fits)."""
     if st.val_examples is None:
         return "" if st.val_tokens >= sp.seq_len + 1 else "window"
-    lay = layout(st.val_examples, sp.seq_len, packing=sp.options.get("packing", False), overlong="drop",
-                 train_on=sp.options.get("train_on", "assistant"), seed=seed)
-    return "" if lay.n_rows else "example within"
+    rows = example_rows(sp.kind, st.val_examples, sp.seq_len, sp.options, seed, overlong="drop")
+    return "" if rows.n_rows else "example within"
 
 
 def stage_init(recipe: Recipe, i: int) -> str | None:
@@ -272,8 +272,7 @@ def _rows(where, spec, name, st: SourceStats, seq_len: int, options: dict, seed:
                             f"fewer than one window of seq_len+1 = {seq_len + 1}",
                             hint="add data to the source or use a shorter seq_len")
         return windows_per_epoch(st.train_tokens, seq_len), 0, 0
-    lay = layout(st.examples, seq_len, packing=options.get("packing", False), overlong=options["overlong"],
-                 train_on=options.get("train_on", "assistant"), seed=seed)
+    lay = example_rows(spec.kind, st.examples, seq_len, options, seed).layout
     if len(lay.empty):
         what = "response token (or chosen and rejected equal once cut)" if spec.kind == "dpo" else "learned token"
         raise PlanError(f"{where}.mix.{name}: {len(lay.empty)} example(s) have no {what} within seq_len+1 = "

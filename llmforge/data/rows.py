@@ -178,3 +178,14 @@ class PairRows:
         if with_reference:
             out["reference"] = self.reference[examples]
         return out
+
+
+def example_rows(kind: str, ex: Examples, seq_len: int, options: dict, seed: int, overlong: str | None = None):
+    """The row source of an sft or dpo stage over one split of a source: the one place the plan
+    (row counts, checks) and the engine (training, eval) build it. `overlong` overrides the
+    stage's (held-out examples too long are dropped, never cut)."""
+    overlong = overlong or options["overlong"]
+    if kind == "dpo":
+        return PairRows(ex, seq_len, overlong=overlong, seed=seed)
+    return PackedRows(ex, seq_len, packing=options["packing"], overlong=overlong, train_on=options["train_on"],
+                      seed=seed)
