@@ -53,9 +53,9 @@ def evaluate_stage(run_dir: Path, stage: str | None, tasks: list[str] | None = N
     for src in spec.mix:
         with _task(reporter, f"preparing {src}"):
             sources[src] = prepare_source(src, recipe.data[src], recipe.base_dir, tokenizer, template=template)
-    from .pipeline import _stats
+    from .pipeline import source_stats
 
-    stats = {n: _stats(s) for n, s in sources.items()}
+    stats = {n: source_stats(s) for n, s in sources.items()}
     plan = compile_plan(recipe.model_copy(update={"stages": [spec]}), vocab_size=tokenizer.vocab_size,
                         sources=stats, device=device)
     sp = next(s for s in plan.stages)

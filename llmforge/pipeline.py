@@ -46,14 +46,14 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False) 
         spec = recipe.data[name]
         with reporter.task(f"tokenizing {name}", _source_bytes(recipe, name)) as advance:
             sources[name] = prepare_source(name, spec, recipe.base_dir, tokenizer, advance, workers, template)
-    plan = compile_plan(recipe, vocab_size=tokenizer.vocab_size, sources={n: _stats(s) for n, s in sources.items()},
-                        device=device)
+    plan = compile_plan(recipe, vocab_size=tokenizer.vocab_size,
+                        sources={n: source_stats(s) for n, s in sources.items()}, device=device)
     plan = dataclasses.replace(plan, previews=previews(recipe))
     _write_atomic(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1))
     return Context(plan, run_dir, tokenizer, sources, template=template, reporter=reporter, lock=lock)
 
 
-def _stats(src) -> SourceStats:
+def source_stats(src) -> SourceStats:
     if hasattr(src, "per_example"):  # conversations: token counts of the splits' sequences
         train, val = src.train, src.val
         return SourceStats(src.documents, int(train.offsets[-1] - train.offsets[0]),
@@ -103,7 +103,7 @@ def estimate_plan(recipe: Recipe, run_dir: Path) -> Plan:
     for name in used_sources(recipe):
         spec = recipe.data[name]
         if tokenizer and (src := find_source(name, spec, recipe.base_dir, tokenizer, template)):
-            stats[name] = _stats(src)
+            stats[name] = source_stats(src)
         else:
             files = list_files(name, spec, recipe.base_dir)
             size = _source_bytes(recipe, name, files)

@@ -206,8 +206,9 @@ def _preference(rng: random.Random, pool) -> dict:
 def _jsonl(rng: random.Random, make, train_count: int) -> str:
     """train_count records about train people, then train_count / 4 about held-out people: the
     held-out records are exactly the last 20% of the lines."""
-    records = [make(rng, train_people()) for _ in range(train_count)]
-    records += [make(rng, held_out_people()) for _ in range(train_count // 4)]
+    train, held_out = train_people(), held_out_people()
+    records = [make(rng, train) for _ in range(train_count)]
+    records += [make(rng, held_out) for _ in range(train_count // 4)]
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 

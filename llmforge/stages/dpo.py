@@ -16,12 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .pretrain import token_losses
+
 
 def sequence_logps(model, tokens: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
     """[n, T+1] rows, [n, T] learned targets -> [n] summed log-probability of the learned tokens."""
-    logits = model(tokens[:, :-1]).float()
-    logps = -F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view_as(learned)
-    return (logps * learned).sum(dim=1)
+    return -(token_losses(model, tokens) * learned).sum(dim=1)
 
 
 def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
