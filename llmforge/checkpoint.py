@@ -25,19 +25,15 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 _FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 
 
-def weights_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors, each shared tensor once (tied embeddings are stored as tok_emb only)."""
-    out, seen = {}, set()
+def weight_names(model: torch.nn.Module) -> list[str]:
+    """The state_dict names a checkpoint stores: each shared tensor once (tied embeddings are
+    stored as tok_emb only). Asked of the model before DDP/FSDP wrap it."""
+    out, seen = [], set()
     for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        out[name] = tensor.detach().contiguous().cpu()
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            out.append(name)
     return out
-
-
-def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
-    save_file(weights_state(model), str(path), metadata=metadata)
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -46,6 +42,11 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: cannot read weights ({e})",
                               hint="the file is damaged; delete that checkpoint folder to use an older one")
+    set_weights(model, tensors, path)
+
+
+def set_weights(model: torch.nn.Module, tensors: dict, path: Path) -> None:
+    """Load saved tensors into a (not yet wrapped) model; path names them in errors."""
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     # A tied tensor saved under one name is loaded under all of them.
     state = model.state_dict()
@@ -56,28 +57,47 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
                               f"unexpected {unexpected[:3]})", hint="the recipe's model differs from the saved one")
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    state = optimizer.state_dict()
+def _flatten_optimizer(state: dict) -> tuple[dict, dict]:
+    """An optimizer state keyed by parameter name (distributed.full_state) -> safetensors tensors
+    `state/<param>/<key>` + JSON metadata for the rest."""
     tensors, scalars = {}, {}
-    for idx, entry in state["state"].items():
+    for name, entry in state["state"].items():
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{idx}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"state/{name}/{key}"] = value.detach().contiguous().cpu()
             else:
-                scalars[f"{idx}.{key}"] = value
-    meta = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
+                scalars[f"{name}/{key}"] = value
+    meta = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars), "keys": "names"}
     return tensors, meta
 
 
 def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
     state: dict = {}
+    if meta.get("keys") != "names":  # before distributed training: `state.<index>.<key>`
+        for name, value in tensors.items():
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+        for name, value in json.loads(meta.get("scalars", "{}")).items():
+            idx, key = name.split(".", 1)
+            state.setdefault(int(idx), {})[key] = value
+        return {"state": state, "param_groups": json.loads(meta["param_groups"])}
     for name, value in tensors.items():
-        _, idx, key = name.split(".", 2)
-        state.setdefault(int(idx), {})[key] = value
+        _, param, key = name.split("/")
+        state.setdefault(param, {})[key] = value
     for name, value in json.loads(meta.get("scalars", "{}")).items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
+        param, key = name.split("/")
+        state.setdefault(param, {})[key] = value
     return {"state": state, "param_groups": json.loads(meta["param_groups"])}
+
+
+def by_name(state: dict, model, optimizer) -> dict:
+    """An optimizer state keyed by parameter index (older checkpoints) re-keyed by name."""
+    if all(isinstance(k, str) for k in state["state"]):
+        return state
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups = [g | {"params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {order[i]: v for i, v in state["state"].items()}, "param_groups": groups}
 
 
 def rng_state() -> dict:
@@ -95,14 +115,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, state: dict, keep: int) -> Path:
-    """Write step-NNNNNN/ atomically under root, then keep only the newest `keep` checkpoints."""
+def save_checkpoint(root: Path, step: int, weights: dict, optimizer_state: dict, state: dict, keep: int) -> Path:
+    """Write step-NNNNNN/ atomically under root, then keep only the newest `keep` checkpoints.
+    weights and optimizer_state are full tensors keyed by name (distributed.full_state)."""
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(model, tmp / "model.safetensors")
-    tensors, meta = _flatten_optimizer(optimizer)
+    save_file(weights, str(tmp / "model.safetensors"))
+    tensors, meta = _flatten_optimizer(optimizer_state)
     save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
     (tmp / "state.json").write_text(json.dumps(state | {"step": step, "rng": rng_state()}, indent=1))
     if final.exists():  # the same step again: move the old one aside first, never delete it in place
@@ -126,22 +147,18 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore model, optimizer and RNG states; return state.json."""
+def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """(weights, optimizer state, state.json) of a checkpoint folder, as full CPU tensors."""
     try:
         state = json.loads((path / "state.json").read_text())
-        load_weights(model, path / "model.safetensors")
+        weights = load_file(str(path / "model.safetensors"))
         with safe_open(str(path / "optimizer.safetensors"), framework="pt") as f:
             meta = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
-    except CheckpointError:
-        raise
+        return weights, _unflatten_optimizer(tensors, meta), state
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise CheckpointError(f"{path}: cannot load checkpoint ({e})",
                               hint="delete that folder to resume from an older checkpoint, or use --restart")
-    set_rng_state(state["rng"])
-    return state
 
 
 def clean_temporary(root: Path) -> None:

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import Interrupted, LlmforgeError
+from .errors import Interrupted, LlmforgeError, PeerFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train language models from one declarative YAML recipe.")
@@ -27,51 +27,91 @@ RunDirOption = typer.Option(None, "--run-dir", help="Run directory (default: run
 
 
 @contextlib.contextmanager
-def user_errors():
-    """Turn user-caused problems into a clean exit; anything else is a bug and keeps its traceback."""
+def user_errors(rank: int = 0, world: int = 1):
+    """Turn user-caused problems into a clean exit; anything else is a bug and keeps its traceback.
+    In a distributed run rank 0 speaks; another rank speaks only of a failure of its own."""
+    who = f"rank {rank}: " if rank else ""
     try:
         yield
     except LlmforgeError as e:
         for line in e.lines:
-            err.print(f"[bold red]error:[/] {escape(line)}")
+            err.print(f"[bold red]error:[/] {escape(who + line)}")
         if e.hint:
             err.print(f"[dim]hint: {escape(e.hint)}[/]")
         raise typer.Exit(2)
+    except PeerFailed:  # the failing rank, or rank 0, reports it
+        raise typer.Exit(2)
     except Interrupted as e:
-        err.print(f"[yellow]{escape(e.message)}[/]; run the same command again to resume.")
+        if not rank:
+            err.print(f"[yellow]{escape(e.message)}[/]; run the same command again to resume.")
         raise typer.Exit(128 + e.signum)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]; nothing half-written was kept. Run the same command again to resume.")
+        if not rank:
+            err.print("[yellow]interrupted[/]; nothing half-written was kept. Run the same command again to resume.")
         raise typer.Exit(128 + signal.SIGINT)
+    except Exception as e:
+        from .distributed import peer_failure
+
+        if world > 1 and peer_failure(e):  # another rank died; its message is the one to read
+            raise typer.Exit(1)
+        raise
 
 
 @app.command()
 def run(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
         run_dir: Optional[Path] = RunDirOption,
         overrides: Optional[List[str]] = SetOption,
-        restart: bool = typer.Option(False, "--restart", help="Delete the run directory and start over.")):
+        restart: bool = typer.Option(False, "--restart", help="Delete the run directory and start over."),
+        nproc: int = typer.Option(1, "--nproc-per-node", min=1, help="Train with N processes on this machine, "
+                                  "launched by torch.distributed.run (one per GPU; on CPU, gloo).")):
     """Prepare the tokenizer and data, print the plan, and train every stage (resuming if possible)."""
-    with user_errors():
-        from .engine import run_stages
-        from .pipeline import prepare_run
-        from .progress import Reporter, render_plan
-        from .recipe import load_recipe
+    from .distributed import close, init, launched
 
-        spec = load_recipe(recipe, overrides or [])
-        run_dir = run_dir or Path("runs") / spec.name
-        reporter = Reporter()
-        try:
-            ctx = prepare_run(spec, run_dir, reporter, restart=restart)
-            render_plan(ctx.plan, reporter.console)
-            run_stages(ctx)
-        finally:
-            reporter.close()
+    if nproc > 1 and not launched():
+        with user_errors():
+            from .recipe import load_recipe
+
+            load_recipe(recipe, overrides or [])  # recipe errors once, before any process starts
+        from .distributed import launch
+
+        args = ["run", str(recipe), *(["--run-dir", str(run_dir)] if run_dir else []),
+                *[a for o in overrides or [] for a in ("--set", o)], *(["--restart"] if restart else [])]
+        raise typer.Exit(launch(nproc, args))
+    d = init()  # joins torchrun's process group, if this process is one of its workers
+    try:
+        with user_errors(d.rank, d.world):
+            _run(recipe, run_dir, overrides or [], restart, d)
+    finally:
+        close(d)
+
+
+def _run(recipe: Path, run_dir: Path | None, overrides: list[str], restart: bool, d) -> None:
+    from .engine import run_stages
+    from .pipeline import prepare_run
+    from .progress import QuietReporter, Reporter, render_plan
+    from .recipe import load_recipe
+
+    reporter = Reporter() if d.main else QuietReporter()
+
+    def setup():
+        spec = load_recipe(recipe, overrides)
+        return prepare_run(spec, run_dir or Path("runs") / spec.name, reporter, restart=restart, dist=d)
+
+    try:
+        # Rank 0 prepares the run directory, tokenizer and data; then the others find them ready.
+        first = d.together(setup if d.main else lambda: None)
+        ctx = d.together(lambda: None if d.main else setup()) or first
+        render_plan(ctx.plan, reporter.console)
+        run_stages(ctx)
+    finally:
+        reporter.close()
+    if d.main:
         from .evaluation import stage_results
         from .progress import render_results
 
-        render_results(stage_results(run_dir), reporter.console)
-        how = f"llmforge chat {run_dir}" if ctx.template else f"llmforge sample {run_dir} --prompt ..."
-        reporter.note(f"done: {run_dir} (try `{how}`)")
+        render_results(stage_results(ctx.run_dir), reporter.console)
+        how = f"llmforge chat {ctx.run_dir}" if ctx.template else f"llmforge sample {ctx.run_dir} --prompt ..."
+        reporter.note(f"done: {ctx.run_dir} (try `{how}`)")
 
 
 @app.command()
@@ -94,7 +134,9 @@ def prepare(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
 def plan(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
          as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
          run_dir: Optional[Path] = RunDirOption,
-         overrides: Optional[List[str]] = SetOption):
+         overrides: Optional[List[str]] = SetOption,
+         nproc: int = typer.Option(1, "--nproc-per-node", min=1, help="Plan for N processes (as `run` would use)."),
+         nnodes: int = typer.Option(1, "--nnodes", min=1, help="... on this many machines (world size N x nodes).")):
     """Print what a run would do on this machine, without training."""
     with user_errors():
         from .pipeline import estimate_plan
@@ -102,7 +144,7 @@ def plan(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
         from .recipe import load_recipe
 
         spec = load_recipe(recipe, overrides or [])
-        result = estimate_plan(spec, run_dir or Path("runs") / spec.name)
+        result = estimate_plan(spec, run_dir or Path("runs") / spec.name, world_size=nproc * nnodes)
         if as_json:
             sys.stdout.write(json.dumps(result.to_json(), indent=1) + "\n")
         else:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import signal
@@ -19,14 +18,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import clean_temporary, list_checkpoints, load_checkpoint, load_weights, save_checkpoint, save_weights
+from safetensors.torch import save_file
+
+from . import distributed
+from .checkpoint import (by_name, clean_temporary, list_checkpoints, load_weights, read_checkpoint, save_checkpoint,
+                         set_rng_state, set_weights, weight_names)
 from .data import Sampler, eval_windows
 from .data.rows import WindowRows, example_rows
+from .distributed import Dist
 from .errors import CheckpointError, Interrupted
 from .model import Transformer
 from .optim import build_optimizer, lr_at
 from .plan import Plan, StagePlan
 from .stages import OBJECTIVES
+from .stages.dpo import attach_reference, reference_identity
 
 
 @dataclass
@@ -35,11 +40,13 @@ class StopFlag:
     signum: int = 0
 
     @contextlib.contextmanager
-    def installed(self):
+    def installed(self, abort_on_repeat: bool = True):
+        """abort_on_repeat: a second signal stops at once, without saving. Not under torchrun,
+        whose launcher forwards the terminal's Ctrl-C a second time (and SIGKILLs after 30 s)."""
         def handler(signum, frame):
-            if self.signum:  # a second signal: stop now, the last complete checkpoint stands
+            if self.signum and abort_on_repeat:  # stop now, the last complete checkpoint stands
                 raise KeyboardInterrupt
-            self.signum = signum
+            self.signum = self.signum or signum
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield self
@@ -57,11 +64,12 @@ class Context:
     template: object  # the chat template (chat.ChatTemplate), or None
     reporter: object
     stop: StopFlag = field(default_factory=StopFlag)
-    lock: object = None  # the run directory's lock, held while the run lives
+    lock: object = None  # the run directory's lock, held while the run lives (by rank 0)
+    dist: Dist = field(default_factory=Dist)  # this process's place in a distributed run
 
 
 def run_stages(ctx: Context) -> None:
-    with ctx.stop.installed():
+    with ctx.stop.installed(abort_on_repeat=ctx.dist.world == 1):
         for sp in ctx.plan.stages:
             final = stage_dir(ctx.run_dir, sp) / "final"
             if not (final / "model.safetensors").is_file():
@@ -76,42 +84,44 @@ def stage_dir(run_dir: Path, sp: StagePlan) -> Path:
 
 
 def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
-    plan, device = ctx.plan, torch.device(ctx.plan.device.type)
+    plan, d, device = ctx.plan, ctx.dist, torch.device(ctx.plan.device.type)
     root = stage_dir(ctx.run_dir, sp)
-    clean_temporary(root)
-    clean_temporary(root / "checkpoints")
-    torch.manual_seed(plan.seed + sp.index)  # the same initial weights on every machine
-    model = Transformer(plan.model)
-    if init_from is not None:
-        _check_init(init_from, ctx.tokenizer.fingerprint)
-        load_weights(model, init_from / "model.safetensors")
-    model.to(device)
-    opt = sp.optimizer
-    optimizer = build_optimizer(model, opt["name"], sp.lr, opt["betas"], opt["eps"], opt["weight_decay"])
     objective, amp = OBJECTIVES[sp.kind](sp, ctx.tokenizer.token_bytes), _autocast(plan.device)
-    train, evals = stage_rows(ctx.sources, sp, plan.seed)
-    if sp.kind == "dpo":  # before resuming: the reference is the stage's starting weights
-        attach_reference(root / "reference.npz", reference_identity(ctx.tokenizer, ctx.sources, sp), train, evals,
-                         lambda batch: objective.reference(model, _to(batch, device)), sp.micro_batch, model, amp)
+    identity = _identity(ctx, sp)
+    model, train, evals, resumed = d.together(lambda: _setup(ctx, sp, init_from, identity, objective, amp))
+    if sp.kind == "dpo" and d.world > 1:  # rank 0 computed the reference log-probs; the others read them
+        d.together(lambda: d.main or attach_reference(root / "reference.npz", reference_identity(
+            ctx.tokenizer, ctx.sources, sp), train, evals, None, sp.micro_batch))
     evals = eval_batches(evals)
     sampler = Sampler([(train[s.name], s.weight) for s in sp.mix], sp.global_batch, plan.seed, sp.index)
-    identity = _identity(ctx, sp)
-    start, pending, last_eval = _resume(ctx, sp, identity, model, optimizer, sampler)
-    step_model = torch.compile(model) if plan.device.compile else model
+    names = weight_names(model)  # before wrapping: which names a tied tensor is saved under
+    step_model = distributed.wrap(model, plan.parallel, d, bf16=device.type == "cuda" and plan.device.precision == "bf16",
+                                  compile=plan.device.compile)
+    opt = sp.optimizer
+    optimizer = build_optimizer(model, opt["name"], sp.lr, opt["betas"], opt["eps"], opt["weight_decay"])
+    start, pending, last_eval = _resume(ctx, sp, resumed, identity, model, optimizer, sampler)
 
-    def save(step: int) -> None:
-        if step != start:  # at `start` the state is exactly the checkpoint just loaded
-            save_checkpoint(root / "checkpoints", step, model, optimizer, identity | {
+    def save(step: int) -> dict:
+        """Gather the full state (all ranks), write it (rank 0), agree it is on disk; the weights.
+        At `start` the state is exactly the checkpoint just loaded: nothing to write (and before
+        a first step the optimizer has no state to gather: asking would create it)."""
+        if step == start and step != sp.steps:
+            return {}
+        weights, optimizer_state = distributed.full_state(model, optimizer)
+        weights = {k: v for k, v in weights.items() if k in names}
+        if step != start:
+            d.together(lambda: d.main and save_checkpoint(root / "checkpoints", step, weights, optimizer_state, identity | {
                 "stage": sp.name, "sampler": sampler.state_dict(),
                 "pending": [{k: v.item() for k, v in m.items()} for m in pending], "last_eval": last_eval},
-                sp.checkpoint_keep)
+                sp.checkpoint_keep))
+        return weights
 
     ctx.reporter.stage_start(sp, start, root / "metrics.jsonl")
     timer = Timer(start)
     for step in range(start, sp.steps + 1):
-        if ctx.stop.signum:
+        if signum := d.stop_requested(ctx.stop.signum):  # every rank stops at the same step
             save(step)
-            raise Interrupted(ctx.stop.signum, f"stopped at step {step} of stage {sp.name}; checkpoint saved")
+            raise Interrupted(signum, f"stopped at step {step} of stage {sp.name}; checkpoint saved")
         if step in (0, sp.steps) or (sp.eval_every and step % sp.eval_every == 0):
             last_eval = evaluate(step_model, objective, evals, sp.micro_batch, device, amp)
             ctx.reporter.log_eval(step, last_eval | (_dropped(ctx, sp) if step == 0 else {}))
@@ -122,21 +132,65 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
         lr = lr_at(step, peak=sp.lr, warmup=sp.warmup_steps, total=sp.steps, decay=sp.decay, min_lr=sp.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        pending.append(train_step(step_model, optimizer, objective, sampler.next_batch(), sp, amp, device))
+        pending.append(train_step(step_model, optimizer, objective, sampler.next_batch(), sp, amp, device, d))
         if (step + 1) % sp.log_every == 0 or step + 1 == sp.steps:
             means = {k: torch.stack([m[k] for m in pending]).mean().item() for k in pending[0]}  # one sync per log
             ctx.reporter.log(step + 1, means | {"lr": lr, **timer.rates(step + 1, sp)})
             pending.clear()
-    save(sp.steps)
+    weights = save(sp.steps)
+    d.together(lambda: d.main and _finish(ctx, sp, root, model if plan.parallel != "fsdp" else None, weights,
+                                          last_eval))
+    ctx.reporter.stage_end(sp)
+
+
+def _setup(ctx: Context, sp: StagePlan, init_from: Path | None, identity: dict, objective, amp):
+    """Build the stage's model at its starting weights (the dpo reference is computed from them,
+    by rank 0), its row sources, and load the latest complete checkpoint's weights if any."""
+    device, root = torch.device(ctx.plan.device.type), stage_dir(ctx.run_dir, sp)
+    if ctx.dist.main:
+        clean_temporary(root)
+        clean_temporary(root / "checkpoints")
+    torch.manual_seed(ctx.plan.seed + sp.index)  # the same initial weights on every machine
+    model = Transformer(ctx.plan.model)
+    if init_from is not None:
+        _check_init(init_from, ctx.tokenizer.fingerprint)
+        load_weights(model, init_from / "model.safetensors")
+    model.to(device)
+    train, evals = stage_rows(ctx.sources, sp, ctx.plan.seed)
+    if sp.kind == "dpo" and ctx.dist.main:  # before resuming: the reference is the stage's starting weights
+        attach_reference(root / "reference.npz", reference_identity(ctx.tokenizer, ctx.sources, sp), train, evals,
+                         lambda batch: objective.reference(model, _to(batch, device)), sp.micro_batch, model, amp)
+    resumed = None
+    checkpoints = list_checkpoints(root / "checkpoints")
+    if checkpoints:
+        weights, optimizer_state, state = read_checkpoint(checkpoints[-1])
+        changed = [f"data source {n!r}" for n, key in state.get("data", {}).items() if identity["data"].get(n) != key]
+        if state.get("tokenizer") != identity["tokenizer"]:
+            changed.insert(0, "the tokenizer")
+        if changed:
+            raise CheckpointError(f"stage {sp.name}: {' and '.join(changed)} changed since {checkpoints[-1]} was "
+                                  "saved; resuming would train on different tokens",
+                                  hint="restore the original data, or use --restart to start over")
+        set_weights(model, weights, checkpoints[-1] / "model.safetensors")
+        resumed = (checkpoints[-1], optimizer_state, state)
+    return model, train, evals, resumed
+
+
+def _finish(ctx: Context, sp: StagePlan, root: Path, model, weights: dict, last_eval: dict) -> None:
+    """Rank 0: the task evals on the final weights (on an unsharded copy under FSDP), then the
+    stage's loadable model."""
     results = dict(last_eval)
     if sp.tasks:
         from .tasks import run_tasks
 
+        if model is None:
+            model = Transformer(ctx.plan.model)
+            set_weights(model, weights, root / "final")
+            model.to(ctx.plan.device.type)
         scores = run_tasks(sp.tasks, model.eval(), ctx.tokenizer, ctx.template)
         ctx.reporter.log_eval(sp.steps, scores)
         results |= scores
-    write_final(root / "final", model, ctx, sp, results)
-    ctx.reporter.stage_end(sp)
+    write_final(root / "final", weights, ctx, sp, results)
 
 
 def stage_rows(sources: dict, sp: StagePlan, seed: int) -> tuple[dict, dict]:
@@ -160,53 +214,6 @@ def stage_rows(sources: dict, sp: StagePlan, seed: int) -> tuple[dict, dict]:
 def eval_batches(evals: dict) -> dict:
     """{source: held-out batch} from stage_rows' (row source, count) pairs (pretrain: the batch)."""
     return {name: n if rows is None else rows.rows(np.arange(n)) for name, (rows, n) in evals.items()}
-
-
-def attach_reference(path: Path, identity: dict, train: dict, evals: dict, reference, micro_batch: int,
-                     model=None, amp=contextlib.nullcontext()) -> None:
-    """The frozen reference's log-probs of every pair, computed once by `reference(batch)` from
-    the stage's starting weights (before any training step) and kept in the stage folder with
-    what they were computed from, so a resume reuses them and anything else recomputes them.
-    With model None (llmforge eval: the weights at hand are not the reference) a missing or
-    stale file is an error."""
-    sets = {f"train/{n}": r for n, r in train.items()} | {f"val/{n}": r for n, (r, _) in evals.items()}
-    stamp = json.dumps(identity, sort_keys=True)
-    try:
-        with np.load(path) as saved:
-            stored = {k: saved[k] for k in sets}
-            fresh = str(saved["identity"]) == stamp and all(len(stored[k]) == r.n_rows for k, r in sets.items())
-    except Exception:  # missing, half-written by a crash, or from another version: compute again
-        fresh = False
-    if not fresh and model is None:
-        raise CheckpointError(f"{path}: the dpo reference's log-probs are missing or do not match this data",
-                              hint="run the recipe again (with --restart if the data changed)")
-    if not fresh:
-        model.eval()
-        stored = {}
-        for key, rows in sets.items():
-            parts = [np.zeros((0, 2), dtype=np.float32)]
-            for idx in np.array_split(np.arange(rows.n_rows), max(1, math.ceil(rows.n_rows / micro_batch))):
-                with amp:
-                    parts.append(reference(rows.rows(idx, with_reference=False)))
-            stored[key] = np.concatenate(parts)
-        model.train()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        with open(tmp, "wb") as f:
-            np.savez(f, identity=np.array(stamp), **stored)
-        os.replace(tmp, path)
-    for key, rows in sets.items():
-        # Indexed by example: rows() looks them up through the layout.
-        ref = np.zeros((len(rows.ex), 2), dtype=np.float32)
-        ref[rows.layout.keep] = stored[key]
-        rows.reference = ref
-
-
-def reference_identity(tokenizer, sources: dict, sp: StagePlan) -> dict:
-    """What a dpo reference's log-probs depend on, besides the starting weights (a finished init
-    stage never changes without --restart): tokens, and which pairs are cut or left out."""
-    return {"tokenizer": tokenizer.fingerprint, "data": {s.name: sources[s.name].path.name for s in sp.mix},
-            "init": sp.init, "seq_len": sp.seq_len, "options": sp.options}
 
 
 def _check_init(final: Path, fingerprint: str) -> None:
@@ -243,50 +250,51 @@ def _dropped(ctx: Context, sp: StagePlan) -> dict:
 def _identity(ctx: Context, sp: StagePlan) -> dict:
     """What a checkpoint must agree on to be resumed: inputs (refused if changed) and the
     machine binding (allowed to change: same math, but no longer bitwise identical)."""
-    d = ctx.plan.device
+    d, world = ctx.plan.device, ctx.plan.world_size
+    machine = f"{d.type}, {d.precision}, {d.threads} threads" + (f", {ctx.plan.parallel} x {world}" if world > 1 else "")
     return {"tokenizer": ctx.tokenizer.fingerprint,
             "data": {s.name: ctx.sources[s.name].path.name for s in sp.mix},  # content-addressed keys
-            "plan_hash": sp.math_hash(), "machine": f"{d.type}, {d.precision}, {d.threads} threads"}
+            "plan_hash": sp.math_hash(), "machine": machine}
 
 
-def _resume(ctx: Context, sp: StagePlan, identity: dict, model, optimizer, sampler):
-    """Load the latest complete checkpoint, if any: (start step, pending step metrics, last eval)."""
-    checkpoints = list_checkpoints(stage_dir(ctx.run_dir, sp) / "checkpoints")
-    if not checkpoints:
+def _resume(ctx: Context, sp: StagePlan, resumed, identity: dict, model, optimizer, sampler):
+    """From the checkpoint _setup read, if any: optimizer, RNG and sampler states, and (start
+    step, pending step metrics, last eval)."""
+    if resumed is None:
         return 0, [], {}
-    state = load_checkpoint(checkpoints[-1], model, optimizer)
-    changed = [f"data source {n!r}" for n, key in state.get("data", {}).items() if identity["data"].get(n) != key]
-    if state.get("tokenizer") != identity["tokenizer"]:
-        changed.insert(0, "the tokenizer")
-    if changed:
-        raise CheckpointError(f"stage {sp.name}: {' and '.join(changed)} changed since {checkpoints[-1]} was "
-                              "saved; resuming would train on different tokens",
-                              hint="restore the original data, or use --restart to start over")
+    path, optimizer_state, state = resumed
+    distributed.load_optimizer(model, optimizer, by_name(optimizer_state, model, optimizer))
+    set_rng_state(state["rng"])
     if (state.get("plan_hash"), state.get("machine")) != (identity["plan_hash"], identity["machine"]):
         ctx.reporter.note(f"stage {sp.name}: resuming on a different setup ({state.get('machine')} -> "
                           f"{identity['machine']}, or another micro-batch): same math, not bitwise identical")
     sampler.load_state_dict(state["sampler"])
-    ctx.reporter.note(f"stage {sp.name}: resuming from {checkpoints[-1].name}")
+    ctx.reporter.note(f"stage {sp.name}: resuming from {path.name}")
     pending = [{k: torch.tensor(v, dtype=torch.float32) for k, v in m.items()} for m in state.get("pending", [])]
     return state["step"], pending, state.get("last_eval", {})
 
 
-def train_step(model, optimizer, objective, batch: dict, sp: StagePlan, amp, device) -> dict:
-    """One optimizer step over the global batch, in grad_accum micro-batches; the loss is a mean
-    over the whole batch's units (tokens, pairs), however unevenly the micro-batches hold them."""
+def train_step(model, optimizer, objective, batch: dict, sp: StagePlan, amp, device, d=Dist()) -> dict:
+    """One optimizer step over the global batch: this rank's share of its rows, in grad_accum
+    micro-batches. The loss is a mean over the whole global batch's units (tokens, pairs),
+    however unevenly the micro-batches and ranks hold them; DDP/FSDP average gradients over
+    ranks, so each rank's share is scaled by the world size to make that average a sum."""
     units = objective.units(batch)
+    micros = _split(d.shard(batch), sp.micro_batch)
     totals: dict = {}
-    for micro in _split(batch, sp.micro_batch):
-        with amp:
-            sums = objective.loss(model, _to(micro, device))
-        (sums["loss"] / units).backward()
+    for i, micro in enumerate(micros):
+        with distributed.grad_sync(model, i == len(micros) - 1):
+            with amp:
+                sums = objective.loss(model, _to(micro, device))
+            (sums["loss"] * (d.world / units)).backward()
         for k, v in sums.items():
             totals[k] = totals.get(k, 0) + v.detach()
     if sp.optimizer["grad_clip"]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), sp.optimizer["grad_clip"])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {k: (v / units).float() for k, v in totals.items()}
+    reduced = d.all_sum(torch.stack([totals[k].float() for k in totals]))  # one small all-reduce
+    return {k: v / units for k, v in zip(totals, reduced)}
 
 
 @torch.no_grad()
@@ -308,13 +316,13 @@ def evaluate(model, objective, batches: dict[str, dict], micro_batch: int, devic
     return {f"val_{k}": v for k, v in objective.summarize(total).items()} | out
 
 
-def write_final(final: Path, model, ctx: Context, sp: StagePlan, results: dict) -> None:
+def write_final(final: Path, weights: dict, ctx: Context, sp: StagePlan, results: dict) -> None:
     """The stage's loadable model: weights, config, tokenizer and its final eval results, renamed
     into place at once."""
     tmp = final.parent / f".tmp-final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(model, tmp / "model.safetensors")
+    save_file(weights, str(tmp / "model.safetensors"))
     config = {"model": ctx.plan.model.to_dict(), "stage": sp.name, "kind": sp.kind,
               "tokenizer_fingerprint": ctx.tokenizer.fingerprint,
               "chat_template": ctx.template.to_dict() if ctx.template else None}

@@ -55,3 +55,7 @@ class Interrupted(Exception):
         super().__init__(message)
         self.signum = signum
         self.message = message
+
+
+class PeerFailed(Exception):
+    """Another process of a distributed run failed and reports it; this one stops quietly."""

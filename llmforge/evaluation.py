@@ -18,7 +18,8 @@ import yaml
 
 from .chat import ChatTemplate
 from .data import prepare_source
-from .engine import _autocast, attach_reference, eval_batches, evaluate, reference_identity, stage_rows
+from .engine import _autocast, eval_batches, evaluate, stage_rows
+from .stages.dpo import attach_reference, reference_identity
 from .errors import CheckpointError
 from .generate import find_stage, load_trained
 from .plan import compile_plan, detect_device, stage_init

@@ -16,6 +16,7 @@ import yaml
 from .chat import ChatTemplate
 from .data import iter_documents, list_files, prepare_source
 from .data.cache import find_source
+from .distributed import Dist, check_device
 from .engine import Context
 from .errors import RecipeError, TokenizerError
 from .plan import Plan, SourceStats, compile_plan, detect_device
@@ -26,17 +27,25 @@ from .tokenizer import Tokenizer, train_tokenizer
 _HARMLESS = (".eval.", ".checkpoint.")
 
 
-def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False) -> Context:
-    """Everything before training: run directory, tokenizer, token cache, plan."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_run_dir(run_dir)
-    if restart:
-        clear_run_dir(run_dir)
-    check_run_dir(recipe, run_dir)
-    _write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
-    # Where relative data paths point: `llmforge eval` reads the run's data without the recipe file.
-    _write_atomic(run_dir / "run.json", json.dumps({"base_dir": str(recipe.base_dir.resolve())}))
+def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False, dist: Dist = Dist()) -> Context:
+    """Everything before training: run directory, tokenizer, token cache, plan. In a distributed
+    run rank 0 does the work; the others then find it done (they write nothing to the run dir)."""
+    follower = not dist.main
+    if follower and not (run_dir / "tokenizer" / "tokenizer.model").is_file():
+        raise RecipeError([f"{run_dir}: rank {dist.rank} does not see the run directory rank 0 prepared"],
+                          hint="on several machines, the run directory must be on a filesystem all of them share")
+    lock = None
+    if not follower:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_run_dir(run_dir)
+        if restart:
+            clear_run_dir(run_dir)
+        check_run_dir(recipe, run_dir)
+        _write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+        # Where relative data paths point: `llmforge eval` reads the run's data without the recipe file.
+        _write_atomic(run_dir / "run.json", json.dumps({"base_dir": str(recipe.base_dir.resolve())}))
     device = detect_device(recipe.runtime)
+    check_device(dist, device.type)
     _set_threads(device.threads)
     tokenizer = ensure_tokenizer(recipe, run_dir, reporter)
     template = ChatTemplate.from_spec(recipe.tokenizer.chat_template)
@@ -46,11 +55,12 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False) 
         spec = recipe.data[name]
         with reporter.task(f"tokenizing {name}", _source_bytes(recipe, name)) as advance:
             sources[name] = prepare_source(name, spec, recipe.base_dir, tokenizer, advance, workers, template)
-    plan = compile_plan(recipe, vocab_size=tokenizer.vocab_size,
+    plan = compile_plan(recipe, vocab_size=tokenizer.vocab_size, world_size=dist.world,
                         sources={n: source_stats(s) for n, s in sources.items()}, device=device)
     plan = dataclasses.replace(plan, previews=previews(recipe))
-    _write_atomic(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1))
-    return Context(plan, run_dir, tokenizer, sources, template=template, reporter=reporter, lock=lock)
+    if not follower:
+        _write_atomic(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1))
+    return Context(plan, run_dir, tokenizer, sources, template=template, reporter=reporter, lock=lock, dist=dist)
 
 
 def source_stats(src) -> SourceStats:
@@ -89,7 +99,7 @@ def clear_run_dir(run_dir: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def estimate_plan(recipe: Recipe, run_dir: Path) -> Plan:
+def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1) -> Plan:
     """The plan without training anything: exact token counts where the run directory's tokenizer
     and the cache already have them, estimates from file sizes otherwise."""
     device = detect_device(recipe.runtime)
@@ -112,7 +122,7 @@ def estimate_plan(recipe: Recipe, run_dir: Path) -> Plan:
             val = int(tokens * spec.val_fraction)
             stats[name] = SourceStats(len(files), tokens - val, val, estimated=True)
     vocab = tokenizer.vocab_size if tokenizer else recipe.tokenizer.vocab_size
-    plan = compile_plan(recipe, vocab_size=vocab, sources=stats, device=device)
+    plan = compile_plan(recipe, vocab_size=vocab, sources=stats, device=device, world_size=world_size)
     return dataclasses.replace(plan, previews=previews(recipe))
 
 

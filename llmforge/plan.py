@@ -100,6 +100,8 @@ class Plan:
     params_non_embedding: int
     flops_per_token: int
     stages: tuple[StagePlan, ...] = field(default_factory=tuple)
+    world_size: int = 1  # processes training together (torchrun's WORLD_SIZE)
+    parallel: str = "single"  # single | ddp | fsdp
     warnings: tuple[str, ...] = ()  # things that will run, but perhaps not as the user meant
     # sft/dpo stage name -> one training example as chat-template segments (text, special, learned),
     # so `plan` can show what the model will learn from
@@ -177,10 +179,12 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
                  world_size: int = 1) -> Plan:
     cfg = model_config(recipe, vocab_size)
     params = cfg.num_params()
+    parallel = _choose_parallel(recipe, cfg, device, world_size)
+    shards = world_size if parallel == "fsdp" else 1
     stages, problems = [], []
     for i, spec in enumerate(recipe.stages):
         try:
-            stages.append(_plan_stage(i, spec, recipe, cfg, sources, device, world_size))
+            stages.append(_plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards))
         except PlanError as e:
             problems.append(e)
     if problems:
@@ -189,10 +193,21 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
                 f"stage {sp.name} cannot eval on it"
                 for sp in stages for s in sp.mix for what in [_held_out_fits(sp, sources[s.name], recipe.seed)] if what]
     return Plan(recipe.name, recipe.seed, device, cfg, params, cfg.num_params(exclude_embeddings=True),
-                cfg.flops_per_token(), tuple(stages), tuple(dict.fromkeys(warnings)))
+                cfg.flops_per_token(), tuple(stages), world_size, parallel, tuple(dict.fromkeys(warnings)))
 
 
-def _plan_stage(i, spec, recipe, cfg, sources, device, world_size) -> StagePlan:
+def _choose_parallel(recipe: Recipe, cfg: ModelConfig, device: Device, world_size: int) -> str:
+    """single alone; else the recipe's choice, or under auto DDP when the whole model's training
+    state and one sequence's activations fit one device (by estimate_memory), FSDP otherwise."""
+    if world_size == 1:
+        return "single"
+    if recipe.runtime.parallel != "auto":
+        return recipe.runtime.parallel
+    longest = max(recipe.stage_seq_len(s) * (2 if s.kind == "dpo" else 1) for s in recipe.stages)
+    return "ddp" if estimate_memory(cfg, 1, longest, device.precision) <= _budget(device) else "fsdp"
+
+
+def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards) -> StagePlan:
     where = f"stages[{i}]"
     seq_len = recipe.stage_seq_len(spec)
     options = {k: spec.option(k) for k, (kinds, _) in KIND_KEYS.items() if spec.kind in kinds.split()}
@@ -219,7 +234,7 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size) -> StagePlan:
         steps = spec.steps or math.ceil(spec.tokens / batch_tokens)
     tokens = steps * batch_tokens
     micro, memory = _choose_micro_batch(where, recipe.runtime.micro_batch, global_batch // world_size,
-                                        per_row, cfg, device)
+                                        per_row, cfg, device, shards)
     mix = _plan_mix(where, spec.mix, sources, recipe.data, rows, steps * global_batch, per_row)
     warmup = round(resolve_percent(spec.schedule.warmup, steps))
     if warmup >= steps and steps > 1:
@@ -304,8 +319,9 @@ def _plan_mix(where, mix: dict, sources: dict, specs: dict, rows: dict, total_ro
     return tuple(out)
 
 
-def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str) -> int:
-    """Peak training memory in bytes: weights + grads + AdamW moments + activations + logits.
+def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, shards: int = 1) -> int:
+    """Peak training memory per device in bytes: weights + grads + AdamW moments + activations
+    + logits.
 
     fp32 master weights and grads (4 + 4 bytes/param) and two AdamW moments (8 bytes/param).
     Activations: per token per layer, the tensors autograd keeps for backward — about 8 x n_embd
@@ -318,25 +334,32 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     per_token_layer = (8 * cfg.n_embd + 2 * cfg.kv_heads * cfg.head_dim + 4 * cfg.hidden) * act_bytes
     activations = cfg.n_layer * tokens * per_token_layer + 2 * tokens * cfg.n_embd * 4
     logits = 3 * tokens * cfg.vocab_size * 4
-    states = cfg.num_params() * 16
+    states = cfg.num_params() * 16 / shards
+    if shards > 1:  # FSDP: a shard of the states, plus the unsharded weights and grads in flight
+        embeddings = cfg.num_params() - cfg.num_params(exclude_embeddings=True)
+        states += (embeddings + 2 * cfg.num_params(exclude_embeddings=True) / cfg.n_layer) * 8
     return int((states + activations + logits) * 1.1)  # ~10% for allocator slack and workspaces
 
 
-def _choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, device) -> tuple[int, int]:
-    budget = device.memory_bytes * (0.9 if device.type != "cpu" else 0.6)
+def _budget(device: Device) -> float:
+    return device.memory_bytes * (0.9 if device.type != "cpu" else 0.6)
+
+
+def _choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, device, shards: int) -> tuple[int, int]:
+    budget = _budget(device)
     if requested != "auto":
         if per_rank % requested:
             raise PlanError(f"runtime.micro_batch: {requested} does not divide the {per_rank} sequences "
                             f"per step and device of {where}", hint="use a divisor, or auto")
-        return requested, estimate_memory(cfg, requested, seq_len, device.precision)
+        return requested, estimate_memory(cfg, requested, seq_len, device.precision, shards)
     # CPUs gain little past ~16k tokens per forward; GPUs take the largest micro-batch that fits.
     cap = 16384 if device.type == "cpu" else 1 << 30
     divisors = [d for d in range(per_rank, 0, -1) if per_rank % d == 0]
     for d in divisors:
-        memory = estimate_memory(cfg, d, seq_len, device.precision)
+        memory = estimate_memory(cfg, d, seq_len, device.precision, shards)
         if (d * seq_len <= cap or d == 1) and memory <= budget:
             return d, memory
-    need = estimate_memory(cfg, 1, seq_len, device.precision)
+    need = estimate_memory(cfg, 1, seq_len, device.precision, shards)
     raise PlanError(f"model: needs ~{need / 2**30:.1f} GiB to train even at micro-batch 1, more than the "
                     f"{device.memory_bytes / 2**30:.1f} GiB this {device.type} offers",
                     hint="use a smaller model or seq_len")

@@ -106,6 +106,33 @@ class Reporter:
             self.metrics_file.flush()
 
 
+class QuietReporter:
+    """The reporter of ranks other than 0 in a distributed run: they train, rank 0 tells."""
+
+    console = Console(quiet=True)
+
+    def note(self, text: str) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def task(self, description: str, total_bytes: int | None):
+        yield lambda n: None
+
+    def stage_start(self, sp, start_step: int, metrics_path: Path) -> None:
+        pass
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    log_eval = log
+
+    def stage_end(self, sp) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def make_console() -> Console:
     """Log lines are never wrapped; piped output (logs, CI) gets room for full tables."""
     console = Console(soft_wrap=True, highlight=False)
@@ -152,6 +179,11 @@ def render_plan(plan, console: Console) -> None:
                   f"{', tied' if m.tie_embeddings else ''} -> {_si(plan.params)} params "
                   f"({_si(plan.params_non_embedding)} non-embedding), {_si(plan.flops_per_token)} FLOPs/token",
                   highlight=False)
+    if plan.world_size > 1:
+        how = {"ddp": "DDP, each holds the whole model", "fsdp": "FSDP2, weights/grads/optimizer state sharded"}
+        console.print(f"parallel: {plan.parallel} over {plan.world_size} processes "
+                      f"({'nccl' if d.type == 'cuda' else 'gloo'}; {how[plan.parallel]}); memory below is per device",
+                      highlight=False)
     for sp in plan.stages:
         eta = f", ~{_duration(sp.est_time_s)}" if sp.est_time_s else ""
         console.print(

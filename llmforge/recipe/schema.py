@@ -363,6 +363,9 @@ class RuntimeSpec(Spec):
     threads: AutoOrPositive = "auto"  # CPU threads for torch
     log_every: Int = Field(default=10, gt=0)  # steps between progress/metrics lines
     data_workers: AutoOrPositive = "auto"  # processes tokenizing data; auto: one per CPU core
+    # With several processes: ddp (each holds the whole model) or fsdp (weights, gradients and
+    # optimizer state sharded); auto picks ddp when training fits one device, by the plan's estimate.
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
 
 
 class Recipe(Spec):

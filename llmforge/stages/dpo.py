@@ -12,10 +12,17 @@ chosen one's is higher.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import CheckpointError
 from .pretrain import token_losses
 
 
@@ -76,3 +83,50 @@ class Objective:
         """[n, 2] log-probs of chosen and rejected under the frozen reference."""
         chosen, rejected = pair_logps(model, batch)
         return torch.stack([chosen, rejected], dim=1).cpu().numpy()
+
+
+def attach_reference(path: Path, identity: dict, train: dict, evals: dict, reference, micro_batch: int,
+                     model=None, amp=contextlib.nullcontext()) -> None:
+    """The frozen reference's log-probs of every pair, computed once by `reference(batch)` from
+    the stage's starting weights (before any training step) and kept in the stage folder with
+    what they were computed from, so a resume reuses them and anything else recomputes them.
+    With model None (llmforge eval: the weights at hand are not the reference) a missing or
+    stale file is an error."""
+    sets = {f"train/{n}": r for n, r in train.items()} | {f"val/{n}": r for n, (r, _) in evals.items()}
+    stamp = json.dumps(identity, sort_keys=True)
+    try:
+        with np.load(path) as saved:
+            stored = {k: saved[k] for k in sets}
+            fresh = str(saved["identity"]) == stamp and all(len(stored[k]) == r.n_rows for k, r in sets.items())
+    except Exception:  # missing, half-written by a crash, or from another version: compute again
+        fresh = False
+    if not fresh and model is None:
+        raise CheckpointError(f"{path}: the dpo reference's log-probs are missing or do not match this data",
+                              hint="run the recipe again (with --restart if the data changed)")
+    if not fresh:
+        model.eval()
+        stored = {}
+        for key, rows in sets.items():
+            parts = [np.zeros((0, 2), dtype=np.float32)]
+            for idx in np.array_split(np.arange(rows.n_rows), max(1, math.ceil(rows.n_rows / micro_batch))):
+                with amp:
+                    parts.append(reference(rows.rows(idx, with_reference=False)))
+            stored[key] = np.concatenate(parts)
+        model.train()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        with open(tmp, "wb") as f:
+            np.savez(f, identity=np.array(stamp), **stored)
+        os.replace(tmp, path)
+    for key, rows in sets.items():
+        # Indexed by example: rows() looks them up through the layout.
+        ref = np.zeros((len(rows.ex), 2), dtype=np.float32)
+        ref[rows.layout.keep] = stored[key]
+        rows.reference = ref
+
+
+def reference_identity(tokenizer, sources: dict, sp) -> dict:
+    """What a dpo reference's log-probs depend on, besides the starting weights (a finished init
+    stage never changes without --restart): tokens, and which pairs are cut or left out."""
+    return {"tokenizer": tokenizer.fingerprint, "data": {s.name: sources[s.name].path.name for s in sp.mix},
+            "init": sp.init, "seq_len": sp.seq_len, "options": sp.options}
