@@ -38,6 +38,10 @@ def user_errors(rank: int = 0, world: int = 1):
             err.print(f"[bold red]error:[/] {escape(who + line)}")
         if e.hint:
             err.print(f"[dim]hint: {escape(e.hint)}[/]")
+        if world > 1:  # the launcher must see this exit code before the peers notice we are gone
+            from .distributed import exit_now
+
+            exit_now(2)
         raise typer.Exit(2)
     except PeerFailed:  # the failing rank, or rank 0, reports it
         raise typer.Exit(2)
@@ -99,8 +103,9 @@ def _run(recipe: Path, run_dir: Path | None, overrides: list[str], restart: bool
 
     try:
         # Rank 0 prepares the run directory, tokenizer and data; then the others find them ready.
-        first = d.together(setup if d.main else lambda: None)
-        ctx = d.together(lambda: None if d.main else setup()) or first
+        ctx = d.together(setup if d.main else lambda: None)
+        ctx = d.together(lambda: ctx if d.main else setup())
+        d.together(lambda: d.same((ctx.plan.parallel, [sp.math_hash() for sp in ctx.plan.stages]), "the plan"))
         render_plan(ctx.plan, reporter.console)
         run_stages(ctx)
     finally:
@@ -144,7 +149,7 @@ def plan(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
         from .recipe import load_recipe
 
         spec = load_recipe(recipe, overrides or [])
-        result = estimate_plan(spec, run_dir or Path("runs") / spec.name, world_size=nproc * nnodes)
+        result = estimate_plan(spec, run_dir or Path("runs") / spec.name, world_size=nproc * nnodes, processes=nproc)
         if as_json:
             sys.stdout.write(json.dumps(result.to_json(), indent=1) + "\n")
         else:

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 from .errors import LlmforgeError, PeerFailed
@@ -33,6 +34,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # processes on this machine (they share its memory)
     backend: str = ""
     control: object = field(default=None, repr=False)  # gloo group: CPU agreements, long timeout
 
@@ -64,6 +66,20 @@ class Dist:
         rank, (message, hint) = first
         raise LlmforgeError(f"rank {rank}: {message}", hint)
 
+    def same(self, value, what: str) -> None:
+        """Fail (on every rank alike) unless all ranks hold the same value: ranks that planned
+        or found different things would call different collectives and hang."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        values = [None] * self.world
+        dist.all_gather_object(values, value, group=self.control)
+        odd = next((r for r, v in enumerate(values) if v != values[0]), None)
+        if odd is not None:
+            raise LlmforgeError(f"ranks disagree on {what}: rank 0 has {values[0]}, rank {odd} has {values[odd]}",
+                                hint="every machine needs the same software, data and view of the run directory")
+
     def stop_requested(self, signum: int) -> int:
         """The stop signal if any rank got one, so all stop (and save) at the same step."""
         if self.world == 1:
@@ -91,7 +107,7 @@ class Dist:
 
 def launched() -> bool:
     """Whether this process was started by torchrun (or torch.distributed.run)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
 
 
 def init() -> Dist:
@@ -104,14 +120,16 @@ def init() -> Dist:
 
     _die_with_parent()
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if rank:
+        warnings.simplefilter("ignore")  # rank 0 shows them once
     backend = "gloo"
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # CUDA tensors over nccl, CPU ones (also runtime.device: cpu) over gloo
         torch.cuda.set_device(local % torch.cuda.device_count())
         backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend)
     # Rank 0 may tokenize a large corpus while the others wait: give that wait hours, not minutes.
     control = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24))
-    return Dist(rank, world, local, backend, control)
+    return Dist(rank, world, local, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), backend, control)
 
 
 def check_device(d: Dist, device_type: str) -> None:
@@ -126,10 +144,9 @@ def check_device(d: Dist, device_type: str) -> None:
     if device_type == "cuda":
         import torch
 
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if local > torch.cuda.device_count():
-            raise PlanError(f"--nproc-per-node: {local} processes per machine but {torch.cuda.device_count()} GPUs",
-                            hint=f"use --nproc-per-node {torch.cuda.device_count()}")
+        if d.local_world > torch.cuda.device_count():
+            raise PlanError(f"--nproc-per-node: {d.local_world} processes per machine but "
+                            f"{torch.cuda.device_count()} GPUs", hint=f"use --nproc-per-node {torch.cuda.device_count()}")
 
 
 def close(d: Dist) -> None:
@@ -144,9 +161,16 @@ def peer_failure(e: BaseException) -> bool:
     """An error that only says another rank went away (its own error is what the user needs)."""
     import torch.distributed as dist
 
-    text = str(e)
-    return isinstance(e, getattr(dist, "DistError", ())) or any(
-        s in text for s in ("closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator"))
+    lost = getattr(dist, "DistNetworkError", ())
+    return isinstance(e, lost) or any(s in str(e) for s in ("closed by peer", "Connection reset by peer"))
+
+
+def exit_now(code: int) -> None:
+    """End a distributed worker at once. Tearing the process group down first would tell the
+    peers before the launcher sees this exit code; the OS closes the connections as we die."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _die_with_parent() -> None:
@@ -155,13 +179,11 @@ def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the launcher died before prctl took effect
-            os._exit(1)
 
 
 # -- the model ---------------------------------------------------------------------------------
 
-def wrap(model, mode: str, d: Dist, bf16: bool, compile: bool):
+def wrap(model, mode: str, d: Dist, device, bf16: bool, compile: bool):
     """The module the training step calls: the model itself alone, DDP (every rank holds all
     weights, gradients all-reduced), or FSDP2 (weights, gradients and optimizer state sharded;
     each block's weights gathered just for its forward and backward); torch.compile'd if asked
@@ -184,14 +206,19 @@ def wrap(model, mode: str, d: Dist, bf16: bool, compile: bool):
     except ImportError:  # torch < 2.6
         from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
-    # bf16 compute with fp32 gradient reduction, on GPU; CPU trains in fp32.
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-        else MixedPrecisionPolicy()
+    from torch.distributed.device_mesh import init_device_mesh
+
+    # bf16 weights for compute and fp32 gradient reduction, on GPU (CPU trains in fp32). The
+    # inputs between blocks (the residual stream, the rope tables) keep their dtype, as autocast
+    # leaves them in a single process.
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+        if bf16 else MixedPrecisionPolicy()
+    mesh = init_device_mesh(device.type, (d.world,))  # the run's device, even on a GPU machine
     for block in model.blocks:
         if compile:
             block.compile()
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)  # the rest: embeddings, final norm, head
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # the rest: embeddings, final norm, head
     return model
 
 
@@ -237,6 +264,8 @@ def launch(nproc: int, worker_args: list[str]) -> int:
 
     # Share the cores: torchrun would otherwise pin each worker to 1 thread, with a banner.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # On Ctrl-C/SIGTERM the workers finish their step and save: allow that 5 minutes, not 30 s.
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
     # The workers report their own errors; the agent's log lines and summary table repeat them.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed.run").setLevel(logging.CRITICAL)
@@ -245,10 +274,18 @@ def launch(nproc: int, worker_args: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as e:
-        codes = [f.exitcode for f in e.failures.values()]
+        failures = sorted(e.failures.items(), key=lambda kv: kv[1].timestamp)
+        codes = [f.exitcode for _, f in failures]
         if 2 in codes:  # a user error, printed by the rank that had it
             return 2
-        return next((c for c in codes if c > 128), 1)  # interrupted by a signal, or a bug
-    except SignalException as e:  # the launcher was stopped; the workers saved and stopped too
+        if any(c > 128 for c in codes):  # stopped by a signal after saving
+            return next(c for c in codes if c > 128)
+        rank, first = failures[0]
+        if first.exitcode < 0:  # killed, e.g. by the out-of-memory killer: it could not tell
+            name = signal.Signals(-first.exitcode).name
+            print(f"error: rank {rank} was killed by {name}", file=sys.stderr)
+            return 128 - first.exitcode
+        return 1  # a bug: the rank printed its traceback
+    except SignalException as e:  # the launcher was stopped; the workers saved (or were killed)
         return 128 + e.sigval
     return 0

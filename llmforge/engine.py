@@ -41,8 +41,9 @@ class StopFlag:
 
     @contextlib.contextmanager
     def installed(self, abort_on_repeat: bool = True):
-        """abort_on_repeat: a second signal stops at once, without saving. Not under torchrun,
-        whose launcher forwards the terminal's Ctrl-C a second time (and SIGKILLs after 30 s)."""
+        """abort_on_repeat: a second signal stops at once, without saving. Not in a distributed
+        run, where a scheduler (Slurm, Kubernetes) may signal every process besides the launcher
+        forwarding it; the launcher SIGKILLs workers that take too long to save."""
         def handler(signum, frame):
             if self.signum and abort_on_repeat:  # stop now, the last complete checkpoint stands
                 raise KeyboardInterrupt
@@ -69,10 +70,15 @@ class Context:
 
 
 def run_stages(ctx: Context) -> None:
-    with ctx.stop.installed(abort_on_repeat=ctx.dist.world == 1):
+    d = ctx.dist
+    with ctx.stop.installed(abort_on_repeat=d.world == 1):
         for sp in ctx.plan.stages:
+            if signum := d.stop_requested(ctx.stop.signum):  # between stages: nothing to save
+                raise Interrupted(signum, f"stopped before stage {sp.name}")
             final = stage_dir(ctx.run_dir, sp) / "final"
-            if not (final / "model.safetensors").is_file():
+            done = (final / "model.safetensors").is_file()
+            d.together(lambda: d.same(done, f"whether stage {sp.name} is done"))
+            if not done:
                 init = next((stage_dir(ctx.run_dir, p) / "final" for p in ctx.plan.stages if p.name == sp.init), None)
                 run_stage(ctx, sp, init_from=init)
             else:
@@ -89,17 +95,20 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
     objective, amp = OBJECTIVES[sp.kind](sp, ctx.tokenizer.token_bytes), _autocast(plan.device)
     identity = _identity(ctx, sp)
     model, train, evals, resumed = d.together(lambda: _setup(ctx, sp, init_from, identity, objective, amp))
+    checkpoint = resumed[0].name if resumed else None
+    d.together(lambda: d.same(checkpoint, f"the checkpoint stage {sp.name} resumes from"))
     if sp.kind == "dpo" and d.world > 1:  # rank 0 computed the reference log-probs; the others read them
         d.together(lambda: d.main or attach_reference(root / "reference.npz", reference_identity(
             ctx.tokenizer, ctx.sources, sp), train, evals, None, sp.micro_batch))
     evals = eval_batches(evals)
     sampler = Sampler([(train[s.name], s.weight) for s in sp.mix], sp.global_batch, plan.seed, sp.index)
     names = weight_names(model)  # before wrapping: which names a tied tensor is saved under
-    step_model = distributed.wrap(model, plan.parallel, d, bf16=device.type == "cuda" and plan.device.precision == "bf16",
-                                  compile=plan.device.compile)
+    step_model = distributed.wrap(model, plan.parallel, d, device, compile=plan.device.compile,
+                                  bf16=device.type == "cuda" and plan.device.precision == "bf16")
     opt = sp.optimizer
     optimizer = build_optimizer(model, opt["name"], sp.lr, opt["betas"], opt["eps"], opt["weight_decay"])
-    start, pending, last_eval = _resume(ctx, sp, resumed, identity, model, optimizer, sampler)
+    start, pending, last_eval = _resume(ctx, sp, resumed, identity, model, optimizer, sampler, device)
+    del resumed  # the full optimizer state read from disk: each rank now holds only its own
 
     def save(step: int) -> dict:
         """Gather the full state (all ranks), write it (rank 0), agree it is on disk; the weights.
@@ -257,7 +266,7 @@ def _identity(ctx: Context, sp: StagePlan) -> dict:
             "plan_hash": sp.math_hash(), "machine": machine}
 
 
-def _resume(ctx: Context, sp: StagePlan, resumed, identity: dict, model, optimizer, sampler):
+def _resume(ctx: Context, sp: StagePlan, resumed, identity: dict, model, optimizer, sampler, device):
     """From the checkpoint _setup read, if any: optimizer, RNG and sampler states, and (start
     step, pending step metrics, last eval)."""
     if resumed is None:
@@ -270,15 +279,17 @@ def _resume(ctx: Context, sp: StagePlan, resumed, identity: dict, model, optimiz
                           f"{identity['machine']}, or another micro-batch): same math, not bitwise identical")
     sampler.load_state_dict(state["sampler"])
     ctx.reporter.note(f"stage {sp.name}: resuming from {path.name}")
-    pending = [{k: torch.tensor(v, dtype=torch.float32) for k, v in m.items()} for m in state.get("pending", [])]
+    pending = [{k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in m.items()}
+               for m in state.get("pending", [])]
     return state["step"], pending, state.get("last_eval", {})
 
 
-def train_step(model, optimizer, objective, batch: dict, sp: StagePlan, amp, device, d=Dist()) -> dict:
+def train_step(model, optimizer, objective, batch: dict, sp: StagePlan, amp, device, d: Dist | None = None) -> dict:
     """One optimizer step over the global batch: this rank's share of its rows, in grad_accum
     micro-batches. The loss is a mean over the whole global batch's units (tokens, pairs),
     however unevenly the micro-batches and ranks hold them; DDP/FSDP average gradients over
     ranks, so each rank's share is scaled by the world size to make that average a sum."""
+    d = d or Dist()
     units = objective.units(batch)
     micros = _split(d.shard(batch), sp.micro_batch)
     totals: dict = {}
@@ -286,7 +297,7 @@ def train_step(model, optimizer, objective, batch: dict, sp: StagePlan, amp, dev
         with distributed.grad_sync(model, i == len(micros) - 1):
             with amp:
                 sums = objective.loss(model, _to(micro, device))
-            (sums["loss"] * (d.world / units)).backward()
+            (sums["loss"] / (units / d.world)).backward()
         for k, v in sums.items():
             totals[k] = totals.get(k, 0) + v.detach()
     if sp.optimizer["grad_clip"]:

@@ -27,13 +27,17 @@ from .tokenizer import Tokenizer, train_tokenizer
 _HARMLESS = (".eval.", ".checkpoint.")
 
 
-def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False, dist: Dist = Dist()) -> Context:
+def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False, dist: Dist | None = None) -> Context:
     """Everything before training: run directory, tokenizer, token cache, plan. In a distributed
     run rank 0 does the work; the others then find it done (they write nothing to the run dir)."""
+    dist = dist or Dist()
     follower = not dist.main
-    if follower and not (run_dir / "tokenizer" / "tokenizer.model").is_file():
+    tokenizer_file = run_dir / "tokenizer" / "tokenizer.model"
+    if follower and not tokenizer_file.is_file():
         raise RecipeError([f"{run_dir}: rank {dist.rank} does not see the run directory rank 0 prepared"],
                           hint="on several machines, the run directory must be on a filesystem all of them share")
+    device = detect_device(recipe.runtime, processes=dist.local_world)
+    check_device(dist, device.type)
     lock = None
     if not follower:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -44,10 +48,8 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False, 
         _write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
         # Where relative data paths point: `llmforge eval` reads the run's data without the recipe file.
         _write_atomic(run_dir / "run.json", json.dumps({"base_dir": str(recipe.base_dir.resolve())}))
-    device = detect_device(recipe.runtime)
-    check_device(dist, device.type)
     _set_threads(device.threads)
-    tokenizer = ensure_tokenizer(recipe, run_dir, reporter)
+    tokenizer = Tokenizer.load(tokenizer_file) if follower else ensure_tokenizer(recipe, run_dir, reporter)
     template = ChatTemplate.from_spec(recipe.tokenizer.chat_template)
     workers = None if recipe.runtime.data_workers == "auto" else recipe.runtime.data_workers
     sources = {}
@@ -99,10 +101,11 @@ def clear_run_dir(run_dir: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1) -> Plan:
+def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1, processes: int = 1) -> Plan:
     """The plan without training anything: exact token counts where the run directory's tokenizer
-    and the cache already have them, estimates from file sizes otherwise."""
-    device = detect_device(recipe.runtime)
+    and the cache already have them, estimates from file sizes otherwise. processes: how many
+    share this machine."""
+    device = detect_device(recipe.runtime, processes=processes)
     _set_threads(device.threads)
     tok_path = run_dir / "tokenizer" / "tokenizer.model"
     tokenizer = Tokenizer.load(tok_path) if tok_path.is_file() else None

@@ -133,7 +133,9 @@ def model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:
     return ModelConfig(vocab_size=vocab_size, **fields)
 
 
-def detect_device(runtime) -> Device:
+def detect_device(runtime, processes: int = 1) -> Device:
+    """This machine's device for one process, when `processes` share the machine (on CPU they
+    share its memory; on GPUs each has its own)."""
     import torch
 
     kind = runtime.device
@@ -152,7 +154,7 @@ def detect_device(runtime) -> Device:
         auto_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     else:
         name = "Apple GPU" if kind == "mps" else f"CPU ({threads} threads)"
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // processes
         auto_precision = "fp32"  # autocast on CPU is slower than fp32 for small models
     precision = auto_precision if runtime.precision == "auto" else runtime.precision
     if precision == "fp16":
@@ -258,7 +260,7 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards) -> St
         eval_every=spec.eval.every, eval_tokens=spec.eval.tokens, checkpoint_every=spec.checkpoint.every,
         checkpoint_keep=spec.checkpoint.keep, log_every=recipe.runtime.log_every, tasks=tuple(spec.eval.tasks),
         mix=mix, flops=flops, est_peak_memory_bytes=memory,
-        est_time_s=_estimate_time(flops, cfg, micro * per_row // seq_len, seq_len, device),
+        est_time_s=_estimate_time(flops / world_size, cfg, micro * per_row // seq_len, seq_len, device),
     )
 
 
@@ -319,7 +321,8 @@ def _plan_mix(where, mix: dict, sources: dict, specs: dict, rows: dict, total_ro
     return tuple(out)
 
 
-def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, shards: int = 1) -> int:
+def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, shards: int = 1,
+                    accumulating: bool = False) -> int:
     """Peak training memory per device in bytes: weights + grads + AdamW moments + activations
     + logits.
 
@@ -338,6 +341,8 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     if shards > 1:  # FSDP: a shard of the states, plus the unsharded weights and grads in flight
         embeddings = cfg.num_params() - cfg.num_params(exclude_embeddings=True)
         states += (embeddings + 2 * cfg.num_params(exclude_embeddings=True) / cfg.n_layer) * 8
+        if accumulating:  # unsynchronized micro-batches keep whole fp32 gradients until the last
+            states += cfg.num_params() * 4
     return int((states + activations + logits) * 1.1)  # ~10% for allocator slack and workspaces
 
 
@@ -351,12 +356,12 @@ def _choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, devi
         if per_rank % requested:
             raise PlanError(f"runtime.micro_batch: {requested} does not divide the {per_rank} sequences "
                             f"per step and device of {where}", hint="use a divisor, or auto")
-        return requested, estimate_memory(cfg, requested, seq_len, device.precision, shards)
+        return requested, estimate_memory(cfg, requested, seq_len, device.precision, shards, requested < per_rank)
     # CPUs gain little past ~16k tokens per forward; GPUs take the largest micro-batch that fits.
     cap = 16384 if device.type == "cpu" else 1 << 30
     divisors = [d for d in range(per_rank, 0, -1) if per_rank % d == 0]
     for d in divisors:
-        memory = estimate_memory(cfg, d, seq_len, device.precision, shards)
+        memory = estimate_memory(cfg, d, seq_len, device.precision, shards, d < per_rank)
         if (d * seq_len <= cap or d == 1) and memory <= budget:
             return d, memory
     need = estimate_memory(cfg, 1, seq_len, device.precision, shards)
