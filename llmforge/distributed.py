@@ -24,9 +24,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 
-from .errors import LlmforgeError, PeerFailed
-
-PARALLEL = ("ddp", "fsdp")
+from .errors import LlmforgeError, PeerFailed, PlanError
 
 
 @dataclass
@@ -35,7 +33,6 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     local_world: int = 1  # processes on this machine (they share its memory)
-    backend: str = ""
     control: object = field(default=None, repr=False)  # gloo group: CPU agreements, long timeout
 
     @property
@@ -129,13 +126,11 @@ def init() -> Dist:
     dist.init_process_group(backend)
     # Rank 0 may tokenize a large corpus while the others wait: give that wait hours, not minutes.
     control = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24))
-    return Dist(rank, world, local, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), backend, control)
+    return Dist(rank, world, local, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), control)
 
 
 def check_device(d: Dist, device_type: str) -> None:
     """One accelerator per process: more processes than GPUs would share (and overfill) them."""
-    from .errors import PlanError
-
     if d.world == 1:
         return
     if device_type == "mps":
