@@ -274,6 +274,25 @@ def eval_(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
 
 
 @app.command()
+def export(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
+           out: Path = typer.Option(..., "--out", help="Folder to write (must not exist, or be empty)."),
+           dtype: str = typer.Option("fp32", "--dtype", help="Weights as fp32, bf16 or fp16.")):
+    """Write a finished stage as a Hugging Face transformers model folder (LlamaForCausalLM for
+    the llama preset, GPT2LMHeadModel for gpt2): config.json, generation_config.json,
+    model.safetensors and the tokenizer."""
+    with user_errors():
+        from .errors import RecipeError
+        from .export.hf import DTYPES, export_stage
+        from .generate import find_stage
+
+        if dtype not in DTYPES:
+            raise RecipeError([f"--dtype: unknown dtype {dtype!r}"], hint=f"use one of {', '.join(DTYPES)}")
+        final = find_stage(run_dir, stage)
+        arch = export_stage(final, out, dtype)
+        err.print(f"exported {final.parent.name} as {arch} ({dtype}) to {out}")
+
+
+@app.command()
 def schema():
     """Print the recipe's JSON Schema (editors use docs/recipe.schema.json for completion)."""
     from .recipe import recipe_json_schema
