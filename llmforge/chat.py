@@ -14,6 +14,7 @@ opens the turn is part of the prompt. Under "all": every token after the first.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 ROLES = ("system", "user", "assistant")
@@ -63,6 +64,19 @@ class ChatTemplate:
     def reply_segments(self, text: str) -> list[Segment]:
         """An assistant turn's content and its closing tag, both learned (a dpo response)."""
         return [(text, False, True), (self.end, True, True)]
+
+    def jinja(self) -> str:
+        """The same rendering as a Jinja chat template (Hugging Face's `chat_template`): each
+        message as tag + content + end, then with add_generation_prompt the assistant's tag."""
+        tags = "{" + ", ".join(f"{json.dumps(r)}: {json.dumps(getattr(self, r))}" for r in ROLES) + "}"
+        return ("{%- set tags = " + tags + " -%}"
+                "{%- for message in messages -%}"
+                "{%- if message['role'] not in tags -%}"
+                "{{ raise_exception('unknown role: ' + message['role']) }}"
+                "{%- endif -%}"
+                "{{ tags[message['role']] + message['content'] + " + json.dumps(self.end) + " }}"
+                "{%- endfor -%}"
+                "{%- if add_generation_prompt -%}{{ " + json.dumps(self.assistant) + " }}{%- endif -%}")
 
     # --- token level --------------------------------------------------------------------------------
 

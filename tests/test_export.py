@@ -152,3 +152,32 @@ def test_import_refuses_pickle_and_what_it_cannot_compute(tmp_path):
     (tmp_path / "hf/model.safetensors").rename(tmp_path / "hf/pytorch_model.bin")
     with pytest.raises(CheckpointError, match="only pickle weights"):
         read_hf(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("tags", [None, {"system": "[S]", "user": "[U]", "assistant": "[A]", "end": "[E]\n"}])
+def test_the_jinja_chat_template_renders_as_llmforge_does(tags):
+    """apply_chat_template's template (rendered here by jinja2, as transformers does) gives the
+    text of llmforge's own rendering, with and without the assistant's opening tag."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from llmforge.chat import ChatTemplate
+
+    template = ChatTemplate(**tags) if tags else ChatTemplate()
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    # transformers' own environment for chat templates
+    jinja = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template.jinja())
+    conversations = [
+        [{"role": "user", "content": "Where does Orla live?"}],
+        [{"role": "system", "content": "Be terse.\n"}, {"role": "user", "content": " two  spaces\tand a tab"},
+         {"role": "assistant", "content": "In Lima. 漢字 🙂"}, {"role": "user", "content": "And Pietro?"}],
+    ]
+    for messages in conversations:
+        ours = "".join(text for text, _, _ in template.segments(messages))
+        assert jinja.render(messages=messages, add_generation_prompt=False, raise_exception=raise_exception) == ours
+        prompt = "".join(text for text, _, _ in template.prompt_segments(messages))
+        assert jinja.render(messages=messages, add_generation_prompt=True, raise_exception=raise_exception) == prompt
+    with pytest.raises(ValueError, match="unknown role: tool"):
+        jinja.render(messages=[{"role": "tool", "content": "x"}], raise_exception=raise_exception)

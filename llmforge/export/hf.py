@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..chat import ChatTemplate
 from ..errors import CheckpointError
 from ..model import ModelConfig
 
@@ -124,6 +125,9 @@ def export_stage(final: Path, out: Path, dtype: str = "fp32") -> str:
     try:
         arch = export_weights(final, tmp, dtype)
         shutil.copyfile(final / "tokenizer.model", tmp / "tokenizer.model")
+        template = ChatTemplate.from_spec(json.loads((final / "config.json").read_text()).get("chat_template"))
+        if template:  # apply_chat_template renders conversations as llmforge does
+            (tmp / "tokenizer_config.json").write_text(json.dumps({"chat_template": template.jinja()}, indent=2))
         if out.exists():
             out.rmdir()
         tmp.rename(out)
