@@ -33,13 +33,17 @@ def find_stage(run_dir: Path, stage: str | None) -> Path:
                           hint="pass one of those to --stage")
 
 
-def load_trained(final: Path, device: str = "cpu") -> tuple[Transformer, Tokenizer]:
+def read_model_config(final: Path) -> ModelConfig:
+    """The architecture a stage's final/ folder was trained with."""
     try:
-        config = json.loads((final / "config.json").read_text())
-        model = Transformer(ModelConfig.from_dict(config["model"]))
+        return ModelConfig.from_dict(json.loads((final / "config.json").read_text())["model"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{final}: cannot read the model's config.json ({e})",
                               hint="the stage's final folder is damaged; run the recipe again to rebuild it")
+
+
+def load_trained(final: Path, device: str = "cpu") -> tuple[Transformer, Tokenizer]:
+    model = Transformer(read_model_config(final))
     load_weights(model, final / "model.safetensors")
     model.to(device).eval()
     return model, Tokenizer.load(final / "tokenizer.model")

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..chat import ChatTemplate
 from ..errors import CheckpointError
+from ..generate import load_template, read_model_config
 from ..model import ModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,11 +42,7 @@ def architecture(cfg: ModelConfig) -> str:
 def export_weights(final: Path, out: Path, dtype: str = "fp32") -> str:
     """Write config.json, generation_config.json and model.safetensors for final/ into out;
     returns the architecture."""
-    try:
-        cfg = ModelConfig.from_dict(json.loads((final / "config.json").read_text())["model"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{final}: cannot read the model's config.json ({e})",
-                              hint="the stage's final folder is damaged; run the recipe again to rebuild it")
+    cfg = read_model_config(final)
     arch = architecture(cfg)
     tensors = load_file(str(final / "model.safetensors"))
     convert = _llama if arch == "llama" else _gpt2
@@ -125,7 +121,7 @@ def export_stage(final: Path, out: Path, dtype: str = "fp32") -> str:
     try:
         arch = export_weights(final, tmp, dtype)
         shutil.copyfile(final / "tokenizer.model", tmp / "tokenizer.model")
-        template = ChatTemplate.from_spec(json.loads((final / "config.json").read_text()).get("chat_template"))
+        template = load_template(final)
         if template:  # apply_chat_template renders conversations as llmforge does
             (tmp / "tokenizer_config.json").write_text(json.dumps({"chat_template": template.jinja()}, indent=2))
         if out.exists():
