@@ -172,7 +172,7 @@ def sample(run_dir: Path = RunDirArgument,
            temperature: float = TemperatureOption, top_k: Optional[int] = TopKOption, seed: int = SeedOption):
     """Continue a prompt with a trained stage's model (or, with --chat, answer it)."""
     with user_errors():
-        from .generate import find_stage, load_trained, reply, sample as generate
+        from .generate import find_stage, load_template, load_trained, reply, sample as generate
 
         final = find_stage(run_dir, stage)
         model, tokenizer = load_trained(final)
@@ -181,7 +181,7 @@ def sample(run_dir: Path = RunDirArgument,
             pieces = reply(model, tokenizer, _template(final), [{"role": "user", "content": prompt}], **options)
         else:
             sys.stdout.write(prompt)
-            pieces = generate(model, tokenizer, prompt, **options)
+            pieces = generate(model, tokenizer, prompt, load_template(final), **options)
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -288,7 +288,9 @@ def export(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
         if dtype not in DTYPES:
             raise RecipeError([f"--dtype: unknown dtype {dtype!r}"], hint=f"use one of {', '.join(DTYPES)}")
         final = find_stage(run_dir, stage)
-        arch = export_stage(final, out, dtype)
+        arch, warnings = export_stage(final, out, dtype)
+        for warning in warnings:
+            err.print(f"[yellow]warning:[/] {escape(warning)}")
         err.print(f"exported {final.parent.name} as {arch} ({dtype}) to {out}")
 
 

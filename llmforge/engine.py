@@ -12,7 +12,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -79,10 +79,17 @@ def run_stages(ctx: Context) -> None:
             done = (final / "model.safetensors").is_file()
             d.together(lambda: d.same(done, f"whether stage {sp.name} is done"))
             if not done:
-                init = next((stage_dir(ctx.run_dir, p) / "final" for p in ctx.plan.stages if p.name == sp.init), None)
-                run_stage(ctx, sp, init_from=init)
+                run_stage(ctx, sp, init_from=_start(ctx, sp))
             else:
                 ctx.reporter.note(f"stage {sp.name}: already done ({final})")
+
+
+def _start(ctx: Context, sp: StagePlan) -> Path | None:
+    """The folder with the stage's starting weights: an earlier stage's final/, the model's
+    transformers folder (model.init.hf), or None for random weights."""
+    if sp.init is None:
+        return Path(ctx.plan.model_init) if ctx.plan.model_init else None
+    return next((stage_dir(ctx.run_dir, p) / "final" for p in ctx.plan.stages if p.name == sp.init), None)
 
 
 def stage_dir(run_dir: Path, sp: StagePlan) -> Path:
@@ -161,7 +168,9 @@ def _setup(ctx: Context, sp: StagePlan, init_from: Path | None, identity: dict, 
         clean_temporary(root / "checkpoints")
     torch.manual_seed(ctx.plan.seed + sp.index)  # the same initial weights on every machine
     model = Transformer(ctx.plan.model)
-    if init_from is not None:
+    if init_from is not None and str(init_from) == ctx.plan.model_init:
+        _load_hf(model, init_from, ctx.plan.model)
+    elif init_from is not None:
         _check_init(init_from, ctx.tokenizer.fingerprint)
         load_weights(model, init_from / "model.safetensors")
     model.to(device)
@@ -234,6 +243,17 @@ def _check_init(final: Path, fingerprint: str) -> None:
     if trained_with != fingerprint:
         raise CheckpointError(f"{final}: these weights were trained with another tokenizer than the run's",
                               hint="use --restart to train every stage with the current tokenizer")
+
+
+def _load_hf(model, folder: Path, planned) -> None:
+    """The imported model's weights, if its folder still holds the architecture that was planned."""
+    from .export.hf import read_hf
+
+    cfg, tensors = read_hf(folder)
+    if replace(cfg, dropout=planned.dropout, init_std=planned.init_std) != planned:
+        raise CheckpointError(f"{folder}/config.json: the model changed since the run was planned",
+                              hint="use --restart to plan the run again")
+    set_weights(model, tensors, folder / "model.safetensors")
 
 
 def _to(batch: dict, device) -> dict:

@@ -49,9 +49,12 @@ def load_trained(final: Path, device: str = "cpu") -> tuple[Transformer, Tokeniz
     return model, Tokenizer.load(final / "tokenizer.model")
 
 
-def sample(model: Transformer, tokenizer: Tokenizer, prompt: str, **options) -> Iterator[str]:
-    """Stream the continuation of `prompt` as text pieces (complete UTF-8 characters only)."""
-    yield from stream(model, tokenizer, tokenizer.encode(prompt) or [tokenizer.eot_id], (tokenizer.eot_id,), **options)
+def sample(model: Transformer, tokenizer: Tokenizer, prompt: str, template: ChatTemplate | None = None,
+           **options) -> Iterator[str]:
+    """Stream the continuation of `prompt` as text pieces (complete UTF-8 characters only). It
+    ends at end-of-text, or where a chat-trained model closes its turn (as an exported one does)."""
+    stops = (template.stop_id(tokenizer), tokenizer.eot_id) if template else (tokenizer.eot_id,)
+    yield from stream(model, tokenizer, tokenizer.encode(prompt) or [tokenizer.eot_id], stops, **options)
 
 
 def reply(model: Transformer, tokenizer: Tokenizer, template: ChatTemplate, messages: list[dict],
@@ -73,7 +76,7 @@ def stream(model: Transformer, tokenizer: Tokenizer, ids: list[int], stop_ids: t
     new: list[int] = []
     shown, ended = "", False
     for token in model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                                generator=generator, stop_ids=stop_ids):
+                                generator=generator, stop_ids=stop_ids, vocab_limit=tokenizer.vocab_size):
         if token in stop_ids:
             ended = True
             break

@@ -318,8 +318,10 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 stop_ids: Collection[int] = ()) -> Iterator[int]:
+                 stop_ids: Collection[int] = (), vocab_limit: int | None = None) -> Iterator[int]:
         """Yield up to max_new_tokens sampled ids, one at a time, continuing the prompt idx [1, T].
+        Only ids below vocab_limit are drawn (a vocab padded past its tokenizer's has rows no
+        text decodes to).
 
         Call model.eval() first (dropout is left as is). temperature 0 is greedy. Stops right after
         yielding a token in stop_ids. The prompt is prefilled once into a KV cache, then each step
@@ -336,7 +338,7 @@ class Transformer(nn.Module):
         cache = KVCache(n_layer)
         logits = self(window, cache)
         for step in range(max_new_tokens):
-            token = _sample(logits[0, -1], temperature, top_k, generator)
+            token = _sample(logits[0, -1, :vocab_limit], temperature, top_k, generator)
             yield token
             if token in stop_ids or step == max_new_tokens - 1:
                 return

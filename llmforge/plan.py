@@ -56,7 +56,8 @@ class StagePlan:
     name: str
     kind: str
     dir_name: str  # "01-pretrain"
-    init: str | None  # the earlier stage whose final weights this one starts from; None: random init
+    init: str | None  # the earlier stage whose final weights this one starts from; None: the model's
+    # own start (model.init.hf, else random); "none": random
     options: dict  # the kind's own settings (sft: train_on, packing, overlong; dpo: beta, loss, ...)
     seq_len: int
     batch_tokens: int  # token capacity of a step's rows (dpo: both sides of each pair)
@@ -103,6 +104,7 @@ class Plan:
     world_size: int = 1  # processes training together (torchrun's WORLD_SIZE)
     parallel: str = "single"  # single | ddp | fsdp
     warnings: tuple[str, ...] = ()  # things that will run, but perhaps not as the user meant
+    model_init: str | None = None  # a transformers folder the first stage starts from (model.init.hf)
     # sft/dpo stage name -> one training example as chat-template segments (text, special, learned),
     # so `plan` can show what the model will learn from
     previews: dict = field(default_factory=dict)
@@ -129,8 +131,11 @@ def model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:
     """The recipe's model section with its preset's defaults filled in."""
     spec = recipe.model
     fields = dict(PRESETS[spec.preset])
-    fields.update({k: v for k, v in spec.model_dump(exclude={"preset"}).items() if v is not None})
-    return ModelConfig(vocab_size=vocab_size, **fields)
+    fields.update({k: v for k, v in spec.model_dump(exclude={"preset", "init", "vocab_size"}).items() if v is not None})
+    if spec.vocab_size is not None and spec.vocab_size < vocab_size:
+        raise PlanError(f"model.vocab_size: {spec.vocab_size} rows cannot hold the tokenizer's {vocab_size} tokens",
+                        hint=f"set model.vocab_size to at least {vocab_size}, or leave it out")
+    return ModelConfig(vocab_size=spec.vocab_size or vocab_size, **fields)
 
 
 def detect_device(runtime, processes: int = 1) -> Device:
@@ -195,7 +200,8 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
                 f"stage {sp.name} cannot eval on it"
                 for sp in stages for s in sp.mix for what in [_held_out_fits(sp, sources[s.name], recipe.seed)] if what]
     return Plan(recipe.name, recipe.seed, device, cfg, params, cfg.num_params(exclude_embeddings=True),
-                cfg.flops_per_token(), tuple(stages), world_size, parallel, tuple(dict.fromkeys(warnings)))
+                cfg.flops_per_token(), tuple(stages), world_size, parallel, tuple(dict.fromkeys(warnings)),
+                model_init=recipe.model.init.hf if recipe.model.init else None)
 
 
 def _choose_parallel(recipe: Recipe, cfg: ModelConfig, device: Device, world_size: int) -> str:
@@ -273,11 +279,13 @@ def _held_out_fits(sp, st: SourceStats, seed: int) -> str:
 
 
 def stage_init(recipe: Recipe, i: int) -> str | None:
-    """The stage whose final weights stage i starts from: its `init`, else the one before it."""
+    """The stage whose final weights stage i starts from: its `init`, else the one before it.
+    None for the first stage without one: it starts from the model's own start (model.init, or
+    random weights); "none" asks for random weights."""
     init = recipe.stages[i].init
-    if init is None:
-        return recipe.stages[i - 1].name if i > 0 else None
-    return None if init == "none" else init
+    if init is None and i > 0:
+        return recipe.stages[i - 1].name
+    return init
 
 
 def _rows(where, spec, name, st: SourceStats, seq_len: int, options: dict, seed: int) -> tuple[int, int, int]:

@@ -287,6 +287,11 @@ class Tokenizer:
             raise TokenizerError(f"cannot read tokenizer model {path}: {e.strerror or e}") from None
         return cls(path, model)
 
+    @property
+    def model_bytes(self) -> bytes:
+        """The serialized sentencepiece model, exactly as loaded."""
+        return self._model
+
     def __reduce__(self):  # picklable for data-loading worker processes
         return (Tokenizer, (self.path, self._model))
 

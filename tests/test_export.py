@@ -86,15 +86,17 @@ def test_export_a_trained_run(tmp_path):
     result = cli("export", "runs/tiny", "--out", "hf", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.model"]
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer.model",
+        "tokenizer_config.json"]
     assert cli("export", "runs/tiny", "--out", "hf", cwd=tmp_path).returncode == 2  # never overwrites
-    from llmforge.generate import load_trained
-
-    model, _ = load_trained(tmp_path / "runs/tiny/stages/01-pretrain/final")
+    # transformers, model and tokenizer, continues a prompt with the text `llmforge sample` prints.
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
-    prompt = torch.tensor([[5, 17, 42, 9]])
-    theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)
-    assert theirs[0].tolist() == greedy(model, prompt, 20)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    prompt = "Kalo mine"
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    theirs = tokenizer.decode(hf.generate(ids, max_new_tokens=20, do_sample=False)[0], skip_special_tokens=True)
+    ours = cli("sample", "runs/tiny", "-p", prompt, "--temperature", "0", "--max-new-tokens", "20", cwd=tmp_path)
+    assert ours.stdout == theirs + "\n" and len(theirs) > len(prompt)
     # bf16 export: half the bytes, same architecture.
     assert cli("export", "runs/tiny", "--out", "hf16", "--dtype", "bf16", cwd=tmp_path).returncode == 0
     assert json.loads((tmp_path / "hf16/config.json").read_text())["torch_dtype"] == "bfloat16"

@@ -9,6 +9,7 @@ the target cannot express is refused naming the option: never a silently differe
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from safetensors.torch import load_file, save_file
 from ..errors import CheckpointError
 from ..generate import load_template, read_model_config
 from ..model import ModelConfig
+from ..tokenizer import Tokenizer
+from .hf_tokenizer import tokenizer_config, tokenizer_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -39,21 +42,23 @@ def architecture(cfg: ModelConfig) -> str:
                           "architecture for this combination", hint="train with the llama or gpt2 preset to export")
 
 
-def export_weights(final: Path, out: Path, dtype: str = "fp32") -> str:
+def export_weights(final: Path, out: Path, dtype: str = "fp32", stop_ids: list[int] | None = None) -> str:
     """Write config.json, generation_config.json and model.safetensors for final/ into out;
-    returns the architecture."""
+    returns the architecture. Generation ends at `stop_ids` (as llmforge's does), the first of
+    them the one to pad with."""
     cfg = read_model_config(final)
     arch = architecture(cfg)
     tensors = load_file(str(final / "model.safetensors"))
     convert = _llama if arch == "llama" else _gpt2
     hf_tensors, hf_config = convert(cfg, tensors)
     hf_config |= {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
-                  "torch_dtype": _HF_DTYPE[dtype], "bos_token_id": None, "eos_token_id": None}
+                  "torch_dtype": _HF_DTYPE[dtype], "bos_token_id": None, "eos_token_id": stop_ids}
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(DTYPES[dtype]).contiguous() for k, v in hf_tensors.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-    (out / "generation_config.json").write_text(json.dumps({"do_sample": False}, indent=2))
+    generation = {"do_sample": False, "eos_token_id": stop_ids, "pad_token_id": stop_ids[-1] if stop_ids else None}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return arch
 
 
@@ -111,25 +116,33 @@ def _gpt2(cfg: ModelConfig, t: dict) -> tuple[dict, dict]:
     return out, config
 
 
-def export_stage(final: Path, out: Path, dtype: str = "fp32") -> str:
+def export_stage(final: Path, out: Path, dtype: str = "fp32") -> tuple[str, list[str]]:
     """The whole export of a stage's final/ folder into out (written aside, then renamed into
-    place, so out is complete or absent); returns the architecture."""
+    place, so out is complete or absent); returns the architecture and warnings for the user."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"--out: {out} exists and is not empty", hint="choose another folder or delete it")
+    architecture(read_model_config(final))  # refuse what transformers cannot express before anything else
+    tokenizer, template = Tokenizer.load(final / "tokenizer.model"), load_template(final)
+    # A chat model's turn ends at the template's end tag (as `llmforge chat` stops); text at end-of-text.
+    stops = ([template.stop_id(tokenizer)] if template else []) + [tokenizer.eot_id]
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        arch = export_weights(final, tmp, dtype)
+        arch = export_weights(final, tmp, dtype, stops)
+        os.chmod(tmp / "model.safetensors", 0o644)  # safetensors writes 0600; models are shared
         shutil.copyfile(final / "tokenizer.model", tmp / "tokenizer.model")
-        template = load_template(final)
-        if template:  # apply_chat_template renders conversations as llmforge does
-            (tmp / "tokenizer_config.json").write_text(json.dumps({"chat_template": template.jinja()}, indent=2))
+        fast, warnings = tokenizer_json(tokenizer.model_bytes)
+        (tmp / "tokenizer.json").write_text(json.dumps(fast, ensure_ascii=False))
+        # apply_chat_template renders conversations as llmforge does
+        config = tokenizer_config(tokenizer.model_bytes, read_model_config(final).seq_len,
+                                  template.jinja() if template else None)
+        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
         if out.exists():
             out.rmdir()
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return arch
+    return arch, warnings
 
 
 # -- import: a local Hugging Face folder -> (ModelConfig, our tensors) -------------------------
@@ -137,6 +150,14 @@ def export_stage(final: Path, out: Path, dtype: str = "fp32") -> str:
 def read_hf(folder: Path) -> tuple[ModelConfig, dict]:
     """The model of a local transformers folder (Llama family or GPT-2), as a ModelConfig and
     tensors named as ours. Anything our model would compute differently is refused by name."""
+    cfg = hf_config(folder)
+    tensors = _read_tensors(folder)
+    ours = _from_llama(cfg, tensors) if cfg.norm == "rmsnorm" else _from_gpt2(cfg, tensors)
+    return cfg, ours
+
+
+def hf_config(folder: Path) -> ModelConfig:
+    """The architecture in a transformers folder's config.json, as llmforge's ModelConfig."""
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -145,10 +166,23 @@ def read_hf(folder: Path) -> tuple[ModelConfig, dict]:
     if kind not in ("llama", "gpt2"):
         raise CheckpointError(f"{folder}/config.json: model_type {kind!r} is not supported",
                               hint="llmforge reads Llama-family (model_type llama) and GPT-2 models")
-    cfg = (_llama_config if kind == "llama" else _gpt2_config)(config, folder / "config.json")
-    tensors = _read_tensors(folder)
-    ours = _from_llama(cfg, tensors) if kind == "llama" else _from_gpt2(cfg, tensors)
-    return cfg, ours
+    try:
+        return (_llama_config if kind == "llama" else _gpt2_config)(config, folder / "config.json")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder}/config.json: not a complete {kind} config ({type(e).__name__}: {e})") from None
+
+
+def recipe_model(folder: Path) -> dict:
+    """The recipe's model keys that describe a transformers folder's model (model.init.hf)."""
+    cfg = hf_config(folder)
+    _weight_files(folder)  # refuse a folder without safetensors weights now, not when the stage starts
+    out = {"preset": "llama" if cfg.norm == "rmsnorm" else "gpt2", "vocab_size": cfg.vocab_size,
+           "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "seq_len": cfg.seq_len,
+           "n_kv_head": cfg.kv_heads, "mlp_hidden": cfg.hidden, "tie_embeddings": cfg.tie_embeddings,
+           "bias": cfg.bias, "norm_eps": cfg.norm_eps}
+    if cfg.positions == "rope":
+        out["rope_theta"] = cfg.rope_theta
+    return out
 
 
 def _refuse(where: Path, key: str, value, why: str):
@@ -188,13 +222,16 @@ def _gpt2_config(c: dict, where: Path) -> ModelConfig:
 
 
 def _read_tensors(folder: Path) -> dict:
+    return {k: v for f in _weight_files(folder) for k, v in load_file(str(f)).items()}
+
+
+def _weight_files(folder: Path) -> list[Path]:
     """model.safetensors, or the shards a model.safetensors.index.json lists. Never pickle."""
     index = folder / "model.safetensors.index.json"
     if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors"))
+        return [folder / "model.safetensors"]
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}
+        return [folder / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     if any(folder.glob("pytorch_model*.bin")):
         raise CheckpointError(f"{folder}: only pickle weights (pytorch_model.bin), which can run code when loaded",
                               hint="convert them to safetensors (transformers: save_pretrained(safe_serialization=True))")

@@ -36,22 +36,23 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             problems.append(f"--set {item}: {e}")
     if problems:
         raise RecipeError(problems, hint="write overrides as key.path=value, e.g. stages[0].optimizer.lr=1e-3")
-    recipe = validate_recipe(data, where=lambda loc: _where(loc, path, lines, origins))
+    recipe = validate_recipe(data, where=lambda loc: _where(loc, path, lines, origins), base_dir=path.resolve().parent)
     recipe._base_dir = path.resolve().parent
     return recipe
 
 
-def validate_recipe(data, where=lambda loc: ("", "")) -> Recipe:
+def validate_recipe(data, where=lambda loc: ("", ""), base_dir: Path | None = None) -> Recipe:
     """Validate raw recipe data; raise RecipeError listing every problem with its key path."""
     if not isinstance(data, dict):
         raise RecipeError([f"{where(())[0]}the recipe must be a mapping of keys (name, model, data, stages, ...)"])
-    problems: list[tuple[Loc, str]] = []
+    problems: list[tuple[Loc, str]] = _import_model(data, base_dir or Path.cwd())
     recipe = None
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as e:
-        problems += _explain(e, data)
-    problems += _check_references(data)
+    if not problems:  # a model that cannot be imported leaves the model section incomplete: say only why
+        try:
+            recipe = Recipe.model_validate(data)
+        except ValidationError as e:
+            problems += _explain(e, data)
+        problems += _check_references(data)
     if problems:
         lines = []
         for loc, msg in problems:
@@ -318,6 +319,44 @@ def _check_references(data: dict) -> list[tuple[Loc, str]]:
         for j, src in enumerate(tok["train_on"]):
             if src not in sources:
                 problems.append((("tokenizer", "train_on", j), _unknown_source(src, sources)))
+    return problems
+
+
+def _import_model(data: dict, base_dir: Path) -> list[tuple[Loc, str]]:
+    """model.init.hf: fill the model section from the transformers folder's config.json (keys the
+    recipe gives must agree: an imported model keeps its architecture), and use its tokenizer."""
+    model = data.get("model")
+    init = model.get("init") if isinstance(model, dict) else None
+    if not isinstance(init, dict) or not isinstance(init.get("hf"), str):
+        return []  # absent, or malformed: the schema says what is wrong
+    from ..errors import CheckpointError
+    from ..export.hf import recipe_model
+    from ..model import PRESETS
+
+    folder = (base_dir / Path(init["hf"]).expanduser()).resolve()
+    try:
+        fields = recipe_model(folder)
+    except CheckpointError as e:
+        return [(("model", "init", "hf"), e.message + (f" ({e.hint})" if e.hint else ""))]
+    expected = PRESETS[fields["preset"]] | fields
+    problems = [(("model", key), f"{model[key]!r}, but {folder}/config.json has {value!r} (an imported model "
+                 "keeps its architecture; leave the key out)")
+                for key, value in expected.items() if key in model and model[key] != value]
+    model.update(fields)
+    init["hf"] = str(folder)
+    tokenizer = data.setdefault("tokenizer", {})
+    if not isinstance(tokenizer, dict):
+        return problems  # the schema reports it
+    own = folder / "tokenizer.model"
+    if not own.is_file():
+        problems.append((("model", "init", "hf"), f"{folder} has no tokenizer.model; llmforge trains with the "
+                         "model's own sentencepiece tokenizer"))
+    if "vocab_size" in tokenizer:
+        problems.append((("tokenizer", "vocab_size"), "the model from model.init.hf comes with its tokenizer; "
+                         "leave vocab_size out"))
+    elif "path" in tokenizer and (base_dir / str(tokenizer["path"])).resolve() != own:
+        problems.append((("tokenizer", "path"), f"the model from model.init.hf uses {own}; leave path out"))
+    tokenizer["path"] = str(own)
     return problems
 
 

@@ -172,7 +172,14 @@ class TokenizerSpec(Spec):
         return self
 
 
+class ModelInitSpec(Spec):
+    hf: str  # a local transformers folder (config.json, model.safetensors, tokenizer.model)
+
+
 class ModelSpec(Spec):
+    # Start from a local Hugging Face model: the loader fills the keys below from its config.json
+    # (any given must agree) and takes its tokenizer.model.
+    init: ModelInitSpec | None = None
     preset: Literal["llama", "gpt2"] = "llama"
     n_layer: Int = Field(gt=0)
     n_head: Int = Field(gt=0)
@@ -188,6 +195,10 @@ class ModelSpec(Spec):
     bias: bool | None = None
     dropout: Float = Field(default=0.0, ge=0, lt=1)
     rope_theta: Float = Field(default=10000.0, gt=0)
+    norm_eps: Float | None = Field(default=None, gt=0)
+    # Rows of the embedding (and output) matrix; default: the tokenizer's vocab. Larger pads it
+    # (e.g. to a multiple of 64 for GPU kernels, or as an imported model has it).
+    vocab_size: Int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _shapes(self):
