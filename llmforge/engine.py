@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from .optim import build_optimizer, lr_at
 from .plan import Plan, StagePlan
 from .stages import OBJECTIVES
 from .stages.dpo import attach_reference, reference_identity
+from .timing import Timer
 
 
 @dataclass
@@ -98,6 +98,8 @@ def stage_dir(run_dir: Path, sp: StagePlan) -> Path:
 
 def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
     plan, d, device = ctx.plan, ctx.dist, torch.device(ctx.plan.device.type)
+    if device.type == "cuda":  # fp32 matmuls (outside autocast) on tensor cores, as TF32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     root = stage_dir(ctx.run_dir, sp)
     objective, amp = OBJECTIVES[sp.kind](sp, ctx.tokenizer.token_bytes), _autocast(plan.device)
     identity = _identity(ctx, sp)
@@ -113,7 +115,8 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
     step_model = distributed.wrap(model, plan.parallel, d, device, compile=plan.device.compile,
                                   bf16=device.type == "cuda" and plan.device.precision == "bf16")
     opt = sp.optimizer
-    optimizer = build_optimizer(model, opt["name"], sp.lr, opt["betas"], opt["eps"], opt["weight_decay"])
+    optimizer = build_optimizer(model, opt["name"], sp.lr, opt["betas"], opt["eps"], opt["weight_decay"],
+                                opt.get("muon_lr", 0.02))
     start, pending, last_eval = _resume(ctx, sp, resumed, identity, model, optimizer, sampler, device)
     del resumed  # the full optimizer state read from disk: each rank now holds only its own
 
@@ -133,13 +136,14 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
         return weights
 
     ctx.reporter.stage_start(sp, start, root / "metrics.jsonl")
-    timer = Timer(start)
+    timer = Timer(start, sp, plan.model.flops_per_token(sp.seq_len), plan.device.peak_flops, d.world)
     for step in range(start, sp.steps + 1):
         if signum := d.stop_requested(ctx.stop.signum):  # every rank stops at the same step
             save(step)
             raise Interrupted(signum, f"stopped at step {step} of stage {sp.name}; checkpoint saved")
         if step in (0, sp.steps) or (sp.eval_every and step % sp.eval_every == 0):
-            last_eval = evaluate(step_model, objective, evals, sp.micro_batch, device, amp)
+            with timer.evaluating():
+                last_eval = evaluate(step_model, objective, evals, sp.micro_batch, device, amp)
             ctx.reporter.log_eval(step, last_eval | (_dropped(ctx, sp) if step == 0 else {}))
         if step == sp.steps:
             break
@@ -147,11 +151,12 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
             save(step)
         lr = lr_at(step, peak=sp.lr, warmup=sp.warmup_steps, total=sp.steps, decay=sp.decay, min_lr=sp.min_lr)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # muon: its matrices' own peak
         pending.append(train_step(step_model, optimizer, objective, sampler.next_batch(), sp, amp, device, d))
+        timer.step_done(step + 1)
         if (step + 1) % sp.log_every == 0 or step + 1 == sp.steps:
             means = {k: torch.stack([m[k] for m in pending]).mean().item() for k in pending[0]}  # one sync per log
-            ctx.reporter.log(step + 1, means | {"lr": lr, **timer.rates(step + 1, sp)})
+            ctx.reporter.log(step + 1, means | {"lr": lr, **timer.rates(step + 1)})
             pending.clear()
     weights = save(sp.steps)
     d.together(lambda: d.main and _finish(ctx, sp, root, model if plan.parallel != "fsdp" else None, weights,
@@ -257,7 +262,10 @@ def _load_hf(model, folder: Path, planned) -> None:
 
 
 def _to(batch: dict, device) -> dict:
-    return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
+    """The batch on the device; to a GPU from pinned memory, so the copy overlaps the step."""
+    if device.type == "cuda":
+        return {k: torch.from_numpy(v).pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: torch.from_numpy(v) for k, v in batch.items()}
 
 
 def _split(batch: dict, size: int) -> list[dict]:
@@ -369,17 +377,3 @@ def _autocast(device):
         dtype = torch.bfloat16 if device.precision == "bf16" else torch.float16
         return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()
-
-
-class Timer:
-    """Tokens/s and ETA from the wall time between log lines."""
-
-    def __init__(self, step: int):
-        self.step, self.time = step, time.perf_counter()
-
-    def rates(self, step: int, sp: StagePlan) -> dict:
-        now = time.perf_counter()
-        elapsed, done = now - self.time, step - self.step
-        tokens_per_s = done * sp.batch_tokens / max(elapsed, 1e-9)
-        self.step, self.time = step, now
-        return {"tokens_per_s": tokens_per_s, "eta_s": (sp.steps - step) * sp.batch_tokens / max(tokens_per_s, 1e-9)}

@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 from .data.rows import example_rows
@@ -20,6 +19,7 @@ from .errors import PlanError
 from .model import PRESETS, ModelConfig
 from .recipe import Recipe, resolve_percent
 from .recipe.schema import KIND_KEYS
+from .resources import choose_micro_batch, estimate_memory, estimate_time, memory_budget
 
 
 @dataclass(frozen=True)
@@ -209,10 +209,17 @@ def _choose_parallel(recipe: Recipe, cfg: ModelConfig, device: Device, world_siz
     state and one sequence's activations fit one device (by estimate_memory), FSDP otherwise."""
     if world_size == 1:
         return "single"
+    muon = next((i for i, s in enumerate(recipe.stages) if s.optimizer.name == "muon"), None)
+    if muon is not None and recipe.runtime.parallel == "fsdp":
+        raise PlanError(f"stages[{muon}].optimizer.name: muon orthogonalizes whole matrices, which fsdp shards",
+                        hint="use runtime.parallel: ddp, or optimizer adamw")
     if recipe.runtime.parallel != "auto":
         return recipe.runtime.parallel
+    if muon is not None:
+        return "ddp"
     longest = max(recipe.stage_seq_len(s) * (2 if s.kind == "dpo" else 1) for s in recipe.stages)
-    return "ddp" if estimate_memory(cfg, 1, longest, device.precision) <= _budget(device) else "fsdp"
+    return "ddp" if estimate_memory(cfg, 1, longest, device.precision, cpu=device.type == "cpu") <= memory_budget(device) \
+        else "fsdp"
 
 
 def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards) -> StagePlan:
@@ -241,7 +248,7 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards) -> St
     else:
         steps = spec.steps or math.ceil(spec.tokens / batch_tokens)
     tokens = steps * batch_tokens
-    micro, memory = _choose_micro_batch(where, recipe.runtime.micro_batch, global_batch // world_size,
+    micro, memory = choose_micro_batch(where, recipe.runtime.micro_batch, global_batch // world_size,
                                         per_row, cfg, device, shards)
     mix = _plan_mix(where, spec.mix, sources, recipe.data, rows, steps * global_batch, per_row)
     warmup = round(resolve_percent(spec.schedule.warmup, steps))
@@ -261,12 +268,12 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards) -> St
         grad_accum=global_batch // (micro * world_size), world_size=world_size, steps=steps, tokens=tokens,
         lr=opt.lr, min_lr=min_lr, warmup_steps=warmup,
         decay=spec.schedule.decay,
-        optimizer={"name": opt.name, "betas": list(opt.betas), "eps": opt.eps,
+        optimizer={"name": opt.name, "betas": list(opt.betas), "eps": opt.eps, "muon_lr": opt.muon_lr,
                    "weight_decay": opt.weight_decay, "grad_clip": opt.grad_clip},
         eval_every=spec.eval.every, eval_tokens=spec.eval.tokens, checkpoint_every=spec.checkpoint.every,
         checkpoint_keep=spec.checkpoint.keep, log_every=recipe.runtime.log_every, tasks=tuple(spec.eval.tasks),
         mix=mix, flops=flops, est_peak_memory_bytes=memory,
-        est_time_s=_estimate_time(flops / world_size, cfg, micro * per_row // seq_len, seq_len, device),
+        est_time_s=estimate_time(flops / world_size, cfg, micro * per_row // seq_len, seq_len, device),
     )
 
 
@@ -327,80 +334,3 @@ def _plan_mix(where, mix: dict, sources: dict, specs: dict, rows: dict, total_ro
         out.append(SourcePlan(name, weight / total, st.documents, st.train_tokens, st.val_tokens, take * per_row,
                               epochs, st.estimated, st.skipped, st.filtered, n_rows, dropped, truncated))
     return tuple(out)
-
-
-def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, shards: int = 1,
-                    accumulating: bool = False) -> int:
-    """Peak training memory per device in bytes: weights + grads + AdamW moments + activations
-    + logits.
-
-    fp32 master weights and grads (4 + 4 bytes/param) and two AdamW moments (8 bytes/param).
-    Activations: per token per layer, the tensors autograd keeps for backward — about 8 x n_embd
-    (norm inputs/outputs, q/k/v, attention output, residuals) + 4 x mlp hidden — at 4 bytes, or
-    2 under bf16/fp16 autocast. SDPA's fused kernels keep no T x T attention matrix. Logits are
-    materialized in fp32 with their gradient: ~3 x tokens x vocab x 4 bytes.
-    """
-    tokens = micro_batch * seq_len
-    act_bytes = 4 if precision == "fp32" else 2
-    per_token_layer = (8 * cfg.n_embd + 2 * cfg.kv_heads * cfg.head_dim + 4 * cfg.hidden) * act_bytes
-    activations = cfg.n_layer * tokens * per_token_layer + 2 * tokens * cfg.n_embd * 4
-    logits = 3 * tokens * cfg.vocab_size * 4
-    states = cfg.num_params() * 16 / shards
-    if shards > 1:  # FSDP: a shard of the states, plus the unsharded weights and grads in flight
-        embeddings = cfg.num_params() - cfg.num_params(exclude_embeddings=True)
-        states += (embeddings + 2 * cfg.num_params(exclude_embeddings=True) / cfg.n_layer) * 8
-        if accumulating:  # unsynchronized micro-batches keep whole fp32 gradients until the last
-            states += cfg.num_params() * 4
-    return int((states + activations + logits) * 1.1)  # ~10% for allocator slack and workspaces
-
-
-def _budget(device: Device) -> float:
-    return device.memory_bytes * (0.9 if device.type != "cpu" else 0.6)
-
-
-def _choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, device, shards: int) -> tuple[int, int]:
-    budget = _budget(device)
-    if requested != "auto":
-        if per_rank % requested:
-            raise PlanError(f"runtime.micro_batch: {requested} does not divide the {per_rank} sequences "
-                            f"per step and device of {where}", hint="use a divisor, or auto")
-        return requested, estimate_memory(cfg, requested, seq_len, device.precision, shards, requested < per_rank)
-    # CPUs gain little past ~16k tokens per forward; GPUs take the largest micro-batch that fits.
-    cap = 16384 if device.type == "cpu" else 1 << 30
-    divisors = [d for d in range(per_rank, 0, -1) if per_rank % d == 0]
-    for d in divisors:
-        memory = estimate_memory(cfg, d, seq_len, device.precision, shards, d < per_rank)
-        if (d * seq_len <= cap or d == 1) and memory <= budget:
-            return d, memory
-    need = estimate_memory(cfg, 1, seq_len, device.precision, shards)
-    raise PlanError(f"model: needs ~{need / 2**30:.1f} GiB to train even at micro-batch 1, more than the "
-                    f"{device.memory_bytes / 2**30:.1f} GiB this {device.type} offers",
-                    hint="use a smaller model or seq_len")
-
-
-def _estimate_time(flops: float, cfg: ModelConfig, micro: int, seq_len: int, device: Device) -> float | None:
-    """Wall time at a typical 40% of peak on GPU; on CPU, 50% of a measured matmul's speed."""
-    if device.peak_flops:
-        return flops / (0.4 * device.peak_flops)
-    if device.type != "cpu":
-        return None
-    return flops / (0.5 * _cpu_matmul_flops(micro * seq_len, cfg.n_embd, cfg.hidden))
-
-
-_CALIBRATION: dict = {}
-
-
-def _cpu_matmul_flops(m: int, k: int, n: int) -> float:
-    """FLOP/s of this CPU on a matmul shaped like the model's MLP (measured once, ~0.1 s)."""
-    import torch
-
-    m = min(m, 4096)
-    if (m, k, n) not in _CALIBRATION:
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        a @ b
-        start, reps = time.perf_counter(), 0
-        while time.perf_counter() - start < 0.05 or reps < 3:
-            a @ b
-            reps += 1
-        _CALIBRATION[(m, k, n)] = 2 * m * k * n * reps / (time.perf_counter() - start)
-    return _CALIBRATION[(m, k, n)]

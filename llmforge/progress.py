@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -65,8 +66,13 @@ class Reporter:
     def log(self, step: int, metrics: dict) -> None:
         self._write({"step": step, **metrics})
         extra = "".join(f"{k} {metrics[k]:.3f}  " for k in ("reward_acc", "reward_margin") if k in metrics)
+        mfu = f"  mfu {metrics['mfu']:.0%}" if "mfu" in metrics else ""
+        if metrics.get("first_step_s", 0) > 2:  # torch.compile's compilation, mostly
+            self.note(f"{self.stage.name}: the first step took {metrics['first_step_s']:.1f} s (compilation and "
+                      "warm-up; not counted in tok/s)")
+        eta = f"  eta {_duration(metrics['eta_s'])}" if "eta_s" in metrics else ""
         info = (f"loss {metrics['loss']:.4f}  {extra}lr {metrics['lr']:.2e}  "
-                f"{metrics['tokens_per_s']:,.0f} tok/s  eta {_duration(metrics['eta_s'])}")
+                f"{metrics.get('tokens_per_s', 0):,.0f} tok/s{mfu}{eta}")
         if self.progress:
             self.progress.update(self.task_id, completed=step, info=info)
         else:
@@ -102,7 +108,8 @@ class Reporter:
 
     def _write(self, record: dict) -> None:
         if self.metrics_file:
-            self.metrics_file.write(json.dumps(record) + "\n")
+            # Wall-clock time too, so curves can be drawn against time (benchmarks/time_to_quality.py).
+            self.metrics_file.write(json.dumps(record | {"time": round(time.time(), 3)}) + "\n")
             self.metrics_file.flush()
 
 
@@ -186,12 +193,14 @@ def render_plan(plan, console: Console) -> None:
                       highlight=False)
     for sp in plan.stages:
         eta = f", ~{_duration(sp.est_time_s)}" if sp.est_time_s else ""
+        muon = f" (block matrices: muon lr {sp.optimizer['muon_lr']:.3g})" if sp.optimizer["name"] == "muon" else ""
         console.print(
             f"[bold]stage {sp.dir_name}[/] ({sp.kind}): {sp.steps} steps x {sp.batch_tokens:,} tokens = "
             f"{_si(sp.tokens)} tokens\n"
             f"  batch {sp.global_batch} x {sp.seq_len} = micro {sp.micro_batch} x accum {sp.grad_accum} "
             f"x world {sp.world_size}\n"
-            f"  {sp.optimizer['name']} lr {sp.lr:.3g}, warmup {sp.warmup_steps} steps, {sp.decay} decay to "
+            f"  {sp.optimizer['name']} lr {sp.lr:.3g}"
+            f"{muon}, warmup {sp.warmup_steps} steps, {sp.decay} decay to "
             f"{sp.min_lr:.3g} over {sp.steps - sp.warmup_steps} steps, "
             f"weight decay {sp.optimizer['weight_decay']}, clip {sp.optimizer['grad_clip']}\n"
             f"  eval every {sp.eval_every or 'end'} on {sp.eval_tokens:,} tokens; checkpoint every "

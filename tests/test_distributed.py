@@ -228,25 +228,26 @@ def test_errors_before_training_are_reported_once(tmp_path):
 
 def test_plan_picks_fsdp_when_training_does_not_fit_one_device(tmp_path):
     from llmforge.errors import PlanError
-    from llmforge.plan import Device, SourceStats, compile_plan, estimate_memory, model_config
+    from llmforge.plan import Device, SourceStats, compile_plan, model_config
     from llmforge.recipe import load_recipe
+    from llmforge.resources import estimate_memory
 
     from .conftest import TINY_RECIPE
 
     (tmp_path / "recipe.yaml").write_text(TINY_RECIPE.format(steps=10, every=5))
     recipe = load_recipe(tmp_path / "recipe.yaml", ["model.n_embd=512", "model.n_layer=8", "model.n_head=8"])
-    need = estimate_memory(model_config(recipe, 320), 1, 32, "fp32")  # whole model, one sequence
+    need = estimate_memory(model_config(recipe, 320), 1, 32, "fp32", cpu=True)  # whole model, one sequence
 
     def plan(memory_share: float, world: int):
         device = Device("cpu", "cpu", int(need / 0.6 * memory_share), "fp32", False, 1, None)
         return compile_plan(recipe, vocab_size=320, sources={"corpus": SourceStats(1, 10**6, 10**4)},
                             device=device, world_size=world)
 
-    roomy, tight = plan(4.0, 2), plan(0.8, 2)
+    roomy, tight = plan(4.0, 2), plan(0.85, 2)
     assert (roomy.world_size, roomy.parallel) == (2, "ddp")
     assert tight.parallel == "fsdp" and tight.stages[0].est_peak_memory_bytes < need
     with pytest.raises(PlanError, match="to train even at micro-batch 1"):
-        plan(0.8, 1)  # alone, it does not fit at all
+        plan(0.85, 1)  # alone, it does not fit at all
     assert plan(4.0, 1).parallel == "single"
 
 

@@ -12,7 +12,7 @@ import pytest
 from llmforge.errors import RecipeError
 from llmforge.recipe import apply_override, diff_recipes, load_recipe, parse_count
 
-from .conftest import REPO, TINY_RECIPE, cli
+from .conftest import REPO, TINY_RECIPE, cli, make_corpus
 
 BROKEN = """\
 name: demo
@@ -152,7 +152,10 @@ def test_plan_errors(tiny):
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_plans(recipe, tmp_path):
-    result = cli("plan", recipe, "--json", cwd=tmp_path)
+    # shakespeare-char reads a file users download; stand-in text plans the same way.
+    (tmp_path / "text.txt").write_text(make_corpus(2000))
+    extra = ["--set", f"data.shakespeare.path={tmp_path}/text.txt"] if recipe.stem == "shakespeare-char" else []
+    result = cli("plan", recipe, "--json", *extra, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["stages"]
 

@@ -276,8 +276,10 @@ class SourceSpec(Spec):
 
 
 class OptimizerSpec(Spec):
-    name: Literal["adamw"] = "adamw"
+    # muon: Muon for the blocks' weight matrices (at muon_lr), AdamW for embeddings, head, norms
+    name: Literal["adamw", "muon"] = "adamw"
     lr: Float = Field(default=3e-4, gt=0)
+    muon_lr: Float = Field(default=0.02, gt=0)
     betas: tuple[Annotated[Float, Field(ge=0, lt=1)], Annotated[Float, Field(ge=0, lt=1)]] = (0.9, 0.95)
     eps: Float = Field(default=1e-8, gt=0)
     weight_decay: Float = Field(default=0.1, ge=0)

@@ -1,0 +1,94 @@
+"""What training will cost on a device: peak memory (which also picks the micro-batch) and wall
+time. The plan prints both; benchmarks/estimates.py checks them against measurements."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from .errors import PlanError
+from .model import ModelConfig
+
+if TYPE_CHECKING:
+    from .plan import Device
+
+def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, shards: int = 1,
+                    accumulating: bool = False, cpu: bool = False) -> int:
+    """Peak training memory per device in bytes: weights + grads + AdamW moments + activations
+    + logits.
+
+    fp32 master weights and grads (4 + 4 bytes/param) and two AdamW moments (8 bytes/param).
+    Activations: per token per layer, the tensors autograd keeps for backward — about 8 x n_embd
+    (norm inputs/outputs, q/k/v, attention output, residuals) + 4 x mlp hidden — at 4 bytes, or
+    2 under bf16/fp16 autocast. SDPA's fused kernels keep no T x T attention matrix. Logits:
+    autograd keeps the log-softmax (tokens x vocab x 4 bytes); the logits and their gradient are
+    transient, so a GPU's caching allocator peaks near 3 such copies.
+    On a CPU the process's resident memory is what counts, and glibc's heap keeps the forward's
+    temporaries (each about as large as what autograd saves) after they are freed: measured,
+    resident growth is near twice the saved activations, plus the states.
+    """
+    tokens = micro_batch * seq_len
+    act_bytes = 4 if precision == "fp32" else 2
+    per_token_layer = (8 * cfg.n_embd + 2 * cfg.kv_heads * cfg.head_dim + 4 * cfg.hidden) * act_bytes
+    activations = cfg.n_layer * tokens * per_token_layer + 2 * tokens * cfg.n_embd * 4
+    logits = tokens * cfg.vocab_size * 4
+    transient = 2 * activations + 2 * logits if cpu else activations + 3 * logits
+    states = cfg.num_params() * 16 / shards
+    if shards > 1:  # FSDP: a shard of the states, plus the unsharded weights and grads in flight
+        embeddings = cfg.num_params() - cfg.num_params(exclude_embeddings=True)
+        states += (embeddings + 2 * cfg.num_params(exclude_embeddings=True) / cfg.n_layer) * 8
+        if accumulating:  # unsynchronized micro-batches keep whole fp32 gradients until the last
+            states += cfg.num_params() * 4
+    return int((states + transient) * 1.1)  # ~10% for allocator slack and workspaces
+
+
+def memory_budget(device: Device) -> float:
+    return device.memory_bytes * (0.9 if device.type != "cpu" else 0.6)
+
+
+def choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, device, shards: int) -> tuple[int, int]:
+    budget, cpu = memory_budget(device), device.type == "cpu"
+    if requested != "auto":
+        if per_rank % requested:
+            raise PlanError(f"runtime.micro_batch: {requested} does not divide the {per_rank} sequences "
+                            f"per step and device of {where}", hint="use a divisor, or auto")
+        return requested, estimate_memory(cfg, requested, seq_len, device.precision, shards, requested < per_rank, cpu)
+    # CPUs gain little past ~16k tokens per forward; GPUs take the largest micro-batch that fits.
+    cap = 16384 if device.type == "cpu" else 1 << 30
+    divisors = [d for d in range(per_rank, 0, -1) if per_rank % d == 0]
+    for d in divisors:
+        memory = estimate_memory(cfg, d, seq_len, device.precision, shards, d < per_rank, cpu)
+        if (d * seq_len <= cap or d == 1) and memory <= budget:
+            return d, memory
+    need = estimate_memory(cfg, 1, seq_len, device.precision, shards, cpu=cpu)
+    raise PlanError(f"model: needs ~{need / 2**30:.1f} GiB to train even at micro-batch 1, more than the "
+                    f"{device.memory_bytes / 2**30:.1f} GiB this {device.type} offers",
+                    hint="use a smaller model or seq_len")
+
+
+def estimate_time(flops: float, cfg: ModelConfig, micro: int, seq_len: int, device: Device) -> float | None:
+    """Wall time at a typical 40% of peak on GPU; on CPU, 50% of a measured matmul's speed."""
+    if device.peak_flops:
+        return flops / (0.4 * device.peak_flops)
+    if device.type != "cpu":
+        return None
+    return flops / (0.5 * _cpu_matmul_flops(micro * seq_len, cfg.n_embd, cfg.hidden))
+
+
+_CALIBRATION: dict = {}
+
+
+def _cpu_matmul_flops(m: int, k: int, n: int) -> float:
+    """FLOP/s of this CPU on a matmul shaped like the model's MLP (measured once, ~0.1 s)."""
+    import torch
+
+    m = min(m, 4096)
+    if (m, k, n) not in _CALIBRATION:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        start, reps = time.perf_counter(), 0
+        while time.perf_counter() - start < 0.05 or reps < 3:
+            a @ b
+            reps += 1
+        _CALIBRATION[(m, k, n)] = 2 * m * k * n * reps / (time.perf_counter() - start)
+    return _CALIBRATION[(m, k, n)]

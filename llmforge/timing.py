@@ -1,0 +1,57 @@
+"""Training speed as the progress line shows it: tokens/s, model FLOPs utilization, and an ETA.
+
+Evals are timed apart from training (they are not training throughput, and the ETA adds the
+ones still to come at their own measured cost). The first step is timed apart too: it holds
+torch.compile's compilation, or allocator and kernel warm-up, and would skew both rates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+
+class Timer:
+    def __init__(self, step: int, sp, flops_per_token: float, peak_flops: float | None, devices: int):
+        self.sp, self.start_step = sp, step
+        self.flop_rate = flops_per_token / (peak_flops * devices) if peak_flops else None
+        self.first_step_s: float | None = None  # the first step's time (compilation, warm-up)
+        self.mark_step, self.mark = step, time.perf_counter()  # the current log interval
+        self.train_s, self.train_steps = 0.0, 0  # since the first step: the ETA's rate
+        self.eval_s: float | None = None  # the last eval's duration
+        self.paused_s = 0.0  # eval time inside the current interval
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        start = time.perf_counter()
+        yield
+        self.eval_s = time.perf_counter() - start
+        self.paused_s += self.eval_s
+
+    def step_done(self, step: int) -> None:
+        """Call after each optimizer step (1-based count of steps done)."""
+        if self.first_step_s is None:
+            now = time.perf_counter()
+            self.first_step_s = now - self.mark - self.paused_s
+            self.mark_step, self.mark, self.paused_s = step, now, 0.0
+
+    def rates(self, step: int) -> dict:
+        now = time.perf_counter()
+        elapsed, done = now - self.mark - self.paused_s, step - self.mark_step
+        self.mark_step, self.mark, self.paused_s = step, now, 0.0
+        out = {}
+        if done == 0 and self.first_step_s:  # a log line right after the first step
+            out["tokens_per_s"] = self.sp.batch_tokens / self.first_step_s
+        if done > 0:
+            self.train_s, self.train_steps = self.train_s + elapsed, self.train_steps + done
+            out["tokens_per_s"] = done * self.sp.batch_tokens / max(elapsed, 1e-9)
+            if self.flop_rate:
+                out["mfu"] = out["tokens_per_s"] * self.flop_rate
+        if self.train_steps:
+            remaining = self.sp.steps - step
+            every = self.sp.eval_every
+            evals = 1 + (sum(1 for s in range(step + 1, self.sp.steps) if s % every == 0) if every else 0)
+            out["eta_s"] = remaining * self.train_s / self.train_steps + evals * (self.eval_s or 0.0)
+        if self.first_step_s is not None and self.train_steps == done:  # the first log line of the stage
+            out["first_step_s"] = self.first_step_s
+        return out
