@@ -48,12 +48,17 @@ class _Peak:
     """The highest resident memory seen by a thread sampling every 2 ms."""
 
     def __init__(self):
-        self.value = 0
+        self.value, self.at = 0, 0.0
         threading.Thread(target=self._run, daemon=True).start()
+
+    def reset(self, value: int) -> None:
+        self.value, self.at = value, time.time()
 
     def _run(self):
         while True:
-            self.value = max(self.value, _rss())
+            now = _rss()
+            if now > self.value:
+                self.value, self.at = now, time.time()
             time.sleep(0.002)
 
 
@@ -71,7 +76,7 @@ def measure(recipe: str | Path, overrides: list[str] = (), run_dir: Path | None 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() if cuda else _rss()
-        peak.value = base
+        peak.reset(base)
         start = time.time()
         run_stage(ctx, sp, init_from)
         grew = (torch.cuda.max_memory_allocated() if cuda else peak.value) - base
@@ -79,7 +84,7 @@ def measure(recipe: str | Path, overrides: list[str] = (), run_dir: Path | None 
                    (engine.stage_dir(ctx.run_dir, sp) / "metrics.jsonl").read_text().splitlines()]
         at20 = next((r for r in records if r.get("step") == 20 and "eta_s" in r), None)
         rows.append({"stage": sp.name, "est_memory": sp.est_peak_memory_bytes, "memory": grew,
-                     "est_time": sp.est_time_s, "time": time.time() - start,
+                     "est_time": sp.est_time_s, "time": time.time() - start, "peak_at": peak.at - start,
                      "eta20": at20 and at20["eta_s"], "after20": at20 and records[-1]["time"] - at20["time"]})
 
     engine.run_stage = measured
@@ -105,13 +110,13 @@ def main() -> None:
     mib = 2 ** 20
     print(f"{args[0]}")
     print(f"{'stage':10} {'plan MiB':>9} {'measured':>9} {'ratio':>6} | {'plan s':>7} {'wall s':>7} | "
-          f"{'ETA@20 s':>8} {'then took':>9} {'ratio':>6}")
+          f"{'ETA@20 s':>8} {'then took':>9} {'ratio':>6} | peak at s")
     for r in rows:
         eta = (f"{r['eta20']:>8.1f} {r['after20']:>9.1f} {r['eta20'] / r['after20']:>6.2f}" if r["eta20"]
                else f"{'-':>8} {'-':>9} {'-':>6}")
         est_time = f"{r['est_time']:>7.1f}" if r["est_time"] else f"{'-':>7}"
         print(f"{r['stage']:10} {r['est_memory'] / mib:>9.1f} {r['memory'] / mib:>9.1f} "
-              f"{r['est_memory'] / r['memory']:>6.2f} | {est_time} {r['time']:>7.1f} | {eta}")
+              f"{r['est_memory'] / r['memory']:>6.2f} | {est_time} {r['time']:>7.1f} | {eta} | {r['peak_at']:.1f}")
 
 
 if __name__ == "__main__":

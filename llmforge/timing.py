@@ -1,7 +1,7 @@
 """Training speed as the progress line shows it: tokens/s, model FLOPs utilization, and an ETA.
 
 Evals are timed apart from training (they are not training throughput, and the ETA adds the
-ones still to come at their own measured cost). The first step is timed apart too: it holds
+ones still to come at their measured cost). The first step is timed apart too: it holds
 torch.compile's compilation, or allocator and kernel warm-up, and would skew both rates.
 """
 
@@ -18,15 +18,15 @@ class Timer:
         self.first_step_s: float | None = None  # the first step's time (compilation, warm-up)
         self.mark_step, self.mark = step, time.perf_counter()  # the current log interval
         self.train_s, self.train_steps = 0.0, 0  # since the first step: the ETA's rate
-        self.eval_s: float | None = None  # the last eval's duration
+        self.evals_s: list[float] = []  # each eval's duration
         self.paused_s = 0.0  # eval time inside the current interval
 
     @contextlib.contextmanager
     def evaluating(self):
         start = time.perf_counter()
         yield
-        self.eval_s = time.perf_counter() - start
-        self.paused_s += self.eval_s
+        self.evals_s.append(time.perf_counter() - start)
+        self.paused_s += self.evals_s[-1]
 
     def step_done(self, step: int) -> None:
         """Call after each optimizer step (1-based count of steps done)."""
@@ -51,7 +51,15 @@ class Timer:
             remaining = self.sp.steps - step
             every = self.sp.eval_every
             evals = 1 + (sum(1 for s in range(step + 1, self.sp.steps) if s % every == 0) if every else 0)
-            out["eta_s"] = remaining * self.train_s / self.train_steps + evals * (self.eval_s or 0.0)
+            out["eta_s"] = remaining * self.train_s / self.train_steps + evals * self._eval_cost()
         if self.first_step_s is not None and self.train_steps == done:  # the first log line of the stage
             out["first_step_s"] = self.first_step_s
         return out
+
+    def _eval_cost(self) -> float:
+        """The last eval's time, once there has been one after the stage's first (which pays for
+        warm-up, so it can take several times longer); until then, a forward pass over the eval
+        tokens at a third of the time a training step spends per token."""
+        if len(self.evals_s) >= 2:
+            return self.evals_s[-1]
+        return self.sp.eval_tokens * self.train_s / (self.train_steps * self.sp.batch_tokens) / 3
