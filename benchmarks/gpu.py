@@ -6,8 +6,8 @@ memory estimate beside the measured peak. Run through benchmarks/gpu.sh.
     python benchmarks/gpu.py            # on a CUDA machine: the full table (a few minutes)
     python benchmarks/gpu.py --dry      # anywhere: tiny shapes, a few steps, no compile (CI)
 
-The micro-batch is the planner's: the largest that divides the batch and fits the device by
-the plan's estimate (here, its free memory). Batches are random ids: this measures the model's
+The micro-batch is the planner's (resources.choose_micro_batch): the largest that divides the
+batch and fits the device by the plan's estimate (here, its free memory). Batches are random ids: this measures the model's
 step, not the data pipeline (benchmarks/baseline_loop.py measures the engine around it).
 """
 
@@ -23,7 +23,7 @@ from llmforge.engine import _autocast
 from llmforge.model import PRESETS, ModelConfig, Transformer
 from llmforge.optim import build_optimizer
 from llmforge.plan import Device, _peak_flops
-from llmforge.resources import estimate_memory
+from llmforge.resources import choose_micro_batch
 from llmforge.stages.pretrain import token_losses
 
 MODELS = {"~125M": dict(n_layer=12, n_head=12, n_embd=768), "~350M": dict(n_layer=24, n_head=16, n_embd=1024)}
@@ -38,21 +38,13 @@ def device_for(dry: bool) -> Device:
     return Device("cuda", name, free, "bf16", True, 0, _peak_flops("cuda", name, "bf16"))
 
 
-def micro_batch(cfg: ModelConfig, seq_len: int, device: Device, batch: int) -> int:
-    """The planner's rule: the largest divisor of the batch whose estimate fits 90% of the memory."""
-    for m in range(batch, 0, -1):
-        if batch % m == 0 and estimate_memory(cfg, m, seq_len, device.precision, 1, m < batch) <= 0.9 * device.memory_bytes:
-            return m
-    return 1
-
-
 def measure(cfg: ModelConfig, seq_len: int, device: Device, steps: int, warmup: int, batch: int) -> dict:
     torch.manual_seed(0)
     dev = torch.device(device.type)
     model = Transformer(cfg).to(dev)
     step_model = distributed.wrap(model, "single", distributed.Dist(), dev, bf16=False, compile=device.compile)
     opt = build_optimizer(model, "adamw", 3e-4, (0.9, 0.95), 1e-8, 0.1)
-    micro = micro_batch(cfg, seq_len, device, batch)
+    micro, estimate = choose_micro_batch("benchmark", "auto", batch, seq_len, cfg, device, 1)
     amp = _autocast(device)
     tokens = torch.randint(0, cfg.vocab_size, (micro, seq_len + 1), device=dev)
 
@@ -82,7 +74,7 @@ def measure(cfg: ModelConfig, seq_len: int, device: Device, steps: int, warmup: 
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
     return {"micro": micro, "tok_s": tok_s, "warmup_s": compile_s, "peak": peak,
             "mfu": tok_s * cfg.flops_per_token(seq_len) / device.peak_flops if device.peak_flops else None,
-            "estimate": estimate_memory(cfg, micro, seq_len, device.precision, 1, micro < batch)}
+            "estimate": estimate}
 
 
 def main() -> None:
