@@ -50,7 +50,8 @@ class Timer:
         if self.train_steps:
             remaining = self.sp.steps - step
             every = self.sp.eval_every
-            evals = 1 + (sum(1 for s in range(step + 1, self.sp.steps) if s % every == 0) if every else 0)
+            # the final eval, plus one at each multiple of eval_every strictly between here and the end
+            evals = 1 + (max(0, (self.sp.steps - 1) // every - step // every) if every else 0)
             out["eta_s"] = remaining * self.train_s / self.train_steps + evals * self._eval_cost()
         if self.first_step_s is not None and self.train_steps == done:  # the first log line of the stage
             out["first_step_s"] = self.first_step_s
