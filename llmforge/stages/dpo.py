@@ -107,11 +107,13 @@ def attach_reference(path: Path, identity: dict, train: dict, evals: dict, refer
         model.eval()
         stored = {}
         for key, rows in sets.items():
-            parts = [np.zeros((0, 2), dtype=np.float32)]
+            # Written into an array made up front: small results kept alive between the batches'
+            # large temporaries fragment glibc's heap, and whole quickstart runs grew their
+            # resident memory here by ~13 MB a batch (700-830 MB) in about 1 of 4 runs.
+            stored[key] = np.zeros((rows.n_rows, 2), dtype=np.float32)
             for idx in np.array_split(np.arange(rows.n_rows), max(1, math.ceil(rows.n_rows / micro_batch))):
                 with amp:
-                    parts.append(reference(rows.rows(idx, with_reference=False)))
-            stored[key] = np.concatenate(parts)
+                    stored[key][idx] = reference(rows.rows(idx, with_reference=False))
         model.train()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
