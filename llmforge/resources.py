@@ -12,6 +12,7 @@ from .model import ModelConfig
 if TYPE_CHECKING:
     from .plan import Device
 
+
 def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, shards: int = 1,
                     accumulating: bool = False, cpu: bool = False) -> int:
     """Peak training memory per device in bytes: weights + grads + AdamW moments + activations
@@ -54,7 +55,7 @@ def choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, devic
                             f"per step and device of {where}", hint="use a divisor, or auto")
         return requested, estimate_memory(cfg, requested, seq_len, device.precision, shards, requested < per_rank, cpu)
     # CPUs gain little past ~16k tokens per forward; GPUs take the largest micro-batch that fits.
-    cap = 16384 if device.type == "cpu" else 1 << 30
+    cap = 16384 if cpu else 1 << 30
     divisors = [d for d in range(per_rank, 0, -1) if per_rank % d == 0]
     for d in divisors:
         memory = estimate_memory(cfg, d, seq_len, device.precision, shards, d < per_rank, cpu)

@@ -13,7 +13,7 @@ import time
 
 class Timer:
     def __init__(self, step: int, sp, flops_per_token: float, peak_flops: float | None, devices: int):
-        self.sp, self.start_step = sp, step
+        self.sp = sp
         self.flop_rate = flops_per_token / (peak_flops * devices) if peak_flops else None
         self.first_step_s: float | None = None  # the first step's time (compilation, warm-up)
         self.mark_step, self.mark = step, time.perf_counter()  # the current log interval
