@@ -76,6 +76,24 @@ def throughput(work: Path, tok: Tokenizer, size: int) -> None:
           f"({len(src.tokens) / cold / 1e6:.2f} M tokens/s, {os.cpu_count()} workers)   target >= 8 MB/s")
     print(f"cache hit  {hit:8.3f} s (median of 5)                                     target < 1 s")
     sampler_share(src, tok)
+    json_throughput(work, corpus, n_bytes)
+
+
+def json_throughput(work: Path, corpus: Path, n_bytes: int) -> None:
+    """A byte-level BPE tokenizer.json (the `tokenizers` library, as Llama 3 and Qwen ship):
+    its own batch encoding (Rust threads, one process) against llmforge's worker processes."""
+    from llmforge.tokenizer_json import load_tokenizer, train_bytelevel_bpe
+
+    sample = (p.read_text() for p in sorted((work / "sample").iterdir()))
+    tok = load_tokenizer(train_bytelevel_bpe(sample, work / "bbpe", vocab_size=2048, sample_bytes=10 << 20))
+    spec = SourceSpec(path=str(corpus))
+    for label, workers in (("library threads", 1), (f"{os.cpu_count()} processes", os.cpu_count())):
+        os.environ["LLMFORGE_CACHE"] = str(work / f"cache-{workers}")
+        start = time.perf_counter()
+        src = prepare_source("bench", spec, work, tok, workers=workers)
+        cold = time.perf_counter() - start
+        print(f"tokenize   {n_bytes / 2**20:8.1f} MB in {cold:6.2f} s = {n_bytes / 2**20 / cold:6.1f} MB/s "
+              f"({len(src.tokens) / cold / 1e6:.2f} M tokens/s; tokenizer.json byte-level BPE, {label})")
 
 
 def sampler_share(src, tok: Tokenizer) -> None:

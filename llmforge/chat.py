@@ -14,6 +14,7 @@ opens the turn is part of the prompt. Under "all": every token after the first.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 
@@ -22,20 +23,25 @@ ROLES = ("system", "user", "assistant")
 Segment = tuple[str, bool, bool]
 
 
+class TokenLevel:
+    """What every template does with the segments it renders: ids and learned flags."""
+
+    def encode(self, tokenizer, segments: list[Segment]) -> tuple[list[int], list[bool]]:
+        return encode_segments(tokenizer, segments)
+
+    def render(self, tokenizer, messages: list[dict], train_on: str = "assistant") -> tuple[list[int], list[bool]]:
+        return self.encode(tokenizer, self.segments(messages, train_on))
+
+    def prompt(self, tokenizer, messages: list[dict]) -> list[int]:
+        return self.encode(tokenizer, self.prompt_segments(messages))[0]
+
+
 @dataclass(frozen=True)
-class ChatTemplate:
+class ChatTemplate(TokenLevel):
     system: str = "<|system|>"
     user: str = "<|user|>"
     assistant: str = "<|assistant|>"
     end: str = "<|end|>"
-
-    @classmethod
-    def from_spec(cls, spec) -> ChatTemplate | None:
-        """From the recipe's tokenizer.chat_template (a ChatTemplateSpec, a dict, or None)."""
-        if spec is None:
-            return None
-        fields = spec if isinstance(spec, dict) else spec.model_dump()
-        return cls(**fields)
 
     @property
     def symbols(self) -> tuple[str, str, str, str]:
@@ -61,9 +67,9 @@ class ChatTemplate:
         continues at generation time (and the shared prefix of a preference pair)."""
         return [(t, special, False) for t, special, _ in self.segments(messages)] + [(self.assistant, True, False)]
 
-    def reply_segments(self, text: str) -> list[Segment]:
-        """An assistant turn's content and its closing tag, both learned (a dpo response)."""
-        return [(text, False, True), (self.end, True, True)]
+    def pair_segments(self, prompt: list[dict], reply: str) -> list[Segment]:
+        """A preference pair's side: the prompt, then the reply's content and closing tag, learned."""
+        return self.prompt_segments(prompt) + [(reply, False, True), (self.end, True, True)]
 
     def jinja(self) -> str:
         """The same rendering as a Jinja chat template (Hugging Face's `chat_template`): each
@@ -78,23 +84,60 @@ class ChatTemplate:
                 "{%- endfor -%}"
                 "{%- if add_generation_prompt -%}{{ " + json.dumps(self.assistant) + " }}{%- endif -%}")
 
-    # --- token level --------------------------------------------------------------------------------
+    # --- token level (with TokenLevel's encode, render, prompt) -------------------------------------
 
-    def encode(self, tokenizer, segments: list[Segment]) -> tuple[list[int], list[bool]]:
-        """(ids, learned) with one flag per id: whether that id is a training target."""
-        ids: list[int] = []
-        learned: list[bool] = []
-        for text, special, learn in segments:
-            piece = [tokenizer.special_id(text)] if special else tokenizer.encode(text)
+    def stop_ids(self, tokenizer) -> tuple[int, ...]:
+        """Where generation ends: the turn's end tag, or end-of-text."""
+        return tokenizer.special_id(self.end), tokenizer.eot_id
+
+
+def encode_segments(tokenizer, segments: list[Segment]) -> tuple[list[int], list[bool]]:
+    """(ids, learned) with one flag per id: whether that id is a training target.
+
+    A tokenizer.json tokenizer encodes the whole rendering at once, as transformers'
+    apply_chat_template does (its ids are theirs), and a token is learned if any of its characters
+    is: a reply's first word often starts with the template's space before it. Otherwise text
+    between special tokens is encoded as one piece, except where the learned flag changes: a reply
+    is encoded apart from the prompt before it, as it is when generated after that prompt."""
+    if hasattr(tokenizer, "encode_offsets") and (whole := _encode_whole(tokenizer, segments)) is not None:
+        return whole
+    ids: list[int] = []
+    learned: list[bool] = []
+    for (special, learn), group in itertools.groupby(segments, key=lambda s: (s[1], s[2])):
+        texts = [text for text, _, _ in group]
+        pieces = [[tokenizer.special_id(t)] for t in texts] if special else [tokenizer.encode("".join(texts))]
+        for piece in pieces:
             ids += piece
             learned += [learn] * len(piece)
-        return ids, learned
+    return ids, learned
 
-    def render(self, tokenizer, messages: list[dict], train_on: str = "assistant") -> tuple[list[int], list[bool]]:
-        return self.encode(tokenizer, self.segments(messages, train_on))
 
-    def prompt(self, tokenizer, messages: list[dict]) -> list[int]:
-        return self.encode(tokenizer, self.prompt_segments(messages))[0]
+def _encode_whole(tokenizer, segments: list[Segment]) -> tuple[list[int], list[bool]] | None:
+    """The whole rendering in one encode with special tokens matched; None if that finds special
+    tokens anywhere but where the template put them (a message spelled one: it stays text)."""
+    text = "".join(t for t, _, _ in segments)
+    flags, where, at = bytearray(len(text) + 1), [], 0
+    for t, special, learn in segments:
+        if learn:
+            flags[at:at + len(t)] = b"\1" * len(t)
+        if special:
+            where.append((at, at + len(t)))
+        at += len(t)
+    ids, offsets = tokenizer.encode_offsets(text)
+    specials = set(tokenizer.specials.values())
+    if [tuple(o) for i, o in zip(ids, offsets) if i in specials] != where:
+        return None
+    return ids, [any(flags[a:max(b, a + 1)]) for a, b in offsets]
 
-    def stop_id(self, tokenizer) -> int:
-        return tokenizer.special_id(self.end)
+
+def load_template(spec, base_dir=None):
+    """The chat template a recipe's tokenizer.chat_template (or a stage's saved config) names:
+    None, the tag template (a dict of four tags), a named Jinja one, or a model's own Jinja one."""
+    from .chat_jinja import JinjaTemplate
+
+    if spec is None:
+        return None
+    fields = spec if isinstance(spec, dict) else spec.model_dump()
+    if "jinja" in fields or "name" in fields or "path" in fields:
+        return JinjaTemplate.from_spec(fields, base_dir)
+    return ChatTemplate(**fields)

@@ -277,9 +277,9 @@ def eval_(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
 def export(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
            out: Path = typer.Option(..., "--out", help="Folder to write (must not exist, or be empty)."),
            dtype: str = typer.Option("fp32", "--dtype", help="Weights as fp32, bf16 or fp16.")):
-    """Write a finished stage as a Hugging Face transformers model folder (LlamaForCausalLM for
-    the llama preset, GPT2LMHeadModel for gpt2): config.json, generation_config.json,
-    model.safetensors and the tokenizer."""
+    """Write a finished stage as a Hugging Face transformers model folder of its family (the one
+    it was imported as, or its preset's: Llama, Qwen2, Qwen3, Mistral, Phi-3, GPT-2): config.json,
+    generation_config.json, model.safetensors, and the tokenizer with the chat template."""
     with user_errors():
         from .errors import RecipeError
         from .export.hf import DTYPES, export_stage

@@ -367,7 +367,8 @@ def write_final(final: Path, weights: dict, ctx: Context, sp: StagePlan, results
               "chat_template": ctx.template.to_dict() if ctx.template else None}
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     (tmp / "eval.json").write_text(json.dumps(results, indent=1))
-    shutil.copyfile(ctx.tokenizer.path, tmp / "tokenizer.model")
+    for name, data in ctx.tokenizer.files.items():
+        (tmp / name).write_bytes(data)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .chat import ChatTemplate
+from .chat import load_template
 from .data import prepare_source
 from .engine import _autocast, eval_batches, evaluate, stage_rows
 from .stages.dpo import attach_reference, reference_identity
@@ -25,7 +25,7 @@ from .generate import find_stage, load_trained
 from .plan import compile_plan, detect_device, stage_init
 from .recipe import validate_recipe
 from .stages import OBJECTIVES
-from .tokenizer import Tokenizer
+from .tokenizer_json import load_tokenizer
 
 
 def load_run_recipe(run_dir: Path):
@@ -47,8 +47,8 @@ def evaluate_stage(run_dir: Path, stage: str | None, tasks: list[str] | None = N
     name = json.loads((final / "config.json").read_text())["stage"]
     device = detect_device(recipe.runtime.model_copy(update={"device": "auto"}))  # wherever eval runs
     torch.set_num_threads(device.threads)
-    tokenizer = Tokenizer.load(run_dir / "tokenizer" / "tokenizer.model")
-    template = ChatTemplate.from_spec(recipe.tokenizer.chat_template)
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    template = load_template(recipe.tokenizer.chat_template, recipe.base_dir)
     spec = next(s for s in recipe.stages if s.name == name)
     sources = {}
     for src in spec.mix:

@@ -8,11 +8,12 @@ from typing import Iterator
 
 import torch
 
-from .chat import ChatTemplate
+from .chat import ChatTemplate, load_template as template_from_spec
 from .checkpoint import load_weights
 from .errors import CheckpointError
 from .model import ModelConfig, Transformer
 from .tokenizer import Tokenizer
+from .tokenizer_json import load_tokenizer
 
 
 def find_stage(run_dir: Path, stage: str | None) -> Path:
@@ -46,14 +47,14 @@ def load_trained(final: Path, device: str = "cpu") -> tuple[Transformer, Tokeniz
     model = Transformer(read_model_config(final))
     load_weights(model, final / "model.safetensors")
     model.to(device).eval()
-    return model, Tokenizer.load(final / "tokenizer.model")
+    return model, load_tokenizer(final)
 
 
 def sample(model: Transformer, tokenizer: Tokenizer, prompt: str, template: ChatTemplate | None = None,
            **options) -> Iterator[str]:
     """Stream the continuation of `prompt` as text pieces (complete UTF-8 characters only). It
     ends at end-of-text, or where a chat-trained model closes its turn (as an exported one does)."""
-    stops = (template.stop_id(tokenizer), tokenizer.eot_id) if template else (tokenizer.eot_id,)
+    stops = template.stop_ids(tokenizer) if template else (tokenizer.eot_id,)
     yield from stream(model, tokenizer, tokenizer.encode(prompt) or [tokenizer.eot_id], stops, **options)
 
 
@@ -62,7 +63,7 @@ def reply(model: Transformer, tokenizer: Tokenizer, template: ChatTemplate, mess
     """Stream the assistant's next turn in a conversation, prompted through the chat template;
     it ends when the model closes its turn (or at max_new_tokens)."""
     ids = template.prompt(tokenizer, messages)
-    yield from stream(model, tokenizer, ids, (template.stop_id(tokenizer), tokenizer.eot_id), **options)
+    yield from stream(model, tokenizer, ids, template.stop_ids(tokenizer), **options)
 
 
 def stream(model: Transformer, tokenizer: Tokenizer, ids: list[int], stop_ids: tuple[int, ...], *,
@@ -99,4 +100,4 @@ def load_template(final: Path) -> ChatTemplate | None:
         spec = json.loads((final / "config.json").read_text()).get("chat_template")
     except (OSError, ValueError):
         return None
-    return ChatTemplate.from_spec(spec)
+    return template_from_spec(spec)

@@ -1,6 +1,9 @@
 """A decoder-only transformer in one file, in the spirit of nanoGPT's model.py.
 
-ModelConfig switches between the GPT-2 and LLaMA families (see PRESETS). No I/O, devices,
+ModelConfig switches between the GPT-2 and LLaMA families (see PRESETS), with the options the
+open models built on LLaMA add: biases on q/k/v only (Qwen2), RMSNorm on each head's queries and
+keys and a head size of its own (Qwen3), Llama 3's rope scaling, a sliding attention window
+(Mistral, Phi-3). No I/O, devices,
 parallelism or recipes here: callers build a config, move the model and wrap it as they like.
 """
 
@@ -45,17 +48,30 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    head_dim: int | None = None  # None -> n_embd // n_head; Qwen3 sets its own (q/k/v are n_head * head_dim wide)
+    qkv_bias: bool = False  # biases on the q, k, v projections even where `bias` is off (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before rope (Qwen3)
+    # Llama 3.1's long-context rope: {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}; None: plain rope.
+    rope_scaling: dict | None = None
+    sliding_window: int | None = None  # a query sees only the last sliding_window keys (itself included)
+    family: str = "llama"  # the Hugging Face model_type it exports as (llama, gpt2, qwen2, qwen3, mistral, phi3)
 
     def __post_init__(self):  # internal guards; the recipe layer reports user errors earlier
+        if self.head_dim is None:  # resolved here, so equal configs compare equal however they were written
+            _check(self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} not divisible by n_head {self.n_head}")
+            object.__setattr__(self, "head_dim", self.n_embd // self.n_head)
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name, ok in (("norm", NORMS), ("positions", POSITIONS), ("mlp", MLPS)):
             _check(getattr(self, name) in ok, f"{name} must be one of {ok}, got {getattr(self, name)!r}")
-        _check(self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} not divisible by n_head {self.n_head}")
         _check(self.kv_heads >= 1 and self.n_head % self.kv_heads == 0,
                f"n_kv_head {self.n_kv_head} must be >= 1 and divide n_head {self.n_head}")
         _check(self.positions != "rope" or self.head_dim % 2 == 0,
-               f"rope needs an even head_dim (n_embd / n_head), got {self.head_dim}")
+               f"rope needs an even head_dim, got {self.head_dim}")
+        _check(self.rope_scaling is None or (self.rope_scaling.get("type") == "llama3" and self.positions == "rope"),
+               f"rope_scaling must be None or llama3 scaling of rope, got {self.rope_scaling}")
+        _check(self.sliding_window is None or self.sliding_window >= 1, "sliding_window must be >= 1")
         _check(self.mlp_hidden is None or self.mlp_hidden >= 1, f"mlp_hidden must be >= 1, got {self.mlp_hidden}")
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         _check(min(self.norm_eps, self.init_std, self.rope_theta) > 0, "norm_eps, init_std, rope_theta must be > 0")
@@ -65,8 +81,9 @@ class ModelConfig:
         return self.n_head if self.n_kv_head is None else self.n_kv_head
 
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def q_dim(self) -> int:
+        """Width of the queries (and of attention's output): n_head * head_dim."""
+        return self.n_head * self.head_dim
 
     @property
     def hidden(self) -> int:
@@ -83,7 +100,7 @@ class ModelConfig:
         """Weights of all blocks' matrices plus lm_head (biases, norms, lookup tables excluded)."""
         d, kv = self.n_embd, self.kv_heads * self.head_dim
         n_mats = 3 if self.mlp == "swiglu" else 2
-        return self.n_layer * (2 * d * d + 2 * d * kv + n_mats * d * self.hidden) + self.vocab_size * d
+        return self.n_layer * (2 * d * self.q_dim + 2 * d * kv + n_mats * d * self.hidden) + self.vocab_size * d
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """From the config alone; equals sum(p.numel() for p in Transformer(self).parameters()).
@@ -91,8 +108,10 @@ class ModelConfig:
         tok_emb, goes too); an untied lm_head is a real matmul and stays."""
         d, h, kv, b = self.n_embd, self.hidden, self.kv_heads * self.head_dim, int(self.bias)
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
-        biases = b * (2 * d + 2 * kv + (2 * h if self.mlp == "swiglu" else h) + d)  # q,o; k,v; up(s); down
-        total = self._matmul_weights() + self.n_layer * (2 * norm + biases) + norm  # + final norm
+        biases = b * (d + (2 * h if self.mlp == "swiglu" else h) + d)  # o; up(s); down
+        biases += (b or self.qkv_bias) * (self.q_dim + 2 * kv)  # q; k, v
+        qk_norms = 2 * self.head_dim if self.qk_norm else 0
+        total = self._matmul_weights() + self.n_layer * (2 * norm + biases + qk_norms) + norm  # + final norm
         if self.tie_embeddings:  # lm_head *is* tok_emb: count that matrix once, as the table below
             total -= self.vocab_size * d
         if not exclude_embeddings:
@@ -107,10 +126,11 @@ class ModelConfig:
         lookup is free, the output matmul is not); biases, norms, softmax and lookups are ignored.
         Attention adds per layer and token q.k^T against T keys (2*T*d) and probs@v (2*T*d), with
         d = n_head*head_dim whatever the GQA grouping; x3 for fwd+bwd gives 12*T*d. Like PaLM we do
-        not halve it for the causal mask.
+        not halve it for the causal mask. A sliding window caps the keys a query sees at its width.
         """
         t = self.seq_len if seq_len is None else seq_len
-        return 6 * self._matmul_weights() + 12 * self.n_layer * self.n_embd * t
+        t = min(t, self.sliding_window or t)
+        return 6 * self._matmul_weights() + 12 * self.n_layer * self.q_dim * t
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -121,12 +141,20 @@ class ModelConfig:
         unknown = sorted(set(d) - {f.name for f in fields})
         missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in d]
         _check(not unknown and not missing, f"bad config dict: unknown keys {unknown}, missing keys {missing}")
+        if "family" not in d:  # written before families: the preset's
+            d = d | {"family": "gpt2" if d.get("norm") == "layernorm" else "llama"}
         return cls(**d)
 
 
+_LLAMA = dict(norm="rmsnorm", positions="rope", mlp="swiglu", bias=False, tie_embeddings=False)
+# A preset is an architecture; the name is also the Hugging Face family it exports as.
 PRESETS: dict[str, dict] = {
-    "llama": dict(norm="rmsnorm", positions="rope", mlp="swiglu", bias=False, tie_embeddings=False),
-    "gpt2": dict(norm="layernorm", positions="learned", mlp="gelu", bias=True, tie_embeddings=True),
+    "llama": _LLAMA | dict(family="llama"),
+    "gpt2": dict(norm="layernorm", positions="learned", mlp="gelu", bias=True, tie_embeddings=True, family="gpt2"),
+    "qwen2": _LLAMA | dict(qkv_bias=True, family="qwen2"),
+    "qwen3": _LLAMA | dict(qk_norm=True, family="qwen3"),
+    "mistral": _LLAMA | dict(family="mistral"),
+    "phi3": _LLAMA | dict(family="phi3"),
 }
 
 
@@ -171,9 +199,25 @@ def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [seq_len, head_dim] for RoPE (RoFormer, Su et al. 2021) in the "rotate half" layout:
     pair i is (x[i], x[i + head_dim/2]) turning at theta^(-2i/head_dim), as in HF Llama."""
     inv_freq = cfg.rope_theta ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    if cfg.rope_scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, cfg.rope_scaling)
     angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3.1's rope scaling: wavelengths longer than the original context / low_freq_factor
+    are stretched by `factor`, those shorter than original / high_freq_factor kept, and the band
+    between interpolated smoothly (as transformers' _compute_llama3_parameters)."""
+    old = s["original_max_position_embeddings"]
+    low, high, factor = s["low_freq_factor"], s["high_freq_factor"], s["factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -188,17 +232,24 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.n_head, self.n_kv, self.head_dim = layer, cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
-        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.window = cfg.sliding_window
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.q_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.q_dim, cfg.n_embd, bias=cfg.bias)
+        if cfg.qk_norm:  # one weight per head dimension, shared by all heads
+            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, cache: KVCache | None, docs: torch.Tensor | None = None):
-        B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -214,13 +265,17 @@ class Attention(nn.Module):
         if docs is not None:  # packed sequences: a token sees only earlier tokens of its own document
             mask = docs[:, None, :, None] == docs[:, None, None, :]
             mask &= torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        if self.window is not None and S > self.window:  # keys less than `window` positions back
+            q_pos, k_pos = torch.arange(S - T, S, device=x.device)[:, None], torch.arange(S, device=x.device)
+            band = (k_pos <= q_pos) & (k_pos > q_pos - self.window)
+            mask = band if mask is None else mask & band
         gqa = self.n_kv != self.n_head
         if gqa and not _SDPA_HAS_GQA:  # enable_gqa's grouping: query head h reads kv head h // (n_head/n_kv)
             k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))
         extra = {"enable_gqa": True} if gqa and _SDPA_HAS_GQA else {}
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == T and mask is None,
                                            dropout_p=self.dropout if self.training else 0.0, **extra)
-        return self.resid_drop(self.o_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+        return self.resid_drop(self.o_proj(y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)))
 
 
 class MLP(nn.Module):

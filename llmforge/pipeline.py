@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .chat import ChatTemplate
+from .chat import load_template
 from .data import iter_documents, list_files, prepare_source
 from .data.cache import find_source
 from .distributed import Dist, check_device
@@ -21,7 +21,8 @@ from .engine import Context
 from .errors import RecipeError, TokenizerError
 from .plan import Plan, SourceStats, compile_plan, detect_device
 from .recipe import Recipe, diff_recipes, dump_recipe
-from .tokenizer import Tokenizer, train_tokenizer
+from .tokenizer import train_tokenizer
+from .tokenizer_json import load_tokenizer, tokenizer_file, train_bytelevel_bpe
 
 # Recipe keys that change how a run is watched or saved, never what it computes.
 _HARMLESS = (".eval.", ".checkpoint.")
@@ -32,8 +33,7 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False, 
     run rank 0 does the work; the others then find it done (they write nothing to the run dir)."""
     dist = dist or Dist()
     follower = not dist.main
-    tokenizer_file = run_dir / "tokenizer" / "tokenizer.model"
-    if follower and not tokenizer_file.is_file():
+    if follower and tokenizer_file(run_dir / "tokenizer") is None:
         raise RecipeError([f"{run_dir}: rank {dist.rank} does not see the run directory rank 0 prepared"],
                           hint="on several machines, the run directory must be on a filesystem all of them share")
     device = detect_device(recipe.runtime, processes=dist.local_world)
@@ -49,8 +49,8 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False, 
         # Where relative data paths point: `llmforge eval` reads the run's data without the recipe file.
         _write_atomic(run_dir / "run.json", json.dumps({"base_dir": str(recipe.base_dir.resolve())}))
     _set_threads(device.threads)
-    tokenizer = Tokenizer.load(tokenizer_file) if follower else ensure_tokenizer(recipe, run_dir, reporter)
-    template = ChatTemplate.from_spec(recipe.tokenizer.chat_template)
+    tokenizer = load_tokenizer(run_dir / "tokenizer") if follower else ensure_tokenizer(recipe, run_dir, reporter)
+    template = recipe_template(recipe)
     workers = None if recipe.runtime.data_workers == "auto" else recipe.runtime.data_workers
     sources = {}
     for name in used_sources(recipe):
@@ -107,12 +107,14 @@ def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1, processes:
     share this machine."""
     device = detect_device(recipe.runtime, processes=processes)
     _set_threads(device.threads)
-    tok_path = run_dir / "tokenizer" / "tokenizer.model"
-    tokenizer = Tokenizer.load(tok_path) if tok_path.is_file() else None
+    tok_path = tokenizer_file(run_dir / "tokenizer")
+    tokenizer = load_tokenizer(tok_path) if tok_path else None
     if tokenizer is None and recipe.tokenizer.path:
-        tokenizer = Tokenizer.load(_resolve(recipe, recipe.tokenizer.path))
+        tokenizer = load_tokenizer(_resolve(recipe, recipe.tokenizer.path))
     stats = {}
-    template = ChatTemplate.from_spec(recipe.tokenizer.chat_template)
+    template = recipe_template(recipe)
+    if tokenizer is not None and template is not None:
+        template.stop_ids(tokenizer)  # a template's tokens the tokenizer lacks: an error now, not in a stage
     for name in used_sources(recipe):
         spec = recipe.data[name]
         if tokenizer and (src := find_source(name, spec, recipe.base_dir, tokenizer, template)):
@@ -121,7 +123,7 @@ def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1, processes:
             files = list_files(name, spec, recipe.base_dir)
             size = _source_bytes(recipe, name, files)
             # ~3.5 bytes per token for a subword vocab of a few thousand on English or code; 1 for chars.
-            tokens = int(size / (1.0 if recipe.tokenizer.type == "char" else 3.5))
+            tokens = int(size / (1.0 if recipe.tokenizer.type == "char" and not recipe.tokenizer.path else 3.5))
             val = int(tokens * spec.val_fraction)
             stats[name] = SourceStats(len(files), tokens - val, val, estimated=True)
     vocab = tokenizer.vocab_size if tokenizer else recipe.tokenizer.vocab_size
@@ -135,7 +137,7 @@ def previews(recipe: Recipe) -> dict:
     from .data.examples import read_examples
     from .data.sources import Skips, _Report
 
-    template = ChatTemplate.from_spec(recipe.tokenizer.chat_template)
+    template = recipe_template(recipe)
     out = {}
     for stage in recipe.stages:
         if stage.kind == "pretrain" or template is None:
@@ -151,12 +153,16 @@ def previews(recipe: Recipe) -> dict:
             continue
         if stage.kind == "dpo":
             prompt, chosen, rejected = example[1]
-            head = template.prompt_segments(prompt)
-            out[stage.name] = head + template.reply_segments(chosen) + [("  vs  ", True, False)] \
-                + head + template.reply_segments(rejected)
+            out[stage.name] = template.pair_segments(prompt, chosen) + [("  vs  ", True, False)] \
+                + template.pair_segments(prompt, rejected)
         else:
             out[stage.name] = template.segments(example[1], stage.option("train_on"))
     return out
+
+
+def recipe_template(recipe: Recipe):
+    """The recipe's chat template (tokenizer.chat_template), or None."""
+    return load_template(recipe.tokenizer.chat_template, recipe.base_dir)
 
 
 def used_sources(recipe: Recipe) -> list[str]:
@@ -194,19 +200,19 @@ def check_run_dir(recipe: Recipe, run_dir: Path) -> None:
         raise RecipeError(problems, hint="run with --restart to start over, or --run-dir DIR for a new run")
 
 
-def ensure_tokenizer(recipe: Recipe, run_dir: Path, reporter) -> Tokenizer:
+def ensure_tokenizer(recipe: Recipe, run_dir: Path, reporter):
     """The run's tokenizer: already in the run directory (if built from the same settings),
     copied from a file, or trained."""
     out = run_dir / "tokenizer"
     spec = recipe.tokenizer
-    template = ChatTemplate.from_spec(spec.chat_template)
+    template = recipe_template(recipe)
     names = spec.train_on or used_sources(recipe)
     source = _resolve(recipe, spec.path) if spec.path else None
     settings = json.dumps({"spec": spec.model_dump(mode="json", exclude={"train_on"}), "train_on": names,
                            "file": hashlib.sha256(source.read_bytes()).hexdigest() if source else None})
     old = _read(out / "settings.json")
-    if (out / "tokenizer.model").is_file() and old == settings:
-        return Tokenizer.load(out / "tokenizer.model")
+    if tokenizer_file(out) and old == settings:
+        return load_tokenizer(out)
     stages = run_dir / "stages"
     if old is not None and stages.is_dir() and any(stages.iterdir()):
         # Trained weights read ids as the tokens they were trained on: never swap them out.
@@ -215,10 +221,13 @@ def ensure_tokenizer(recipe: Recipe, run_dir: Path, reporter) -> Tokenizer:
                            f"(it was trained on sources {was}, now it would be {names})"],
                           hint=f"set tokenizer.train_on: {was} to keep it (e.g. after adding a stage), "
                                "or use --restart to start over")
+    for stale in ("tokenizer.model", "tokenizer.vocab", "tokenizer.json", "tokenizer_config.json"):
+        (out / stale).unlink(missing_ok=True)  # a tokenizer of the other kind must not be found first
     if source:
-        Tokenizer.load(source)  # fails clearly on a broken file, before copying it
+        tokenizer = load_tokenizer(source)  # fails clearly on a broken file, before copying it
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "tokenizer.model", source.read_bytes())
+        for name, data in tokenizer.files.items():
+            _write_atomic(out / name, data)
     else:
         share = spec.sample_bytes // len(names)
         # An equal share of the sample from each source, so a small source still shapes the vocab,
@@ -226,13 +235,19 @@ def ensure_tokenizer(recipe: Recipe, run_dir: Path, reporter) -> Tokenizer:
         docs = itertools.chain.from_iterable(
             _take_bytes(iter_documents(n, recipe.data[n], recipe.base_dir), min(share, _train_bytes(recipe, n)))
             for n in names)
+        symbols = template.symbols if template else ()
         with reporter.task(f"training {spec.type} tokenizer ({spec.vocab_size} tokens)", None):
-            train_tokenizer(docs, out, type=spec.type, vocab_size=spec.vocab_size,
-                            byte_fallback=spec.byte_fallback, sample_bytes=spec.sample_bytes,
-                            user_symbols=template.symbols if template else ())
-    tokenizer = Tokenizer.load(out / "tokenizer.model")
-    for symbol in template.symbols if template else ():
-        tokenizer.special_id(symbol)  # a loaded tokenizer without the chat tokens fails here, clearly
+            if spec.type == "bytelevel_bpe":
+                train_bytelevel_bpe(docs, out, vocab_size=spec.vocab_size, sample_bytes=spec.sample_bytes,
+                                    specials=symbols)
+            else:
+                train_tokenizer(docs, out, type=spec.type, vocab_size=spec.vocab_size,
+                                byte_fallback=spec.byte_fallback, sample_bytes=spec.sample_bytes, user_symbols=symbols)
+    tokenizer = load_tokenizer(out)
+    if template is not None:
+        template.stop_ids(tokenizer)  # a loaded tokenizer without the chat tokens fails here, clearly
+        for symbol in template.symbols:
+            tokenizer.special_id(symbol)
     _write_atomic(out / "settings.json", settings)  # last: a kill before this means "build again"
     return tokenizer
 
@@ -270,7 +285,8 @@ def _resolve(recipe: Recipe, path: str) -> Path:
     p = p if p.is_absolute() else recipe.base_dir / p
     if not p.is_file():
         what = "is a directory" if p.is_dir() else "does not exist"
-        raise TokenizerError(f"tokenizer.path: {p} {what}", hint="give the path of a sentencepiece .model file")
+        raise TokenizerError(f"tokenizer.path: {p} {what}",
+                             hint="give the path of a sentencepiece .model file or a tokenizer.json")
     return p
 
 

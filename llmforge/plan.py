@@ -132,6 +132,10 @@ def model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:
     spec = recipe.model
     fields = dict(PRESETS[spec.preset])
     fields.update({k: v for k, v in spec.model_dump(exclude={"preset", "init", "vocab_size"}).items() if v is not None})
+    if spec.init is not None and spec.vocab_size is not None and spec.vocab_size < vocab_size:
+        raise PlanError(f"{spec.init.hf}/config.json: vocab_size {spec.vocab_size} is smaller than its tokenizer's "
+                        f"{vocab_size} tokens ({recipe.tokenizer.path})", hint="the model's embedding must have a row "
+                        "for every token: check that config.json and the tokenizer belong together")
     if spec.vocab_size is not None and spec.vocab_size < vocab_size:
         raise PlanError(f"model.vocab_size: {spec.vocab_size} rows cannot hold the tokenizer's {vocab_size} tokens",
                         hint=f"set model.vocab_size to at least {vocab_size}, or leave it out")

@@ -181,9 +181,13 @@ def render_plan(plan, console: Console) -> None:
     d, m = plan.device, plan.model
     console.print(f"[bold]plan[/] {plan.name}: {d.type} ({d.name}), {d.precision}"
                   f"{', compiled' if d.compile else ''}, {d.memory_bytes / 2**30:.0f} GiB", highlight=False)
-    console.print(f"model: {m.n_layer} layers, {m.n_head} heads ({m.kv_heads} kv), {m.n_embd} wide, "
-                  f"seq_len {m.seq_len}, vocab {m.vocab_size}, {m.norm}/{m.positions}/{m.mlp}"
-                  f"{', tied' if m.tie_embeddings else ''} -> {_si(plan.params)} params "
+    extras = [name for name, on in (("q/k/v biases", m.qkv_bias), ("q/k norms", m.qk_norm),
+                                    ("llama3 rope scaling", m.rope_scaling),
+                                    (f"sliding window {m.sliding_window}", m.sliding_window)) if on]
+    console.print(f"model: {m.family}, {m.n_layer} layers, {m.n_head} heads ({m.kv_heads} kv) of {m.head_dim}, "
+                  f"{m.n_embd} wide, seq_len {m.seq_len}, vocab {m.vocab_size}, {m.norm}/{m.positions}/{m.mlp}"
+                  f"{', tied' if m.tie_embeddings else ''}{''.join(', ' + e for e in extras)}"
+                  f"{f' (from {plan.model_init})' if plan.model_init else ''} -> {_si(plan.params)} params "
                   f"({_si(plan.params_non_embedding)} non-embedding), {_si(plan.flops_per_token)} FLOPs/token",
                   highlight=False)
     if plan.world_size > 1:

@@ -295,6 +295,11 @@ class Tokenizer:
     def __reduce__(self):  # picklable for data-loading worker processes
         return (Tokenizer, (self.path, self._model))
 
+    @property
+    def files(self) -> dict[str, bytes]:
+        """What a folder holds to load this tokenizer again (name -> content)."""
+        return {MODEL_FILE: self._model}
+
     def special_id(self, piece: str) -> int:
         """The id of a user-defined symbol such as the chat template's <|user|>."""
         if piece not in self.specials:

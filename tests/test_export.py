@@ -73,7 +73,7 @@ def test_a_model_transformers_cannot_express_is_refused(tmp_path):
     (final / "tokenizer.model").write_bytes(b"")
     result = cli("export", tmp_path, "--out", tmp_path / "hf")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "norm layernorm, positions rope, mlp swiglu is neither Llama" in result.stderr
+    assert "model.norm/positions/mlp: llama is rmsnorm + rope + swiglu, not layernorm + rope + swiglu" in result.stderr
     assert not (tmp_path / "hf").exists()
 
 

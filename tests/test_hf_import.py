@@ -97,7 +97,7 @@ def test_import_errors_name_the_key(tmp_path):
     (tmp_path / "base/tokenizer.model").rename(tmp_path / "tokenizer.model")
     (tmp_path / "recipe.yaml").write_text(RECIPE.format(extra=""))
     out = cli("plan", "recipe.yaml", cwd=tmp_path)
-    assert out.returncode == 2 and "has no tokenizer.model" in out.stderr
+    assert out.returncode == 2 and "has no tokenizer.json or tokenizer.model" in out.stderr
     (tmp_path / "tokenizer.model").rename(tmp_path / "base/tokenizer.model")
     (tmp_path / "base/model.safetensors").rename(tmp_path / "base/pytorch_model.bin")
     out = cli("run", "recipe.yaml", cwd=tmp_path)

@@ -93,7 +93,7 @@ def test_apply_chat_template_gives_llmforges_ids(tmp_path, tags):
                                              return_dict=True)["input_ids"]
             expected = template.prompt(ours, messages) if generation else template.render(ours, messages)[0]
             assert ids == expected
-    assert theirs.convert_tokens_to_ids(template.end) == template.stop_id(ours)
+    assert theirs.convert_tokens_to_ids(template.end) == template.stop_ids(ours)[0]
     # Tags are special tokens: skip_special_tokens leaves the conversation's text.
     rendered = template.render(ours, conversations[0])[0]
     assert theirs.decode(rendered, skip_special_tokens=True) == "Where does Orla live?"

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmforge.chat import ChatTemplate
+from llmforge.chat import ChatTemplate, load_template
 from llmforge.data.rows import IGNORE, Examples, PackedRows, PairRows
 from llmforge.model import PRESETS, ModelConfig, Transformer
 from llmforge.stages import dpo, sft
@@ -161,7 +161,7 @@ def test_template_renders_and_masks(tok):
     # The generation prompt: the conversation so far, then the assistant's tag.
     prompt = t.prompt(tok, [{"role": "user", "content": "Hi"}])
     assert prompt == [user, *hi, end, assistant] and prompt[-1] == tok.special_id("<|assistant|>")
-    assert t.stop_id(tok) == end
+    assert t.stop_ids(tok) == (end, tok.eot_id)
     # The tags count as no text in bits per byte.
     assert tok.token_bytes[[user, assistant, end]].tolist() == [0, 0, 0]
 
@@ -283,9 +283,9 @@ def test_dpo_terms_by_hand(loss, smoothing):
 def pair_batch(tok):
     """One preference pair as PairRows builds it, with the reference filled in later."""
     t = ChatTemplate()
-    head = t.prompt_segments([{"role": "user", "content": "Where is Kalo?"}])
-    chosen = t.encode(tok, head + t.reply_segments("Kalo is in Nevo."))
-    rejected = t.encode(tok, head + t.reply_segments("Kalo is in Nevo. I hope this helps!"))
+    head = [{"role": "user", "content": "Where is Kalo?"}]
+    chosen = t.encode(tok, t.pair_segments(head, "Kalo is in Nevo."))
+    rejected = t.encode(tok, t.pair_segments(head, "Kalo is in Nevo. I hope this helps!"))
     rows = PairRows(examples([chosen, rejected], per_example=2), 64, overlong="truncate", seed=0)
     batch = rows.rows(np.arange(1), with_reference=False)
     n_chosen = sum(chosen[1][1:])
@@ -332,7 +332,7 @@ def stage_sources(folder: Path, run: Path, stage: str):
 
     recipe = load_run_recipe(run)
     tokenizer = Tokenizer.load(run / "tokenizer/tokenizer.model")
-    template = ChatTemplate.from_spec(recipe.tokenizer.chat_template)
+    template = load_template(recipe.tokenizer.chat_template)
     plan = json.loads((run / "plan.json").read_text())
     sp = next(s for s in plan["stages"] if s["name"] == stage)
     sp = SimpleNamespace(**{**sp, "mix": [SimpleNamespace(**m) for m in sp["mix"]]})

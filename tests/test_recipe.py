@@ -155,6 +155,13 @@ def test_every_shipped_recipe_plans(recipe, tmp_path):
     # shakespeare-char reads a file users download; stand-in text plans the same way.
     (tmp_path / "text.txt").write_text(make_corpus(2000))
     extra = ["--set", f"data.shakespeare.path={tmp_path}/text.txt"] if recipe.stem == "shakespeare-char" else []
+    if recipe.stem == "smollm2-assistant":  # a tiny stand-in for the folder and data users bring
+        from .hf_families import build_folder, write_chat_data
+
+        build_folder(tmp_path / "smollm2", "llama", max_len=1024)
+        write_chat_data(tmp_path, n=400)
+        extra = ["--set", f"model.init.hf={tmp_path}/smollm2", "--set", f"data.chat.path={tmp_path}/chat.jsonl",
+                 "--set", f"data.prefs.path={tmp_path}/prefs.jsonl"]
     result = cli("plan", recipe, "--json", *extra, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["stages"]

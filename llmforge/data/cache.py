@@ -183,6 +183,7 @@ _WORKER_TOKENIZER = None
 def _init_worker(tokenizer, threads: int = 1) -> None:
     global _WORKER_TOKENIZER
     tokenizer._threads = threads  # one thread per worker process: the processes are the parallelism
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the same for a tokenizer.json's Rust threads
     _WORKER_TOKENIZER = tokenizer
 
 

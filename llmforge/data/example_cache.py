@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..chat import ChatTemplate
-from ..errors import DataError
+from ..errors import DataError, TokenizerError
 from .rows import Examples
 from .sources import Skips, _Report, list_files
 
@@ -68,7 +68,11 @@ def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTem
     with open(tmp / "tokens.bin", "wb") as tok_f, open(tmp / "learned.bin", "wb") as learn_f:
         for number, path in enumerate(files):
             for where, example in read_examples(path, spec, report):
-                for segments in _sequences(spec.format, example, template):
+                try:
+                    sequences = _sequences(spec.format, example, template)
+                except TokenizerError as e:  # a Jinja template that refuses this conversation
+                    raise DataError(f"{where}: {e.message}", hint=e.hint) from None
+                for segments in sequences:
                     ids, learned = template.encode(tokenizer, segments)
                     tok_f.write(np.asarray(ids, dtype=dtype).tobytes())
                     learn_f.write(np.asarray(learned, dtype=np.uint8).tobytes())
@@ -95,8 +99,7 @@ def _sequences(fmt: str, example, template: ChatTemplate) -> list:
     """The template's segments of each sequence an example becomes."""
     if fmt == "preference":
         prompt, chosen, rejected = example
-        head = template.prompt_segments(prompt)
-        return [head + template.reply_segments(chosen), head + template.reply_segments(rejected)]
+        return [template.pair_segments(prompt, chosen), template.pair_segments(prompt, rejected)]
     return [template.segments(example)]
 
 

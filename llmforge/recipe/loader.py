@@ -347,17 +347,33 @@ def _import_model(data: dict, base_dir: Path) -> list[tuple[Loc, str]]:
     tokenizer = data.setdefault("tokenizer", {})
     if not isinstance(tokenizer, dict):
         return problems  # the schema reports it
-    own = folder / "tokenizer.model"
-    if not own.is_file():
-        problems.append((("model", "init", "hf"), f"{folder} has no tokenizer.model; llmforge trains with the "
-                         "model's own sentencepiece tokenizer"))
+    from ..tokenizer_json import tokenizer_file
+
+    own = tokenizer_file(folder)
+    if own is None:
+        problems.append((("model", "init", "hf"), f"{folder} has no tokenizer.json or tokenizer.model; llmforge "
+                         "trains with the model's own tokenizer"))
+        return problems
     if "vocab_size" in tokenizer:
         problems.append((("tokenizer", "vocab_size"), "the model from model.init.hf comes with its tokenizer; "
                          "leave vocab_size out"))
     elif "path" in tokenizer and (base_dir / str(tokenizer["path"])).resolve() != own:
         problems.append((("tokenizer", "path"), f"the model from model.init.hf uses {own}; leave path out"))
     tokenizer["path"] = str(own)
+    if "chat_template" not in tokenizer and _has_template(folder):
+        tokenizer["chat_template"] = {"path": str(folder)}  # the model's own
     return problems
+
+
+def _has_template(folder: Path) -> bool:
+    if (folder / "chat_template.jinja").is_file():
+        return True
+    try:
+        import json
+
+        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # The data formats each stage kind trains on.

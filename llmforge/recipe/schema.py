@@ -146,41 +146,80 @@ class ChatTemplateSpec(Spec):
         return self
 
 
+class NamedTemplateSpec(Spec):
+    name: Literal["chatml", "llama3"]
+
+
+class TemplateFileSpec(Spec):
+    # A Jinja chat template: a .jinja file, a tokenizer_config.json with chat_template, or a model
+    # folder holding either; its special tokens are those of the tokenizer.json beside it.
+    path: str
+
+
 def _template(value):
-    return {} if value == "default" else value
+    if value == "default":
+        return {}
+    return {"name": value} if isinstance(value, str) else value
+
+
+_TEMPLATE_JSON = {"anyOf": [{"enum": ["default", "chatml", "llama3"]}, ChatTemplateSpec.model_json_schema(),
+                            TemplateFileSpec.model_json_schema()]}
 
 
 class TokenizerSpec(Spec):
-    type: Literal["bpe", "unigram", "char"] = "bpe"
+    type: Literal["bpe", "unigram", "char", "bytelevel_bpe"] = "bpe"
     vocab_size: PositiveCount | None = None
-    path: str | None = None  # an existing sentencepiece .model file instead of training one
+    # An existing tokenizer instead of training one: a sentencepiece .model file or a Hugging
+    # Face tokenizer.json.
+    path: str | None = None
     byte_fallback: bool = True
     train_on: list[str] | None = None  # source names; default: every source a stage mixes
     sample_bytes: PositiveCount = 10_000_000
-    # 'default' (<|system|> <|user|> <|assistant|> <|end|>) or your own four tokens; they are added to
-    # the tokenizer as user-defined symbols. Needed by sft and dpo stages.
-    chat_template: Annotated[ChatTemplateSpec, BeforeValidator(_template),
-                             WithJsonSchema({"anyOf": [{"const": "default"}, ChatTemplateSpec.model_json_schema()]})] \
-        | None = None
+    # 'default' (<|system|> <|user|> <|assistant|> <|end|>), your own four tokens, 'chatml'
+    # (<|im_start|>role ... <|im_end|>), 'llama3' (Llama 3's headers and <|eot_id|>), or {path: ...}
+    # a Jinja template. A trained tokenizer gets the template's special tokens. Needed by sft and dpo
+    # stages; with model.init.hf and no tokenizer section, the model's own template is used.
+    chat_template: Annotated[ChatTemplateSpec | NamedTemplateSpec | TemplateFileSpec, BeforeValidator(_template),
+                             WithJsonSchema(_TEMPLATE_JSON)] | None = None
 
     @model_validator(mode="after")
     def _one_way(self):
         if self.path is None and self.vocab_size is None:
-            raise ValueError("give vocab_size (to train a tokenizer) or path (to load a .model file)")
+            raise ValueError("give vocab_size (to train a tokenizer) or path (to load a .model or tokenizer.json file)")
         if self.path is not None and self.vocab_size is not None:
             raise ValueError("give vocab_size or path, not both (a loaded tokenizer has its own vocab)")
+        if isinstance(self.chat_template, TemplateFileSpec) and self.path is None:
+            raise ValueError("a chat_template from a file needs the tokenizer it was written for: give tokenizer.path "
+                             "(or name a template: default, chatml, llama3)")
         return self
 
 
 class ModelInitSpec(Spec):
-    hf: str  # a local transformers folder (config.json, model.safetensors, tokenizer.model)
+    hf: str  # a local transformers folder (config.json, model.safetensors, tokenizer.json or .model)
+
+
+class RopeScalingSpec(Spec):
+    """Llama 3.1's long-context rope (rope_type llama3 in a transformers config)."""
+    type: Literal["llama3"] = "llama3"
+    factor: Float = Field(gt=0)
+    low_freq_factor: Float = Field(default=1.0, gt=0)
+    high_freq_factor: Float = Field(default=4.0, gt=0)
+    original_max_position_embeddings: Int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError("high_freq_factor must be larger than low_freq_factor")
+        return self
 
 
 class ModelSpec(Spec):
     # Start from a local Hugging Face model: the loader fills the keys below from its config.json
     # (any given must agree) and takes its tokenizer.model.
     init: ModelInitSpec | None = None
-    preset: Literal["llama", "gpt2"] = "llama"
+    # The architecture, and the Hugging Face family `export` writes: llama, gpt2, qwen2 (llama with
+    # q/k/v biases), qwen3 (llama with q/k norms), mistral and phi3 (llama; a sliding window if set).
+    preset: Literal["llama", "gpt2", "qwen2", "qwen3", "mistral", "phi3"] = "llama"
     n_layer: Int = Field(gt=0)
     n_head: Int = Field(gt=0)
     n_embd: Int = Field(gt=0)
@@ -196,19 +235,27 @@ class ModelSpec(Spec):
     dropout: Float = Field(default=0.0, ge=0, lt=1)
     rope_theta: Float = Field(default=10000.0, gt=0)
     norm_eps: Float | None = Field(default=None, gt=0)
+    head_dim: Int | None = Field(default=None, gt=0)  # default n_embd / n_head
+    qkv_bias: bool | None = None  # biases on q, k, v only (qwen2's default)
+    qk_norm: bool | None = None  # RMSNorm on each head's queries and keys (qwen3's default)
+    rope_scaling: RopeScalingSpec | None = None
+    sliding_window: Int | None = Field(default=None, gt=0)  # attend to at most this many recent tokens
     # Rows of the embedding (and output) matrix; default: the tokenizer's vocab. Larger pads it
     # (e.g. to a multiple of 64 for GPU kernels, or as an imported model has it).
     vocab_size: Int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _shapes(self):
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or give head_dim")
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         positions = self.positions or ("rope" if self.preset == "llama" else "learned")
-        if positions == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rope needs an even head size; n_embd/n_head = {self.n_embd // self.n_head}")
+        head = self.head_dim or self.n_embd // self.n_head
+        if positions == "rope" and head % 2:
+            raise ValueError(f"rope needs an even head size; it is {head}")
+        if self.rope_scaling is not None and positions != "rope":
+            raise ValueError("rope_scaling needs positions: rope")
         return self
 
 
