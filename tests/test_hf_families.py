@@ -218,3 +218,85 @@ def test_a_template_that_refuses_a_conversation_names_the_data_line(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     line = out.stderr.splitlines()[0]
     assert "chat.jsonl:2: " in line and "refused a conversation: System role not supported" in line
+
+
+SCRATCH = {  # family -> the recipe's model options that make it (a preset, plus the options it takes)
+    "qwen2": {"preset": "qwen2"},
+    "qwen3": {"preset": "qwen3", "head_dim": 24},
+    "mistral": {"preset": "mistral", "sliding_window": 8},
+    "phi3": {"preset": "phi3", "sliding_window": 8},
+    "llama": {"preset": "llama", "rope_scaling": {"factor": 8.0, "original_max_position_embeddings": 16}},
+}
+
+
+@pytest.mark.parametrize("name", SCRATCH)
+def test_a_family_built_from_scratch_exports_as_itself(name, tmp_path):
+    from llmforge.plan import model_config
+    from llmforge.recipe import validate_recipe
+
+    recipe = validate_recipe({"name": "x", "tokenizer": {"vocab_size": 300}, "data": {"d": {"path": "d.txt"}},
+                              "model": SCRATCH[name] | {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 64,
+                                                        "seq_len": 48},
+                              "stages": [{"name": "p", "kind": "pretrain", "mix": {"d": 1.0}, "steps": 1,
+                                          "batch_size": 1}]})
+    cfg = model_config(recipe, 300)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    from safetensors.torch import save_file
+
+    from llmforge.checkpoint import weight_names
+
+    final = tmp_path / "final"
+    final.mkdir()
+    state = model.state_dict()
+    save_file({k: state[k].contiguous() for k in weight_names(model)}, str(final / "model.safetensors"))
+    (final / "config.json").write_text(__import__("json").dumps({"model": cfg.to_dict()}))
+    export_weights(final, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    assert type(hf).__name__ == CLASSES[name]
+    tokens = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens)).abs().max().item() < 1e-4
+
+
+def test_train_from_scratch_with_a_bytelevel_tokenizer_and_chatml(tmp_path):
+    """A qwen3 trained here: byte-level BPE tokenizer.json with the chatml tokens, pretrain then
+    sft, exported as Qwen3ForCausalLM whose tokenizer renders chats to llmforge's ids."""
+    import json
+
+    from .conftest import cli, make_corpus
+
+    (tmp_path / "corpus.txt").write_text(make_corpus(3000))
+    write_chat_data(tmp_path, n=60)
+    (tmp_path / "recipe.yaml").write_text("""\
+name: scratch
+tokenizer: {type: bytelevel_bpe, vocab_size: 400, chat_template: chatml}
+model: {preset: qwen3, n_layer: 2, n_head: 2, n_kv_head: 1, n_embd: 32, head_dim: 24, seq_len: 64}
+data:
+  text: {path: corpus.txt}
+  chat: {path: chat.jsonl, format: chat, val_fraction: 20%}
+stages:
+  - {name: pretrain, kind: pretrain, mix: {text: 1.0}, steps: 4, batch_tokens: 256}
+  - {name: sft, kind: sft, mix: {chat: 1.0}, steps: 3, batch_size: 4}
+runtime: {threads: 1}
+""")
+    run = cli("run", "recipe.yaml", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "runs/scratch/tokenizer/tokenizer.json").is_file()
+    assert "<|im_start|>" in (tmp_path / "runs/scratch/stages/02-sft/final/tokenizer.json").read_text()
+    assert cli("export", "runs/scratch", "--out", "out", cwd=tmp_path).returncode == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out", local_files_only=True)
+    from llmforge.generate import find_stage, load_template, load_trained
+
+    final = find_stage(tmp_path / "runs/scratch", None)
+    _, tok = load_trained(final)
+    messages = [{"role": "user", "content": "Where does person3 live?"}]
+    assert theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"] == \
+        load_template(final).prompt(tok, messages)
+    assert json.loads((tmp_path / "out/generation_config.json").read_text())["eos_token_id"][0] == \
+        tok.special_id("<|im_end|>")
