@@ -212,7 +212,8 @@ def read_folder_template(path: Path) -> JinjaTemplate:
             raise TemplateError(f"{folder}: the model has no chat template (no chat_template.jinja, no chat_template "
                                 "in tokenizer_config.json)", hint="name one: tokenizer.chat_template: chatml, llama3 "
                                                                   "or default")
-    specials = [t["content"] for t in _json(folder / "tokenizer.json").get("added_tokens", []) if t.get("special")]
+    added = _json(folder / "tokenizer.json").get("added_tokens", [])  # read once: it can be megabytes
+    specials = [t["content"] for t in added if t.get("special")]
     variables = {}
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
         value = config.get(key)
@@ -220,7 +221,7 @@ def read_folder_template(path: Path) -> JinjaTemplate:
         if isinstance(value, str):
             variables[key] = value
     eos = _json(folder / "generation_config.json").get("eos_token_id")
-    vocab = {t["id"]: t["content"] for t in _json(folder / "tokenizer.json").get("added_tokens", [])}
+    vocab = {t["id"]: t["content"] for t in added}
     stops = [vocab[i] for i in (eos if isinstance(eos, list) else [eos]) if i in vocab]
     template = JinjaTemplate(source, specials, variables, stops, origin)
     template.check()
