@@ -4,7 +4,7 @@ alternating step by step.
     python benchmarks/baseline_loop.py [--steps 150] [--rounds 3]
 
 Both train the quickstart's model (llama, 4 layers, 128 wide, seq_len 128) with 16 sequences per
-step, AdamW (the same settings, foreach) and grad clipping. The bare loop has no data pipeline
+step, AdamW (the same settings, fused) and grad clipping. The bare loop has no data pipeline
 (one batch of the same training tokens, made once), no logging, no checkpoints, no schedule. llmforge runs its
 whole engine on the generated world's facts: sampler, schedule, the loss over the mixed batch,
 metrics every 10 steps. One bare-loop step runs before each llmforge step, timed on its own, so
@@ -61,7 +61,7 @@ class BareLoop:
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         rest = [p for p in self.model.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                                     lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+                                     lr=3e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
         self.x, self.y = ids[:, :-1], ids[:, 1:]
 
     def step(self) -> float:

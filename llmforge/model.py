@@ -338,8 +338,12 @@ class Transformer(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, docs: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, docs: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         """idx [B, T] token ids -> logits [B, T, vocab]. With a cache, idx continues what it holds.
+
+        keep [B, T] bool: logits only where True, as [N, vocab]. Fine-tuning learns a fraction of
+        the tokens; the vocab-wide lm_head and softmax on the rest would be work thrown away.
 
         docs [B, T] (packed training sequences): which document each token belongs to, as
         non-decreasing ids. Attention stays inside a document and positions restart at 0 with
@@ -368,7 +372,7 @@ class Transformer(nn.Module):
             x = block(x, rope, cache, docs)
         if cache is not None:
             cache.pos += T
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x if keep is None else x[keep]))
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -25,8 +25,9 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, betas, eps: fl
     groups = [{"params": decay, "weight_decay": weight_decay, "lr_ratio": 1.0},
               {"params": no_decay, "weight_decay": 0.0, "lr_ratio": 1.0}]
     if name == "adamw":
-        # One fused kernel on a GPU (plain tensors: DDP or one device); foreach elsewhere (FSDP's DTensors).
-        fused = all(p.is_cuda and type(p.data) is torch.Tensor for p in decay + no_decay)
+        # One fused kernel for plain tensors (DDP or one device) on a GPU or CPU: on 2 CPU cores it
+        # steps 135M parameters in ~0.15 s against foreach's ~0.7 s. foreach for FSDP's DTensors.
+        fused = all(p.device.type in ("cuda", "cpu") and type(p.data) is torch.Tensor for p in decay + no_decay)
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **({"fused": True} if fused else
                                                                                {"foreach": True}))
     groups.append({"params": hidden, "weight_decay": weight_decay, "lr_ratio": muon_lr / lr, "muon": True})

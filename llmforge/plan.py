@@ -253,7 +253,7 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards) -> St
         steps = spec.steps or math.ceil(spec.tokens / batch_tokens)
     tokens = steps * batch_tokens
     micro, memory = choose_micro_batch(where, recipe.runtime.micro_batch, global_batch // world_size,
-                                        per_row, cfg, device, shards)
+                                        per_row, cfg, device, shards, max(r[3] for r in rows.values()))
     mix = _plan_mix(where, spec.mix, sources, recipe.data, rows, steps * global_batch, per_row)
     warmup = round(resolve_percent(spec.schedule.warmup, steps))
     if warmup >= steps and steps > 1:
@@ -299,16 +299,17 @@ def stage_init(recipe: Recipe, i: int) -> str | None:
     return init
 
 
-def _rows(where, spec, name, st: SourceStats, seq_len: int, options: dict, seed: int) -> tuple[int, int, int]:
-    """(rows per epoch, dropped, truncated) of a source in this stage; examples that would teach
-    nothing are an error here, before any compute is spent."""
+def _rows(where, spec, name, st: SourceStats, seq_len: int, options: dict, seed: int) -> tuple[int, int, int, float]:
+    """(rows per epoch, dropped, truncated, logit share) of a source in this stage; examples that
+    would teach nothing are an error here, before any compute is spent."""
     if spec.kind == "pretrain" or st.examples is None:  # pretrain, or not tokenized yet: estimate
         if st.train_tokens < seq_len + 1:
             raise PlanError(f"{where}.mix.{name}: the source has {st.train_tokens} training tokens, "
                             f"fewer than one window of seq_len+1 = {seq_len + 1}",
                             hint="add data to the source or use a shorter seq_len")
-        return windows_per_epoch(st.train_tokens, seq_len), 0, 0
-    lay = example_rows(spec.kind, st.examples, seq_len, options, seed).layout
+        return windows_per_epoch(st.train_tokens, seq_len), 0, 0, 1.0
+    source = example_rows(spec.kind, st.examples, seq_len, options, seed)
+    lay = source.layout
     if len(lay.empty):
         what = "response token (or chosen and rejected equal once cut)" if spec.kind == "dpo" else "learned token"
         raise PlanError(f"{where}.mix.{name}: {len(lay.empty)} example(s) have no {what} within seq_len+1 = "
@@ -318,7 +319,7 @@ def _rows(where, spec, name, st: SourceStats, seq_len: int, options: dict, seed:
     if lay.n_rows == 0:
         raise PlanError(f"{where}.mix.{name}: all {len(st.examples)} examples are longer than seq_len+1 = "
                         f"{seq_len + 1} tokens and overlong: drop leaves none", hint="raise seq_len")
-    return lay.n_rows, lay.dropped, lay.truncated
+    return lay.n_rows, lay.dropped, lay.truncated, source.logit_share()
 
 
 def _plan_mix(where, mix: dict, sources: dict, specs: dict, rows: dict, total_rows: int,
@@ -326,7 +327,7 @@ def _plan_mix(where, mix: dict, sources: dict, specs: dict, rows: dict, total_ro
     total = sum(mix.values())
     out = []
     for name, weight in mix.items():
-        st, (n_rows, dropped, truncated) = sources[name], rows[name]
+        st, (n_rows, dropped, truncated, _) = sources[name], rows[name]
         take = round(total_rows * weight / total)
         epochs = take / n_rows  # as the sampler walks it
         cap = specs[name].epochs

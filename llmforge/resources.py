@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, shards: int = 1,
-                    accumulating: bool = False, cpu: bool = False) -> int:
+                    accumulating: bool = False, cpu: bool = False, logit_share: float = 1.0) -> int:
     """Peak training memory per device in bytes: weights + grads + AdamW moments + activations
     + logits.
 
@@ -23,45 +23,51 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     (norm inputs/outputs, q/k/v, attention output, residuals) + 4 x mlp hidden — at 4 bytes, or
     2 under bf16/fp16 autocast. SDPA's fused kernels keep no T x T attention matrix. Logits:
     autograd keeps the log-softmax (tokens x vocab x 4 bytes); the logits and their gradient are
-    transient, so a GPU's caching allocator peaks near 3 such copies.
-    On a CPU the process's resident memory is what counts, and glibc's heap keeps the forward's
-    temporaries (each about as large as what autograd saves) after they are freed: measured,
-    resident growth is near twice the saved activations, plus the states.
+    transient, so a GPU's caching allocator peaks near 3 such copies. sft and dpo compute logits
+    for learned targets alone: logit_share is the largest share of a row's positions they are.
+    On a CPU the process's resident memory is what counts. Fitted to its measured growth (models
+    of 4-32 layers, 128-576 wide, benchmarks/estimates.py and real_model.py): ~1.4x the saved
+    activations counted here (autograd also keeps rotated q/k, the SiLU output, ...), plus about
+    one layer's worth that glibc's heap keeps of the freed temporaries, plus ~2.8 copies of the
+    logits (logits, log-softmax, their gradient).
     """
     tokens = micro_batch * seq_len
     act_bytes = 4 if precision == "fp32" else 2
     per_token_layer = (8 * cfg.n_embd + 2 * cfg.kv_heads * cfg.head_dim + 4 * cfg.hidden) * act_bytes
     activations = cfg.n_layer * tokens * per_token_layer + 2 * tokens * cfg.n_embd * 4
-    logits = tokens * cfg.vocab_size * 4
-    transient = 2 * activations + 2 * logits if cpu else activations + 3 * logits
+    logits = tokens * logit_share * cfg.vocab_size * 4  # sft/dpo: for the learned targets alone
     states = cfg.num_params() * 16 / shards
     if shards > 1:  # FSDP: a shard of the states, plus the unsharded weights and grads in flight
         embeddings = cfg.num_params() - cfg.num_params(exclude_embeddings=True)
         states += (embeddings + 2 * cfg.num_params(exclude_embeddings=True) / cfg.n_layer) * 8
         if accumulating:  # unsynchronized micro-batches keep whole fp32 gradients until the last
             states += cfg.num_params() * 4
-    return int((states + transient) * 1.1)  # ~10% for allocator slack and workspaces
+    if cpu:  # a fit: no slack added
+        return int(states + 1.4 * activations + 1.3 * activations / cfg.n_layer + 2.8 * logits)
+    return int((states + activations + 3 * logits) * 1.1)  # ~10% for allocator slack and workspaces
 
 
 def memory_budget(device: Device) -> float:
     return device.memory_bytes * (0.9 if device.type != "cpu" else 0.6)
 
 
-def choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, device, shards: int) -> tuple[int, int]:
+def choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, device, shards: int,
+                       logit_share: float = 1.0) -> tuple[int, int]:
     budget, cpu = memory_budget(device), device.type == "cpu"
+    kw = {"cpu": cpu, "logit_share": logit_share}
     if requested != "auto":
         if per_rank % requested:
             raise PlanError(f"runtime.micro_batch: {requested} does not divide the {per_rank} sequences "
                             f"per step and device of {where}", hint="use a divisor, or auto")
-        return requested, estimate_memory(cfg, requested, seq_len, device.precision, shards, requested < per_rank, cpu)
+        return requested, estimate_memory(cfg, requested, seq_len, device.precision, shards, requested < per_rank, **kw)
     # CPUs gain little past ~16k tokens per forward; GPUs take the largest micro-batch that fits.
     cap = 16384 if cpu else 1 << 30
     divisors = [d for d in range(per_rank, 0, -1) if per_rank % d == 0]
     for d in divisors:
-        memory = estimate_memory(cfg, d, seq_len, device.precision, shards, d < per_rank, cpu)
+        memory = estimate_memory(cfg, d, seq_len, device.precision, shards, d < per_rank, **kw)
         if (d * seq_len <= cap or d == 1) and memory <= budget:
             return d, memory
-    need = estimate_memory(cfg, 1, seq_len, device.precision, shards, cpu=cpu)
+    need = estimate_memory(cfg, 1, seq_len, device.precision, shards, **kw)
     raise PlanError(f"model: needs ~{need / 2**30:.1f} GiB to train even at micro-batch 1, more than the "
                     f"{device.memory_bytes / 2**30:.1f} GiB this {device.type} offers",
                     hint="use a smaller model or seq_len")

@@ -300,3 +300,13 @@ runtime: {threads: 1}
         load_template(final).prompt(tok, messages)
     assert json.loads((tmp_path / "out/generation_config.json").read_text())["eos_token_id"][0] == \
         tok.special_id("<|im_end|>")
+
+
+@pytest.mark.parametrize("preset", ["qwen2", "qwen3", "mistral", "phi3"])
+def test_llama_like_presets_have_rope_positions(preset):
+    from llmforge.recipe.schema import ModelSpec
+
+    scaling = {"factor": 8.0, "original_max_position_embeddings": 16}
+    ModelSpec(preset=preset, n_layer=1, n_head=2, n_embd=32, seq_len=8, rope_scaling=scaling)  # no "needs rope"
+    with pytest.raises(ValueError, match="rope needs an even head size"):
+        ModelSpec(preset=preset, n_layer=1, n_head=2, n_embd=30, seq_len=8)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from llmforge.chat import ChatTemplate, load_template
-from llmforge.data.rows import IGNORE, Examples, PackedRows, PairRows
+from llmforge.data.rows import IGNORE, Examples, PackedRows, PairRows, pack_best_fit
 from llmforge.model import PRESETS, ModelConfig, Transformer
 from llmforge.stages import dpo, sft
 
@@ -226,6 +226,33 @@ def test_train_on_all_learns_every_target(tok):
     rows = PackedRows(examples(seqs), 128, packing=True, overlong="truncate", train_on="all", seed=0)
     batch = rows.rows(np.arange(rows.n_rows))
     assert sft.Objective(None, tok.token_bytes).units(batch) == sum(len(ids) - 1 for ids, _ in seqs)
+
+
+def test_best_fit_packing_places_every_conversation_once_and_pads_less():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(40, 81, 500).tolist()
+    rows = pack_best_fit(sizes, 256)
+    assert sorted(i for row in rows for i in row) == list(range(len(sizes)))
+    assert all(sum(sizes[i] for i in row) <= 256 for row in rows)
+    next_fit, fill = 1, 0  # a new row at each misfit, as before best fit
+    for size in sizes:
+        next_fit, fill = (next_fit + 1, size) if fill + size > 256 else (next_fit, fill + size)
+    assert len(rows) <= 0.95 * next_fit
+    assert pack_best_fit([256, 1, 255], 256) == [[0], [1, 2]]
+
+
+@pytest.mark.parametrize("train_on", ["assistant", "all"])
+def test_logit_share_is_the_fullest_rows_share_of_learned_targets(tok, train_on):
+    seqs = chat_sequences(tok, 9)
+    for seq_len, packing in ((128, True), (128, False), (24, True)):  # 24: conversations cut
+        rows = PackedRows(examples(seqs), seq_len, packing=packing, overlong="truncate", train_on=train_on, seed=0)
+        batch = rows.rows(np.arange(rows.n_rows))
+        assert rows.logit_share() == (batch["targets"] != IGNORE).sum(axis=1).max() / seq_len
+    pairs = examples(seqs[:8], per_example=2)
+    rows = PairRows(pairs, 24, overlong="truncate", seed=0)
+    batch = rows.rows(np.arange(rows.n_rows), with_reference=False)
+    learned = batch["chosen_learned"].sum(axis=1) + batch["rejected_learned"].sum(axis=1)
+    assert rows.logit_share() == learned.max() / 48
 
 
 # --- packing isolation --------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 import yaml
 
 from .loader import apply_override, format_loc, load_recipe, validate_recipe
-from .schema import Recipe, StageSpec, parse_count, resolve_percent
+from .schema import Recipe, StageSpec
+from .values import parse_count, resolve_percent
 
 __all__ = [
     "Recipe", "StageSpec", "apply_override", "diff_recipes", "dump_recipe", "format_loc",

@@ -28,7 +28,7 @@ from .pretrain import token_losses
 
 def sequence_logps(model, tokens: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
     """[n, T+1] rows, [n, T] learned targets -> [n] summed log-probability of the learned tokens."""
-    return -(token_losses(model, tokens) * learned).sum(dim=1)
+    return -token_losses(model, tokens, keep=learned).sum(dim=1)
 
 
 def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,13 +16,17 @@ import torch
 import torch.nn.functional as F
 
 
-def token_losses(model, batch: torch.Tensor) -> torch.Tensor:
-    """[B, T+1] token windows -> [B, T] loss in nats for predicting each next token."""
+def token_losses(model, batch: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T+1] token windows -> [B, T] loss in nats for predicting each next token; with keep
+    [B, T] bool, only those targets' logits are computed and the rest are 0."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model(inputs)
+    logits = model(inputs, keep=keep)
     # fp32 log-softmax even under autocast: bf16 loses ~2 digits on a 50k-way softmax.
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return loss.view_as(targets)
+    if keep is None:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    loss = torch.zeros(targets.shape, device=targets.device)
+    loss[keep] = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    return loss
 
 
 def summarize_lm(sums: dict) -> dict:

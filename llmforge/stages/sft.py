@@ -11,12 +11,19 @@ from ..data.rows import IGNORE
 from .pretrain import summarize_lm
 
 
+def learned_losses(model, batch: dict) -> torch.Tensor:
+    """[N] nats of each learned target, in row order (logits are computed for those alone)."""
+    learned = batch["targets"] != IGNORE
+    logits = model(batch["inputs"], docs=batch.get("docs"), keep=learned)
+    return F.cross_entropy(logits.float(), batch["targets"][learned], reduction="none")
+
+
 def target_losses(model, batch: dict) -> torch.Tensor:
     """[B, T] nats of each target; 0 where nothing is learned (IGNORE)."""
-    logits = model(batch["inputs"], docs=batch.get("docs"))
     targets = batch["targets"]
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
-    return loss.view_as(targets)
+    loss = torch.zeros(targets.shape, device=targets.device)
+    loss[targets != IGNORE] = learned_losses(model, batch)
+    return loss
 
 
 class Objective:
@@ -27,7 +34,7 @@ class Objective:
         return max(1, int((batch["targets"] != IGNORE).sum()))
 
     def loss(self, model, batch: dict) -> dict:
-        return {"loss": target_losses(model, batch).sum()}
+        return {"loss": learned_losses(model, batch).sum()}
 
     def eval_sums(self, model, batch: dict) -> dict:
         nats = target_losses(model, batch).double().cpu()
