@@ -132,9 +132,9 @@ def layout(ex: Examples, seq_len: int, *, packing: bool, overlong: str, train_on
 def pack_best_fit(sizes: list[int], T: int, open_rows: int = 1024) -> list[list[int]]:
     """Rows of at most T positions, as lists of indexes into sizes: each item, in the given order,
     goes into the open row it fills most tightly, else starts a row. Starting a new row whenever the
-    next item does not fit leaves about half an item of padding per row (12% for 60-token
-    conversations in 256-token rows); best fit leaves ~1%. Only the `open_rows` roomiest rows stay
-    open, so packing a million conversations takes about a second."""
+    next item does not fit leaves about half an item of padding per row (11.7% for 40-80-token
+    conversations in 256-token rows); best fit leaves 5.8% there. Only the `open_rows` roomiest
+    rows stay open, so packing a million conversations takes a few seconds (3.2 s measured)."""
     rows: list[list[int]] = []
     room: list[tuple[int, int]] = []  # (free positions, row), ascending
     for i, size in enumerate(sizes):
