@@ -24,9 +24,14 @@ def token_losses(model, batch: torch.Tensor, keep: torch.Tensor | None = None) -
     # fp32 log-softmax even under autocast: bf16 loses ~2 digits on a 50k-way softmax.
     if keep is None:
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-    loss = torch.zeros(targets.shape, device=targets.device)
-    loss[keep] = F.cross_entropy(logits.float(), targets[keep], reduction="none")
-    return loss
+    return spread(F.cross_entropy(logits.float(), targets[keep], reduction="none"), keep)
+
+
+def spread(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[N] values of keep's True positions -> keep's shape, 0 elsewhere."""
+    out = torch.zeros(keep.shape, dtype=values.dtype, device=values.device)
+    out[keep] = values
+    return out
 
 
 def summarize_lm(sums: dict) -> dict:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.rows import IGNORE
-from .pretrain import summarize_lm
+from .pretrain import spread, summarize_lm
 
 
 def learned_losses(model, batch: dict) -> torch.Tensor:
@@ -20,10 +20,7 @@ def learned_losses(model, batch: dict) -> torch.Tensor:
 
 def target_losses(model, batch: dict) -> torch.Tensor:
     """[B, T] nats of each target; 0 where nothing is learned (IGNORE)."""
-    targets = batch["targets"]
-    loss = torch.zeros(targets.shape, device=targets.device)
-    loss[targets != IGNORE] = learned_losses(model, batch)
-    return loss
+    return spread(learned_losses(model, batch), batch["targets"] != IGNORE)
 
 
 class Objective:
