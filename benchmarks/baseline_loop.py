@@ -30,7 +30,7 @@ from llmforge.engine import run_stages
 from llmforge.model import ModelConfig, Transformer
 from llmforge.pipeline import prepare_run
 from llmforge.progress import Reporter
-from llmforge.recipe import load_recipe
+from llmforge.recipe.loader import load_recipe
 
 RECIPE = """\
 name: overhead

@@ -23,9 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmforge.data import Sampler, prepare_source  # noqa: E402
+from llmforge.data.cache import prepare_source  # noqa: E402
+from llmforge.data.sampler import Sampler  # noqa: E402
 from llmforge.data.rows import WindowRows  # noqa: E402
-from llmforge.recipe import parse_count  # noqa: E402
+from llmforge.recipe.values import parse_count  # noqa: E402
 from llmforge.recipe.schema import SourceSpec  # noqa: E402
 from llmforge.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
@@ -104,7 +105,7 @@ def sampler_share(src, tok: Tokenizer) -> None:
     from llmforge.model import Transformer
     from llmforge.optim import build_optimizer
     from llmforge.plan import model_config
-    from llmforge.recipe import validate_recipe
+    from llmforge.recipe.loader import validate_recipe
     from llmforge.stages import pretrain
 
     recipe = validate_recipe(yaml.safe_load((ROOT / "recipes/stdlib.yaml").read_text()))

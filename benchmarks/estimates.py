@@ -27,7 +27,7 @@ from rich.console import Console
 import llmforge.engine as engine
 from llmforge.pipeline import prepare_run
 from llmforge.progress import Reporter
-from llmforge.recipe import load_recipe
+from llmforge.recipe.loader import load_recipe
 
 
 def _rss() -> int:

@@ -224,7 +224,7 @@ def throughput(folder: Path, work: Path, steps: int) -> tuple[float, float, floa
     import llmforge.engine as engine
     from llmforge.pipeline import prepare_run
     from llmforge.progress import Reporter
-    from llmforge.recipe import load_recipe
+    from llmforge.recipe.loader import load_recipe
 
     chat, _, _ = write_data(work)
     recipe = yaml.safe_load((REPO / "recipes/smollm2-assistant.yaml").read_text())

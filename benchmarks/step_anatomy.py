@@ -28,7 +28,7 @@ import llmforge.engine as engine
 import llmforge.stages.pretrain as pretrain
 from llmforge.pipeline import prepare_run
 from llmforge.progress import Reporter
-from llmforge.recipe import load_recipe
+from llmforge.recipe.loader import load_recipe
 
 from baseline_loop import RECIPE  # noqa: E402  (this folder is on sys.path when run as a script)
 

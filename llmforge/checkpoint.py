@@ -36,22 +36,24 @@ def weight_names(model: torch.nn.Module) -> list[str]:
     return out
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
+def load_weights(model: torch.nn.Module, path: Path, fresh: tuple[str, ...] = ()) -> None:
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: cannot read weights ({e})",
                               hint="the file is damaged; delete that checkpoint folder to use an older one")
-    set_weights(model, tensors, path)
+    set_weights(model, tensors, path, fresh)
 
 
-def set_weights(model: torch.nn.Module, tensors: dict, path: Path) -> None:
-    """Load saved tensors into a (not yet wrapped) model; path names them in errors."""
+def set_weights(model: torch.nn.Module, tensors: dict, path: Path, fresh: tuple[str, ...] = ()) -> None:
+    """Load saved tensors into a (not yet wrapped) model; path names them in errors. Weights
+    named in `fresh` may be missing and keep their initial values (a reward model's scalar head,
+    starting from a language model)."""
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     # A tied tensor saved under one name is loaded under all of them.
     state = model.state_dict()
     loaded = {state[k].data_ptr() for k in tensors if k in state}
-    missing = [m for m in missing if state[m].data_ptr() not in loaded]
+    missing = [m for m in missing if state[m].data_ptr() not in loaded and m not in fresh]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})", hint="the recipe's model differs from the saved one")

@@ -73,7 +73,7 @@ def run(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
 
     if nproc > 1 and not launched():
         with user_errors():
-            from .recipe import load_recipe
+            from .recipe.loader import load_recipe
 
             load_recipe(recipe, overrides or [])  # recipe errors once, before any process starts
         from .distributed import launch
@@ -93,7 +93,7 @@ def _run(recipe: Path, run_dir: Path | None, overrides: list[str], restart: bool
     from .engine import run_stages
     from .pipeline import prepare_run
     from .progress import QuietReporter, Reporter, render_plan
-    from .recipe import load_recipe
+    from .recipe.loader import load_recipe
 
     reporter = Reporter() if d.main else QuietReporter()
 
@@ -127,7 +127,7 @@ def prepare(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
     with user_errors():
         from .pipeline import prepare_run
         from .progress import Reporter, render_plan
-        from .recipe import load_recipe
+        from .recipe.loader import load_recipe
 
         spec = load_recipe(recipe, overrides or [])
         reporter = Reporter()
@@ -146,7 +146,7 @@ def plan(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
     with user_errors():
         from .pipeline import estimate_plan
         from .progress import make_console, render_plan
-        from .recipe import load_recipe
+        from .recipe.loader import load_recipe
 
         spec = load_recipe(recipe, overrides or [])
         result = estimate_plan(spec, run_dir or Path("runs") / spec.name, world_size=nproc * nnodes, processes=nproc)
@@ -297,7 +297,7 @@ def export(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
 @app.command()
 def schema():
     """Print the recipe's JSON Schema (editors use docs/recipe.schema.json for completion)."""
-    from .recipe import recipe_json_schema
+    from .recipe.schema import recipe_json_schema
 
     sys.stdout.write(recipe_json_schema())
 

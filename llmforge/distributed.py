@@ -217,6 +217,13 @@ def wrap(model, mode: str, d: Dist, device, bf16: bool, compile: bool):
     return model
 
 
+def unwrap(model):
+    """The bare module under torch.compile's and DDP's wrappers (FSDP2 shards it in place)."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
 @contextlib.contextmanager
 def grad_sync(train_model, enabled: bool):
     """Synchronize gradients only on the last micro-batch of a step (DDP's no_sync; FSDP2's

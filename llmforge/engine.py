@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,15 +23,13 @@ from safetensors.torch import save_file
 from . import distributed
 from .checkpoint import (by_name, clean_temporary, list_checkpoints, load_weights, read_checkpoint, save_checkpoint,
                          set_rng_state, set_weights, weight_names)
-from .data import Sampler, eval_windows
-from .data.rows import WindowRows, example_rows
+from .data.sampler import Sampler
 from .distributed import Dist
 from .errors import CheckpointError, Interrupted
-from .model import Transformer
 from .optim import build_optimizer, lr_at
 from .plan import Plan, StagePlan
-from .stages import OBJECTIVES
-from .stages.dpo import attach_reference, reference_identity
+from .stages import KINDS
+from .stages.kind import to_device
 from .timing import Timer
 
 
@@ -101,14 +100,15 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
     if device.type == "cuda":  # fp32 matmuls (outside autocast) on tensor cores, as TF32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     root = stage_dir(ctx.run_dir, sp)
-    objective, amp = OBJECTIVES[sp.kind](sp, ctx.tokenizer.token_bytes), _autocast(plan.device)
+    objective = KINDS[sp.kind].objective(sp, ctx.tokenizer, ctx.template, plan.seed)
+    amp = _autocast(plan.device)
     identity = _identity(ctx, sp)
     model, train, evals, resumed = d.together(lambda: _setup(ctx, sp, init_from, identity, objective, amp))
     checkpoint = resumed[0].name if resumed else None
     d.together(lambda: d.same(checkpoint, f"the checkpoint stage {sp.name} resumes from"))
-    if sp.kind == "dpo" and d.world > 1:  # rank 0 computed the reference log-probs; the others read them
-        d.together(lambda: d.main or attach_reference(root / "reference.npz", reference_identity(
-            ctx.tokenizer, ctx.sources, sp), train, evals, None, sp.micro_batch))
+    if d.world > 1:  # rank 0 prepared the stage (dpo: the reference's log-probs); the others read it
+        d.together(lambda: d.main or objective.prepare(root, stage_inputs(ctx.tokenizer, ctx.sources, sp),
+                                                       train, evals))
     evals = eval_batches(evals)
     sampler = Sampler([(train[s.name], s.weight) for s in sp.mix], sp.global_batch, plan.seed, sp.index)
     names = weight_names(model)  # before wrapping: which names a tied tensor is saved under
@@ -152,7 +152,7 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
         lr = lr_at(step, peak=sp.lr, warmup=sp.warmup_steps, total=sp.steps, decay=sp.decay, min_lr=sp.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_ratio", 1.0)  # muon: its matrices' own peak
-        pending.append(train_step(step_model, optimizer, objective, sampler.next_batch(), sp, amp, device, d))
+        pending.append(train_step(step_model, optimizer, objective, sampler.next_batch(), sp, amp, device, d, step))
         timer.step_done(step + 1)
         if (step + 1) % sp.log_every == 0 or step + 1 == sp.steps:
             means = {k: torch.stack([m[k] for m in pending]).mean().item() for k in pending[0]}  # one sync per log
@@ -165,24 +165,25 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
 
 
 def _setup(ctx: Context, sp: StagePlan, init_from: Path | None, identity: dict, objective, amp):
-    """Build the stage's model at its starting weights (the dpo reference is computed from them,
-    by rank 0), its row sources, and load the latest complete checkpoint's weights if any."""
+    """Build the stage's model at its starting weights (rank 0 prepares the stage from them: dpo's
+    reference), its row sources, and load the latest complete checkpoint's weights if any."""
     device, root = torch.device(ctx.plan.device.type), stage_dir(ctx.run_dir, sp)
     if ctx.dist.main:
         clean_temporary(root)
         clean_temporary(root / "checkpoints")
     torch.manual_seed(ctx.plan.seed + sp.index)  # the same initial weights on every machine
-    model = Transformer(ctx.plan.model)
+    kind = KINDS[sp.kind]
+    model = kind.build_model(ctx.plan.model)
     if init_from is not None and str(init_from) == ctx.plan.model_init:
-        _load_hf(model, init_from, ctx.plan.model)
+        _load_hf(model, init_from, ctx.plan.model, kind.fresh)
     elif init_from is not None:
         _check_init(init_from, ctx.tokenizer.fingerprint)
-        load_weights(model, init_from / "model.safetensors")
+        load_weights(model, init_from / "model.safetensors", kind.fresh)
     model.to(device)
     train, evals = stage_rows(ctx.sources, sp, ctx.plan.seed)
-    if sp.kind == "dpo" and ctx.dist.main:  # before resuming: the reference is the stage's starting weights
-        attach_reference(root / "reference.npz", reference_identity(ctx.tokenizer, ctx.sources, sp), train, evals,
-                         lambda batch: objective.reference(model, _to(batch, device)), sp.micro_batch, model, amp)
+    if ctx.dist.main:  # before resuming: from the stage's starting weights
+        objective.prepare(root, stage_inputs(ctx.tokenizer, ctx.sources, sp), train, evals, model, device, amp)
+    objective.start(model, root, device)
     resumed = None
     checkpoints = list_checkpoints(root / "checkpoints")
     if checkpoints:
@@ -207,7 +208,7 @@ def _finish(ctx: Context, sp: StagePlan, root: Path, model, weights: dict, last_
         from .tasks import run_tasks
 
         if model is None:
-            model = Transformer(ctx.plan.model)
+            model = KINDS[sp.kind].build_model(ctx.plan.model)
             set_weights(model, weights, root / "final")
             model.to(ctx.plan.device.type)
         scores = run_tasks(sp.tasks, model.eval(), ctx.tokenizer, ctx.template)
@@ -219,18 +220,10 @@ def _finish(ctx: Context, sp: StagePlan, root: Path, model, weights: dict, last_
 def stage_rows(sources: dict, sp: StagePlan, seed: int) -> tuple[dict, dict]:
     """Per mixed source: the stage's training row source, and its held-out (row source, rows to
     evaluate) — the same layout rules as training, but held-out examples too long are dropped."""
-    train, evals = {}, {}
-    share = sp.eval_tokens // len(sp.mix)
+    kind, train, evals = KINDS[sp.kind], {}, {}
     for s in sp.mix:
-        src, T, o = sources[s.name], sp.seq_len, sp.options
-        if sp.kind == "pretrain":
-            train[s.name] = WindowRows(src.train, T)
-            evals[s.name] = (None, {"tokens": eval_windows(src.val, T, share)})
-        else:
-            train[s.name] = example_rows(sp.kind, src.train, T, o, seed)
-            val = example_rows(sp.kind, src.val, T, o, seed, overlong="drop")
-            per_row = 2 * T if sp.kind == "dpo" else T
-            evals[s.name] = (val, min(val.n_rows, max(1, share // per_row)))
+        train[s.name] = kind.train_rows(sources[s.name], sp.seq_len, sp.options, seed)
+        evals[s.name] = kind.held_out(sources[s.name], sp.seq_len, sp.options, seed, sp.eval_tokens // len(sp.mix))
     return train, evals
 
 
@@ -250,7 +243,7 @@ def _check_init(final: Path, fingerprint: str) -> None:
                               hint="use --restart to train every stage with the current tokenizer")
 
 
-def _load_hf(model, folder: Path, planned) -> None:
+def _load_hf(model, folder: Path, planned, fresh: tuple[str, ...]) -> None:
     """The imported model's weights, if its folder still holds the architecture that was planned."""
     from .export.hf import read_hf
 
@@ -258,19 +251,16 @@ def _load_hf(model, folder: Path, planned) -> None:
     if replace(cfg, dropout=planned.dropout, init_std=planned.init_std) != planned:
         raise CheckpointError(f"{folder}/config.json: the model changed since the run was planned",
                               hint="use --restart to plan the run again")
-    set_weights(model, tensors, folder / "model.safetensors")
-
-
-def _to(batch: dict, device) -> dict:
-    """The batch on the device; to a GPU from pinned memory, so the copy overlaps the step."""
-    if device.type == "cuda":
-        return {k: torch.from_numpy(v).pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-    return {k: torch.from_numpy(v) for k, v in batch.items()}
+    set_weights(model, tensors, folder / "model.safetensors", fresh)
 
 
 def _split(batch: dict, size: int) -> list[dict]:
-    n = len(next(iter(batch.values())))
-    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+    n = _count(batch)
+    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, max(1, size))]
+
+
+def _count(batch: dict) -> int:
+    return len(next(iter(batch.values())))
 
 
 def _dropped(ctx: Context, sp: StagePlan) -> dict:
@@ -289,9 +279,12 @@ def _identity(ctx: Context, sp: StagePlan) -> dict:
     machine binding (allowed to change: same math, but no longer bitwise identical)."""
     d, world = ctx.plan.device, ctx.plan.world_size
     machine = f"{d.type}, {d.precision}, {d.threads} threads" + (f", {ctx.plan.parallel} x {world}" if world > 1 else "")
-    return {"tokenizer": ctx.tokenizer.fingerprint,
-            "data": {s.name: ctx.sources[s.name].path.name for s in sp.mix},  # content-addressed keys
-            "plan_hash": sp.math_hash(), "machine": machine}
+    return stage_inputs(ctx.tokenizer, ctx.sources, sp) | {"plan_hash": sp.math_hash(), "machine": machine}
+
+
+def stage_inputs(tokenizer, sources: dict, sp: StagePlan) -> dict:
+    """The tokens a stage trains on: the tokenizer and its sources' content-addressed cache keys."""
+    return {"tokenizer": tokenizer.fingerprint, "data": {s.name: sources[s.name].path.name for s in sp.mix}}
 
 
 def _resume(ctx: Context, sp: StagePlan, resumed, identity: dict, model, optimizer, sampler, device):
@@ -312,19 +305,27 @@ def _resume(ctx: Context, sp: StagePlan, resumed, identity: dict, model, optimiz
     return state["step"], pending, state.get("last_eval", {})
 
 
-def train_step(model, optimizer, objective, batch: dict, sp: StagePlan, amp, device, d: Dist | None = None) -> dict:
-    """One optimizer step over the global batch: this rank's share of its rows, in grad_accum
-    micro-batches. The loss is a mean over the whole global batch's units (tokens, pairs),
-    however unevenly the micro-batches and ranks hold them; DDP/FSDP average gradients over
-    ranks, so each rank's share is scaled by the world size to make that average a sum."""
+def train_step(model, optimizer, objective, batch: dict, sp: StagePlan, amp, device, d: Dist | None = None,
+               step: int = 0) -> dict:
+    """One optimizer step over the global batch: this rank's share of its rows (after the
+    objective's rollout: grpo samples replies to them), in grad_accum micro-batches. The loss is
+    a mean over the whole global batch's units (tokens, pairs), however unevenly the
+    micro-batches and ranks hold them; DDP/FSDP average gradients over ranks, so each rank's
+    share is scaled by the world size to make that average a sum."""
     d = d or Dist()
     units = objective.units(batch)
-    micros = _split(d.shard(batch), sp.micro_batch)
+    mine = d.shard(batch)
+    t = time.perf_counter()
+    rows, figures = objective.rollout(distributed.unwrap(model), mine, device, amp, step, d.rank)
+    if figures:
+        figures["rollout_s"], t = time.perf_counter() - t, time.perf_counter()
+    per_micro = sp.micro_batch * _count(rows) // max(1, _count(mine))  # grpo: a prompt's row became G replies
+    micros = _split(rows, per_micro)
     totals: dict = {}
     for i, micro in enumerate(micros):
         with distributed.grad_sync(model, i == len(micros) - 1):
             with amp:
-                sums = objective.loss(model, _to(micro, device))
+                sums = objective.loss(model, to_device(micro, device))
             (sums["loss"] / (units / d.world)).backward()
         for k, v in sums.items():
             totals[k] = totals.get(k, 0) + v.detach()
@@ -332,8 +333,12 @@ def train_step(model, optimizer, objective, batch: dict, sp: StagePlan, amp, dev
         torch.nn.utils.clip_grad_norm_(model.parameters(), sp.optimizer["grad_clip"])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    reduced = d.all_sum(torch.stack([totals[k].float() for k in totals]))  # one small all-reduce
-    return {k: v / units for k, v in zip(totals, reduced)}
+    if figures:
+        figures["update_s"] = time.perf_counter() - t
+    keys = list(totals) + list(figures)
+    values = [totals[k].float() for k in totals] + [torch.as_tensor(float(v), device=device) for v in figures.values()]
+    reduced = d.all_sum(torch.stack(values))  # one small all-reduce
+    return {k: v / (units if k in totals else d.world) for k, v in zip(keys, reduced)}
 
 
 @torch.no_grad()
@@ -346,7 +351,7 @@ def evaluate(model, objective, batches: dict[str, dict], micro_batch: int, devic
         sums: dict = {}
         for micro in _split(batch, micro_batch) if len(next(iter(batch.values()))) else []:
             with amp:
-                for k, v in objective.eval_sums(model, _to(micro, device)).items():
+                for k, v in objective.eval_sums(model, to_device(micro, device)).items():
                     sums[k] = sums.get(k, 0) + v
         out |= {f"val/{name}/{k}": v for k, v in objective.summarize(sums).items()}
         for k, v in sums.items():
@@ -363,6 +368,7 @@ def write_final(final: Path, weights: dict, ctx: Context, sp: StagePlan, results
     tmp.mkdir(parents=True)
     save_file(weights, str(tmp / "model.safetensors"))
     config = {"model": ctx.plan.model.to_dict(), "stage": sp.name, "kind": sp.kind,
+              "language_model": KINDS[sp.kind].generates,
               "tokenizer_fingerprint": ctx.tokenizer.fingerprint,
               "chat_template": ctx.template.to_dict() if ctx.template else None}
     (tmp / "config.json").write_text(json.dumps(config, indent=1))

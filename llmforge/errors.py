@@ -16,8 +16,8 @@ class LlmforgeError(Exception):
 
     @property
     def lines(self) -> list[str]:
-        """One line per problem (a recipe may have several)."""
-        return [self.message]
+        """One line per problem (a recipe or a plan may have several, one per line)."""
+        return self.message.splitlines() or [self.message]
 
 
 class RecipeError(LlmforgeError):

@@ -9,7 +9,6 @@ reused, or rebuilt from the data if it was cleared.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 from pathlib import Path
 
@@ -17,14 +16,14 @@ import torch
 import yaml
 
 from .chat import load_template
-from .data import prepare_source
-from .engine import _autocast, eval_batches, evaluate, stage_rows
-from .stages.dpo import attach_reference, reference_identity
+from .data.cache import prepare_source
+from .engine import _autocast, eval_batches, evaluate, stage_inputs, stage_rows
 from .errors import CheckpointError
-from .generate import find_stage, load_trained
-from .plan import compile_plan, detect_device, stage_init
-from .recipe import validate_recipe
-from .stages import OBJECTIVES
+from .checkpoint import load_weights
+from .generate import check_language_model, find_stage, read_model_config
+from .plan import detect_device, plan_stage
+from .recipe.loader import validate_recipe
+from .stages import KINDS
 from .tokenizer_json import load_tokenizer
 
 
@@ -57,22 +56,24 @@ def evaluate_stage(run_dir: Path, stage: str | None, tasks: list[str] | None = N
     from .pipeline import source_stats
 
     stats = {n: source_stats(s) for n, s in sources.items()}
-    plan = compile_plan(recipe.model_copy(update={"stages": [spec]}), vocab_size=tokenizer.vocab_size,
-                        sources=stats, device=device)
-    sp = next(s for s in plan.stages)
-    index = recipe.stages.index(spec)  # planned alone, it must keep its place in the run
-    sp = dataclasses.replace(sp, index=index, dir_name=f"{index + 1:02d}-{name}", init=stage_init(recipe, index))
-    model, _ = load_trained(final, device.type)
-    objective, amp = OBJECTIVES[sp.kind](sp, tokenizer.token_bytes), _autocast(device)
+    sp = plan_stage(recipe, recipe.stages.index(spec), vocab_size=tokenizer.vocab_size, sources=stats,
+                    device=device, tokenizer_fingerprint=tokenizer.fingerprint)
+    kind = KINDS[sp.kind]
+    model = kind.build_model(read_model_config(final))
+    load_weights(model, final / "model.safetensors")
+    model.to(device.type).eval()
+    objective, amp = kind.objective(sp, tokenizer, template, recipe.seed), _autocast(device)
     train, evals = stage_rows(sources, sp, recipe.seed)
-    if sp.kind == "dpo":  # the reference saved by the run (the final weights are not the reference)
-        attach_reference(final.parent / "reference.npz", reference_identity(tokenizer, sources, sp), train, evals,
-                         None, sp.micro_batch)
+    # What the run prepared (dpo: its reference's log-probs; the final weights are not the reference).
+    objective.prepare(final.parent, stage_inputs(tokenizer, sources, sp), train, evals)
+    objective.start(model, final.parent, torch.device(device.type))  # grpo: its reward models
     evals = eval_batches(evals)
     results = {"stage": name} | evaluate(model, objective, evals, sp.micro_batch, torch.device(device.type), amp)
     names = sp.tasks if tasks is None else tasks
     if names:
         from .tasks import run_tasks
+
+        check_language_model(final)  # task evals generate replies
 
         with _task(reporter, f"task evals: {', '.join(names)}"):
             results |= run_tasks(names, model, tokenizer, template)

@@ -11,7 +11,7 @@ import torch
 from .chat import ChatTemplate, load_template as template_from_spec
 from .checkpoint import load_weights
 from .errors import CheckpointError
-from .model import ModelConfig, Transformer
+from .model import KVCache, ModelConfig, Transformer
 from .tokenizer import Tokenizer
 from .tokenizer_json import load_tokenizer
 
@@ -43,8 +43,20 @@ def read_model_config(final: Path) -> ModelConfig:
                               hint="the stage's final folder is damaged; run the recipe again to rebuild it")
 
 
+def check_language_model(final: Path) -> None:
+    """Refuse a stage whose model does not write text (a reward model scores it)."""
+    config = json.loads((final / "config.json").read_text())
+    if config.get("language_model") is False:
+        raise CheckpointError(f"{final}: stage {config.get('stage')!r} trained a {config.get('kind')} model, "
+                              "which scores replies and cannot write them",
+                              hint="use a stage that trains a language model (--stage), or `llmforge eval` it")
+
+
 def load_trained(final: Path, device: str = "cpu") -> tuple[Transformer, Tokenizer]:
-    model = Transformer(read_model_config(final))
+    """A stage's language model, ready to generate, and its tokenizer."""
+    cfg = read_model_config(final)
+    check_language_model(final)
+    model = Transformer(cfg)
     load_weights(model, final / "model.safetensors")
     model.to(device).eval()
     return model, load_tokenizer(final)
@@ -101,3 +113,43 @@ def load_template(final: Path) -> ChatTemplate | None:
     except (OSError, ValueError):
         return None
     return template_from_spec(spec)
+
+
+@torch.no_grad()
+def generate_batch(model, prompts: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int, *,
+                   temperature: float, top_k: int | None, generator: torch.Generator | None,
+                   stop_ids: tuple[int, ...], vocab_limit: int) -> dict:
+    """Sample a reply to each of B prompts at once with one KV cache: prompts [B, T] left-aligned,
+    lengths [B]. They are moved flush right (left padding, its own document, so no real token
+    attends to it and positions start at each prompt's first token), prefilled once, then each
+    step feeds the B new tokens. A row stops at a stop id (kept as its last token) or after
+    max_new_tokens; the batch stops when every row has. Returns new [B, L] ids (0 after a row's
+    end), logps [B, L] (log-probability of each sampled id under softmax(logits / temperature),
+    the distribution it was drawn from; at temperature 0, of logits), n [B] ids per row, ended [B]."""
+    B, P = len(prompts), int(lengths.max())
+    pad = P - lengths
+    cols = torch.arange(P, device=prompts.device)
+    idx = prompts.gather(1, (cols - pad[:, None]).clamp(min=0))  # each prompt moved flush right
+    docs = (cols >= pad[:, None]).long()
+    cache = KVCache(model.config.n_layer)
+    logits = model(idx, cache, docs)[:, -1, :vocab_limit]
+    new = torch.zeros(B, max_new_tokens, dtype=torch.long, device=prompts.device)
+    logps = torch.zeros(B, max_new_tokens, device=prompts.device)
+    n = torch.zeros(B, dtype=torch.long, device=prompts.device)
+    live = torch.ones(B, dtype=torch.bool, device=prompts.device)
+    stops = torch.tensor(stop_ids, device=prompts.device)
+    for t in range(max_new_tokens):
+        scaled = logits.float() / (temperature or 1.0)
+        if top_k is not None and top_k < scaled.shape[-1]:
+            scaled = scaled.masked_fill(scaled < torch.topk(scaled, top_k).values[:, -1:], float("-inf"))
+        logp = torch.log_softmax(scaled, dim=-1)
+        token = logp.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+        new[:, t] = torch.where(live, token, 0)
+        logps[:, t] = torch.where(live, logp.gather(1, token[:, None])[:, 0], 0.0)
+        n += live.long()
+        live &= ~torch.isin(token, stops)
+        if not live.any() or t == max_new_tokens - 1:
+            break
+        docs = torch.cat([docs, torch.ones(B, 1, dtype=torch.long, device=docs.device)], dim=1)
+        logits = model(token[:, None], cache, docs)[:, -1, :vocab_limit]
+    return {"new": new, "logps": logps, "n": n, "ended": ~live}

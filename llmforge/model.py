@@ -263,8 +263,8 @@ class Attention(nn.Module):
         if S != T and T > 1:
             mask = torch.arange(S, device=x.device) <= torch.arange(S - T, S, device=x.device)[:, None]
         if docs is not None:  # packed sequences: a token sees only earlier tokens of its own document
-            mask = docs[:, None, :, None] == docs[:, None, None, :]
-            mask &= torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = docs[:, None, -T:, None] == docs[:, None, None, :]
+            mask &= torch.arange(S, device=x.device) <= torch.arange(S - T, S, device=x.device)[:, None]
         if self.window is not None and S > self.window:  # keys less than `window` positions back
             q_pos, k_pos = torch.arange(S - T, S, device=x.device)[:, None], torch.arange(S, device=x.device)
             band = (k_pos <= q_pos) & (k_pos > q_pos - self.window)
@@ -347,17 +347,26 @@ class Transformer(nn.Module):
 
         docs [B, T] (packed training sequences): which document each token belongs to, as
         non-decreasing ids. Attention stays inside a document and positions restart at 0 with
-        each one, so a packed document is computed exactly as it would be alone.
+        each one, so a packed document is computed exactly as it would be alone. With a cache,
+        docs covers every position so far [B, cache.pos + T]: left-padded prompts generate as a
+        batch (padding is document 0, the text document 1).
         """
+        x = self.hidden_states(idx, cache, docs)
+        return self.lm_head(self.norm(x if keep is None else x[keep]))
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      docs: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, n_embd]: the residual stream after the last block, before the final norm."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds seq_len {self.config.seq_len}")
         if docs is not None:
-            pos = torch.arange(T, device=idx.device).expand(B, T)
+            pos = torch.arange(docs.shape[1], device=idx.device).expand(B, -1)
             first = torch.ones_like(docs, dtype=torch.bool)
             first[:, 1:] = docs[:, 1:] != docs[:, :-1]
             pos = pos - torch.where(first, pos, 0).cummax(dim=1).values  # offset from the document's start
+            pos = pos[:, -T:]
         else:
             pos = torch.arange(start, start + T, device=idx.device)
         x, rope = self.tok_emb(idx), None
@@ -372,7 +381,7 @@ class Transformer(nn.Module):
             x = block(x, rope, cache, docs)
         if cache is not None:
             cache.pos += T
-        return self.lm_head(self.norm(x if keep is None else x[keep]))
+        return x
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

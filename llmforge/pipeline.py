@@ -14,13 +14,15 @@ from pathlib import Path
 import yaml
 
 from .chat import load_template
-from .data import iter_documents, list_files, prepare_source
-from .data.cache import find_source
+from .data.cache import find_source, prepare_source
+from .data.sources import iter_documents, list_files
 from .distributed import Dist, check_device
 from .engine import Context
 from .errors import RecipeError, TokenizerError
 from .plan import Plan, SourceStats, compile_plan, detect_device
-from .recipe import Recipe, diff_recipes, dump_recipe
+from .recipe.loader import diff_recipes
+from .recipe.schema import Recipe, dump_recipe
+from .stages import KINDS
 from .tokenizer import train_tokenizer
 from .tokenizer_json import load_tokenizer, tokenizer_file, train_bytelevel_bpe
 
@@ -58,7 +60,8 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False, 
         with reporter.task(f"tokenizing {name}", _source_bytes(recipe, name)) as advance:
             sources[name] = prepare_source(name, spec, recipe.base_dir, tokenizer, advance, workers, template)
     plan = compile_plan(recipe, vocab_size=tokenizer.vocab_size, world_size=dist.world,
-                        sources={n: source_stats(s) for n, s in sources.items()}, device=device)
+                        sources={n: source_stats(s) for n, s in sources.items()}, device=device,
+                        tokenizer_fingerprint=tokenizer.fingerprint)
     plan = dataclasses.replace(plan, previews=previews(recipe))
     if not follower:
         _write_atomic(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1))
@@ -127,20 +130,21 @@ def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1, processes:
             val = int(tokens * spec.val_fraction)
             stats[name] = SourceStats(len(files), tokens - val, val, estimated=True)
     vocab = tokenizer.vocab_size if tokenizer else recipe.tokenizer.vocab_size
-    plan = compile_plan(recipe, vocab_size=vocab, sources=stats, device=device, world_size=world_size)
+    plan = compile_plan(recipe, vocab_size=vocab, sources=stats, device=device, world_size=world_size,
+                        tokenizer_fingerprint=tokenizer.fingerprint if tokenizer else None)
     return dataclasses.replace(plan, previews=previews(recipe))
 
 
 def previews(recipe: Recipe) -> dict:
-    """For each sft/dpo stage, its first source's first example rendered by the chat template,
-    with the learned spans marked (a dpo pair shows the chosen reply, then the rejected one)."""
+    """For each stage on chat data, its first source's first example rendered by the chat
+    template, with the learned spans marked (a dpo pair shows the chosen reply, then the rejected)."""
     from .data.examples import read_examples
     from .data.sources import Skips, _Report
 
     template = recipe_template(recipe)
     out = {}
     for stage in recipe.stages:
-        if stage.kind == "pretrain" or template is None:
+        if not KINDS[stage.kind].chat or template is None:
             continue
         name = next(iter(stage.mix))
         spec = recipe.data[name]
@@ -151,12 +155,9 @@ def previews(recipe: Recipe) -> dict:
                 break
         if example is None:
             continue
-        if stage.kind == "dpo":
-            prompt, chosen, rejected = example[1]
-            out[stage.name] = template.pair_segments(prompt, chosen) + [("  vs  ", True, False)] \
-                + template.pair_segments(prompt, rejected)
-        else:
-            out[stage.name] = template.segments(example[1], stage.option("train_on"))
+        segments = KINDS[stage.kind].preview(template, example[1], stage.options)
+        if segments:
+            out[stage.name] = segments
     return out
 
 

@@ -13,12 +13,12 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
-from .data.rows import example_rows
+from .stages import KINDS
 from .data.sampler import windows_per_epoch
 from .errors import PlanError
 from .model import PRESETS, ModelConfig
-from .recipe import Recipe, resolve_percent
-from .recipe.schema import KIND_KEYS
+from .recipe.schema import Recipe
+from .recipe.values import resolve_percent
 from .resources import choose_micro_batch, estimate_memory, estimate_time, memory_budget
 
 
@@ -58,7 +58,7 @@ class StagePlan:
     dir_name: str  # "01-pretrain"
     init: str | None  # the earlier stage whose final weights this one starts from; None: the model's
     # own start (model.init.hf, else random); "none": random
-    options: dict  # the kind's own settings (sft: train_on, packing, overlong; dpo: beta, loss, ...)
+    options: object  # the kind's own settings: its Options (stages/<kind>.py), defaults filled in
     seq_len: int
     batch_tokens: int  # token capacity of a step's rows (dpo: both sides of each pair)
     global_batch: int  # rows per optimizer step = micro_batch * grad_accum * world_size (dpo: pairs)
@@ -87,7 +87,8 @@ class StagePlan:
         """What decides this stage's numbers on a given machine; stored in every checkpoint."""
         keys = ("kind", "init", "options", "seq_len", "global_batch", "micro_batch", "grad_accum", "world_size",
                 "steps", "lr", "min_lr", "warmup_steps", "decay", "optimizer")
-        blob = {k: getattr(self, k) for k in keys} | {"mix": [(s.name, s.weight) for s in self.mix]}
+        blob = {k: getattr(self, k) for k in keys} | {"mix": [(s.name, s.weight) for s in self.mix],
+                                                      "options": self.options.model_dump()}
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -112,6 +113,8 @@ class Plan:
     def to_json(self) -> dict:
         out = asdict(self)
         out["model"] = self.model.to_dict()
+        for stage, sp in zip(out["stages"], self.stages):
+            stage["options"] = sp.options.model_dump()
         return out
 
 
@@ -187,7 +190,7 @@ def _peak_flops(kind: str, name: str, precision: str) -> float | None:
 
 
 def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceStats], device: Device,
-                 world_size: int = 1) -> Plan:
+                 world_size: int = 1, tokenizer_fingerprint: str | None = None) -> Plan:
     cfg = model_config(recipe, vocab_size)
     params = cfg.num_params()
     parallel = _choose_parallel(recipe, cfg, device, world_size)
@@ -195,7 +198,8 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
     stages, problems = [], []
     for i, spec in enumerate(recipe.stages):
         try:
-            stages.append(_plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards))
+            stages.append(_plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards,
+                                      tokenizer_fingerprint))
         except PlanError as e:
             problems.append(e)
     if problems:
@@ -206,6 +210,14 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
     return Plan(recipe.name, recipe.seed, device, cfg, params, cfg.num_params(exclude_embeddings=True),
                 cfg.flops_per_token(), tuple(stages), world_size, parallel, tuple(dict.fromkeys(warnings)),
                 model_init=recipe.model.init.hf if recipe.model.init else None)
+
+
+def plan_stage(recipe: Recipe, index: int, *, vocab_size: int, sources: dict[str, SourceStats], device: Device,
+               tokenizer_fingerprint: str | None = None) -> StagePlan:
+    """Stage `index` of the recipe alone, in one process (`llmforge eval`: only its sources are
+    prepared; it keeps its place, init and references among the recipe's stages)."""
+    cfg = model_config(recipe, vocab_size)
+    return _plan_stage(index, recipe.stages[index], recipe, cfg, sources, device, 1, 1, tokenizer_fingerprint)
 
 
 def _choose_parallel(recipe: Recipe, cfg: ModelConfig, device: Device, world_size: int) -> str:
@@ -221,21 +233,23 @@ def _choose_parallel(recipe: Recipe, cfg: ModelConfig, device: Device, world_siz
         return recipe.runtime.parallel
     if muon is not None:
         return "ddp"
-    longest = max(recipe.stage_seq_len(s) * (2 if s.kind == "dpo" else 1) for s in recipe.stages)
+    longest = max(recipe.stage_seq_len(s) * KINDS[s.kind].sequences(s.options) for s in recipe.stages)
     return "ddp" if estimate_memory(cfg, 1, longest, device.precision, cpu=device.type == "cpu") <= memory_budget(device) \
         else "fsdp"
 
 
-def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards) -> StagePlan:
-    where = f"stages[{i}]"
-    seq_len = recipe.stage_seq_len(spec)
-    options = {k: spec.option(k) for k, (kinds, _) in KIND_KEYS.items() if spec.kind in kinds.split()}
-    per_row = 2 * seq_len if spec.kind == "dpo" else seq_len  # a dpo row is a pair: two sequences
+def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, fingerprint) -> StagePlan:
+    where, kind = f"stages[{i}]", KINDS[spec.kind]
+    seq_len, options = recipe.stage_seq_len(spec), kind.plan_options(spec, recipe)
+    if problems := kind.check(where, i, options, recipe, sources, fingerprint):
+        raise PlanError("\n".join(problems), hint=f"see docs/recipe.md, stage kind {spec.kind}")
+    n_seq = kind.sequences(options)  # a dpo row is a pair: two sequences
+    per_row = n_seq * seq_len
     if spec.batch_tokens is not None:
         if spec.batch_tokens % (per_row * world_size):
             per = per_row * world_size
             lo, hi = spec.batch_tokens // per * per, (spec.batch_tokens // per + 1) * per
-            two = "2 x " if spec.kind == "dpo" else ""  # a dpo row holds both sides of a pair
+            two = f"{n_seq} x " if n_seq > 1 else ""
             what = f"{two}seq_len x world size ({two}{seq_len} x {world_size})"
             raise PlanError(f"{where}.batch_tokens: {spec.batch_tokens} is not a multiple of {what}",
                             hint=f"use {lo} or {hi}, or give batch_size" if lo else f"use {hi}, or give batch_size")
@@ -285,8 +299,8 @@ def _held_out_fits(sp, st: SourceStats, seed: int) -> str:
     """'' if the stage can eval on the source, else what is missing (a window, an example that fits)."""
     if st.val_examples is None:
         return "" if st.val_tokens >= sp.seq_len + 1 else "window"
-    rows = example_rows(sp.kind, st.val_examples, sp.seq_len, sp.options, seed, overlong="drop")
-    return "" if rows.n_rows else "example within"
+    rows = KINDS[sp.kind].rows(st.val_examples, sp.seq_len, sp.options, seed, overlong="drop")
+    return "" if rows is None or rows.n_rows else "example within"
 
 
 def stage_init(recipe: Recipe, i: int) -> str | None:
@@ -299,27 +313,27 @@ def stage_init(recipe: Recipe, i: int) -> str | None:
     return init
 
 
-def _rows(where, spec, name, st: SourceStats, seq_len: int, options: dict, seed: int) -> tuple[int, int, int, float]:
+def _rows(where, spec, name, st: SourceStats, seq_len: int, options, seed: int) -> tuple[int, int, int, float]:
     """(rows per epoch, dropped, truncated, logit share) of a source in this stage; examples that
     would teach nothing are an error here, before any compute is spent."""
-    if spec.kind == "pretrain" or st.examples is None:  # pretrain, or not tokenized yet: estimate
+    kind = KINDS[spec.kind]
+    source = None if st.examples is None else kind.rows(st.examples, seq_len, options, seed)
+    if source is None:  # windows of a token stream, or examples not tokenized yet: estimate
         if st.train_tokens < seq_len + 1:
             raise PlanError(f"{where}.mix.{name}: the source has {st.train_tokens} training tokens, "
                             f"fewer than one window of seq_len+1 = {seq_len + 1}",
                             hint="add data to the source or use a shorter seq_len")
         return windows_per_epoch(st.train_tokens, seq_len), 0, 0, 1.0
-    source = example_rows(spec.kind, st.examples, seq_len, options, seed)
     lay = source.layout
     if len(lay.empty):
-        what = "response token (or chosen and rejected equal once cut)" if spec.kind == "dpo" else "learned token"
-        raise PlanError(f"{where}.mix.{name}: {len(lay.empty)} example(s) have no {what} within seq_len+1 = "
+        raise PlanError(f"{where}.mix.{name}: {len(lay.empty)} example(s) have no {kind.learns} within seq_len+1 = "
                         f"{seq_len + 1} tokens, so training on them would learn nothing "
                         f"(first: {st.examples.origins(int(lay.empty[0]))})",
                         hint=f"set {where}.overlong: drop, raise seq_len, or shorten those examples")
     if lay.n_rows == 0:
         raise PlanError(f"{where}.mix.{name}: all {len(st.examples)} examples are longer than seq_len+1 = "
                         f"{seq_len + 1} tokens and overlong: drop leaves none", hint="raise seq_len")
-    return lay.n_rows, lay.dropped, lay.truncated, source.logit_share()
+    return lay.n_rows, lay.dropped, lay.truncated, kind.logit_share(source)
 
 
 def _plan_mix(where, mix: dict, sources: dict, specs: dict, rows: dict, total_rows: int,

@@ -65,7 +65,7 @@ class Reporter:
 
     def log(self, step: int, metrics: dict) -> None:
         self._write({"step": step, **metrics})
-        extra = "".join(f"{k} {metrics[k]:.3f}  " for k in ("reward_acc", "reward_margin") if k in metrics)
+        extra = "".join(f"{k} {metrics[k]:.3f}  " for k in _SHOWN if k in metrics)
         mfu = f"  mfu {metrics['mfu']:.0%}" if "mfu" in metrics else ""
         if metrics.get("first_step_s", 0) > 2:  # torch.compile's compilation, mostly
             self.note(f"{self.stage.name}: the first step took {metrics['first_step_s']:.1f} s (compilation and "
@@ -248,16 +248,19 @@ def render_preview(segments: list, console: Console) -> None:
     console.print(out, highlight=False)
 
 
+# Step figures shown beside the loss (dpo's, a reward model's, grpo's); all are in metrics.jsonl.
+_SHOWN = ("reward_acc", "reward_margin", "accuracy", "margin", "reward", "kl")
 # Columns of the results table: (metric key, heading, as a percentage).
 _RESULT_COLUMNS = (("val_loss", "val loss", False), ("val_bpb", "val bpb", False),
-                   ("val_reward_acc", "reward acc", True), ("world-qa/format", "format", True),
+                   ("val_reward_acc", "reward acc", True), ("val_accuracy", "pairs ranked", True),
+                   ("val_reward", "reward", False), ("world-qa/format", "format", True),
                    ("world-qa/correct", "correct", True), ("world-qa/concise", "concise", True))
 
 
 def render_results(results: list[dict], console: Console, title: str = "results on held-out data") -> None:
     """One row per stage with its final held-out figures (columns no stage has are left out)."""
     columns = [c for c in _RESULT_COLUMNS if any(c[0] in r for r in results)]
-    extra = sorted({k for r in results for k in r if "/" in k and not k.startswith(("val/", "data/"))}
+    extra = sorted({k for r in results for k in r if "/" in k and not k.startswith(("val", "data/"))}
                    - {c[0] for c in columns})
     columns += [(k, k, True) for k in extra]  # other tasks' scores
     if not results or not columns:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmforge.data import Sampler, eval_windows, prepare_source
+from llmforge.data.cache import prepare_source
+from llmforge.data.sampler import Sampler, eval_windows
 from llmforge.data.rows import WindowRows
 from llmforge.data.cache import cache_key
 from llmforge.errors import DataError
@@ -114,7 +115,7 @@ def test_eval_windows_fixed_and_non_overlapping():
 
 
 def test_file_order_does_not_depend_on_where_the_project_is(tmp_path):
-    from llmforge.data import list_files
+    from llmforge.data.sources import list_files
 
     orders = []
     for where in ("one", "deeper/two"):

@@ -183,8 +183,8 @@ FAULT = """\
 import os
 if os.environ.get("RANK") == "1":
     from llmforge.errors import DataError
-    from llmforge.stages import OBJECTIVES
-    sft = OBJECTIVES["sft"]
+    from llmforge.stages import sft as module
+    sft = module.Objective
     calls = {"n": 0}
     original = sft.loss
     def loss(self, model, batch):
@@ -229,7 +229,7 @@ def test_errors_before_training_are_reported_once(tmp_path):
 def test_plan_picks_fsdp_when_training_does_not_fit_one_device(tmp_path):
     from llmforge.errors import PlanError
     from llmforge.plan import Device, SourceStats, compile_plan, model_config
-    from llmforge.recipe import load_recipe
+    from llmforge.recipe.loader import load_recipe
     from llmforge.resources import estimate_memory
 
     from .conftest import TINY_RECIPE

@@ -232,7 +232,7 @@ SCRATCH = {  # family -> the recipe's model options that make it (a preset, plus
 @pytest.mark.parametrize("name", SCRATCH)
 def test_a_family_built_from_scratch_exports_as_itself(name, tmp_path):
     from llmforge.plan import model_config
-    from llmforge.recipe import validate_recipe
+    from llmforge.recipe.loader import validate_recipe
 
     recipe = validate_recipe({"name": "x", "tokenizer": {"vocab_size": 300}, "data": {"d": {"path": "d.txt"}},
                               "model": SCRATCH[name] | {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 64,

@@ -61,6 +61,11 @@ def preferences(n: int = 60) -> list[dict]:
     return out
 
 
+def questions(n: int = 60) -> list[dict]:
+    return [{"prompt": f"Where is {PEOPLE[i % len(PEOPLE)]}?",
+             "answer": f"{PEOPLE[i % len(PEOPLE)]} is in {place(i % len(PEOPLE))}."} for i in range(n)]
+
+
 RECIPE = """\
 name: post
 seed: 11
@@ -70,6 +75,7 @@ data:
   corpus: {path: corpus.txt, val_fraction: 10%}
   chat: {path: chat.jsonl, format: chat, val_fraction: 10%}
   prefs: {path: prefs.jsonl, format: preference, val_fraction: 10%}
+  questions: {path: questions.jsonl, format: prompt, val_fraction: 10%}
 stages:
   - name: pretrain
     kind: pretrain
@@ -96,6 +102,27 @@ stages:
     optimizer: {lr: 1e-3, weight_decay: 0.0}
     eval: {every: 8, tokens: 1024}
     checkpoint: {every: 4, keep: 2}
+  - name: rm
+    kind: reward
+    init: sft
+    mix: {prefs: 1.0}
+    steps: 12
+    batch_size: 4
+    optimizer: {lr: 1e-3, weight_decay: 0.0}
+    eval: {every: 6, tokens: 1024}
+    checkpoint: {every: 4, keep: 2}
+  - name: grpo
+    kind: grpo
+    init: sft
+    mix: {questions: 1.0}
+    steps: 8
+    batch_size: 4
+    group: 4
+    max_new_tokens: 12
+    reward: [{verifier: exact}, {verifier: format, weight: 0.5}, {stage: rm, weight: 0.5}]
+    optimizer: {lr: 1e-3, weight_decay: 0.0}
+    eval: {every: 4, tokens: 2048}
+    checkpoint: {every: 2, keep: 2}
 runtime: {log_every: 2, threads: 1}  # 1: far faster on a busy 2-core machine
 """
 
@@ -104,6 +131,7 @@ def write_data(folder: Path) -> None:
     (folder / "corpus.txt").write_text(make_corpus(6000, seed=3))
     (folder / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in conversations()))
     (folder / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preferences()))
+    (folder / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in questions()))
 
 
 RUN = Path("runs/post")
@@ -111,7 +139,8 @@ RUN = Path("runs/post")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """pretrain -> sft (starts from pretrain) -> dpo (init: pretrain), run once for the module."""
+    """pretrain -> sft (starts from pretrain) -> dpo (init: pretrain) -> rm (a reward model, init:
+    sft) -> grpo (init: sft, rewarded by verifiers and rm), run once for the module."""
     folder = tmp_path_factory.mktemp("post")
     write_data(folder)
     (folder / "recipe.yaml").write_text(RECIPE)
@@ -325,8 +354,7 @@ def test_dpo_step_raises_the_margin(tok):
     torch.manual_seed(0)
     model = Transformer(cfg)
     batch = pair_batch(tok)
-    objective = dpo.Objective(SimpleNamespace(options={"beta": 0.1, "label_smoothing": 0.0, "loss": "sigmoid"}),
-                              tok.token_bytes)
+    objective = dpo.Objective(SimpleNamespace(options=dpo.Options(beta=0.1)), tok.token_bytes)
     batch["reference"] = torch.from_numpy(objective.reference(model, batch))  # the starting weights
     with torch.no_grad():
         c0, r0 = dpo.pair_logps(model, batch)
@@ -353,7 +381,7 @@ def stage_model(run: Path, stage: str) -> Transformer:
 
 def stage_sources(folder: Path, run: Path, stage: str):
     """The recipe's stage plan (from plan.json) and its prepared sources, as the engine saw them."""
-    from llmforge.data import prepare_source
+    from llmforge.data.cache import prepare_source
     from llmforge.evaluation import load_run_recipe
     from llmforge.tokenizer import Tokenizer
 
@@ -362,7 +390,10 @@ def stage_sources(folder: Path, run: Path, stage: str):
     template = load_template(recipe.tokenizer.chat_template)
     plan = json.loads((run / "plan.json").read_text())
     sp = next(s for s in plan["stages"] if s["name"] == stage)
-    sp = SimpleNamespace(**{**sp, "mix": [SimpleNamespace(**m) for m in sp["mix"]]})
+    from llmforge.stages import KINDS
+
+    sp = SimpleNamespace(**{**sp, "mix": [SimpleNamespace(**m) for m in sp["mix"]],
+                            "options": KINDS[sp["kind"]].Options(**sp["options"])})
     sources = {m.name: prepare_source(m.name, recipe.data[m.name], folder, tokenizer, template=template)
                for m in sp.mix}
     return sp, sources, tokenizer, recipe
@@ -374,7 +405,7 @@ def test_stages_chain_from_their_init(trained):
     run = trained / RUN
     plan = json.loads((run / "plan.json").read_text())
     assert [(s["name"], s["init"]) for s in plan["stages"]] == [("pretrain", None), ("sft", "pretrain"),
-                                                                 ("dpo", "pretrain")]
+                                                                 ("dpo", "pretrain"), ("rm", "sft"), ("grpo", "sft")]
     pretrain, tuned = stage_model(run, "01-pretrain"), stage_model(run, "02-sft")
     # sft starts from pretrain's final weights: its step-0 eval is what those weights score.
     sp, sources, tokenizer, recipe = stage_sources(trained, run, "sft")
@@ -430,13 +461,15 @@ def kill_at(folder: Path, proc: subprocess.Popen, metrics: Path, step: int, time
         proc.communicate()
 
 
-def test_kill_9_in_sft_and_dpo_resumes_bitwise(trained):
+def test_kill_9_in_every_post_training_stage_resumes_bitwise(trained):
     """The same recipe in a second run directory from pretrain's final weights: killed in sft,
-    resumed, killed in dpo, resumed; every final model equals the uninterrupted run's."""
+    resumed, killed in dpo, resumed, killed in rm, resumed, killed in grpo (mid-rollouts: its
+    replies are sampled anew after the resume), resumed; every final model equals the
+    uninterrupted run's."""
     run = trained / RUN
     copy = trained / "runs/killed"
     shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("02-sft", "03-dpo", ".lock"))
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("02-sft", "03-dpo", "04-rm", "05-grpo", ".lock"))
     args = ("--run-dir", "runs/killed")
     kill_at(trained, start(trained, *args), copy / "stages/02-sft/metrics.jsonl", 6)
     assert not (copy / "stages/02-sft/final").exists()
@@ -444,15 +477,19 @@ def test_kill_9_in_sft_and_dpo_resumes_bitwise(trained):
     proc = start(trained, *args)
     kill_at(trained, proc, copy / "stages/03-dpo/metrics.jsonl", 6)
     assert (copy / "stages/02-sft/final").exists() and not (copy / "stages/03-dpo/final").exists()
+    kill_at(trained, start(trained, *args), copy / "stages/04-rm/metrics.jsonl", 6)
+    assert (copy / "stages/03-dpo/final").exists() and not (copy / "stages/04-rm/final").exists()
+    kill_at(trained, start(trained, *args), copy / "stages/05-grpo/metrics.jsonl", 4)
+    assert (copy / "stages/04-rm/final").exists() and not (copy / "stages/05-grpo/final").exists()
     result = cli("run", "recipe.yaml", *args, cwd=trained)
     assert result.returncode == 0, result.stderr
-    assert "stage sft: already done" in result.stdout and "stage dpo: resuming from step-" in result.stdout
-    for stage in ("01-pretrain", "02-sft", "03-dpo"):
+    assert "stage rm: already done" in result.stdout and "stage grpo: resuming from step-" in result.stdout
+    for stage in ("01-pretrain", "02-sft", "03-dpo", "04-rm", "05-grpo"):
         assert final_weights(copy, stage) == final_weights(run, stage), stage
     # The resumed metrics read like the uninterrupted run's: every step once, the same numbers.
-    for stage in ("02-sft", "03-dpo"):
+    for stage in ("02-sft", "03-dpo", "04-rm", "05-grpo"):
         def curve(r):
-            return [(m["step"], m.get("loss"), m.get("val_loss")) for m in
+            return [(m["step"], m.get("loss"), m.get("val_loss"), m.get("reward"), m.get("val_reward")) for m in
                     map(json.loads, (r / "stages" / stage / "metrics.jsonl").read_text().splitlines())]
         assert curve(copy) == curve(run), stage
 
@@ -493,6 +530,62 @@ def test_eval_json(trained):
     assert scores["stage"] == "dpo" and 0 <= scores["val_reward_acc"] <= 1
     assert scores["val_reward_acc"] == pytest.approx(saved["val_reward_acc"])
     assert scores["val_loss"] == pytest.approx(saved["val_loss"], rel=1e-6)
+    # The reward model: its held-out pair accuracy and margin, as the run measured them.
+    result = cli("eval", RUN, "--stage", "rm", "--json", cwd=trained)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    saved = json.loads((run / "stages/04-rm/final/eval.json").read_text())
+    assert scores["val_accuracy"] == pytest.approx(saved["val_accuracy"]) and 0 <= scores["val_accuracy"] <= 1
+    assert scores["val_margin"] == pytest.approx(saved["val_margin"], rel=1e-5, abs=1e-6)
+
+
+def test_a_reward_model_learns_the_preferences_and_cannot_chat(trained):
+    metrics = [json.loads(line) for line in (trained / RUN / "stages/04-rm/metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if "val_accuracy" in m]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 12
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]  # Bradley-Terry loss on held-out pairs
+    assert all("accuracy" in m and "margin" in m for m in metrics if "loss" in m and "val_loss" not in m)
+    for command in (("chat",), ("sample", "--prompt", "hi"), ("export", "--out", "exported")):
+        result = cli(*command[:1], RUN, "--stage", "rm", *command[1:], cwd=trained)
+        assert result.returncode == 2 and "scores replies and cannot write them" in result.stderr, command
+        assert "Traceback" not in result.stderr
+
+
+def test_grpo_logs_its_rollouts_and_eval_rescores_them(trained):
+    metrics = [json.loads(line) for line in (trained / RUN / "stages/05-grpo/metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == [2, 4, 6, 8]
+    for m in steps:  # per reward, its mean and spread; KL, clipping, reply length, timings
+        assert {"reward", "reward_std", "reward/exact", "reward/exact_std", "reward/format", "reward/rm",
+                "kl", "clip_frac", "reply_tokens", "ended", "zero_std_groups", "rollout_s", "update_s"} <= set(m)
+        assert 0 <= m["reward/format"] <= 1 and 0 < m["reply_tokens"] <= 12 and m["kl"] >= 0
+    evals = [m for m in metrics if "val_reward" in m]
+    assert [m["step"] for m in evals] == [0, 4, 8]
+    result = cli("eval", RUN, "--stage", "grpo", "--json", cwd=trained)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)  # greedy replies to the held-out prompts, scored again
+    assert scores["val_reward"] == pytest.approx(evals[-1]["val_reward"], rel=1e-5, abs=1e-6)
+    assert scores["val_reward/exact"] == evals[-1]["val_reward/exact"]
+
+
+def test_grpo_refuses_rewards_it_cannot_compute_before_training(tmp_path):
+    """Problems only the tokenized data or the run's tokenizer show: still before any stage trains."""
+    write_data(tmp_path)
+    (tmp_path / "bare.jsonl").write_text("".join(json.dumps({"prompt": q["prompt"]}) + "\n" for q in questions()))
+    other = tmp_path / "other-rm"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"stage": "rm", "kind": "reward", "language_model": False,
+                                                   "tokenizer_fingerprint": "another"}))
+    text = _edit(RECIPE, "  questions: {path: questions.jsonl,", "  questions: {path: bare.jsonl,")
+    text = _edit(text, "{stage: rm, weight: 0.5}]", "{stage: rm, weight: 0.5}, {path: other-rm}]")
+    (tmp_path / "recipe.yaml").write_text(text)
+    result = cli("run", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert any("stages[4].reward[0].verifier: exact checks replies against each prompt's reference answer, but 54 "
+               "prompt(s) of data.questions have none (first: " in e for e in errors), errors
+    assert any("stages[4].reward[3].path: the reward model in" in e and "another tokenizer" in e for e in errors), errors
+    assert not (tmp_path / "runs/post/stages").exists()
 
 
 # --- recipe errors ------------------------------------------------------------------------------------
@@ -513,12 +606,25 @@ RECIPE_ERRORS = {
                                  "stages[1].init: 'dpo' is not an earlier stage"),
     "beta on pretrain": (_edit(RECIPE, "    kind: pretrain\n", "    kind: pretrain\n    beta: 0.1\n"),
                          "beta applies to dpo stages, not pretrain"),
+    "sft after a reward model": (_edit(RECIPE, "  - name: grpo\n", "  - {name: sft2, kind: sft, mix: {chat: 1.0}, "
+                                       "steps: 2, batch_size: 4}\n  - name: grpo\n"),
+                                 "stages[4].init: an sft stage trains a language model, but it would start from stage "
+                                 "'rm', a reward model that only scores replies; set init: dpo"),
+    "grpo without a reward": (_edit(RECIPE, "    reward: [{verifier: exact}, {verifier: format, weight: 0.5}, "
+                                     "{stage: rm, weight: 0.5}]\n", ""),
+                              "stages[4].reward: a grpo stage needs a reward"),
+    "grpo rewarded by a dpo stage": (_edit(RECIPE, "{stage: rm, weight: 0.5}", "{stage: dpo}"),
+                                     "stages[4].reward[2].stage: 'dpo' is not an earlier reward stage (earlier: rm)"),
+    "grpo with one reply per prompt": (_edit(RECIPE, "    group: 4\n", "    group: 1\n"), "stages[4].group"),
+    "task evals on a reward stage": (_edit(RECIPE, "    eval: {every: 6, tokens: 1024}", "    eval: {every: 6, tasks: "
+                                           "[world-qa]}"), "stages[3].eval.tasks: task evals generate replies"),
 }
 
 
 @pytest.mark.parametrize("case", list(RECIPE_ERRORS))
 def test_recipe_errors(tmp_path, case):
     text, message = RECIPE_ERRORS[case]
+    write_data(tmp_path)
     (tmp_path / "recipe.yaml").write_text(text)
     result = cli("plan", "recipe.yaml", cwd=tmp_path)
     assert result.returncode == 2, result.stdout

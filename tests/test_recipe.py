@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from llmforge.errors import RecipeError
-from llmforge.recipe import apply_override, diff_recipes, load_recipe, parse_count
+from llmforge.recipe.loader import apply_override, diff_recipes, load_recipe
+from llmforge.recipe.values import parse_count
 
 from .conftest import REPO, TINY_RECIPE, cli, make_corpus
 
@@ -175,7 +176,7 @@ def test_help_does_not_import_torch():
 
 
 def test_committed_json_schema_is_current():
-    from llmforge.recipe import recipe_json_schema
+    from llmforge.recipe.schema import recipe_json_schema
 
     committed = (REPO / "docs" / "recipe.schema.json").read_text()
     assert committed == recipe_json_schema(), "run: llmforge schema > docs/recipe.schema.json"

@@ -1,8 +1,3 @@
-"""Data: sources -> token cache (memory-mapped) -> weighted, resumable sampler."""
-
-from .cache import PreparedSource, cache_dir, prepare_source
-from .sampler import Sampler, eval_windows
-from .sources import iter_documents, list_files
-
-__all__ = ["PreparedSource", "Sampler", "cache_dir", "eval_windows", "iter_documents", "list_files",
-           "prepare_source"]
+"""Data: sources (sources.py, formats.py, examples.py) -> token cache (cache.py, memory-mapped)
+-> rows (rows.py) -> weighted, resumable sampler (sampler.py). Import from those modules: the
+stage kinds import rows.py, and the cache imports the recipe schema, which imports the kinds."""

@@ -1,4 +1,4 @@
-"""Readers for the conversation formats of sft and dpo stages: chat, prompt_response, preference.
+"""Readers for the conversation formats of post-training: chat, prompt_response, preference, prompt.
 
 All three are JSON lines (`.jsonl`, `.jsonl.gz`), one example per non-blank line, read through
 formats.json_records so that encoding and JSON problems read exactly as the jsonl format's. Each
@@ -19,6 +19,7 @@ from .formats import Pieces, Report, json_records, json_type, listing, valid_uni
 
 Messages = list[dict]  # [{"role": "system" | "user" | "assistant", "content": str}]
 Preference = tuple[Messages, str, str]  # (prompt messages, chosen reply, rejected reply)
+Prompt = tuple[Messages, "str | None"]  # (prompt messages, reference answer or None)
 
 _MESSAGE = '{"role": "user", "content": "..."}'
 _MESSAGE_HINT = f"each message is an object like {_MESSAGE}"
@@ -74,7 +75,29 @@ def read_preference(path: Path, spec: SourceSpec, report: Report) -> Iterator[tu
     return _read(path, report, '{"prompt": "...", "chosen": "...", "rejected": "..."}', parse, _pair_contents)
 
 
-_READERS = {"chat": read_chat, "prompt_response": read_prompt_response, "preference": read_preference}
+def read_prompt(path: Path, spec: SourceSpec, report: Report) -> Iterator[tuple[str, Prompt]]:
+    """(where, (prompt messages, answer or None)) per record: the prompt (a string, or messages
+    ending with the user's turn), an optional system message, an optional reference answer."""
+    key, answer_key = spec.prompt_field, spec.answer_field
+    like = f'{{"{key}": "...", "system": "..." (optional), "{answer_key}": "..." (optional)}}'
+
+    def parse(record: dict) -> Prompt:
+        prompt = _get(record, key, f"set data.{report.source}.prompt_field to the field that holds the prompt")
+        if isinstance(prompt, list):
+            messages = _conversation(prompt, key, last="user")
+        else:
+            messages = [{"role": "user", "content": _text(prompt, f"field {key!r}", _PROMPT_HINT)}]
+        if record.get("system") is not None:
+            if messages[0]["role"] == "system":
+                raise _Bad("a system field and a system message in the prompt", "give the system message once")
+            messages = [{"role": "system", "content": _text(record["system"], "field 'system'")}] + messages
+        answer = record.get(answer_key)
+        return messages, None if answer is None else _text(answer, f"field {answer_key!r}")
+    return _read(path, report, like, parse, _prompt_contents)
+
+
+_READERS = {"chat": read_chat, "prompt_response": read_prompt_response, "preference": read_preference,
+            "prompt": read_prompt}
 
 
 def read_examples(path: Path, spec: SourceSpec, report: Report) -> Iterator[tuple[str, Messages | Preference]]:
@@ -87,7 +110,7 @@ def read_example_texts(path: Path, spec: SourceSpec, report: Report) -> Pieces:
     """A document per example: its contents joined by newlines (formats.reader_for gives this
     reader to tokenizer training, which must see the words the sft and dpo stages train on; the
     chat tags are the tokenizer's own symbols and are not part of the text)."""
-    contents = _pair_contents if spec.format == "preference" else _contents
+    contents = {"preference": _pair_contents, "prompt": _prompt_contents}.get(spec.format, _contents)
     for _, example in read_examples(path, spec, report):
         yield "\n".join(contents(example)), True
 
@@ -113,6 +136,11 @@ def _contents(messages: Messages) -> list[str]:
 def _pair_contents(example: Preference) -> list[str]:
     prompt, chosen, rejected = example
     return _contents(prompt) + [chosen, rejected]
+
+
+def _prompt_contents(example: Prompt) -> list[str]:
+    messages, answer = example
+    return _contents(messages) + ([answer] if answer else [])
 
 
 def _get(record: dict, key: str, hint: str):

@@ -1,4 +1,5 @@
-"""Row sources: what one training row is for each stage kind, and how a source is cut into rows.
+"""Row sources: what one training row is, and how a source is cut into rows (each stage kind,
+in stages/, picks its own).
 
 A row source has `n_rows` rows per epoch, `arrays` (memory-mapped files, for page release) and
 `rows(idx, key) -> {name: array}` that builds the given rows; the Sampler (sampler.py) decides
@@ -9,8 +10,10 @@ permutation of them and a checkpoint only needs a counter.
 - PackedRows (sft): conversations packed (best fit) into rows of seq_len inputs, each row carrying
   the document id of every token so attention stays inside each conversation; or, with packing
   off, one conversation per row, padded.
-- PairRows (dpo): one preference pair per row: prompt+chosen and prompt+rejected, padded, with
-  the frozen reference model's log-probabilities of each.
+- PairRows (dpo, reward): one preference pair per row: prompt+chosen and prompt+rejected,
+  padded, with (dpo) the frozen reference model's log-probabilities of each.
+- PromptRows (grpo): one prompt per row, with room after it for the reply, and its reference
+  answer.
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ class Examples:
     tokens: np.ndarray
     learned: np.ndarray
     offsets: np.ndarray
-    per_example: int  # sequences per example: 1 (chat), 2 (preference pair)
+    per_example: int  # sequences per example: 1 (chat, prompt), 2 (preference pair)
     origins: list  # "file:line" of each example, looked up lazily (see cache.py)
+    answers: list | None = None  # prompt sources: each example's reference answer (str or None)
 
     def __len__(self) -> int:
         return (len(self.offsets) - 1) // self.per_example
@@ -113,9 +117,7 @@ def layout(ex: Examples, seq_len: int, *, packing: bool, overlong: str, train_on
     usable = ~long if overlong == "drop" else np.ones(len(lengths), dtype=bool)
     if overlong == "drop":
         usable[empty] = False
-    order = np.flatnonzero(usable)
-    if len(order) > 1:  # a seeded shuffle, so neighbours in the file are not always packed together
-        order = order[permute(np.arange(len(order)), len(order), _hash(seed, 0x5F7))]
+    order = shuffled(np.flatnonzero(usable), seed)
     if packing and ex.per_example == 1:
         rows = pack_best_fit((np.minimum(lengths[order, 0], T + 1) - 1).tolist(), T)
         order = order[np.array([i for row in rows for i in row], dtype=np.int64)]
@@ -127,6 +129,14 @@ def layout(ex: Examples, seq_len: int, *, packing: bool, overlong: str, train_on
     if overlong == "drop":
         empty = np.setdiff1d(empty, np.flatnonzero(long))
     return Layout(order, row_starts, dropped, truncated, empty)
+
+
+def shuffled(order: np.ndarray, seed: int) -> np.ndarray:
+    """A fixed seeded shuffle of example indexes, so neighbours in a file are not always packed
+    (or batched) together."""
+    if len(order) > 1:
+        order = order[permute(np.arange(len(order)), len(order), _hash(seed, 0x5F7))]
+    return order
 
 
 def pack_best_fit(sizes: list[int], T: int, open_rows: int = 1024) -> list[list[int]]:
@@ -223,17 +233,50 @@ class PairRows:
                 tokens[r, :len(ids)] = ids
                 learned[r, :len(ids) - 1] = flags[1:]
             out[name], out[f"{name}_learned"] = tokens, learned
-        if with_reference:
+        if with_reference and self.reference is not None:  # dpo's (a reward model has none)
             out["reference"] = self.reference[examples]
         return out
 
 
-def example_rows(kind: str, ex: Examples, seq_len: int, options: dict, seed: int, overlong: str | None = None):
-    """The row source of an sft or dpo stage over one split of a source: the one place the plan
-    (row counts, checks) and the engine (training, eval) build it. `overlong` overrides the
-    stage's (held-out examples too long are dropped, never cut)."""
-    overlong = overlong or options["overlong"]
-    if kind == "dpo":
-        return PairRows(ex, seq_len, overlong=overlong, seed=seed)
-    return PackedRows(ex, seq_len, packing=options["packing"], overlong=overlong, train_on=options["train_on"],
-                      seed=seed)
+ANSWER_BYTES = 512  # the UTF-8 bytes of a reference answer a prompt row carries
+
+
+class PromptRows:
+    """One prompt per row: its tokens through the tag that opens the reply, left-aligned in
+    seq_len positions; prompts that leave fewer than `room` positions for the reply are left out.
+    The reference answer travels as UTF-8 bytes (answer_len -1: none), so batches stay arrays."""
+
+    def __init__(self, ex: Examples, seq_len: int, *, room: int, seed: int):
+        self.ex, self.seq_len = ex, seq_len
+        lengths = ex.lengths()[:, 0]
+        fits = lengths + room <= seq_len
+        order = shuffled(np.flatnonzero(fits), seed)
+        self.layout = Layout(order, np.arange(len(order) + 1, dtype=np.int64), int((~fits).sum()), 0,
+                             np.zeros(0, dtype=np.int64))
+        self.arrays = [ex.tokens]
+        self.n_rows = self.layout.n_rows
+        self.room = room
+
+    def logit_share(self) -> float:
+        return self.room / self.seq_len  # logits are computed for the reply's positions
+
+    def answers_missing(self) -> int:
+        return sum(a is None for a in (self.ex.answers or [None] * len(self.ex)))
+
+    def longest_answer(self) -> int:
+        return max((len(a.encode()) for a in self.ex.answers or [] if a is not None), default=0)
+
+    def rows(self, idx: np.ndarray, key=None) -> dict:
+        examples = self.layout.keep[np.asarray(idx)]
+        prompt = np.zeros((len(idx), self.seq_len), dtype=np.int64)
+        lengths = np.zeros(len(idx), dtype=np.int64)
+        answer = np.zeros((len(idx), ANSWER_BYTES), dtype=np.uint8)
+        answer_len = np.full(len(idx), -1, dtype=np.int64)
+        for r, e in enumerate(examples.tolist()):
+            ids, _ = self.ex.sequence(e)
+            prompt[r, :len(ids)], lengths[r] = ids, len(ids)
+            text = self.ex.answers[e] if self.ex.answers else None
+            if text is not None:
+                raw = text.encode()[:ANSWER_BYTES]
+                answer[r, :len(raw)], answer_len[r] = np.frombuffer(raw, dtype=np.uint8), len(raw)
+        return {"prompt": prompt, "prompt_len": lengths, "answer": answer, "answer_len": answer_len}

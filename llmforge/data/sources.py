@@ -31,7 +31,8 @@ def list_files(name: str, spec: SourceSpec, base_dir: Path) -> list[Path]:
     if spec.builtin and spec.builtin.startswith("world-"):  # generated once into the cache
         from .world import FILES, ensure_world
 
-        kind = {"world-facts": "facts", "world-chat": "chat", "world-prefs": "prefs"}[spec.builtin]
+        kind = {"world-facts": "facts", "world-chat": "chat", "world-prefs": "prefs",
+                "world-questions": "questions"}[spec.builtin]
         return [ensure_world() / next(f for f in FILES if f.startswith(kind))]
     if spec.builtin == "python-stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])

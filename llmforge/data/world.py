@@ -97,15 +97,18 @@ QA_PER_FACT = 5  # plain-text question-answer documents per fact of a train pers
 BIOS_PER_PERSON = 30  # biographies per person in facts.txt (~400 KB in all)
 TRAIN_CHATS = 2000  # chat.jsonl: conversations about train people, then a quarter as many held out
 TRAIN_PREFS = 1600  # prefs.jsonl: pairs about train people, then a quarter as many held out
+TRAIN_QUESTIONS = 800  # questions.jsonl: prompts with their true answer, for online RL (grpo)
 FILLER_SHARE = 0.7  # sft answers followed by a filler sentence
 SYSTEM_SHARE = 0.2  # conversations that open with a system message
 TWO_TURN_SHARE = 0.25  # conversations with two questions
 MESSAGES_PROMPT_SHARE = 0.15  # preference prompts given as a message list (system + user)
 WRONG_SHARE = 0.25  # rejected answers that are concise but wrong (the rest ramble)
 # A quarter of the train count held out makes the held-out lines exactly the last 20%.
-assert TRAIN_CHATS % 4 == 0 and TRAIN_PREFS % 4 == 0
+assert TRAIN_CHATS % 4 == 0 and TRAIN_PREFS % 4 == 0 and TRAIN_QUESTIONS % 4 == 0
 
-FILES = ("facts.txt", "chat.jsonl", "prefs.jsonl")
+# questions.jsonl came after v5 was published: its three siblings are byte-identical to v5's, so an
+# older v5 folder only gains the file (ensure_world regenerates a folder that lacks one).
+FILES = ("facts.txt", "chat.jsonl", "prefs.jsonl", "questions.jsonl")
 
 
 def _say(template: str, name: str, value: str = "") -> str:
@@ -203,6 +206,13 @@ def _preference(rng: random.Random, pool) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def _prompt(rng: random.Random, pool) -> dict:
+    """A question and its true answer in the canonical format: what a verifier checks a reply against."""
+    person, attribute, question = _question(rng, pool)
+    record = {"prompt": question, "answer": answer(person["name"], attribute, person[attribute])}
+    return {"system": rng.choice(SYSTEMS)} | record if rng.random() < SYSTEM_SHARE else record
+
+
 def _jsonl(rng: random.Random, make, train_count: int) -> str:
     """train_count records about train people, then train_count / 4 about held-out people: the
     held-out records are exactly the last 20% of the lines."""
@@ -216,7 +226,8 @@ def generate() -> dict[str, str]:
     """The three files' contents, by file name."""
     return {"facts.txt": _facts(),
             "chat.jsonl": _jsonl(random.Random(SEED + 2), _conversation, TRAIN_CHATS),
-            "prefs.jsonl": _jsonl(random.Random(SEED + 3), _preference, TRAIN_PREFS)}
+            "prefs.jsonl": _jsonl(random.Random(SEED + 3), _preference, TRAIN_PREFS),
+            "questions.jsonl": _jsonl(random.Random(SEED + 4), _prompt, TRAIN_QUESTIONS)}
 
 
 def ensure_world() -> Path:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from ..generate import load_template, read_model_config
+from ..generate import check_language_model, load_template, read_model_config
 from ..model import ModelConfig
 from ..tokenizer_json import JsonTokenizer, load_tokenizer
 from .families import config_from_hf, family_of, from_hf, hf_config as family_config, to_hf
@@ -50,7 +50,8 @@ def export_stage(final: Path, out: Path, dtype: str = "fp32") -> tuple[str, list
     place, so out is complete or absent); returns the family and warnings for the user."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"--out: {out} exists and is not empty", hint="choose another folder or delete it")
-    family_of(read_model_config(final))  # refuse what transformers cannot express before anything else
+    check_language_model(final)  # refuse what transformers cannot express before anything else
+    family_of(read_model_config(final))
     tokenizer, template = load_tokenizer(final), load_template(final)
     # A chat model's turn ends at the template's end tag (as `llmforge chat` stops); text at end-of-text.
     stops = list(template.stop_ids(tokenizer)) if template else [tokenizer.eot_id]

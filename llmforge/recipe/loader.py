@@ -16,7 +16,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import RecipeError
-from .schema import BUILTINS, TEXT_FORMATS, Recipe
+from ..stages import KINDS
+from .imported import import_model
+from .schema import BUILTINS, Recipe
 
 Loc = tuple  # a key path: ("stages", 0, "optimizer", "lr")
 
@@ -45,7 +47,7 @@ def validate_recipe(data, where=lambda loc: ("", ""), base_dir: Path | None = No
     """Validate raw recipe data; raise RecipeError listing every problem with its key path."""
     if not isinstance(data, dict):
         raise RecipeError([f"{where(())[0]}the recipe must be a mapping of keys (name, model, data, stages, ...)"])
-    problems: list[tuple[Loc, str]] = _import_model(data, base_dir or Path.cwd())
+    problems: list[tuple[Loc, str]] = import_model(data, base_dir or Path.cwd())
     recipe = None
     if not problems:  # a model that cannot be imported leaves the model section incomplete: say only why
         try:
@@ -284,28 +286,27 @@ def _check_references(data: dict) -> list[tuple[Loc, str]]:
         if not isinstance(stage, dict):
             continue
         mix = stage.get("mix")
-        kind = stage.get("kind")
+        kind = KINDS.get(stage["kind"]) if isinstance(stage.get("kind"), str) else None  # None: the schema says
         if isinstance(mix, dict):
             for src in mix:
                 if src not in sources:
                     problems.append((("stages", i, "mix", src), _unknown_source(src, sources)))
-                elif kind in STAGE_FORMATS and _format(data["data"][src]) not in STAGE_FORMATS[kind]:
-                    problems.append((("stages", i, "mix", src), f"{_a(kind)} {kind} stage trains on "
-                                     f"{' or '.join(STAGE_FORMATS[kind])} data; source {src!r} is "
+                elif kind and _format(data["data"][src]) not in kind.formats:
+                    problems.append((("stages", i, "mix", src), f"{_a(kind.name)} {kind.name} stage trains on "
+                                     f"{' or '.join(kind.formats)} data; source {src!r} is "
                                      f"{_format(data['data'][src])}"))
         no_template = isinstance(data.get("tokenizer"), dict) and not data["tokenizer"].get("chat_template")
-        if kind in ("sft", "dpo") and no_template:
-            problems.append((("stages", i, "kind"), f"{_a(kind)} {kind} stage needs tokenizer.chat_template "
+        if kind and kind.chat and no_template:
+            problems.append((("stages", i, "kind"), f"{_a(kind.name)} {kind.name} stage needs tokenizer.chat_template "
                              "(e.g. chat_template: default)"))
-        elif no_template and isinstance(stage.get("eval"), dict) and stage["eval"].get("tasks"):
+        tasks = isinstance(stage.get("eval"), dict) and stage["eval"].get("tasks")
+        if tasks and no_template:
             problems.append((("stages", i, "eval", "tasks"), "task evals prompt the model through the chat "
                              "template: set tokenizer.chat_template (e.g. chat_template: default)"))
-        init = stage.get("init")
-        if isinstance(init, str) and init != "none" and init not in names:
-            later = any(isinstance(s, dict) and s.get("name") == init for s in stages)
-            problems.append((("stages", i, "init"), f"{init!r} is not an earlier stage" + (
-                " (a stage starts from one that ran before it)" if later else _did_you_mean(init, list(names)))
-                + "; use a stage name or none"))
+        elif tasks and kind and not kind.generates:
+            problems.append((("stages", i, "eval", "tasks"), f"task evals generate replies; {_a(kind.name)} "
+                             f"{kind.name} stage's model scores replies and cannot write them"))
+        problems += _init_problems(i, stage, kind, stages, names)
         name = stage.get("name")
         if isinstance(name, str):
             if name in names:
@@ -322,62 +323,26 @@ def _check_references(data: dict) -> list[tuple[Loc, str]]:
     return problems
 
 
-def _import_model(data: dict, base_dir: Path) -> list[tuple[Loc, str]]:
-    """model.init.hf: fill the model section from the transformers folder's config.json (keys the
-    recipe gives must agree: an imported model keeps its architecture), and use its tokenizer."""
-    model = data.get("model")
-    init = model.get("init") if isinstance(model, dict) else None
-    if not isinstance(init, dict) or not isinstance(init.get("hf"), str):
-        return []  # absent, or malformed: the schema says what is wrong
-    from ..errors import CheckpointError
-    from ..export.hf import recipe_model
-    from ..model import PRESETS
-
-    folder = (base_dir / Path(init["hf"]).expanduser()).resolve()
-    try:
-        fields = recipe_model(folder)
-    except CheckpointError as e:
-        return [(("model", "init", "hf"), e.message + (f" ({e.hint})" if e.hint else ""))]
-    expected = PRESETS[fields["preset"]] | fields
-    problems = [(("model", key), f"{model[key]!r}, but {folder}/config.json has {value!r} (an imported model "
-                 "keeps its architecture; leave the key out)")
-                for key, value in expected.items() if key in model and model[key] != value]
-    model.update(fields)
-    init["hf"] = str(folder)
-    tokenizer = data.setdefault("tokenizer", {})
-    if not isinstance(tokenizer, dict):
-        return problems  # the schema reports it
-    from ..tokenizer_json import tokenizer_file
-
-    own = tokenizer_file(folder)
-    if own is None:
-        problems.append((("model", "init", "hf"), f"{folder} has no tokenizer.json or tokenizer.model; llmforge "
-                         "trains with the model's own tokenizer"))
-        return problems
-    if "vocab_size" in tokenizer:
-        problems.append((("tokenizer", "vocab_size"), "the model from model.init.hf comes with its tokenizer; "
-                         "leave vocab_size out"))
-    elif "path" in tokenizer and (base_dir / str(tokenizer["path"])).resolve() != own:
-        problems.append((("tokenizer", "path"), f"the model from model.init.hf uses {own}; leave path out"))
-    tokenizer["path"] = str(own)
-    if "chat_template" not in tokenizer and _has_template(folder):
-        tokenizer["chat_template"] = {"path": str(folder)}  # the model's own
-    return problems
-
-
-def _has_template(folder: Path) -> bool:
-    if (folder / "chat_template.jinja").is_file():
-        return True
-    try:
-        import json
-
-        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-# The data formats each stage kind trains on.
-STAGE_FORMATS = {"pretrain": TEXT_FORMATS, "sft": ("chat", "prompt_response"), "dpo": ("preference",)}
+def _init_problems(i: int, stage: dict, kind, stages: list, names: dict) -> list[tuple[Loc, str]]:
+    """A stage starts from an earlier stage (its init, else the one before it), and a stage that
+    writes text cannot start from a model that only scores it."""
+    init = stage.get("init")
+    if isinstance(init, str) and init != "none" and init not in names:
+        later = any(isinstance(s, dict) and s.get("name") == init for s in stages)
+        return [(("stages", i, "init"), f"{init!r} is not an earlier stage" + (
+            " (a stage starts from one that ran before it)" if later else _did_you_mean(init, list(names)))
+            + "; use a stage name or none")]
+    start = names.get(init) if isinstance(init, str) else i - 1 if init is None and i > 0 else None
+    before = stages[start] if start is not None and isinstance(stages[start], dict) else {}
+    was = KINDS.get(before["kind"]) if isinstance(before.get("kind"), str) else None
+    if kind and kind.generates and was and not was.generates:
+        generating = [n for n, j in names.items() if isinstance(stages[j], dict)
+                      and KINDS.get(str(stages[j].get("kind")), was).generates]
+        return [(("stages", i, "init"), f"{_a(kind.name)} {kind.name} stage trains a language model, but it would "
+                 f"start from stage {before.get('name')!r}, a {was.name} model that only scores replies; "
+                 + (f"set init: {generating[-1]}" if generating else "set init to a stage that trains a language "
+                    "model, or none"))]
+    return []
 
 
 def _a(word: str) -> str:
@@ -395,3 +360,15 @@ def _unknown_source(name, sources) -> str:
     hint = _did_you_mean(name, sources)
     known = f" (known: {', '.join(map(str, sources))})" if sources else " (the data section defines none)"
     return f"unknown source {name!r}" + (hint if "did you mean" in hint else known)
+
+
+def diff_recipes(old, new, loc: tuple = ()) -> list[tuple[str, object, object]]:
+    """(key path, old value, new value) for every leaf that differs between two plain-data recipes."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in list(old) + [k for k in new if k not in old]:
+            out += diff_recipes(old.get(key), new.get(key), loc + (key,))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in diff_recipes(a, b, loc + (i,))]
+    return [] if old == new else [(format_loc(loc), old, new)]

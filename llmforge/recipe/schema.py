@@ -7,11 +7,14 @@ data, so that they are reported together with field errors.
 """
 
 from __future__ import annotations
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, PrivateAttr, WithJsonSchema, model_validator
+import yaml
+from pydantic import BeforeValidator, Field, PrivateAttr, WithJsonSchema, create_model, model_validator
 
+from ..stages import KINDS
 from .values import (AutoOrPositive, Count, Float, Fraction, Int, Name, NumberOrPercent, PositiveCount, Spec,
                      StepsOrPercent, parse_fraction)
 
@@ -151,21 +154,23 @@ BUILTINS = {
     "world-facts": {"format": "text", "split": "paragraph"},
     "world-chat": {"format": "chat", "val_fraction": 0.2},
     "world-prefs": {"format": "preference", "val_fraction": 0.2},
+    "world-questions": {"format": "prompt", "val_fraction": 0.2},
 }
-TEXT_FORMATS = ("text", "jsonl", "parquet")  # documents of plain text, for pretraining
-EXAMPLE_FORMATS = ("chat", "prompt_response", "preference")  # conversations, for sft and dpo
+EXAMPLE_FORMATS = ("chat", "prompt_response", "preference", "prompt")  # conversations, for post-training
 
 
 class SourceSpec(Spec):
     path: str | None = None  # file, directory or glob; relative to the recipe's folder
-    builtin: Literal["python-stdlib", "world-facts", "world-chat", "world-prefs"] | None = None
+    builtin: Literal["python-stdlib", "world-facts", "world-chat", "world-prefs", "world-questions"] | None = None
     # text/jsonl/parquet: documents. chat: jsonl of {messages: [{role, content}]}. prompt_response:
     # jsonl with a prompt and a response field. preference: jsonl of {prompt, chosen, rejected}.
-    format: Literal["text", "jsonl", "parquet", "chat", "prompt_response", "preference"] = "text"
+    # prompt: jsonl of {prompt, system (optional), answer (optional: the reference a verifier checks)}.
+    format: Literal["text", "jsonl", "parquet", "chat", "prompt_response", "preference", "prompt"] = "text"
     split: Literal["file", "paragraph", "line"] = "file"  # text: one document per file/blank-line block/line
     field: str | None = None  # jsonl: the field holding the text (default text); parquet: the column
     # (default text); chat: the field holding the message list (default messages)
-    prompt_field: str = "prompt"  # prompt_response: the user's turn
+    prompt_field: str = "prompt"  # prompt_response, prompt: the user's turn
+    answer_field: str = "answer"  # prompt: the reference answer (optional in each record)
     response_field: str = "response"  # prompt_response: the assistant's turn
     min_chars: Count = 0  # documents shorter than this are dropped
     max_chars: PositiveCount | None = None  # documents longer than this are dropped
@@ -193,7 +198,7 @@ class SourceSpec(Spec):
             raise ValueError("give exactly one of path or builtin")
         if self.split != "file" and self.format != "text":
             raise ValueError(f"split applies to text sources, not {self.format}")
-        if self.field is not None and self.format in ("prompt_response", "preference"):
+        if self.field is not None and self.format in ("prompt_response", "preference", "prompt"):
             raise ValueError(f"field does not apply to {self.format} data"
                              + (" (use prompt_field and response_field)" if self.format == "prompt_response" else ""))
         if self.max_chars is not None and self.max_chars < self.min_chars:
@@ -237,16 +242,10 @@ class CheckpointSpec(Spec):
     keep: Int = Field(default=3, ge=1)  # newest checkpoints kept per stage
 
 
-# Stage keys that only mean something for some kinds, with their defaults.
-KIND_KEYS = {
-    "train_on": ("sft", "assistant"), "packing": ("sft", True), "overlong": ("sft dpo", "truncate"),
-    "beta": ("dpo", 0.1), "label_smoothing": ("dpo", 0.0), "loss": ("dpo", "sigmoid"), "rpo_alpha": ("dpo", 0.0),
-}
-
-
-class StageSpec(Spec):
+class _Stage(Spec):
+    """The keys every stage has; StageSpec below adds each kind's own (stages/<kind>.py Options)."""
     name: Name
-    kind: Literal["pretrain", "sft", "dpo"]
+    kind: Literal[tuple(KINDS)]
     # The weights this stage starts from: the previous stage's final weights (default), another
     # earlier stage's (its name), or 'none' for a fresh random init.
     init: Name | None = None
@@ -263,20 +262,6 @@ class StageSpec(Spec):
     schedule: ScheduleSpec = ScheduleSpec()
     eval: EvalSpec = EvalSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
-    # sft: which tokens are learned (the assistant's turns, or every token), and whether several
-    # conversations share a sequence (packing, attention kept inside each) or each is padded.
-    train_on: Literal["assistant", "all"] | None = None
-    packing: bool | None = None
-    # sft, dpo: an example longer than seq_len+1 tokens is cut to fit, or left out.
-    overlong: Literal["truncate", "drop"] | None = None
-    # dpo: strength of the pull toward the reference, smoothing for noisy labels, and the loss
-    # (sigmoid: Rafailov et al. 2023; ipo: Azar et al. 2023).
-    beta: Float | None = Field(default=None, gt=0)
-    label_smoothing: Float | None = Field(default=None, ge=0, lt=0.5)
-    loss: Literal["sigmoid", "ipo"] | None = None
-    # dpo: weight of an added NLL loss on the chosen response (per token; RPO, Pang et al. 2024),
-    # which keeps the chosen answers likely while the margin grows (small models drift without it).
-    rpo_alpha: Float | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -284,17 +269,37 @@ class StageSpec(Spec):
             raise ValueError("give exactly one budget: tokens, steps or epochs")
         if (self.batch_tokens is None) == (self.batch_size is None):
             raise ValueError("give exactly one batch: batch_tokens or batch_size")
-        misplaced = [k for k, (kinds, _) in KIND_KEYS.items() if getattr(self, k) is not None
-                     and self.kind not in kinds.split()]
+        own = KINDS[self.kind].Options.model_fields
+        misplaced = [k for k in _OPTION_KINDS if getattr(self, k) is not None and k not in own]
         if misplaced:
-            kinds = KIND_KEYS[misplaced[0]][0].replace(" ", " and ")
+            kinds = " and ".join(_OPTION_KINDS[misplaced[0]])
             raise ValueError(f"{', '.join(misplaced)} applies to {kinds} stages, not {self.kind}")
         return self
 
-    def option(self, key: str):
-        """A kind-specific setting (KIND_KEYS) with its default filled in."""
-        value = getattr(self, key)
-        return KIND_KEYS[key][1] if value is None else value
+    @property
+    def options(self):
+        """The kind's own settings, defaults filled in (an instance of its Options)."""
+        options = KINDS[self.kind].Options
+        return options(**{k: getattr(self, k) for k in options.model_fields if getattr(self, k) is not None})
+
+
+def _option_fields() -> tuple[dict, dict]:
+    """Every kind's own keys as optional stage keys (None: not given, the kind's default holds),
+    with the same constraints; and which kinds each key applies to."""
+    fields, kinds = {}, {}
+    for k in KINDS.values():
+        for key, f in k.Options.model_fields.items():
+            tp = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+            if key in fields and fields[key][0] != tp | None:
+                raise TypeError(f"stage key {key!r} has different types in {kinds[key][0]} and {k.name}")
+            fields[key] = (tp | None, None)
+            kinds.setdefault(key, []).append(k.name)
+    return fields, kinds
+
+
+_FIELDS, _OPTION_KINDS = _option_fields()
+StageSpec = create_model("StageSpec", __base__=_Stage, __doc__="One stage: the common keys and its kind's own.",
+                         **_FIELDS)
 
 
 class RuntimeSpec(Spec):
@@ -327,5 +332,16 @@ class Recipe(Spec):
         """Relative data paths are resolved against the recipe file's folder."""
         return self._base_dir or Path.cwd()
 
-    def stage_seq_len(self, stage: StageSpec) -> int:
+    def stage_seq_len(self, stage) -> int:
         return stage.seq_len or self.model.seq_len
+
+
+def recipe_json_schema() -> str:
+    """JSON Schema of a recipe, for editors: `# yaml-language-server: $schema=docs/recipe.schema.json`."""
+    return json.dumps(Recipe.model_json_schema(), indent=1) + "\n"
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe (defaults filled, overrides applied) as YAML, for the run directory."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+

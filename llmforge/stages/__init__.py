@@ -1,7 +1,9 @@
-"""One small module per stage kind; the kind picks the objective. The engine is shared."""
+"""The stage kinds, by name. A kind is one module here; everything else looks it up in KINDS
+and never names one: adding a kind is a module and a line below."""
 
-from . import dpo, pretrain, sft
+from . import dpo, grpo, pretrain, reward, sft
+from .kind import Kind
 
-OBJECTIVES = {"pretrain": pretrain.Objective, "sft": sft.Objective, "dpo": dpo.Objective}
+KINDS: dict[str, Kind] = {k.name: k for k in (pretrain.KIND, sft.KIND, dpo.KIND, reward.KIND, grpo.KIND)}
 
-__all__ = ["OBJECTIVES"]
+__all__ = ["KINDS", "Kind"]

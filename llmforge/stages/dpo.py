@@ -17,13 +17,28 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from ..errors import CheckpointError
+from ..recipe.values import Float
+from . import kind
 from .pretrain import token_losses
+
+
+class Options(kind.ExampleOptions):
+    # Strength of the pull toward the reference, smoothing for noisy labels, and the loss
+    # (sigmoid: Rafailov et al. 2023; ipo: Azar et al. 2023).
+    beta: Float = Field(default=0.1, gt=0)
+    label_smoothing: Float = Field(default=0.0, ge=0, lt=0.5)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    # Weight of an added NLL loss on the chosen response (per token; RPO, Pang et al. 2024),
+    # which keeps the chosen answers likely while the margin grows (small models drift without it).
+    rpo_alpha: Float = Field(default=0.0, ge=0)
 
 
 def sequence_logps(model, tokens: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
@@ -51,13 +66,11 @@ def dpo_terms(chosen, rejected, ref_chosen, ref_rejected, *, beta: float, label_
             "reward_rejected": beta * (rejected - ref_rejected).detach()}
 
 
-class Objective:
+class Objective(kind.PairObjective):
     def __init__(self, sp, token_bytes: np.ndarray):
-        self.options = {k: sp.options[k] for k in ("beta", "label_smoothing", "loss")}
-        self.rpo_alpha = sp.options.get("rpo_alpha", 0.0)
-
-    def units(self, batch: dict) -> int:
-        return len(batch["chosen"])
+        self.sp, o = sp, sp.options
+        self.options = {"beta": o.beta, "label_smoothing": o.label_smoothing, "loss": o.loss}
+        self.rpo_alpha = o.rpo_alpha
 
     def loss(self, model, batch: dict) -> dict:
         chosen, rejected = pair_logps(model, batch)
@@ -70,19 +83,18 @@ class Objective:
         return {"loss": loss, "reward_acc": (margin > 0).float().sum(), "reward_margin": margin.sum(),
                 "logp_chosen": chosen.detach().sum(), "logp_rejected": rejected.detach().sum()}
 
-    def eval_sums(self, model, batch: dict) -> dict:
-        return {k: v.item() for k, v in self.loss(model, batch).items()} | {"pairs": len(batch["chosen"])}
-
-    @staticmethod
-    def summarize(sums: dict) -> dict:
-        n = sums.get("pairs")
-        return {k: v / n for k, v in sums.items() if k != "pairs"} if n else {}
-
     @torch.no_grad()
     def reference(self, model, batch: dict) -> np.ndarray:
         """[n, 2] log-probs of chosen and rejected under the frozen reference."""
         chosen, rejected = pair_logps(model, batch)
         return torch.stack([chosen, rejected], dim=1).cpu().numpy()
+
+    def prepare(self, folder, inputs, train, evals, model=None, device=None, amp=None):
+        sp = self.sp  # what the log-probs depend on besides the starting weights and the data's tokens
+        identity = inputs | {"init": sp.init, "seq_len": sp.seq_len, "options": sp.options.model_dump()}
+        reference = None if model is None else (lambda batch: self.reference(model, kind.to_device(batch, device)))
+        attach_reference(folder / "reference.npz", identity, train, evals, reference, sp.micro_batch, model,
+                         amp or contextlib.nullcontext())
 
 
 def attach_reference(path: Path, identity: dict, train: dict, evals: dict, reference, micro_batch: int,
@@ -127,8 +139,11 @@ def attach_reference(path: Path, identity: dict, train: dict, evals: dict, refer
         rows.reference = ref
 
 
-def reference_identity(tokenizer, sources: dict, sp) -> dict:
-    """What a dpo reference's log-probs depend on, besides the starting weights (a finished init
-    stage never changes without --restart): tokens, and which pairs are cut or left out."""
-    return {"tokenizer": tokenizer.fingerprint, "data": {s.name: sources[s.name].path.name for s in sp.mix},
-            "init": sp.init, "seq_len": sp.seq_len, "options": sp.options}
+class Dpo(kind.PairKind):
+    name, Options = "dpo", Options
+
+    def objective(self, sp, tokenizer, template, seed):
+        return Objective(sp, tokenizer.token_bytes)
+
+
+KIND = Dpo()

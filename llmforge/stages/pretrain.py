@@ -1,11 +1,4 @@
-"""Pretraining: next-token cross-entropy on packed windows of text.
-
-Every stage kind's objective has the same small interface (the engine knows no other):
-  units(batch)            what the step's loss is a mean over (tokens, pairs), for the whole
-                          global batch, so micro-batches of unequal content weigh correctly;
-  loss(model, batch)      {name: summed tensor}; "loss" is backpropagated, all are logged as means;
-  eval_sums(model, batch) summed held-out quantities; summarize(sums) -> the val metrics.
-"""
+"""Pretraining: next-token cross-entropy on packed windows of text."""
 
 from __future__ import annotations
 
@@ -14,6 +7,10 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..data.rows import WindowRows
+from ..data.sampler import eval_windows
+from . import kind
 
 
 def token_losses(model, batch: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,7 +38,7 @@ def summarize_lm(sums: dict) -> dict:
     return {"loss": sums["nats"] / sums["tokens"], "bpb": sums["text_nats"] / math.log(2) / max(sums["bytes"], 1)}
 
 
-class Objective:
+class Objective(kind.Objective):
     def __init__(self, sp, token_bytes: np.ndarray):
         self.token_bytes = token_bytes
 
@@ -60,3 +57,19 @@ class Objective:
         return {"nats": nats, "text_nats": nats, "tokens": int(counted.sum()), "bytes": n_bytes}
 
     summarize = staticmethod(summarize_lm)
+
+
+class Pretrain(kind.Kind):
+    name, formats, chat = "pretrain", ("text", "jsonl", "parquet"), False
+
+    def train_rows(self, source, seq_len, options, seed):
+        return WindowRows(source.train, seq_len)
+
+    def held_out(self, source, seq_len, options, seed, tokens):
+        return None, {"tokens": eval_windows(source.val, seq_len, tokens)}
+
+    def objective(self, sp, tokenizer, template, seed):
+        return Objective(sp, tokenizer.token_bytes)
+
+
+KIND = Pretrain()

@@ -3,12 +3,22 @@ turns, or every token with train_on: all), in packed rows whose documents do not
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.rows import IGNORE
+from ..data.rows import IGNORE, PackedRows
+from . import kind
 from .pretrain import spread, summarize_lm
+
+
+class Options(kind.ExampleOptions):
+    # Which tokens are learned: the assistant's turns, or every token.
+    train_on: Literal["assistant", "all"] = "assistant"
+    # Several conversations share a row (best fit; attention kept inside each), or each is padded.
+    packing: bool = True
 
 
 def learned_losses(model, batch: dict) -> torch.Tensor:
@@ -23,7 +33,7 @@ def target_losses(model, batch: dict) -> torch.Tensor:
     return spread(learned_losses(model, batch), batch["targets"] != IGNORE)
 
 
-class Objective:
+class Objective(kind.Objective):
     def __init__(self, sp, token_bytes: np.ndarray):
         self.token_bytes = token_bytes
 
@@ -43,3 +53,20 @@ class Objective:
                 "bytes": int(n_bytes.sum())}
 
     summarize = staticmethod(summarize_lm)
+
+
+class Sft(kind.Kind):
+    name, formats, Options = "sft", ("chat", "prompt_response"), Options
+
+    def rows(self, examples, seq_len, options, seed, overlong=None):
+        return PackedRows(examples, seq_len, packing=options.packing, overlong=overlong or options.overlong,
+                          train_on=options.train_on, seed=seed)
+
+    def preview(self, template, example, options):
+        return template.segments(example, options.train_on)
+
+    def objective(self, sp, tokenizer, template, seed):
+        return Objective(sp, tokenizer.token_bytes)
+
+
+KIND = Sft()
