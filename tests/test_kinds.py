@@ -4,6 +4,7 @@ The reward kind's Bradley-Terry loss and grpo's objective, by hand; batched gene
 from __future__ import annotations
 
 import ast
+import json
 import math
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def test_every_kind_declares_its_data_and_options():
         assert kind.name == name and kind.formats
         stage = StageSpec(name="s", kind=name, mix={"x": 1}, steps=1, batch_size=2)
         assert isinstance(stage.options, kind.Options)  # its defaults, from its own module
-    with pytest.raises(ValueError, match="beta applies to dpo stages, not reward"):
+    with pytest.raises(ValueError, match="beta applies to dpo, simpo and orpo stages, not reward"):
         StageSpec(name="s", kind="reward", mix={"x": 1}, steps=1, batch_size=2, beta=0.1)
     with pytest.raises(ValueError, match="overlong"):
         StageSpec(name="s", kind="reward", mix={"x": 1}, steps=1, batch_size=2, overlong="cut")
@@ -176,3 +177,68 @@ def test_grpo_loss_by_hand():
     assert sums["loss"].item() == pytest.approx(float(expected), rel=1e-5)
     assert sums["kl"].item() == pytest.approx(float(kl_sum), rel=1e-5)
     assert 0 <= sums["clip_frac"].item() <= 2
+
+
+def _pair_batch():
+    """Two preference pairs of token rows: the chosen replies 2 and 3 tokens, the rejected 1 and 2."""
+    chosen = torch.tensor([[1, 4, 5, 6, 0, 0, 0, 0, 0], [1, 7, 8, 9, 3, 0, 0, 0, 0]])
+    rejected = torch.tensor([[1, 4, 2, 0, 0, 0, 0, 0, 0], [1, 7, 6, 6, 0, 0, 0, 0, 0]])
+
+    def learned(starts, ends):
+        at = torch.arange(8)
+        return (at >= torch.tensor(starts)[:, None]) & (at < torch.tensor(ends)[:, None])
+    return {"chosen": chosen, "rejected": rejected, "chosen_learned": learned([1, 2], [3, 4]),
+            "rejected_learned": learned([1, 2], [2, 3])}
+
+
+def _by_hand_logps(model, tokens, learned):
+    with torch.no_grad():
+        logp = torch.log_softmax(model(tokens[:, :-1]), -1).gather(2, tokens[:, 1:, None])[..., 0]
+    return [float(logp[r][learned[r]].sum()) for r in range(len(tokens))], learned.sum(1).tolist()
+
+
+@pytest.mark.parametrize("name", ["simpo", "orpo"])
+def test_reference_free_preference_losses_by_hand(name):
+    torch.manual_seed(3)
+    model = Transformer(ModelConfig(vocab_size=12, seq_len=8, n_layer=1, n_head=2, n_embd=16))
+    batch = _pair_batch()
+    options = KINDS[name].Options(beta=0.5, **({"gamma": 0.3} if name == "simpo" else {}))
+    sp = SimpleNamespace(options=options)
+    sums = KINDS[name].objective(sp, None, None, 0).loss(model, batch)
+    (c, nc), (r, nr) = _by_hand_logps(model, batch["chosen"], batch["chosen_learned"]), \
+        _by_hand_logps(model, batch["rejected"], batch["rejected_learned"])
+    expected = 0.0
+    for lc, tc, lr, tr in zip(c, nc, r, nr):
+        if name == "simpo":  # -log sigmoid(beta/|y_c| log pi_c - beta/|y_r| log pi_r - gamma)
+            expected += math.log(1 + math.exp(-(0.5 * lc / tc - 0.5 * lr / tr - 0.3)))
+        else:  # NLL per token of chosen - beta log sigmoid(log odds_c - log odds_r)
+            mc, mr = lc / tc, lr / tr
+            log_odds = (mc - math.log(1 - math.exp(mc))) - (mr - math.log(1 - math.exp(mr)))
+            expected += -mc + 0.5 * math.log(1 + math.exp(-log_odds))
+    assert sums["loss"].item() == pytest.approx(expected, rel=1e-5)
+    sums["loss"].backward()  # no reference: the loss reaches the weights directly
+    assert model.tok_emb.weight.grad is not None
+
+
+def test_simpo_and_orpo_stages_run_from_a_recipe(tmp_path):
+    """Reference-free preference kinds train from a recipe like any other: pretrain -> simpo, orpo."""
+    from .conftest import cli
+    from .test_post import RECIPE, write_data
+
+    write_data(tmp_path)
+    head = RECIPE.split("  - name: sft")[0].replace("steps: 16", "steps: 4")
+    text = head + "".join(f"""  - name: {name}
+    kind: {name}
+    init: pretrain
+    mix: {{prefs: 1.0}}
+    steps: 4
+    batch_size: 4
+    optimizer: {{lr: 1e-3, weight_decay: 0.0}}
+    eval: {{tokens: 1024}}
+""" for name in ("simpo", "orpo")) + "runtime: {log_every: 2, threads: 1}\n"
+    (tmp_path / "recipe.yaml").write_text(text)
+    result = cli("run", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for stage, figure in (("02-simpo", "val_reward_acc"), ("03-orpo", "val_log_odds")):
+        saved = json.loads((tmp_path / "runs/post/stages" / stage / "final/eval.json").read_text())
+        assert figure in saved and math.isfinite(saved["val_loss"]), saved

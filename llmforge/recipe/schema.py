@@ -272,7 +272,8 @@ class _Stage(Spec):
         own = KINDS[self.kind].Options.model_fields
         misplaced = [k for k in _OPTION_KINDS if getattr(self, k) is not None and k not in own]
         if misplaced:
-            kinds = " and ".join(_OPTION_KINDS[misplaced[0]])
+            *most, last = _OPTION_KINDS[misplaced[0]]
+            kinds = f"{', '.join(most)} and {last}" if most else last
             raise ValueError(f"{', '.join(misplaced)} applies to {kinds} stages, not {self.kind}")
         return self
 
