@@ -53,7 +53,7 @@ def test_every_kind_declares_its_data_and_options():
         assert kind.name == name and kind.formats
         stage = StageSpec(name="s", kind=name, mix={"x": 1}, steps=1, batch_size=2)
         assert isinstance(stage.options, kind.Options)  # its defaults, from its own module
-    with pytest.raises(ValueError, match="beta applies to dpo, simpo and orpo stages, not reward"):
+    with pytest.raises(ValueError, match="beta applies to dpo, kto, simpo and orpo stages, not reward"):
         StageSpec(name="s", kind="reward", mix={"x": 1}, steps=1, batch_size=2, beta=0.1)
     with pytest.raises(ValueError, match="overlong"):
         StageSpec(name="s", kind="reward", mix={"x": 1}, steps=1, batch_size=2, overlong="cut")
@@ -220,8 +220,9 @@ def test_reference_free_preference_losses_by_hand(name):
     assert model.tok_emb.weight.grad is not None
 
 
-def test_simpo_and_orpo_stages_run_from_a_recipe(tmp_path):
-    """Reference-free preference kinds train from a recipe like any other: pretrain -> simpo, orpo."""
+def test_kto_simpo_and_orpo_stages_run_from_a_recipe(tmp_path):
+    """The added preference kinds train from a recipe like any other: pretrain -> kto (with its
+    reference's log-probs prepared as dpo's), simpo, orpo."""
     from .conftest import cli
     from .test_post import RECIPE, write_data
 
@@ -235,10 +236,27 @@ def test_simpo_and_orpo_stages_run_from_a_recipe(tmp_path):
     batch_size: 4
     optimizer: {{lr: 1e-3, weight_decay: 0.0}}
     eval: {{tokens: 1024}}
-""" for name in ("simpo", "orpo")) + "runtime: {log_every: 2, threads: 1}\n"
+""" for name in ("kto", "simpo", "orpo")) + "runtime: {log_every: 2, threads: 1}\n"
     (tmp_path / "recipe.yaml").write_text(text)
     result = cli("run", "recipe.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for stage, figure in (("02-simpo", "val_reward_acc"), ("03-orpo", "val_log_odds")):
+    assert (tmp_path / "runs/post/stages/02-kto/reference.npz").is_file()
+    for stage, figure in (("02-kto", "val_kl"), ("03-simpo", "val_reward_acc"), ("04-orpo", "val_log_odds")):
         saved = json.loads((tmp_path / "runs/post/stages" / stage / "final/eval.json").read_text())
         assert figure in saved and math.isfinite(saved["val_loss"]), saved
+
+
+def test_kto_loss_by_hand():
+    chosen, rejected = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.5])
+    ref_c, ref_r = torch.tensor([-3.5, -4.0]), torch.tensor([-3.0, -5.5])
+    t = KINDS["kto"].Options(beta=0.5, desirable_weight=1.0, undesirable_weight=2.0)
+    from llmforge.stages.kto import kto_terms
+
+    out = kto_terms(chosen, rejected, ref_c, ref_r, beta=t.beta, desirable_weight=t.desirable_weight,
+                    undesirable_weight=t.undesirable_weight)
+    r_good, r_bad = [0.5, -1.0], [-1.0, 1.0]
+    z0 = max(0.0, sum(r_good + r_bad) / 4)  # -0.125 -> 0
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = [(1 - sig(0.5 * (g - z0)) + 2 * (1 - sig(0.5 * (z0 - b)))) / 2 for g, b in zip(r_good, r_bad)]
+    assert out["z0"].item() == z0
+    assert out["loss"].tolist() == pytest.approx(expected, rel=1e-6)

@@ -605,7 +605,7 @@ RECIPE_ERRORS = {
     "init names a later stage": (_edit(RECIPE, "    kind: sft\n", "    kind: sft\n    init: dpo\n"),
                                  "stages[1].init: 'dpo' is not an earlier stage"),
     "beta on pretrain": (_edit(RECIPE, "    kind: pretrain\n", "    kind: pretrain\n    beta: 0.1\n"),
-                         "beta applies to dpo, simpo and orpo stages, not pretrain"),
+                         "beta applies to dpo, kto, simpo and orpo stages, not pretrain"),
     "sft after a reward model": (_edit(RECIPE, "  - name: grpo\n", "  - {name: sft2, kind: sft, mix: {chat: 1.0}, "
                                        "steps: 2, batch_size: 4}\n  - name: grpo\n"),
                                  "stages[4].init: an sft stage trains a language model, but it would start from stage "
