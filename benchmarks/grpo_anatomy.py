@@ -26,8 +26,7 @@ from llmforge.data.cache import prepare_source
 from llmforge.data.sampler import Sampler
 from llmforge.engine import stage_rows
 from llmforge.evaluation import load_run_recipe
-from llmforge.checkpoint import load_weights
-from llmforge.generate import find_stage, generate_batch, read_model_config
+from llmforge.generate import find_stage, generate_batch, load_model
 from llmforge.optim import build_optimizer
 from llmforge.pipeline import recipe_template, source_stats
 from llmforge.plan import detect_device, plan_stage
@@ -66,8 +65,7 @@ def main() -> None:
     sp = plan_stage(recipe, index, vocab_size=tokenizer.vocab_size, device=device,
                     sources={n: source_stats(s) for n, s in sources.items()}, tokenizer_fingerprint=tokenizer.fingerprint)
     kind, start = KINDS["grpo"], find_stage(run, spec.init)
-    model = kind.build_model(read_model_config(start))
-    load_weights(model, start / "model.safetensors")
+    model = load_model(start, kind.build_model)
     objective = kind.objective(sp, tokenizer, template, recipe.seed)
     stage = run / "stages" / sp.dir_name
     stage.mkdir(parents=True, exist_ok=True)

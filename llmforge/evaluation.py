@@ -19,8 +19,7 @@ from .chat import load_template
 from .data.cache import prepare_source
 from .engine import _autocast, eval_batches, evaluate, stage_inputs, stage_rows
 from .errors import CheckpointError
-from .checkpoint import load_weights
-from .generate import check_language_model, find_stage, read_model_config
+from .generate import check_language_model, find_stage, load_model
 from .plan import detect_device, plan_stage
 from .recipe.loader import validate_recipe
 from .stages import KINDS
@@ -59,9 +58,7 @@ def evaluate_stage(run_dir: Path, stage: str | None, tasks: list[str] | None = N
     sp = plan_stage(recipe, recipe.stages.index(spec), vocab_size=tokenizer.vocab_size, sources=stats,
                     device=device, tokenizer_fingerprint=tokenizer.fingerprint)
     kind = KINDS[sp.kind]
-    model = kind.build_model(read_model_config(final))
-    load_weights(model, final / "model.safetensors")
-    model.to(device.type).eval()
+    model = load_model(final, kind.build_model, device.type)
     objective, amp = kind.objective(sp, tokenizer, template, recipe.seed), _autocast(device)
     train, evals = stage_rows(sources, sp, recipe.seed)
     # What the run prepared (dpo: its reference's log-probs; the final weights are not the reference).

@@ -52,14 +52,20 @@ def check_language_model(final: Path) -> None:
                               hint="use a stage that trains a language model (--stage), or `llmforge eval` it")
 
 
+def load_model(final: Path, build=Transformer, device="cpu", language_model: bool = False):
+    """A stage's final weights in the model `build` makes of its config, on device, in eval mode;
+    with language_model, a stage whose model does not write text is refused."""
+    cfg = read_model_config(final)
+    if language_model:
+        check_language_model(final)
+    model = build(cfg)
+    load_weights(model, final / "model.safetensors")
+    return model.to(device).eval()
+
+
 def load_trained(final: Path, device: str = "cpu") -> tuple[Transformer, Tokenizer]:
     """A stage's language model, ready to generate, and its tokenizer."""
-    cfg = read_model_config(final)
-    check_language_model(final)
-    model = Transformer(cfg)
-    load_weights(model, final / "model.safetensors")
-    model.to(device).eval()
-    return model, load_tokenizer(final)
+    return load_model(final, Transformer, device, language_model=True), load_tokenizer(final)
 
 
 def sample(model: Transformer, tokenizer: Tokenizer, prompt: str, template: ChatTemplate | None = None,

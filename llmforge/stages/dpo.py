@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -123,7 +122,7 @@ def attach_reference(path: Path, identity: dict, train: dict, evals: dict, refer
             # large temporaries fragment glibc's heap, and whole quickstart runs grew their
             # resident memory here by ~13 MB a batch (700-830 MB) in about 1 of 4 runs.
             stored[key] = np.zeros((rows.n_rows, 2), dtype=np.float32)
-            for idx in np.array_split(np.arange(rows.n_rows), max(1, math.ceil(rows.n_rows / micro_batch))):
+            for idx in kind.split_rows(rows.n_rows, micro_batch):
                 with amp:
                     stored[key][idx] = reference(rows.rows(idx, with_reference=False))
         model.train()

@@ -118,7 +118,10 @@ class Objective(kind.Objective):
         advantages = groups - groups.mean(dim=1, keepdim=True)
         if o.scale_rewards:
             advantages = advantages / (groups.std(dim=1, keepdim=True) + 1e-4)
-        rows["old"] = _spread(replies["logps"], prompts["prompt_len"], replies["n"], rows["learned"])
+        # The sampler's log-prob of each reply token, at its target position (replies fill their rows' learned
+        # positions in order).
+        sampled = torch.arange(replies["logps"].shape[1], device=replies["n"].device) < replies["n"][:, None]
+        rows["old"] = spread(replies["logps"][sampled].cpu(), torch.from_numpy(rows["learned"])).numpy()
         with amp:
             rows["ref"] = self._logps(self.reference, rows)
         rows["advantage"] = advantages.flatten().cpu().numpy().astype(np.float32)
@@ -215,15 +218,6 @@ class Objective(kind.Objective):
     def summarize(sums):
         n = sums.get("prompts")
         return {k: v / n for k, v in sums.items() if k != "prompts"} if n else {}
-
-
-def _spread(logps: torch.Tensor, lengths: np.ndarray, n: torch.Tensor, learned: np.ndarray) -> np.ndarray:
-    """The sampler's per-reply-token log-probs [B, L] placed at their target positions [B, T]."""
-    out = np.zeros(learned.shape, dtype=np.float32)
-    values, n = logps.cpu().numpy(), n.cpu().numpy()
-    for i in range(len(out)):
-        out[i, lengths[i] - 1:lengths[i] - 1 + n[i]] = values[i, :n[i]]
-    return out
 
 
 class Grpo(kind.Kind):

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import load_weights
-from ..generate import read_model_config
+from ..generate import load_model
 from ..model import Transformer
 from . import kind
 
@@ -60,9 +59,7 @@ class RewardScorer:
     turn ended), read at its last token as in training."""
 
     def __init__(self, final, device):
-        self.model = RewardModel(read_model_config(final))
-        load_weights(self.model, final / "model.safetensors")
-        self.model.to(device).eval().requires_grad_(False)
+        self.model = load_model(final, RewardModel, device).requires_grad_(False)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
