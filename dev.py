@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     if code:
         return code
     # Two questions about people no training conversation mentioned, through the chat command.
-    questions = "Where does Orla live?\nWhat pet does Pietro have?\n"
+    questions = "Where does Clara live?\nWhat pet does Diego have?\n"
     return subprocess.run([llmforge, "chat", "runs/quickstart", "--temperature", "0"], input=questions, text=True,
                           cwd=ROOT).returncode
 

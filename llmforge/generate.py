@@ -159,3 +159,27 @@ def generate_batch(model, prompts: torch.Tensor, lengths: torch.Tensor, max_new_
         docs = torch.cat([docs, torch.ones(B, 1, dtype=torch.long, device=docs.device)], dim=1)
         logits = model(token[:, None], cache, docs)[:, -1, :vocab_limit]
     return {"new": new, "logps": logps, "n": n, "ended": ~live}
+
+
+def greedy_replies(model, tokenizer: Tokenizer, template: ChatTemplate, conversations: list[list[dict]],
+                   max_new_tokens: int, batch: int = 64) -> list[tuple[str, bool]]:
+    """The greedy reply to each conversation and whether the model ended its turn, `batch` at a
+    time through one KV cache each (generate_batch): what a task eval asks of a model."""
+    device = next(model.parameters()).device
+    stops = tuple(template.stop_ids(tokenizer))
+    out, seq_len = [], model.config.seq_len
+    for i in range(0, len(conversations), batch):
+        # A prompt keeps its last seq_len - 1 tokens, and replies stop where the longest prompt
+        # of the batch reaches seq_len (the model has no positions beyond it).
+        ids = [template.prompt(tokenizer, messages)[-(seq_len - 1):] for messages in conversations[i:i + batch]]
+        steps = min(max_new_tokens, seq_len - max(map(len, ids)))
+        prompts = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
+        for row, x in enumerate(ids):
+            prompts[row, :len(x)] = torch.tensor(x)
+        got = generate_batch(model, prompts.to(device), torch.tensor([len(x) for x in ids], device=device),
+                             steps, temperature=0.0, top_k=None, generator=None, stop_ids=stops,
+                             vocab_limit=tokenizer.vocab_size)
+        for new, n, ended in zip(got["new"].tolist(), got["n"].tolist(), got["ended"].tolist()):
+            out.append((tokenizer.decode([t for t in new[:n] if t not in stops]), ended))
+    return out
+

@@ -13,7 +13,7 @@ their facts were only ever in the pretraining text, never in a training conversa
 from __future__ import annotations
 
 from .errors import PlanError
-from .generate import reply
+from .generate import greedy_replies
 
 _MAX_NEW_TOKENS = 48  # an answer is ~10 tokens; a model that never ends its turn is cut here
 
@@ -23,11 +23,9 @@ def world_qa(model, tokenizer, template) -> dict:
 
     counts: dict[str, int] = {}
     items = qa_prompts()
-    for item in items:
-        ended: list = []
-        text = "".join(reply(model, tokenizer, template, item["messages"], max_new_tokens=_MAX_NEW_TOKENS,
-                             temperature=0.0, stopped=ended))
-        for k, ok in score_reply(item, text, ended[0]).items():
+    replies = greedy_replies(model, tokenizer, template, [item["messages"] for item in items], _MAX_NEW_TOKENS)
+    for item, (text, ended) in zip(items, replies):
+        for k, ok in score_reply(item, text, ended).items():
             counts[k] = counts.get(k, 0) + bool(ok)
     return {f"world-qa/{k}": v / len(items) for k, v in counts.items()}
 

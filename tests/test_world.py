@@ -46,7 +46,9 @@ def test_deterministic_atomic_and_cached(folder, tmp_path, monkeypatch):
 def test_people_and_names():
     assert len(NAMES) == len(set(NAMES)) == len(people()) >= 60
     assert not [a for a in NAMES for b in NAMES if a != b and b.startswith(a)]  # a name is never part of another
-    assert [p["name"] for p in held_out_people()] == list(NAMES[int(0.8 * len(NAMES)):])
+    assert [p["name"] for p in held_out_people()] == list(NAMES[round(0.6 * len(NAMES)):])
+    # Enough held-out questions that a task column's sampling error is small (~3 points at 80%).
+    assert len(qa_prompts()) == 4 * len(held_out_people()) >= 180
     for p in people():
         assert all(p[a] in VALUES[a] for a in ATTRIBUTES)
     # The answer format sft teaches starts right at the fact (see world.ANSWERS).
@@ -136,7 +138,7 @@ def test_facts_state_every_fact(folder):
     for p in people():
         for a in ATTRIBUTES:
             canonical = world._say(PHRASINGS[a][0], p["name"], p[a])
-            assert text.count(canonical) >= 5, (p, a)
+            assert text.count(canonical) >= 3, (p, a)
 
 
 def test_qa_prompts():

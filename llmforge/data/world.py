@@ -1,13 +1,14 @@
 """A small generated world for the quickstart: pretrain -> sft -> dpo on a tiny model, on a CPU.
 
-About 80 people, each with a city, a job, a pet and a favorite color. Three files come out of it:
+120 people, each with a city, a job, a pet and a favorite color. Four files come out of it:
 
   facts.txt    biographies in varied wording, one per blank-line block (pretraining: the knowledge)
   chat.jsonl   questions answered in one canonical sentence, half of them followed by a rambling
                filler sentence (sft: the question -> answer format, and a habit to unlearn)
   prefs.jsonl  the concise answer preferred over a rambling or a wrong one (dpo: drop the filler)
+  questions.jsonl  questions with their true answer (grpo: what a verifier checks a reply against)
 
-The last 20% of the people are held out: their facts are in facts.txt, but no sft or preference
+The last 40% of the people (48) are held out: their facts are in facts.txt, but no sft or preference
 training example mentions them. The last 20% of the lines of chat.jsonl and prefs.jsonl are about
 them only, so the sources' val_fraction of 0.2 holds exactly those out, and `qa_prompts` asks about
 them: a correct answer there means the model combined what pretraining taught it (the fact) with
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from .cache import cache_dir
 
-WORLD_VERSION = 5  # bump on any change below: the folder name is the cache key
+WORLD_VERSION = 6  # bump on any change below: the folder name is the cache key
 SEED = 1234  # the one seed; each file draws from its own stream (SEED + n) so tuning one file's
 # counts leaves the other files unchanged
 
@@ -43,8 +44,13 @@ NAMES = (
     "Amara", "Bjorn", "Cosimo", "Dagmar", "Esther", "Fabio", "Gianni", "Hana", "Idris", "Jonas",
     "Kasimir", "Lucia", "Marek", "Noemi", "Orla", "Pietro", "Rosalind", "Stefan", "Thea", "Uma",
     "Valentin", "Wendel", "Yasmin", "Zoltan", "Agnes", "Benedikt", "Clara", "Diego", "Elif", "Felix",
+    "Adele", "Bogdan", "Cyrus", "Dalia", "Edgar", "Filippo", "Gaspard", "Hedda", "Imre", "Jelena",
+    "Kofi", "Lars", "Milos", "Nuno", "Odile", "Petra", "Radek", "Sanna", "Teodor", "Ugo",
+    "Vilma", "Wiktor", "Ximena", "Yannick", "Zuzana", "Alvaro", "Cesar", "Elias", "Frida", "Goran",
+    "Henrik", "Ilse", "Kalinda", "Leopold", "Mikkel", "Ottilie", "Pavel", "Rasmus", "Sigrid", "Tobias",
 )
-HELD_OUT_FROM = int(0.8 * len(NAMES))  # people[HELD_OUT_FROM:] are never in a training example
+HELD_OUT_SHARE = 0.4  # people[HELD_OUT_FROM:] are never in a training example: 48 people, 192 questions
+HELD_OUT_FROM = round((1 - HELD_OUT_SHARE) * len(NAMES))
 
 CITIES = ("Paris", "Lisbon", "Oslo", "Cairo", "Lima", "Dublin", "Vienna", "Kyoto", "Nairobi", "Quito",
           "Prague", "Seoul")
@@ -94,7 +100,7 @@ SYSTEMS = ("You answer questions about the people of Velden.", "You are a helpfu
            "Answer the user's questions about people.")
 
 QA_PER_FACT = 5  # plain-text question-answer documents per fact of a train person in facts.txt
-BIOS_PER_PERSON = 30  # biographies per person in facts.txt (~400 KB in all)
+BIOS_PER_PERSON = 20  # biographies per person in facts.txt (~400 KB in all)
 TRAIN_CHATS = 2000  # chat.jsonl: conversations about train people, then a quarter as many held out
 TRAIN_PREFS = 1600  # prefs.jsonl: pairs about train people, then a quarter as many held out
 TRAIN_QUESTIONS = 800  # questions.jsonl: prompts with their true answer, for online RL (grpo)
@@ -106,8 +112,6 @@ WRONG_SHARE = 0.25  # rejected answers that are concise but wrong (the rest ramb
 # A quarter of the train count held out makes the held-out lines exactly the last 20%.
 assert TRAIN_CHATS % 4 == 0 and TRAIN_PREFS % 4 == 0 and TRAIN_QUESTIONS % 4 == 0
 
-# questions.jsonl came after v5 was published: its three siblings are byte-identical to v5's, so an
-# older v5 folder only gains the file (ensure_world regenerates a folder that lacks one).
 FILES = ("facts.txt", "chat.jsonl", "prefs.jsonl", "questions.jsonl")
 
 
@@ -164,7 +168,11 @@ def _facts() -> str:
     # model that pretrains on both learns to keep facts where a question can reach them, and
     # then answers about people it only ever read biographies of (Allen-Zhu & Li 2023, "Physics
     # of Language Models 3.1": without such data, fine-tuning memorizes instead of extracting).
-    bios += [f"Q: {_say(rng.choice(QUESTIONS[a]), p['name'])}\nA: {answer(p['name'], a, p[a])}"
+    # Written as a chat turn's text is (the question on its own line, the answer on the next, no
+    # "Q:"/"A:"), so a question and its answer are the same tokens here as in a conversation and
+    # sft only has to map the chat tags onto the line breaks: with "Q: ... A: ..." the same model
+    # answered 25 points fewer held-out questions after sft than before it.
+    bios += [f"{_say(rng.choice(QUESTIONS[a]), p['name'])}\n{answer(p['name'], a, p[a])}"
              for p in train_people() for a in ATTRIBUTES for _ in range(QA_PER_FACT)]
     rng.shuffle(bios)  # the held-out people's facts are spread through the whole text
     return "\n\n".join(bios) + "\n"
