@@ -179,7 +179,12 @@ def greedy_replies(model, tokenizer: Tokenizer, template: ChatTemplate, conversa
         got = generate_batch(model, prompts.to(device), torch.tensor([len(x) for x in ids], device=device),
                              steps, temperature=0.0, top_k=None, generator=None, stop_ids=stops,
                              vocab_limit=tokenizer.vocab_size)
-        for new, n, ended in zip(got["new"].tolist(), got["n"].tolist(), got["ended"].tolist()):
-            out.append((tokenizer.decode([t for t in new[:n] if t not in stops]), ended))
+        out += zip(reply_texts(tokenizer, got, stops), got["ended"].tolist())
     return out
+
+
+def reply_texts(tokenizer: Tokenizer, got: dict, stop_ids: tuple[int, ...]) -> list[str]:
+    """The text of each reply generate_batch returned, without the stop id that ended it."""
+    return [tokenizer.decode([t for t in new[:n] if t not in stop_ids])
+            for new, n in zip(got["new"].tolist(), got["n"].tolist())]
 

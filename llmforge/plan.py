@@ -233,7 +233,7 @@ def _choose_parallel(recipe: Recipe, cfg: ModelConfig, device: Device, world_siz
         return recipe.runtime.parallel
     if muon is not None:
         return "ddp"
-    longest = max(recipe.stage_seq_len(s) * KINDS[s.kind].sequences(s.options) for s in recipe.stages)
+    longest = max(recipe.stage_seq_len(s) * KINDS[s.kind].sequences(s.options, _format(recipe, s)) for s in recipe.stages)
     return "ddp" if estimate_memory(cfg, 1, longest, device.precision, cpu=device.type == "cpu") <= memory_budget(device) \
         else "fsdp"
 
@@ -243,7 +243,7 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
     seq_len, options = recipe.stage_seq_len(spec), kind.plan_options(spec, recipe)
     if problems := kind.check(where, i, options, recipe, sources, fingerprint):
         raise PlanError("\n".join(problems), hint=f"see docs/recipe.md, stage kind {spec.kind}")
-    n_seq = kind.sequences(options)  # a dpo row is a pair: two sequences
+    n_seq = kind.sequences(options, _format(recipe, spec))  # a dpo row is a pair: two sequences
     per_row = n_seq * seq_len
     if spec.batch_tokens is not None:
         if spec.batch_tokens % (per_row * world_size):
@@ -293,6 +293,11 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
         mix=mix, flops=flops, est_peak_memory_bytes=memory,
         est_time_s=estimate_time(flops / world_size, cfg, micro * per_row // seq_len, seq_len, device),
     )
+
+
+def _format(recipe: Recipe, spec) -> str:
+    """The data format of a stage's mix (a kind that takes several formats refuses a mix of them)."""
+    return recipe.data[next(iter(spec.mix))].format
 
 
 def _held_out_fits(sp, st: SourceStats, seed: int) -> str:

@@ -165,6 +165,29 @@ def test_preference_bad_records(tmp_path, record, reason):
     assert bad(read_preference, p, format="preference").message == f"{p}:1: {reason}"
 
 
+# --- unpaired (kto) ----------------------------------------------------------------------------------
+
+def test_unpaired_forms(tmp_path):
+    p = write(tmp_path / "u.jsonl", [{"prompt": "q", "completion": "good", "label": True},
+                                     {"prompt": [msg(U, "q")], "completion": [msg(A, "bad")], "label": False}])
+    assert read(read_examples, p, format="unpaired") == [(f"{p}:1", ([msg(U, "q")], "good", True)),
+                                                         (f"{p}:2", ([msg(U, "q")], "bad", False))]
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"prompt": "q", "completion": "a"}, "no field 'label' (fields: prompt, completion)"),
+    ({"prompt": "q", "completion": "a", "label": 1}, "field 'label' is int, not true or false"),
+    ({"prompt": "q", "completion": "a", "label": "yes"}, "field 'label' is string, not true or false"),
+    ({"prompt": "q", "label": True}, "no field 'completion' (fields: prompt, label)"),
+    ({"prompt": "q", "completion": " ", "label": True}, "field 'completion' is only whitespace"),
+])
+def test_unpaired_bad_records(tmp_path, record, reason):
+    p = write(tmp_path / "u.jsonl", [record])
+    e = bad(read_examples, p, format="unpaired")
+    assert e.message == f"{p}:1: {reason}"
+    assert "label" in e.hint or "text" in e.hint
+
+
 # --- length filter, dispatch, text for the tokenizer ----------------------------------------------
 
 def test_length_filter_counts_all_contents(tmp_path):
@@ -194,6 +217,7 @@ def test_read_examples_dispatches(tmp_path):
     ("prompt_response", {"prompt": "q", "response": "a"}, "q\na"),
     ("preference", {"prompt": [msg(U, "q1"), msg(A, "a1"), msg(U, "q2")], "chosen": "x", "rejected": [msg(A, "y")]},
      "q1\na1\nq2\nx\ny"),
+    ("unpaired", {"prompt": "q", "completion": "x", "label": False}, "q\nx"),
 ])
 def test_reader_for_gives_the_text(tmp_path, fmt, record, text):
     p = write(tmp_path / "e.jsonl", [record, record])

@@ -221,29 +221,48 @@ def test_reference_free_preference_losses_by_hand(name):
 
 
 def test_kto_simpo_and_orpo_stages_run_from_a_recipe(tmp_path):
-    """The added preference kinds train from a recipe like any other: pretrain -> kto (with its
-    reference's log-probs prepared as dpo's), simpo, orpo."""
+    """The added preference kinds train from a recipe like any other: pretrain -> kto on pairs
+    (with its reference's log-probs prepared as dpo's), kto on unpaired replies, simpo, orpo."""
+    import numpy as np
+
     from .conftest import cli
-    from .test_post import RECIPE, write_data
+    from .test_post import RECIPE, preferences, write_data
 
     write_data(tmp_path)
-    head = RECIPE.split("  - name: sft")[0].replace("steps: 16", "steps: 4")
+    # Unpaired: each pair's chosen reply as a good one and its rejected as a bad one, apart.
+    (tmp_path / "unpaired.jsonl").write_text("".join(
+        json.dumps({"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}) + "\n"
+        for p in preferences() for side in ("chosen", "rejected")))
+    head = RECIPE.split("  - name: sft")[0].replace("steps: 16", "steps: 4").replace(
+        "stages:", "  unpaired: {path: unpaired.jsonl, format: unpaired, val_fraction: 10%}\nstages:")
     text = head + "".join(f"""  - name: {name}
-    kind: {name}
+    kind: {kind}
     init: pretrain
-    mix: {{prefs: 1.0}}
+    mix: {{{source}: 1.0}}
     steps: 4
     batch_size: 4
     optimizer: {{lr: 1e-3, weight_decay: 0.0}}
     eval: {{tokens: 1024}}
-""" for name in ("kto", "simpo", "orpo")) + "runtime: {log_every: 2, threads: 1}\n"
+""" for name, kind, source in (("kto", "kto", "prefs"), ("kto-u", "kto", "unpaired"), ("simpo", "simpo", "prefs"),
+                               ("orpo", "orpo", "prefs"))) + "runtime: {log_every: 2, threads: 1}\n"
     (tmp_path / "recipe.yaml").write_text(text)
+    plan = cli("plan", "recipe.yaml", cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    assert "(good)" in plan.stdout or "(bad)" in plan.stdout  # the unpaired stage's example preview
     result = cli("run", "recipe.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "runs/post/stages/02-kto/reference.npz").is_file()
-    for stage, figure in (("02-kto", "val_kl"), ("03-simpo", "val_reward_acc"), ("04-orpo", "val_log_odds")):
-        saved = json.loads((tmp_path / "runs/post/stages" / stage / "final/eval.json").read_text())
+    stages = tmp_path / "runs/post/stages"
+    assert (stages / "02-kto/reference.npz").is_file()
+    with np.load(stages / "03-kto-u/reference.npz") as saved:  # one log-prob per reply
+        assert saved["train/unpaired"].shape[1] == 1 and np.all(saved["train/unpaired"] < 0)
+    for stage, figure in (("02-kto", "val_kl"), ("03-kto-u", "val_reward_good"), ("04-simpo", "val_reward_acc"),
+                          ("05-orpo", "val_log_odds")):
+        saved = json.loads((stages / stage / "final/eval.json").read_text())
         assert figure in saved and math.isfinite(saved["val_loss"]), saved
+    (tmp_path / "mixed.yaml").write_text(text.replace("mix: {unpaired: 1.0}", "mix: {unpaired: 1.0, prefs: 1.0}"))
+    mixed = cli("plan", "mixed.yaml", cwd=tmp_path)
+    assert mixed.returncode == 2 and "stages[2].mix: a kto stage trains on unpaired replies or on preference " \
+        "pairs, not both ('unpaired' is unpaired, 'prefs' is preference)" in mixed.stderr, mixed.stderr
 
 
 def test_kto_loss_by_hand():
@@ -260,3 +279,19 @@ def test_kto_loss_by_hand():
     expected = [(1 - sig(0.5 * (g - z0)) + 2 * (1 - sig(0.5 * (z0 - b)))) / 2 for g, b in zip(r_good, r_bad)]
     assert out["z0"].item() == z0
     assert out["loss"].tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kto_unpaired_loss_by_hand():
+    """Replies judged one at a time, with a positive reference point z0 (the batch's mean r)."""
+    from llmforge.stages.kto import kto_losses
+
+    logps, ref = torch.tensor([-2.0, -6.0, -3.0]), torch.tensor([-3.0, -5.0, -4.0])
+    good = torch.tensor([True, False, True])
+    out = kto_losses(logps, ref, good, beta=0.5, desirable_weight=1.5, undesirable_weight=1.0)
+    r = [1.0, -1.0, 1.0]
+    z0 = sum(r) / 3
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = [1.5 * (1 - sig(0.5 * (r[0] - z0))), 1 - sig(0.5 * (z0 - r[1])), 1.5 * (1 - sig(0.5 * (r[2] - z0)))]
+    assert out["z0"].item() == pytest.approx(z0)
+    assert out["loss"].tolist() == pytest.approx(expected, rel=1e-6)
+    assert out["reward"].tolist() == pytest.approx([0.5 * x for x in r])

@@ -1,11 +1,12 @@
-"""Token cache entries for conversation data (chat, prompt_response, preference).
+"""Token cache entries for conversation data (chat, prompt_response, preference, unpaired, prompt).
 
 Besides `tokens.bin` and `meta.json` (as for text, see cache.py), an entry holds `learned.bin`
 (one byte per token: 1 where the token is the assistant's, so a training target under
 train_on: assistant), `offsets.npy` (where each sequence starts; a preference pair is two
 sequences, prompt+chosen then prompt+rejected) and `origins.npy` (file number and line of each
 example, so a plan-time problem can name the record); a prompt source also `answers.json`, each
-prompt's reference answer (or null), kept as text for the verifiers. The held-out split is the last
+prompt's reference answer (or null), kept as text for the verifiers, and an unpaired source
+`labels.json`, each reply's label (true: good). The held-out split is the last
 val_fraction of *examples*, not tokens: an example is never cut in two.
 """
 
@@ -31,6 +32,7 @@ class PreparedExamples:
     offsets: np.ndarray  # [sequences + 1]
     origins: np.ndarray  # [examples, 2]: file number, line
     answers: list | None  # prompt sources: each example's reference answer (str or None)
+    labels: np.ndarray | None  # unpaired sources: [examples] bool, True for a good reply
     files: list[str]
     per_example: int  # 1, or 2 for preference pairs
     split: int  # examples[:split] train, examples[split:] held out
@@ -39,11 +41,13 @@ class PreparedExamples:
     skipped: int
     filtered: int
     path: Path
+    format: str  # the source's data format (chat, preference, unpaired, ...)
 
     def _part(self, lo: int, hi: int) -> Examples:
         k = self.per_example
         return Examples(self.tokens, self.learned, self.offsets[lo * k:hi * k + 1], k,
-                        lambda i: self.where(lo + i), None if self.answers is None else self.answers[lo:hi])
+                        lambda i: self.where(lo + i), None if self.answers is None else self.answers[lo:hi],
+                        None if self.labels is None else self.labels[lo:hi])
 
     @property
     def train(self) -> Examples:
@@ -66,7 +70,7 @@ def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTem
     skips = Skips()
     report = _Report(name, spec, skips)
     files = list_files(name, spec, base_dir)
-    offsets, origins, answers, n_bytes, total = [0], [], [], 0, 0
+    offsets, origins, extras, n_bytes, total = [0], [], [], 0, 0
     with open(tmp / "tokens.bin", "wb") as tok_f, open(tmp / "learned.bin", "wb") as learn_f:
         for number, path in enumerate(files):
             for where, example in read_examples(path, spec, report):
@@ -82,8 +86,8 @@ def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTem
                     offsets.append(total)
                     n_bytes += sum(len(text.encode()) for text, special, _ in segments if not special)
                 origins.append((number, int(where.rsplit(":", 1)[1])))
-                if spec.format == "prompt":
-                    answers.append(example[1])
+                if spec.format in _EXTRAS:
+                    extras.append(example[-1])
             on_progress(path.stat().st_size)
     n = len(origins)
     if n == 0:
@@ -92,8 +96,8 @@ def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTem
         raise DataError(f"data.{name}: the source has no examples ({why})", hint="point the source at files with records")
     np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
     np.save(tmp / "origins.npy", np.asarray(origins, dtype=np.int64).reshape(-1, 2))
-    if spec.format == "prompt":
-        (tmp / "answers.json").write_text(json.dumps(answers, ensure_ascii=False))
+    if spec.format in _EXTRAS:
+        (tmp / _EXTRAS[spec.format]).write_text(json.dumps(extras, ensure_ascii=False))
     meta = {"kind": "examples", "format": spec.format, "source": name, "dtype": dtype, "tokens": total,
             "per_example": 2 if spec.format == "preference" else 1, "split": n - int(round(n * spec.val_fraction, 9)),
             "documents": n, "bytes": n_bytes, "skipped": skips.bad, "filtered": skips.filtered,
@@ -101,11 +105,16 @@ def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTem
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
+_EXTRAS = {"prompt": "answers.json", "unpaired": "labels.json"}  # each example's last item, kept apart
+
+
 def _sequences(fmt: str, example, template: ChatTemplate) -> list:
     """The template's segments of each sequence an example becomes."""
     if fmt == "preference":
         prompt, chosen, rejected = example
         return [template.pair_segments(prompt, chosen), template.pair_segments(prompt, rejected)]
+    if fmt == "unpaired":
+        return [template.pair_segments(example[0], example[1])]
     if fmt == "prompt":  # what the policy continues; the answer stays text
         return [template.prompt_segments(example[0])]
     return [template.segments(example)]
@@ -113,6 +122,8 @@ def _sequences(fmt: str, example, template: ChatTemplate) -> list:
 
 def load_examples(name: str, entry: Path, meta: dict, tokens: np.ndarray, learned: np.ndarray) -> PreparedExamples:
     answers = json.loads((entry / "answers.json").read_text()) if meta["format"] == "prompt" else None
+    labels = np.array(json.loads((entry / "labels.json").read_text()), dtype=bool) \
+        if meta["format"] == "unpaired" else None
     return PreparedExamples(name, tokens, learned, np.load(entry / "offsets.npy"), np.load(entry / "origins.npy"),
-                            answers, meta["files"], meta["per_example"], meta["split"], meta["documents"], meta["bytes"],
-                            meta["skipped"], meta["filtered"], entry)
+                            answers, labels, meta["files"], meta["per_example"], meta["split"], meta["documents"], meta["bytes"],
+                            meta["skipped"], meta["filtered"], entry, meta["format"])

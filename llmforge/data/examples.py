@@ -1,6 +1,7 @@
-"""Readers for the conversation formats of post-training: chat, prompt_response, preference, prompt.
+"""Readers for the conversation formats of post-training: chat, prompt_response, preference,
+unpaired, prompt.
 
-All three are JSON lines (`.jsonl`, `.jsonl.gz`), one example per non-blank line, read through
+All are JSON lines (`.jsonl`, `.jsonl.gz`), one example per non-blank line, read through
 formats.json_records so that encoding and JSON problems read exactly as the jsonl format's. Each
 example is checked whole here (roles, turn order, non-empty text), because the chat template
 (llmforge/chat.py) renders what it is given without looking; a bad one goes to report.bad as
@@ -19,6 +20,7 @@ from .formats import Pieces, Report, json_records, json_type, listing, valid_uni
 
 Messages = list[dict]  # [{"role": "system" | "user" | "assistant", "content": str}]
 Preference = tuple[Messages, str, str]  # (prompt messages, chosen reply, rejected reply)
+Unpaired = tuple[Messages, str, bool]  # (prompt messages, reply, whether it is a good one)
 Prompt = tuple[Messages, "str | None"]  # (prompt messages, reference answer or None)
 
 _MESSAGE = '{"role": "user", "content": "..."}'
@@ -26,8 +28,10 @@ _MESSAGE_HINT = f"each message is an object like {_MESSAGE}"
 _TURNS_HINT = ("a conversation is an optional system message, then user and assistant turns in turn, "
                "ending with the assistant's")
 _PROMPT_HINT = ("a preference prompt is a string, or messages ending with the user's turn "
-                "(the replies are chosen and rejected)")
+                "(the replies follow it)")
 _PAIR_HINT = 'a preference record is like {"prompt": "...", "chosen": "...", "rejected": "..."}'
+_UNPAIRED = '{"prompt": "...", "completion": "...", "label": true}'
+_UNPAIRED_HINT = f"an unpaired record is like {_UNPAIRED} (label true: a good reply, false: a bad one)"
 _TEXT_HINT = "every turn needs its text, as a non-empty string"
 
 
@@ -63,16 +67,26 @@ def read_preference(path: Path, spec: SourceSpec, report: Report) -> Iterator[tu
     turn) or a message list ending with the user's turn; chosen and rejected are strings, or
     TRL's conversational form: a list holding one assistant message."""
     def parse(record: dict) -> Preference:
-        prompt = _get(record, "prompt", _PAIR_HINT)
-        if isinstance(prompt, list):
-            messages = _conversation(prompt, "prompt", last="user")
-        else:
-            messages = [{"role": "user", "content": _text(prompt, "field 'prompt'", _PROMPT_HINT)}]
+        messages = _preference_prompt(_get(record, "prompt", _PAIR_HINT))
         chosen, rejected = (_reply(_get(record, key, _PAIR_HINT), key) for key in ("chosen", "rejected"))
         if chosen == rejected:  # no preference to learn: the dpo loss would be constant
             raise _Bad("chosen and rejected are the same", "a preference pair needs two different replies")
         return messages, chosen, rejected
     return _read(path, report, '{"prompt": "...", "chosen": "...", "rejected": "..."}', parse, _pair_contents)
+
+
+def read_unpaired(path: Path, spec: SourceSpec, report: Report) -> Iterator[tuple[str, Unpaired]]:
+    """(where, (prompt messages, completion, label)) per record: TRL's unpaired preference form,
+    one reply judged on its own (KTO). prompt and completion are as in a preference record;
+    label is true for a good reply, false for a bad one."""
+    def parse(record: dict) -> Unpaired:
+        messages = _preference_prompt(_get(record, "prompt", _UNPAIRED_HINT))
+        completion = _reply(_get(record, "completion", _UNPAIRED_HINT), "completion")
+        label = _get(record, "label", _UNPAIRED_HINT)
+        if not isinstance(label, bool):
+            raise _Bad(f"field 'label' is {json_type(label)}, not true or false", _UNPAIRED_HINT)
+        return messages, completion, label
+    return _read(path, report, _UNPAIRED, parse, _unpaired_contents)
 
 
 def read_prompt(path: Path, spec: SourceSpec, report: Report) -> Iterator[tuple[str, Prompt]]:
@@ -97,12 +111,12 @@ def read_prompt(path: Path, spec: SourceSpec, report: Report) -> Iterator[tuple[
 
 
 _READERS = {"chat": read_chat, "prompt_response": read_prompt_response, "preference": read_preference,
-            "prompt": read_prompt}
+            "unpaired": read_unpaired, "prompt": read_prompt}
 
 
 def read_examples(path: Path, spec: SourceSpec, report: Report) -> Iterator[tuple[str, Messages | Preference]]:
-    """(where, example) per kept record of a chat, prompt_response or preference file: messages,
-    or (prompt messages, chosen, rejected) for preference."""
+    """(where, example) per kept record of a conversation file: messages, or the tuples above
+    (Preference, Unpaired, Prompt)."""
     return _READERS[spec.format](path, spec, report)
 
 
@@ -110,7 +124,8 @@ def read_example_texts(path: Path, spec: SourceSpec, report: Report) -> Pieces:
     """A document per example: its contents joined by newlines (formats.reader_for gives this
     reader to tokenizer training, which must see the words the sft and dpo stages train on; the
     chat tags are the tokenizer's own symbols and are not part of the text)."""
-    contents = {"preference": _pair_contents, "prompt": _prompt_contents}.get(spec.format, _contents)
+    contents = {"preference": _pair_contents, "unpaired": _unpaired_contents,
+                "prompt": _prompt_contents}.get(spec.format, _contents)
     for _, example in read_examples(path, spec, report):
         yield "\n".join(contents(example)), True
 
@@ -136,6 +151,10 @@ def _contents(messages: Messages) -> list[str]:
 def _pair_contents(example: Preference) -> list[str]:
     prompt, chosen, rejected = example
     return _contents(prompt) + [chosen, rejected]
+
+
+def _unpaired_contents(example: Unpaired) -> list[str]:
+    return _contents(example[0]) + [example[1]]
 
 
 def _prompt_contents(example: Prompt) -> list[str]:
@@ -198,6 +217,13 @@ def _conversation(value, name: str, last: str) -> Messages:
     if previous != last:
         raise _Bad(f"{name}[{len(messages) - 1}]: the last turn is {previous!r}, not {last!r}", hint)
     return messages
+
+
+def _preference_prompt(value) -> Messages:
+    """A preference prompt: a string (one user turn), or messages ending with the user's turn."""
+    if isinstance(value, list):
+        return _conversation(value, "prompt", last="user")
+    return [{"role": "user", "content": _text(value, "field 'prompt'", _PROMPT_HINT)}]
 
 
 def _reply(value, name: str) -> str:

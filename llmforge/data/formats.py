@@ -27,7 +27,7 @@ _PARQUET_BATCH_ROWS = 256  # rows per record batch: a few MB even for long docum
 # Files a directory contributes to a source of this format (a named file or a glob is taken as is).
 _JSONL = (".jsonl", ".jsonl.gz")
 SUFFIXES = {"jsonl": _JSONL, "parquet": (".parquet",), "chat": _JSONL, "prompt_response": _JSONL, "preference": _JSONL,
-            "prompt": _JSONL}
+            "unpaired": _JSONL, "prompt": _JSONL}
 
 _UTF8_HINT = "convert the file to UTF-8 or remove it from the source"
 

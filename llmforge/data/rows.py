@@ -10,8 +10,9 @@ permutation of them and a checkpoint only needs a counter.
 - PackedRows (sft): conversations packed (best fit) into rows of seq_len inputs, each row carrying
   the document id of every token so attention stays inside each conversation; or, with packing
   off, one conversation per row, padded.
-- PairRows (dpo, reward): one preference pair per row: prompt+chosen and prompt+rejected,
-  padded, with (dpo) the frozen reference model's log-probabilities of each.
+- PairRows (dpo, reward, kto): one preference pair per row: prompt+chosen and prompt+rejected,
+  padded, with (dpo, kto) the frozen reference model's log-probabilities of each; or, from an
+  unpaired source (kto), one prompt+reply per row with its label.
 - PromptRows (grpo): one prompt per row, with room after it for the reply, and its reference
   answer.
 """
@@ -51,9 +52,10 @@ class Examples:
     tokens: np.ndarray
     learned: np.ndarray
     offsets: np.ndarray
-    per_example: int  # sequences per example: 1 (chat, prompt), 2 (preference pair)
+    per_example: int  # sequences per example: 1 (chat, prompt, unpaired), 2 (preference pair)
     origins: list  # "file:line" of each example, looked up lazily (see cache.py)
     answers: list | None = None  # prompt sources: each example's reference answer (str or None)
+    labels: np.ndarray | None = None  # unpaired sources: [n] bool, True for a good reply
 
     def __len__(self) -> int:
         return (len(self.offsets) - 1) // self.per_example
@@ -206,35 +208,40 @@ class PackedRows:
 class PairRows:
     def __init__(self, ex: Examples, seq_len: int, *, overlong: str, seed: int):
         self.ex, self.seq_len = ex, seq_len
+        self.sides = ("chosen", "rejected") if ex.per_example == 2 else ("reply",)
         self.layout = layout(ex, seq_len, packing=False, overlong=overlong, train_on="assistant", seed=seed)
         self.arrays = [ex.tokens, ex.learned]
         self.n_rows = self.layout.n_rows
-        self.reference: np.ndarray | None = None  # [len(ex), 2] log-probs under the frozen reference
+        self.reference: np.ndarray | None = None  # [len(ex), sides] log-probs under the frozen reference
 
     def logit_share(self) -> float:
-        """The largest share of a pair's 2 x T positions that are response tokens."""
+        """The largest share of a row's sides x T positions that are response tokens."""
         if not self.layout.n_rows:
             return 1.0
-        counts = self.ex.learned_targets(self.seq_len).reshape(-1, 2).sum(axis=1)
-        return float(counts[self.layout.keep].max()) / (2 * self.seq_len)
+        k = len(self.sides)
+        counts = self.ex.learned_targets(self.seq_len).reshape(-1, k).sum(axis=1)
+        return float(counts[self.layout.keep].max()) / (k * self.seq_len)
 
     def rows(self, idx: np.ndarray, key=None, with_reference: bool = True) -> dict:
-        """chosen/rejected [n, T+1] token rows and *_learned [n, T] target flags, plus `reference`
-        [n, 2]: the reference model's summed log-probs of the chosen and rejected responses."""
-        T = self.seq_len
+        """chosen/rejected (unpaired: reply) [n, T+1] token rows and *_learned [n, T] target flags,
+        plus `reference` [n, sides]: the reference model's summed log-probs of each response, and
+        (unpaired) `label` [n], True for a good reply."""
+        T, k = self.seq_len, len(self.sides)
         examples = self.layout.keep[np.asarray(idx)]
         out = {}
-        for side, name in enumerate(("chosen", "rejected")):
+        for side, name in enumerate(self.sides):
             tokens = np.zeros((len(idx), T + 1), dtype=np.int64)
             learned = np.zeros((len(idx), T), dtype=bool)
             for r, e in enumerate(examples.tolist()):
-                ids, flags = self.ex.sequence(2 * e + side)
+                ids, flags = self.ex.sequence(k * e + side)
                 ids, flags = ids[:T + 1], flags[:T + 1]
                 tokens[r, :len(ids)] = ids
                 learned[r, :len(ids) - 1] = flags[1:]
             out[name], out[f"{name}_learned"] = tokens, learned
         if with_reference and self.reference is not None:  # dpo's (a reward model has none)
             out["reference"] = self.reference[examples]
+        if self.ex.labels is not None:
+            out["label"] = self.ex.labels[examples]
         return out
 
 

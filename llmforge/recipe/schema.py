@@ -156,7 +156,7 @@ BUILTINS = {
     "world-prefs": {"format": "preference", "val_fraction": 0.2},
     "world-questions": {"format": "prompt", "val_fraction": 0.2},
 }
-EXAMPLE_FORMATS = ("chat", "prompt_response", "preference", "prompt")  # conversations, for post-training
+EXAMPLE_FORMATS = ("chat", "prompt_response", "preference", "unpaired", "prompt")  # conversations, for post-training
 
 
 class SourceSpec(Spec):
@@ -164,8 +164,9 @@ class SourceSpec(Spec):
     builtin: Literal["python-stdlib", "world-facts", "world-chat", "world-prefs", "world-questions"] | None = None
     # text/jsonl/parquet: documents. chat: jsonl of {messages: [{role, content}]}. prompt_response:
     # jsonl with a prompt and a response field. preference: jsonl of {prompt, chosen, rejected}.
+    # unpaired: jsonl of {prompt, completion, label} (label true: a good reply, false: a bad one; kto).
     # prompt: jsonl of {prompt, system (optional), answer (optional: the reference a verifier checks)}.
-    format: Literal["text", "jsonl", "parquet", "chat", "prompt_response", "preference", "prompt"] = "text"
+    format: Literal["text", "jsonl", "parquet", "chat", "prompt_response", "preference", "unpaired", "prompt"] = "text"
     split: Literal["file", "paragraph", "line"] = "file"  # text: one document per file/blank-line block/line
     field: str | None = None  # jsonl: the field holding the text (default text); parquet: the column
     # (default text); chat: the field holding the message list (default messages)
@@ -198,7 +199,7 @@ class SourceSpec(Spec):
             raise ValueError("give exactly one of path or builtin")
         if self.split != "file" and self.format != "text":
             raise ValueError(f"split applies to text sources, not {self.format}")
-        if self.field is not None and self.format in ("prompt_response", "preference", "prompt"):
+        if self.field is not None and self.format in ("prompt_response", "preference", "unpaired", "prompt"):
             raise ValueError(f"field does not apply to {self.format} data"
                              + (" (use prompt_field and response_field)" if self.format == "prompt_response" else ""))
         if self.max_chars is not None and self.max_chars < self.min_chars:

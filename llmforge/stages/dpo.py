@@ -98,7 +98,7 @@ class Objective(kind.PairObjective):
 
 def attach_reference(path: Path, identity: dict, train: dict, evals: dict, reference, micro_batch: int,
                      model=None, amp=contextlib.nullcontext()) -> None:
-    """The frozen reference's log-probs of every pair, computed once by `reference(batch)` from
+    """The frozen reference's log-probs of every pair (or unpaired reply), computed once by `reference(batch)` from
     the stage's starting weights (before any training step) and kept in the stage folder with
     what they were computed from, so a resume reuses them and anything else recomputes them.
     With model None (llmforge eval: the weights at hand are not the reference) a missing or
@@ -121,7 +121,7 @@ def attach_reference(path: Path, identity: dict, train: dict, evals: dict, refer
             # Written into an array made up front: small results kept alive between the batches'
             # large temporaries fragment glibc's heap, and whole quickstart runs grew their
             # resident memory here by ~13 MB a batch (700-830 MB) in about 1 of 4 runs.
-            stored[key] = np.zeros((rows.n_rows, 2), dtype=np.float32)
+            stored[key] = np.zeros((rows.n_rows, len(rows.sides)), dtype=np.float32)
             for idx in kind.split_rows(rows.n_rows, micro_batch):
                 with amp:
                     stored[key][idx] = reference(rows.rows(idx, with_reference=False))
@@ -133,7 +133,7 @@ def attach_reference(path: Path, identity: dict, train: dict, evals: dict, refer
         os.replace(tmp, path)
     for key, rows in sets.items():
         # Indexed by example: rows() looks them up through the layout.
-        ref = np.zeros((len(rows.ex), 2), dtype=np.float32)
+        ref = np.zeros((len(rows.ex), len(rows.sides)), dtype=np.float32)
         ref[rows.layout.keep] = stored[key]
         rows.reference = ref
 

@@ -32,7 +32,7 @@ from pydantic import BeforeValidator, Field, model_validator
 
 from ..data.rows import PromptRows
 from ..distributed import unwrap
-from ..generate import generate_batch
+from ..generate import generate_batch, reply_texts
 from ..recipe.values import Float, Int, Name, Spec
 from . import kind, reward
 from .pretrain import spread
@@ -142,9 +142,7 @@ class Objective(kind.Objective):
     def _score(self, prompts, replies, rows, device) -> tuple[torch.Tensor, dict]:
         """Each reply's total reward [B] and each term's [B]."""
         o, n, ended = self.o, replies["n"].tolist(), replies["ended"].tolist()
-        new = replies["new"].cpu().numpy()
-        texts = [self.tokenizer.decode([t for t in new[i, :n[i]].tolist() if t not in self.stop_ids])
-                 for i in range(len(n))]
+        texts = reply_texts(self.tokenizer, replies, self.stop_ids)
         answers = [None if k < 0 else bytes(a[:k]).decode("utf-8", "replace")
                    for a, k in zip(prompts["answer"], prompts["answer_len"].tolist())]
         terms, total = {}, torch.zeros(len(n), device=device)
@@ -224,7 +222,7 @@ class Grpo(kind.Kind):
     name, formats, Options = "grpo", ("prompt",), Options
     learns = "room for a reply"
 
-    def sequences(self, options):
+    def sequences(self, options, data_format=None):
         return options.group  # a row is a prompt; its step holds `group` replies to it
 
     def rows(self, examples, seq_len, options, seed, overlong=None):

@@ -66,8 +66,8 @@ class Kind:
     def build_model(self, cfg) -> torch.nn.Module:
         return Transformer(cfg)
 
-    def sequences(self, options) -> int:
-        """Sequences one row holds (a dpo row is a pair: 2)."""
+    def sequences(self, options, data_format: str | None = None) -> int:
+        """Sequences one row holds (a dpo row is a pair: 2), on data of the stage's format."""
         return 1
 
     def rows(self, examples, seq_len: int, options, seed: int, overlong: str | None = None):
@@ -83,7 +83,8 @@ class Kind:
         """(row source, rows to evaluate) of about `tokens` held-out tokens; row source None
         when the second item is the eval batch itself."""
         val = self.rows(source.val, seq_len, options, seed, overlong="drop")
-        return val, min(val.n_rows, max(1, tokens // (self.sequences(options) * seq_len)))
+        per_row = self.sequences(options, getattr(source, "format", None))
+        return val, min(val.n_rows, max(1, tokens // (per_row * seq_len)))
 
     def logit_share(self, source) -> float:
         """The largest share of a row's positions whose logits a step computes (for the memory
@@ -129,8 +130,8 @@ class PairKind(Kind):
     formats, Options = ("preference",), ExampleOptions
     learns = "response token (or chosen and rejected equal once cut)"
 
-    def sequences(self, options) -> int:
-        return 2
+    def sequences(self, options, data_format=None):
+        return 1 if data_format == "unpaired" else 2  # unpaired (kto): one reply a row
 
     def rows(self, examples, seq_len, options, seed, overlong=None):
         return PairRows(examples, seq_len, overlong=overlong or options.overlong, seed=seed)
