@@ -276,10 +276,13 @@ def eval_(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
 @app.command()
 def export(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
            out: Path = typer.Option(..., "--out", help="Folder to write (must not exist, or be empty)."),
-           dtype: str = typer.Option("fp32", "--dtype", help="Weights as fp32, bf16 or fp16.")):
+           dtype: str = typer.Option("fp32", "--dtype", help="Weights as fp32, bf16 or fp16."),
+           adapter: bool = typer.Option(False, "--adapter", help="Write the stage's LoRA adapter alone, as a "
+                                        "PEFT folder to load onto its base model.")):
     """Write a finished stage as a Hugging Face transformers model folder of its family (the one
     it was imported as, or its preset's: Llama, Qwen2, Qwen3, Mistral, Phi-3, GPT-2): config.json,
-    generation_config.json, model.safetensors, and the tokenizer with the chat template."""
+    generation_config.json, model.safetensors, and the tokenizer with the chat template. A stage
+    trained with an adapter exports merged; with --adapter, as PEFT's adapter folder."""
     with user_errors():
         from .errors import RecipeError
         from .export.hf import DTYPES, export_stage
@@ -288,6 +291,15 @@ def export(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
         if dtype not in DTYPES:
             raise RecipeError([f"--dtype: unknown dtype {dtype!r}"], hint=f"use one of {', '.join(DTYPES)}")
         final = find_stage(run_dir, stage)
+        if adapter:
+            from .export.peft import export_adapter
+
+            arch, base = export_adapter(final, out)
+            onto = base if Path(base).is_dir() else f"an export of stage {base} (llmforge export {run_dir} " \
+                                                    f"--stage {base} --out BASE)"
+            err.print(f"exported {final.parent.name}'s adapter for {arch} to {out}; load it with "
+                      f"peft.PeftModel.from_pretrained onto {onto}", highlight=False)
+            return
         arch, warnings = export_stage(final, out, dtype)
         for warning in warnings:
             err.print(f"[yellow]warning:[/] {escape(warning)}")

@@ -20,7 +20,7 @@ import torch
 
 from safetensors.torch import save_file
 
-from . import distributed
+from . import adapters, distributed
 from .checkpoint import (by_name, clean_temporary, list_checkpoints, load_weights, read_checkpoint, save_checkpoint,
                          set_rng_state, set_weights, weight_names)
 from .data.sampler import Sampler
@@ -111,7 +111,7 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
                                                        train, evals))
     evals = eval_batches(evals)
     sampler = Sampler([(train[s.name], s.weight) for s in sp.mix], sp.global_batch, plan.seed, sp.index)
-    names = weight_names(model)  # before wrapping: which names a tied tensor is saved under
+    names = adapters.saved_names(model, sp.adapter)  # before wrapping: a tied tensor's name; an adapter's alone
     step_model = distributed.wrap(model, plan.parallel, d, device, compile=plan.device.compile,
                                   bf16=device.type == "cuda" and plan.device.precision == "bf16")
     opt = sp.optimizer
@@ -180,6 +180,8 @@ def _setup(ctx: Context, sp: StagePlan, init_from: Path | None, identity: dict, 
         _check_init(init_from, ctx.tokenizer.fingerprint)
         load_weights(model, init_from / "model.safetensors", kind.fresh)
     model.to(device)
+    if sp.adapter:  # frozen from here; LoRA's A drawn from the seed set above, B zero
+        adapters.apply(model, sp.adapter, trainable=kind.fresh)
     train, evals = stage_rows(ctx.sources, sp, ctx.plan.seed)
     if ctx.dist.main:  # before resuming: from the stage's starting weights
         objective.prepare(root, stage_inputs(ctx.tokenizer, ctx.sources, sp), train, evals, model, device, amp)
@@ -195,7 +197,9 @@ def _setup(ctx: Context, sp: StagePlan, init_from: Path | None, identity: dict, 
             raise CheckpointError(f"stage {sp.name}: {' and '.join(changed)} changed since {checkpoints[-1]} was "
                                   "saved; resuming would train on different tokens",
                                   hint="restore the original data, or use --restart to start over")
-        set_weights(model, weights, checkpoints[-1] / "model.safetensors")
+        saved = adapters.saved_names(model, sp.adapter)  # an adapter's checkpoint holds only what trains
+        frozen = tuple(n for n in model.state_dict() if n not in saved)
+        set_weights(model, weights, checkpoints[-1] / "model.safetensors", frozen)
         resumed = (checkpoints[-1], optimizer_state, state)
     return model, train, evals, resumed
 
@@ -203,7 +207,11 @@ def _setup(ctx: Context, sp: StagePlan, init_from: Path | None, identity: dict, 
 def _finish(ctx: Context, sp: StagePlan, root: Path, model, weights: dict, last_eval: dict) -> None:
     """Rank 0: the task evals on the final weights (on an unsharded copy under FSDP), then the
     stage's loadable model."""
-    results = dict(last_eval)
+    results, adapter = dict(last_eval), None
+    if sp.adapter:  # final/ holds the merged model, and the adapter beside it
+        adapter = adapters.adapter_state(model)
+        adapters.merge(model)
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items() if k in weight_names(model)}
     if sp.tasks:
         from .tasks import run_tasks
 
@@ -214,7 +222,7 @@ def _finish(ctx: Context, sp: StagePlan, root: Path, model, weights: dict, last_
         scores = run_tasks(sp.tasks, model.eval(), ctx.tokenizer, ctx.template)
         ctx.reporter.log_eval(sp.steps, scores)
         results |= scores
-    write_final(root / "final", weights, ctx, sp, results)
+    write_final(root / "final", weights, ctx, sp, results, adapter)
 
 
 def stage_rows(sources: dict, sp: StagePlan, seed: int) -> tuple[dict, dict]:
@@ -360,9 +368,11 @@ def evaluate(model, objective, batches: dict[str, dict], micro_batch: int, devic
     return {f"val_{k}": v for k, v in objective.summarize(total).items()} | out
 
 
-def write_final(final: Path, weights: dict, ctx: Context, sp: StagePlan, results: dict) -> None:
+def write_final(final: Path, weights: dict, ctx: Context, sp: StagePlan, results: dict,
+                adapter: dict | None = None) -> None:
     """The stage's loadable model: weights, config, tokenizer and its final eval results, renamed
-    into place at once."""
+    into place at once; with an adapter, also adapter.safetensors (what `export --adapter` writes
+    as PEFT's), and config.json says which weights it was trained on."""
     tmp = final.parent / f".tmp-final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -371,6 +381,9 @@ def write_final(final: Path, weights: dict, ctx: Context, sp: StagePlan, results
               "language_model": KINDS[sp.kind].generates,
               "tokenizer_fingerprint": ctx.tokenizer.fingerprint,
               "chat_template": ctx.template.to_dict() if ctx.template else None}
+    if adapter is not None:
+        save_file(adapter, str(tmp / "adapter.safetensors"))
+        config["adapter"] = sp.adapter | {"base": sp.init or ctx.plan.model_init or "random"}
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     (tmp / "eval.json").write_text(json.dumps(results, indent=1))
     for name, data in ctx.tokenizer.files.items():

@@ -20,7 +20,8 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, betas, eps: fl
         if not p.requires_grad or id(p) in seen:  # tied embeddings appear once
             continue
         seen.add(id(p))
-        is_hidden = name == "muon" and p.dim() == 2 and pname.startswith("blocks.")
+        # An adapter's low-rank factors take AdamW: orthogonalizing a rank-r factor is not Muon's case.
+        is_hidden = name == "muon" and p.dim() == 2 and pname.startswith("blocks.") and ".lora_" not in pname
         (hidden if is_hidden else decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "lr_ratio": 1.0},
               {"params": no_decay, "weight_decay": 0.0, "lr_ratio": 1.0}]

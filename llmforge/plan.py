@@ -82,11 +82,13 @@ class StagePlan:
     flops: float
     est_peak_memory_bytes: int
     est_time_s: float | None
+    adapter: dict | None = None  # the stage's LoRA (recipe AdapterSpec), None: full training
+    trainable_params: int = 0  # what the optimizer steps (an adapter's alone, or every weight)
 
     def math_hash(self) -> str:
         """What decides this stage's numbers on a given machine; stored in every checkpoint."""
         keys = ("kind", "init", "options", "seq_len", "global_batch", "micro_batch", "grad_accum", "world_size",
-                "steps", "lr", "min_lr", "warmup_steps", "decay", "optimizer")
+                "steps", "lr", "min_lr", "warmup_steps", "decay", "optimizer", "adapter")
         blob = {k: getattr(self, k) for k in keys} | {"mix": [(s.name, s.weight) for s in self.mix],
                                                       "options": self.options.model_dump()}
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
@@ -266,8 +268,10 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
     else:
         steps = spec.steps or math.ceil(spec.tokens / batch_tokens)
     tokens = steps * batch_tokens
+    adapter, trainable = _adapter(where, recipe, spec, cfg, device, shards)
     micro, memory = choose_micro_batch(where, recipe.runtime.micro_batch, global_batch // world_size,
-                                        per_row, cfg, device, shards, max(r[3] for r in rows.values()))
+                                        per_row, cfg, device, shards, max(r[3] for r in rows.values()),
+                                        trainable if adapter else None)
     mix = _plan_mix(where, spec.mix, sources, recipe.data, rows, steps * global_batch, per_row)
     warmup = round(resolve_percent(spec.schedule.warmup, steps))
     if warmup >= steps and steps > 1:
@@ -279,6 +283,8 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
         raise PlanError(f"{where}.schedule.min_lr: {min_lr:g} is above the peak lr {opt.lr:g}",
                         hint="use a share of the peak like '10%', or a smaller number")
     flops = float(cfg.flops_per_token(seq_len)) * tokens
+    if adapter:  # a frozen weight needs no weight gradient: forward + input gradients, ~2/3 of it
+        flops *= 2 / 3
     return StagePlan(
         index=i, name=spec.name, kind=spec.kind, dir_name=f"{i + 1:02d}-{spec.name}", init=stage_init(recipe, i),
         options=options,
@@ -292,7 +298,40 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
         checkpoint_keep=spec.checkpoint.keep, log_every=recipe.runtime.log_every, tasks=tuple(spec.eval.tasks),
         mix=mix, flops=flops, est_peak_memory_bytes=memory,
         est_time_s=estimate_time(flops / world_size, cfg, micro * per_row // seq_len, seq_len, device),
+        adapter=adapter, trainable_params=trainable,
     )
+
+
+def _adapter(where, recipe: Recipe, spec, cfg: ModelConfig, device: Device, shards: int) -> tuple[dict | None, int]:
+    """The stage's adapter as the engine applies it, and the parameters its optimizer steps."""
+    from .adapters import adapter_params, projections
+
+    a = recipe.stage_adapter(spec)
+    if a is None:
+        return None, cfg.num_params()
+    at = f"{where}.adapter" if spec.adapter is not None else "adapter"
+    init = stage_init(recipe, recipe.stages.index(spec))
+    if init == "none" or (init is None and not recipe.model.init):
+        raise PlanError(f"{at}: stage {spec.name} starts from random weights, and an adapter trains only a "
+                        "low-rank update of them", hint=f"train {spec.name} in full ({where}.adapter: none), or "
+                                                        "start it from an earlier stage (init)")
+    if a.kind == "qlora" and device.type != "cuda":
+        raise PlanError(f"{at}.kind: qlora keeps the frozen base in 4-bit NF4, which needs a CUDA GPU "
+                        f"(this run is on {device.type})", hint="use kind: lora here")
+    if a.kind == "qlora":
+        raise PlanError(f"{at}.kind: qlora is not built yet", hint="use kind: lora")
+    if shards > 1:
+        raise PlanError(f"{at}: adapters train under ddp, not fsdp (a sharded frozen base is not built yet)",
+                        hint="set runtime.parallel: ddp (the frozen base needs no optimizer state, so it "
+                             "fits where full training would not)")
+    layers = {"swiglu": ("w1", "w2", "w3"), "gelu": ("c_fc", "c_proj")}.get(cfg.mlp, ())
+    present = {"q_proj", "k_proj", "v_proj", "o_proj", *layers}
+    if not projections(a.targets) & present:
+        raise PlanError(f"{at}.targets: {a.targets} select no layer of this model (its linear layers: "
+                        f"{', '.join(sorted(present))})", hint="use attn, mlp or all-linear")
+    options = a.model_dump()
+    fresh = cfg.n_embd * len(KINDS[spec.kind].fresh)  # new weights train too: a reward model's head
+    return options, adapter_params(cfg, options) + fresh
 
 
 def _format(recipe: Recipe, spec) -> str:

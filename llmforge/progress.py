@@ -207,6 +207,7 @@ def render_plan(plan, console: Console) -> None:
             f"{muon}, warmup {sp.warmup_steps} steps, {sp.decay} decay to "
             f"{sp.min_lr:.3g} over {sp.steps - sp.warmup_steps} steps, "
             f"weight decay {sp.optimizer['weight_decay']}, clip {sp.optimizer['grad_clip']}\n"
+            f"{_adapter_line(sp, plan)}"
             f"  eval every {sp.eval_every or 'end'} on {sp.eval_tokens:,} tokens; checkpoint every "
             f"{sp.checkpoint_every or 'end'}, keep {sp.checkpoint_keep}\n"
             f"  {sp.flops:.2e} FLOPs, est. peak memory {sp.est_peak_memory_bytes / 2**30:.2f} GiB{eta}",
@@ -231,6 +232,22 @@ def render_plan(plan, console: Console) -> None:
     if any(s.estimated for sp in plan.stages for s in sp.mix):
         console.print("~ estimated from file sizes; exact once `llmforge run` has tokenized the data", highlight=False)
 
+
+
+def _adapter_line(sp, plan) -> str:
+    """What an adapter trains, and how large a model this device could train with it and without."""
+    if not sp.adapter:
+        return ""
+    from .resources import memory_budget
+
+    a, share = sp.adapter, sp.trainable_params / plan.params
+    # Weights and optimizer states alone: full training 16 bytes a weight; with a frozen base 4,
+    # plus 16 for each adapter weight (the same share of the model as here).
+    budget = memory_budget(plan.device)
+    return (f"  {a['kind']} rank {a['rank']}, alpha {a['alpha']:g}{', rslora' if a['rslora'] else ''} on "
+            f"{', '.join(a['targets'])}: {_si(sp.trainable_params)} trainable ({share:.2%} of the "
+            f"{_si(plan.params)} frozen); this device fits ~{_si(budget / 16)} params "
+            f"in full training, ~{_si(budget / (4 + 16 * share))} with this adapter (weights and states)\n")
 
 
 def render_preview(segments: list, console: Console) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BeforeValidator, Field, PrivateAttr, WithJsonSchema, create_model, model_validator
+from pydantic import (BeforeValidator, Discriminator, Field, PrivateAttr, Tag, WithJsonSchema, create_model,
+                      model_validator)
 
 from ..stages import KINDS
 from .values import (AutoOrPositive, Count, Float, Fraction, Int, Name, NumberOrPercent, PositiveCount, Spec,
@@ -243,6 +244,21 @@ class CheckpointSpec(Spec):
     keep: Int = Field(default=3, ge=1)  # newest checkpoints kept per stage
 
 
+_TARGETS = ("attn", "mlp", "all-linear", "q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3", "c_fc", "c_proj",
+            "gate_proj", "up_proj", "down_proj")  # groups, then projections (llmforge/adapters.py)
+
+
+class AdapterSpec(Spec):
+    """A low-rank adapter trained in place of the model's weights (llmforge/adapters.py)."""
+    # lora: fp32/bf16 frozen base; qlora: the frozen base in 4-bit NF4 (CUDA only)
+    kind: Literal["lora", "qlora"] = "lora"
+    rank: Int = Field(default=16, gt=0)
+    alpha: Float = Field(default=32.0, gt=0)  # the update is scaled by alpha / rank
+    dropout: Fraction = 0.0  # on the adapter's input
+    targets: list[Literal[_TARGETS]] = Field(default=["attn", "mlp"], min_length=1)
+    rslora: bool = False  # scale by alpha / sqrt(rank) (Kalajdzievski 2023), steadier at high rank
+
+
 class _Stage(Spec):
     """The keys every stage has; StageSpec below adds each kind's own (stages/<kind>.py Options)."""
     name: Name
@@ -263,6 +279,10 @@ class _Stage(Spec):
     schedule: ScheduleSpec = ScheduleSpec()
     eval: EvalSpec = EvalSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    # Train a low-rank adapter instead of the weights; 'none': full training even where the
+    # recipe's top-level adapter is the default (it applies to every stage but pretrain).
+    adapter: Annotated[Annotated[AdapterSpec, Tag("spec")] | Annotated[Literal["none"], Tag("none")],
+                       Discriminator(lambda v: "spec" if isinstance(v, (dict, AdapterSpec)) else "none")] | None = None
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -327,6 +347,7 @@ class Recipe(Spec):
     data: dict[Name, SourceSpec] = Field(min_length=1)
     stages: list[StageSpec] = Field(min_length=1)
     runtime: RuntimeSpec = RuntimeSpec()
+    adapter: AdapterSpec | None = None  # the default adapter of every post-training stage
     _base_dir: Path | None = PrivateAttr(default=None)  # the recipe file's folder
 
     @property
@@ -336,6 +357,13 @@ class Recipe(Spec):
 
     def stage_seq_len(self, stage) -> int:
         return stage.seq_len or self.model.seq_len
+
+    def stage_adapter(self, stage) -> AdapterSpec | None:
+        """The stage's adapter: its own, else the recipe's default (post-training stages only:
+        those whose data are conversations)."""
+        if stage.adapter == "none":
+            return None
+        return stage.adapter or (self.adapter if KINDS[stage.kind].chat else None)
 
 
 def recipe_json_schema() -> str:

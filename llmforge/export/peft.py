@@ -1,0 +1,60 @@
+"""A stage's LoRA adapter as a PEFT folder: adapter_config.json + adapter_model.safetensors, with
+transformers' module names, which `peft.PeftModel.from_pretrained` loads onto the base model (the
+stage's starting weights, exported as a transformers folder, or the folder it was imported from).
+
+llmforge's LoRA is PEFT's: the update scale * B A with the same scale (alpha / rank, or alpha /
+sqrt(rank) with rslora), so the two compute the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+from ..generate import check_language_model, read_model_config
+from .families import _LAYER, family_of
+
+
+def export_adapter(final: Path, out: Path) -> tuple[str, str]:
+    """Write final/'s adapter into out as a PEFT folder; returns (family, the base it applies to:
+    an earlier stage's name, a transformers folder, or 'random')."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"--out: {out} exists and is not empty", hint="choose another folder or delete it")
+    check_language_model(final)
+    adapter = json.loads((final / "config.json").read_text()).get("adapter")
+    if adapter is None:
+        raise CheckpointError(f"{final}: stage {final.parent.name} trained no adapter",
+                              hint="export without --adapter: the stage's full model")
+    cfg = read_model_config(final)
+    family = family_of(cfg)
+    if family in ("gpt2", "phi3"):
+        raise CheckpointError(f"--adapter: {family} fuses {'q/k/v' if family == 'gpt2' else 'qkv and gate/up'} into "
+                              "one layer in transformers, so a LoRA on each projection has no PEFT form",
+                              hint="export without --adapter: the merged model")
+    tensors = {}
+    for name, t in load_file(str(final / "adapter.safetensors")).items():
+        layer, part = name.rsplit(".", 1)  # blocks.3.attn.q_proj, lora_A
+        _, i, ours = layer.split(".", 2)
+        tensors[f"base_model.model.model.layers.{i}.{_LAYER[ours]}.{part}.weight"] = t.contiguous()
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter["rank"], "lora_alpha": adapter["alpha"],
+              "lora_dropout": adapter["dropout"], "use_rslora": adapter["rslora"], "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
+              "target_modules": sorted({k.split(".")[-3] for k in tensors}),
+              "base_model_name_or_path": adapter["base"] if os.path.isdir(adapter["base"]) else None}
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return family, adapter["base"]
