@@ -178,15 +178,26 @@ def _real_tokens(batch: dict) -> int:
 
 
 class PlainLoop:
-    """What a user writes with transformers: padded batches, labels -100 on the prompt and padding."""
+    """What a user writes with transformers: padded batches, labels -100 on the prompt and padding;
+    with `lora` (llmforge's adapter keys), the model wrapped by peft's get_peft_model alike."""
 
-    def __init__(self, folder: Path, chat: Path, micro_batch: int, seq_len: int, lr: float):
+    def __init__(self, folder: Path, chat: Path, micro_batch: int, seq_len: int, lr: float, lora: dict | None = None):
         import transformers
 
         torch.manual_seed(0)
         self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
+        if lora:
+            import peft
+
+            names = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
+            config = peft.LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=0.0, bias="none",
+                                     target_modules=[m for t in lora["targets"] for m in names[t]],
+                                     task_type="CAUSAL_LM")
+            self.model = peft.get_peft_model(self.model, config).train()
         self.tok = transformers.AutoTokenizer.from_pretrained(folder)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=True)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = params
+        self.opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=True)
         self.rows = [json.loads(line)["messages"] for line in chat.read_text().splitlines()]
         self.micro_batch, self.seq_len, self.at = micro_batch, seq_len, 0
 
@@ -211,14 +222,15 @@ class PlainLoop:
         start = time.perf_counter()
         loss = self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return time.perf_counter() - start, int(mask.sum())
 
 
-def throughput(folder: Path, work: Path, steps: int) -> tuple[float, float, float]:
-    """(llmforge tok/s, plain tok/s, llmforge's share of padding): one sft stage, interleaved."""
+def throughput(folder: Path, work: Path, steps: int, lora: dict | None = None) -> tuple[float, float, float]:
+    """(llmforge tok/s, plain tok/s, llmforge's share of padding): one sft stage, interleaved;
+    with `lora`, both train that adapter (llmforge's key; peft for the plain loop)."""
     from rich.console import Console
 
     import llmforge.engine as engine
@@ -233,12 +245,14 @@ def throughput(folder: Path, work: Path, steps: int) -> tuple[float, float, floa
     sft = recipe["stages"][0]
     sft.pop("epochs", None)
     sft |= {"steps": steps + 2, "seq_len": 256, "batch_size": 4, "eval": {"tokens": "1Ki"}}
+    if lora:
+        sft["adapter"] = lora
     recipe["stages"], recipe["runtime"] = [sft], {"log_every": 1}
     (work / "speed.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     reporter = Reporter(Console(quiet=True), live=False)
     ctx = prepare_run(load_recipe(work / "speed.yaml"), work / "speed", reporter, restart=True)
     sp = ctx.plan.stages[0]
-    plain = PlainLoop(folder, chat, sp.micro_batch, sp.seq_len, sp.lr)
+    plain = PlainLoop(folder, chat, sp.micro_batch, sp.seq_len, sp.lr, lora)
     plain_steps, ours_tokens, train_step = [], [], engine.train_step
 
     def interleaved(model, optimizer, objective, batch, *args, **kwargs):

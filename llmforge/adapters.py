@@ -7,6 +7,11 @@ same names, so the base loads and saves as before, and gains `lora_A` [rank, in]
 (rslora: alpha / sqrt(rank), Kalajdzievski 2023). B starts at zero, so training starts exactly
 at the base model; A as PEFT initializes it (Kaiming-uniform). A checkpoint holds the adapter
 alone; the stage's final/ holds the merged model (W + scale * B A) and the adapter beside it.
+
+QLoRA (Dettmers et al. 2023; CUDA only, through bitsandbytes): each targeted layer's frozen
+weight is kept in 4-bit NF4 (double-quantized scales) and dequantized blockwise inside the
+matmul, in bf16. Merging dequantizes it: final/ holds W_nf4 + scale * B A, as PEFT's merge does.
+Written for a CUDA machine and tested only there (`pytest -m cuda`).
 """
 
 from __future__ import annotations
@@ -33,9 +38,15 @@ class LoRALinear(nn.Linear):
     lora_dropout: float
 
     def forward(self, x):
-        out = F.linear(x, self.weight, self.bias)
+        if hasattr(self, "quant_state"):  # qlora: the frozen weight in NF4
+            import bitsandbytes as bnb
+
+            out = bnb.matmul_4bit(x, self.weight_4bit.t(), bias=self.bias, quant_state=self.quant_state)
+        else:
+            out = F.linear(x, self.weight, self.bias)
         h = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
-        return out + F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale
+        # Scaled while rank-wide, and added in place: one output-sized tensor per layer, not three.
+        return out.add_(F.linear(F.linear(h, self.lora_A) * self.scale, self.lora_B))
 
     def delta(self) -> torch.Tensor:
         """scale * B A: what merging adds to the weight."""
@@ -63,6 +74,8 @@ def apply(model: nn.Module, spec: dict, trainable: tuple[str, ...] = ()) -> list
     Returns the names of the adapter's parameters, which is what a checkpoint saves."""
     rank, alpha = spec["rank"], spec["alpha"]
     scale = alpha / math.sqrt(rank) if spec.get("rslora") else alpha / rank
+    if spec.get("train_embeddings"):
+        trainable = (*trainable, "tok_emb.weight", "lm_head.weight")
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
     names = []
@@ -73,16 +86,34 @@ def apply(model: nn.Module, spec: dict, trainable: tuple[str, ...] = ()) -> list
         m.lora_B = nn.Parameter(torch.zeros(m.out_features, rank, device=w.device, dtype=w.dtype))
         nn.init.kaiming_uniform_(m.lora_A, a=math.sqrt(5))
         m.scale, m.lora_dropout = scale, spec.get("dropout", 0.0)
+        if spec["kind"] == "qlora":
+            _quantize(m)
         names += [f"{name}.lora_A", f"{name}.lora_B"]
     return names + [n for n in trainable if n in dict(model.named_parameters())]
 
 
+def _quantize(m: LoRALinear) -> None:
+    """The layer's frozen weight as NF4 (a buffer, so checkpoints never hold it)."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(m.weight.data.to(torch.bfloat16), quant_type="nf4", compress_statistics=True)
+    del m.weight
+    m.register_buffer("weight_4bit", packed, persistent=False)
+    m.quant_state = state
+
+
 def merge(model: nn.Module) -> None:
     """Fold every adapter into its layer's weight (W + scale * B A) and make the layers plain
-    nn.Linear again, so the model saves as a model without adapters."""
+    nn.Linear again, so the model saves as a model without adapters (qlora: W dequantized)."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
+                if hasattr(m, "quant_state"):
+                    import bitsandbytes.functional as bnbf
+
+                    w = bnbf.dequantize_4bit(m.weight_4bit, m.quant_state).float()
+                    del m.weight_4bit, m.quant_state
+                    m.weight = nn.Parameter(w, requires_grad=False)
                 m.weight.add_(m.delta().to(m.weight.dtype))
                 del m.lora_A, m.lora_B
                 m.__class__ = nn.Linear
@@ -101,9 +132,9 @@ def saved_names(model: nn.Module, adapter: dict | None) -> list[str]:
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors by parameter name (blocks.0.attn.q_proj.lora_A, ...)."""
-    return {f"{name}.{part}": getattr(m, part).detach().cpu().contiguous()
-            for name, m in model.named_modules() if isinstance(m, LoRALinear) for part in ("lora_A", "lora_B")}
+    """What the stage trained, by parameter name: the adapter's factors (blocks.0.attn.q_proj.lora_A,
+    ...) and any weight that trained in full beside them (embeddings, a reward model's head)."""
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def count(model: nn.Module) -> tuple[int, int]:
@@ -120,10 +151,65 @@ def count(model: nn.Module) -> tuple[int, int]:
     return trainable, frozen
 
 
-def adapter_params(cfg, spec: dict) -> int:
-    """The adapter's parameter count for a model config, without building the model: rank x
-    (in + out) per targeted layer."""
+def _shapes(cfg, spec: dict) -> list[tuple[int, int]]:
+    """(in, out) of each targeted layer of one block, from the model config alone."""
     wanted, d, q, kv, h = projections(spec["targets"]), cfg.n_embd, cfg.q_dim, cfg.kv_heads * cfg.head_dim, cfg.hidden
     shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}
     shapes |= {"w1": (d, h), "w3": (d, h), "w2": (h, d)} if cfg.mlp == "swiglu" else {"c_fc": (d, h), "c_proj": (h, d)}
-    return cfg.n_layer * spec["rank"] * sum(i + o for name, (i, o) in shapes.items() if name in wanted)
+    return [shape for name, shape in shapes.items() if name in wanted]
+
+
+def adapter_params(cfg, spec: dict) -> int:
+    """The adapter's parameter count: rank x (in + out) per targeted layer."""
+    return cfg.n_layer * spec["rank"] * sum(i + o for i, o in _shapes(cfg, spec))
+
+
+def targeted_weights(cfg, spec: dict) -> int:
+    """The weights the adapter's layers hold (what qlora keeps in 4 bits)."""
+    return cfg.n_layer * sum(i * o for i, o in _shapes(cfg, spec))
+
+
+# --- planning: what the plan says of a stage's adapter, before any compute -------------------------
+
+def plan_adapter(where: str, recipe, spec, cfg, device, shards: int, init: str | None):
+    """(the stage's adapter as the engine applies it, the parameters its optimizer steps, the
+    frozen weights' bytes for the memory estimate or None for 4 a weight); refuses what cannot
+    train, naming the key."""
+    from .errors import PlanError
+    from .stages import KINDS
+
+    a = recipe.stage_adapter(spec)
+    if a is None:
+        return None, cfg.num_params(), None
+    at = f"{where}.adapter" if spec.adapter is not None else "adapter"
+    if init == "none" or (init is None and not recipe.model.init):
+        raise PlanError(f"{at}: stage {spec.name} starts from random weights, and an adapter trains only a "
+                        "low-rank update of them", hint=f"train {spec.name} in full ({where}.adapter: none), or "
+                                                        "start it from an earlier stage (init)")
+    if a.kind == "qlora" and device.type != "cuda":
+        raise PlanError(f"{at}.kind: qlora keeps the frozen base in 4-bit NF4, which needs a CUDA GPU "
+                        f"(this run is on {device.type})", hint="use kind: lora here")
+    if a.kind == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise PlanError(f"{at}.kind: qlora needs bitsandbytes, which is not installed",
+                            hint="pip install 'llmforge[qlora]'") from None
+    if shards > 1:
+        raise PlanError(f"{at}: adapters train under ddp, not fsdp (a sharded frozen base is not built yet)",
+                        hint="set runtime.parallel: ddp (the frozen base needs no optimizer state, so it "
+                             "fits where full training would not)")
+    mlp = ("w1", "w2", "w3") if cfg.mlp == "swiglu" else ("c_fc", "c_proj")
+    present = {"q_proj", "k_proj", "v_proj", "o_proj", *mlp}
+    if not projections(a.targets) & present:
+        raise PlanError(f"{at}.targets: {a.targets} select no layer of this model (its linear layers: "
+                        f"{', '.join(sorted(present))})", hint="use attn, mlp or all-linear")
+    options = a.model_dump()
+    fresh = cfg.n_embd * len(KINDS[spec.kind].fresh)  # new weights train too: a reward model's head
+    if a.train_embeddings:
+        fresh += cfg.vocab_size * cfg.n_embd * (1 if cfg.tie_embeddings else 2)
+    frozen = None
+    if a.kind == "qlora":  # the targeted layers in 4 bits, + ~1/32 for their double-quantized scales
+        quantized = targeted_weights(cfg, options)
+        frozen = (cfg.num_params() - quantized) * 4 + quantized * (0.5 + 1 / 32)
+    return options, adapter_params(cfg, options) + fresh, frozen

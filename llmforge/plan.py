@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+from .adapters import plan_adapter
 from .stages import KINDS
 from .data.sampler import windows_per_epoch
 from .errors import PlanError
@@ -268,10 +269,11 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
     else:
         steps = spec.steps or math.ceil(spec.tokens / batch_tokens)
     tokens = steps * batch_tokens
-    adapter, trainable = _adapter(where, recipe, spec, cfg, device, shards)
+    adapter, trainable, frozen_bytes = plan_adapter(where, recipe, spec, cfg, device, shards,
+                                                    stage_init(recipe, i))
     micro, memory = choose_micro_batch(where, recipe.runtime.micro_batch, global_batch // world_size,
                                         per_row, cfg, device, shards, max(r[3] for r in rows.values()),
-                                        trainable if adapter else None)
+                                        trainable if adapter else None, frozen_bytes)
     mix = _plan_mix(where, spec.mix, sources, recipe.data, rows, steps * global_batch, per_row)
     warmup = round(resolve_percent(spec.schedule.warmup, steps))
     if warmup >= steps and steps > 1:
@@ -300,38 +302,6 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
         est_time_s=estimate_time(flops / world_size, cfg, micro * per_row // seq_len, seq_len, device),
         adapter=adapter, trainable_params=trainable,
     )
-
-
-def _adapter(where, recipe: Recipe, spec, cfg: ModelConfig, device: Device, shards: int) -> tuple[dict | None, int]:
-    """The stage's adapter as the engine applies it, and the parameters its optimizer steps."""
-    from .adapters import adapter_params, projections
-
-    a = recipe.stage_adapter(spec)
-    if a is None:
-        return None, cfg.num_params()
-    at = f"{where}.adapter" if spec.adapter is not None else "adapter"
-    init = stage_init(recipe, recipe.stages.index(spec))
-    if init == "none" or (init is None and not recipe.model.init):
-        raise PlanError(f"{at}: stage {spec.name} starts from random weights, and an adapter trains only a "
-                        "low-rank update of them", hint=f"train {spec.name} in full ({where}.adapter: none), or "
-                                                        "start it from an earlier stage (init)")
-    if a.kind == "qlora" and device.type != "cuda":
-        raise PlanError(f"{at}.kind: qlora keeps the frozen base in 4-bit NF4, which needs a CUDA GPU "
-                        f"(this run is on {device.type})", hint="use kind: lora here")
-    if a.kind == "qlora":
-        raise PlanError(f"{at}.kind: qlora is not built yet", hint="use kind: lora")
-    if shards > 1:
-        raise PlanError(f"{at}: adapters train under ddp, not fsdp (a sharded frozen base is not built yet)",
-                        hint="set runtime.parallel: ddp (the frozen base needs no optimizer state, so it "
-                             "fits where full training would not)")
-    layers = {"swiglu": ("w1", "w2", "w3"), "gelu": ("c_fc", "c_proj")}.get(cfg.mlp, ())
-    present = {"q_proj", "k_proj", "v_proj", "o_proj", *layers}
-    if not projections(a.targets) & present:
-        raise PlanError(f"{at}.targets: {a.targets} select no layer of this model (its linear layers: "
-                        f"{', '.join(sorted(present))})", hint="use attn, mlp or all-linear")
-    options = a.model_dump()
-    fresh = cfg.n_embd * len(KINDS[spec.kind].fresh)  # new weights train too: a reward model's head
-    return options, adapter_params(cfg, options) + fresh
 
 
 def _format(recipe: Recipe, spec) -> str:

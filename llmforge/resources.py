@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, shards: int = 1,
                     accumulating: bool = False, cpu: bool = False, logit_share: float = 1.0,
-                    trainable: int | None = None) -> int:
+                    trainable: int | None = None, frozen_bytes: float | None = None) -> int:
     """Peak training memory per device in bytes: weights + grads + AdamW moments + activations
     + logits.
 
@@ -32,14 +32,16 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     one layer's worth that glibc's heap keeps of the freed temporaries, plus ~2.8 copies of the
     logits (logits, log-softmax, their gradient).
     With `trainable` (an adapter's parameter count) the model's weights are frozen: 4 bytes each,
-    and the 16 only for the adapter; the activations backward needs are the same.
+    and the 16 only for the adapter (qlora: `frozen_bytes`, its layers at ~0.5 a weight); the
+    activations backward needs are the same.
     """
     tokens = micro_batch * seq_len
     act_bytes = 4 if precision == "fp32" else 2
     per_token_layer = (8 * cfg.n_embd + 2 * cfg.kv_heads * cfg.head_dim + 4 * cfg.hidden) * act_bytes
     activations = cfg.n_layer * tokens * per_token_layer + 2 * tokens * cfg.n_embd * 4
     logits = tokens * logit_share * cfg.vocab_size * 4  # sft/dpo: for the learned targets alone
-    states = cfg.num_params() * 16 / shards if trainable is None else cfg.num_params() * 4 + trainable * 16
+    frozen = cfg.num_params() * 4 if frozen_bytes is None else frozen_bytes
+    states = cfg.num_params() * 16 / shards if trainable is None else frozen + trainable * 16
     if shards > 1:  # FSDP: a shard of the states, plus the unsharded weights and grads in flight
         embeddings = cfg.num_params() - cfg.num_params(exclude_embeddings=True)
         states += (embeddings + 2 * cfg.num_params(exclude_embeddings=True) / cfg.n_layer) * 8
@@ -55,9 +57,10 @@ def memory_budget(device: Device) -> float:
 
 
 def choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, device, shards: int,
-                       logit_share: float = 1.0, trainable: int | None = None) -> tuple[int, int]:
+                       logit_share: float = 1.0, trainable: int | None = None,
+                       frozen_bytes: float | None = None) -> tuple[int, int]:
     budget, cpu = memory_budget(device), device.type == "cpu"
-    kw = {"cpu": cpu, "logit_share": logit_share, "trainable": trainable}
+    kw = {"cpu": cpu, "logit_share": logit_share, "trainable": trainable, "frozen_bytes": frozen_bytes}
     if requested != "auto":
         if per_rank % requested:
             raise PlanError(f"runtime.micro_batch: {requested} does not divide the {per_rank} sequences "

@@ -206,3 +206,54 @@ def test_lora_trains_under_ddp_and_is_refused_under_fsdp(lora_run, tmp_path):
         assert (tmp_path / "runs/post/stages" / stage / "final/adapter.safetensors").is_file()
     fsdp = cli("plan", "recipe.yaml", "--nproc-per-node", "2", "--set", "runtime.parallel=fsdp", cwd=tmp_path)
     assert fsdp.returncode == 2 and "stages[1].adapter: adapters train under ddp, not fsdp" in fsdp.stderr
+
+
+def test_lora_on_an_imported_model_exports_onto_its_folder(tmp_path):
+    """model.init.hf, then LoRA sft: peft loads the exported adapter onto the very folder the run
+    imported, and computes llmforge's merged model."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from .test_hf_import import RECIPE as IMPORTED, make_base
+
+    make_base(tmp_path / "base")
+    recipe = IMPORTED.format(extra="").replace("    optimizer: {lr: 1e-3}\n", "    optimizer: {lr: 1e-2}\n"
+                                               "    adapter: {rank: 8, alpha: 16, targets: [all-linear], "
+                                               "train_embeddings: true}\n")
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    run = cli("run", "recipe.yaml", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    result = cli("export", "runs/imported", "--adapter", "--out", "adapter", cwd=tmp_path)
+    assert result.returncode == 0 and str((tmp_path / "base").resolve()) in result.stderr, result.stderr
+    config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    assert config["modules_to_save"] == ["embed_tokens", "lm_head"]  # train_embeddings
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    from llmforge.generate import load_model
+
+    ours = load_model(tmp_path / "runs/imported/stages/01-sft/final")
+    idx = torch.randint(0, 400, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        merged = ours(idx)
+        assert (model(idx).logits - merged).abs().max().item() < 1e-4
+        with model.disable_adapter():  # and the adapter did change the model
+            assert (model(idx).logits - merged).abs().max().item() > 1e-3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="qlora needs a CUDA GPU")
+def test_qlora_trains_and_merges_on_cuda(tmp_path):
+    """Written for a CUDA machine: the quickstart-like recipe with kind: qlora runs on the GPU, its
+    checkpoints hold the adapter alone, and the merged final model is close to the 4-bit one."""
+    pytest.importorskip("bitsandbytes")
+    write_data(tmp_path)
+    recipe = _recipe().replace("adapter: {rank: 4", "adapter: {kind: qlora, rank: 4").replace(
+        "runtime: {log_every: 2, threads: 1}", "runtime: {log_every: 2, device: cuda, precision: bf16}")
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    result = cli("run", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for stage in ("02-sft", "03-dpo"):
+        root = tmp_path / "runs/post/stages" / stage
+        saved = load_file(str(sorted(root.glob("checkpoints/step-*"))[-1] / "model.safetensors"))
+        assert all(".lora_" in n for n in saved)
+        assert math.isfinite(json.loads((root / "final/eval.json").read_text())["val_loss"])

@@ -36,15 +36,22 @@ def export_adapter(final: Path, out: Path) -> tuple[str, str]:
         raise CheckpointError(f"--adapter: {family} fuses {'q/k/v' if family == 'gpt2' else 'qkv and gate/up'} into "
                               "one layer in transformers, so a LoRA on each projection has no PEFT form",
                               hint="export without --adapter: the merged model")
-    tensors = {}
+    tensors, full = {}, {}
     for name, t in load_file(str(final / "adapter.safetensors")).items():
+        if name in ("tok_emb.weight", "lm_head.weight"):  # train_embeddings: PEFT's modules_to_save
+            full[name] = t
+            continue
         layer, part = name.rsplit(".", 1)  # blocks.3.attn.q_proj, lora_A
         _, i, ours = layer.split(".", 2)
         tensors[f"base_model.model.model.layers.{i}.{_LAYER[ours]}.{part}.weight"] = t.contiguous()
+    lora_modules = sorted({k.split(".")[-3] for k in tensors})
+    if full:  # both wrapped (a tied head is the embedding: the same trained table twice)
+        tensors["base_model.model.model.embed_tokens.weight"] = full["tok_emb.weight"]
+        tensors["base_model.model.lm_head.weight"] = full.get("lm_head.weight", full["tok_emb.weight"]).clone()
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter["rank"], "lora_alpha": adapter["alpha"],
               "lora_dropout": adapter["dropout"], "use_rslora": adapter["rslora"], "bias": "none",
-              "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
-              "target_modules": sorted({k.split(".")[-3] for k in tensors}),
+              "fan_in_fan_out": False, "inference_mode": True,
+              "modules_to_save": ["embed_tokens", "lm_head"] if full else None, "target_modules": lora_modules,
               "base_model_name_or_path": adapter["base"] if os.path.isdir(adapter["base"]) else None}
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -257,6 +257,9 @@ class AdapterSpec(Spec):
     dropout: Fraction = 0.0  # on the adapter's input
     targets: list[Literal[_TARGETS]] = Field(default=["attn", "mlp"], min_length=1)
     rslora: bool = False  # scale by alpha / sqrt(rank) (Kalajdzievski 2023), steadier at high rank
+    # The token embeddings and output head train in full beside the adapter (PEFT's modules_to_save):
+    # what tokens the base never saw, such as chat tags new to it, need to be learned at all.
+    train_embeddings: bool = False
 
 
 class _Stage(Spec):
