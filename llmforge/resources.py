@@ -68,7 +68,12 @@ def choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, devic
         return requested, estimate_memory(cfg, requested, seq_len, device.precision, shards, requested < per_rank, **kw)
     # CPUs gain little past ~16k tokens per forward; GPUs take the largest micro-batch that fits.
     cap = 16384 if cpu else 1 << 30
-    divisors = [d for d in range(per_rank, 0, -1) if per_rank % d == 0]
+    # Memory grows linearly with the micro-batch: only divisors up to what could fit are tried,
+    # so a huge batch is answered at once rather than by counting down from it.
+    one, two = (estimate_memory(cfg, d, seq_len, device.precision, shards, **kw) for d in (1, 2))
+    fits = int((budget - one) / max(two - one, 1)) + 2
+    top = max(1, min(per_rank, max(1, cap // seq_len), fits))
+    divisors = (d for d in range(top, 0, -1) if per_rank % d == 0)
     for d in divisors:
         memory = estimate_memory(cfg, d, seq_len, device.precision, shards, d < per_rank, **kw)
         if (d * seq_len <= cap or d == 1) and memory <= budget:

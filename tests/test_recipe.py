@@ -187,3 +187,37 @@ def test_yaml_booleans_are_not_numbers(tiny):
     assert "model.n_layer: expected a number, got true [from --set model.n_layer=yes]" in lines
     assert any(l.startswith("stages[0].optimizer.lr: expected a number, got true") for l in lines)
     assert load_recipe(tiny / "recipe.yaml", ["runtime.compile=off"]).runtime.compile == "off"
+
+
+def _bomb(levels: int = 9) -> str:
+    """Aliases of aliases: 9 ** levels values once expanded (a billion laughs)."""
+    text = 'name: x\na: &a ["l", "l", "l", "l", "l", "l", "l", "l", "l"]\n'
+    names = "abcdefghijklmnop"
+    for prev, cur in zip(names[:levels - 1], names[1:levels]):
+        text += f"{cur}: &{cur} [" + ", ".join([f"*{prev}"] * 9) + "]\n"
+    return text
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: " + "[" * 3000 + "]" * 3000 + "\n", "recipe.yaml:1: nested deeper than 32 levels"),
+    (_bomb(), "the recipe expands to more than 100,000 values"),
+    (TINY_RECIPE.format(steps=10, every=5).replace("batch_tokens: 256", "batch_tokens: 1e30"),
+     "stages[0].batch_tokens: 1e+30 is more than any machine can run"),
+    (TINY_RECIPE.format(steps=10, every=5).replace("batch_tokens: 256", "batch_size: 100000000000000"), "plan tiny"),
+])
+def test_recipes_no_machine_could_read_are_refused_at_once(tmp_path, text, message):
+    """Deep nesting, alias bombs and absurd counts: one line and exit 2, not a hang or a traceback
+    (a batch of 1e14 rows is planned at once: the micro-batch search stops at what could fit)."""
+    path = write(tmp_path, text)
+    (tmp_path / "corpus.txt").write_text(make_corpus(2000))
+    result = subprocess.run([sys.executable, "-m", "llmforge", "plan", str(path)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    out = result.stdout + result.stderr
+    assert message in out and "Traceback" not in out, out
+    assert result.returncode == (0 if message == "plan tiny" else 2), out
+
+
+def test_a_mapping_where_a_name_belongs_is_a_key_error(tmp_path):
+    text = TINY_RECIPE.format(steps=10, every=5).replace("corpus: {path: corpus.txt,", "corpus: {builtin: {a: 1},")
+    lines = problems(write(tmp_path, text))
+    assert any("data.corpus.builtin: input should be 'python-stdlib'" in line for line in lines), lines

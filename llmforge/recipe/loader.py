@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import types
 import typing
 from pathlib import Path
 
@@ -76,10 +77,44 @@ def format_loc(loc: Loc) -> str:
 
 # --- YAML with line numbers ----------------------------------------------------------------------
 
+MAX_DEPTH = 32  # a recipe nests ~5 levels; deeper is a mistake (and would exhaust Python's stack)
+MAX_NODES = 100_000  # values once aliases are expanded: an alias bomb (billion laughs) stops here
+
+
+def _check_shape(text: str, path: Path) -> None:
+    """Refuse YAML nested too deep, or whose aliases expand past MAX_NODES values, from the event
+    stream (which, unlike composing, neither recurses nor expands anything)."""
+    depth, sizes, anchors, stack = 0, [0], {}, []
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise RecipeError([f"{path}:{event.start_mark.line + 1}: nested deeper than {MAX_DEPTH} levels"],
+                                  hint="a recipe needs a few levels; check the brackets there")
+            stack.append(event.anchor)
+            sizes.append(1)
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+            size, anchor = sizes.pop(), stack.pop()
+            if anchor:
+                anchors[anchor] = size
+            sizes[-1] += size
+        elif isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)):
+            size = anchors.get(event.anchor, 1) if isinstance(event, yaml.AliasEvent) else 1
+            if isinstance(event, yaml.ScalarEvent) and event.anchor:
+                anchors[event.anchor] = 1
+            sizes[-1] += size
+        if sizes[-1] > MAX_NODES or sum(sizes) > MAX_NODES:
+            raise RecipeError([f"{path}:{event.start_mark.line + 1}: the recipe expands to more than {MAX_NODES:,} "
+                               "values (YAML aliases repeating each other)"], hint="write the values out, or use "
+                                                                                   "fewer nested aliases")
+
+
 def _read_yaml(path: Path) -> tuple[object, dict[Loc, int]]:
     text = path.read_text(encoding="utf-8", errors="replace")
     loader = None
     try:
+        _check_shape(text, path)
         loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
@@ -255,7 +290,7 @@ def _unwrap(tp):
         origin = typing.get_origin(tp)
         if origin is typing.Annotated:
             tp = typing.get_args(tp)[0]
-        elif origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        elif origin in (typing.Union, types.UnionType):
             members = [a for a in typing.get_args(tp) if a is not type(None)]
             models = [a for a in members if isinstance(a, type) and issubclass(a, BaseModel)]
             tp = (models or members)[0]
@@ -353,7 +388,8 @@ def _format(source) -> str:
     """A raw source's format, as the schema will resolve it."""
     if not isinstance(source, dict):
         return "text"
-    return source.get("format") or BUILTINS.get(source.get("builtin"), {}).get("format", "text")
+    builtin = source.get("builtin")
+    return source.get("format") or (BUILTINS.get(builtin, {}) if isinstance(builtin, str) else {}).get("format", "text")
 
 
 def _unknown_source(name, sources) -> str:

@@ -185,7 +185,7 @@ class SourceSpec(Spec):
     @classmethod
     def _builtin_defaults(cls, data):
         """A built-in source's data comes in one format: fill it in, refuse a contradiction."""
-        if isinstance(data, dict) and data.get("builtin") in BUILTINS:
+        if isinstance(data, dict) and isinstance(data.get("builtin"), str) and data["builtin"] in BUILTINS:
             fixed = BUILTINS[data["builtin"]]
             for key, value in fixed.items():
                 given = parse_fraction(data.get(key, value)) if key == "val_fraction" else data.get(key, value)

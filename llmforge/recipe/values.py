@@ -24,24 +24,30 @@ _SUFFIX = {
 _COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(Ki|Mi|Gi|k|K|M|B|G|T)?\s*$")
 
 
+MAX_COUNT = 10**15  # a quadrillion tokens, steps or rows: beyond any machine, and past it plans loop
+
+
 def parse_count(value):
     """'20M' -> 20_000_000, '1.5B', '100k', '128Ki' -> 131072, '1e6'; ints pass through."""
     if isinstance(value, bool):
         raise ValueError("expected a count like 1000, '100k', '20M' or '1.5B'")
-    if isinstance(value, int):
-        return value
     if isinstance(value, float):
-        if not value.is_integer():
+        if value != value or value in (float("inf"), float("-inf")) or not value.is_integer():
             raise ValueError(f"expected a whole number, got {value}")
-        return int(value)
-    if isinstance(value, str):
+        value = int(value)
+    elif isinstance(value, str):
         m = _COUNT.match(value)
-        if m:
-            number = float(m.group(1)) * _SUFFIX.get(m.group(2) or "", 1)
-            if number.is_integer():
-                return int(number)
+        if not m:
+            raise ValueError(f"expected a count like 1000, '100k', '20M' or '1.5B', got {value!r}")
+        number = float(m.group(1)) * _SUFFIX.get(m.group(2) or "", 1)
+        if not number.is_integer():
             raise ValueError(f"{value!r} is not a whole number")
-    raise ValueError(f"expected a count like 1000, '100k', '20M' or '1.5B', got {value!r}")
+        value = int(number)
+    elif not isinstance(value, int):
+        raise ValueError(f"expected a count like 1000, '100k', '20M' or '1.5B', got {value!r}")
+    if value > MAX_COUNT:
+        raise ValueError(f"{value:.3g} is more than any machine can run (at most {MAX_COUNT:.0e})")
+    return value
 
 
 def parse_fraction(value):
