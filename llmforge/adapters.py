@@ -17,6 +17,7 @@ Written for a CUDA machine and tested only there (`pytest -m cuda`).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,10 @@ class LoRALinear(nn.Linear):
         else:
             out = F.linear(x, self.weight, self.bias)
         h = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
-        # Scaled while rank-wide, and added in place: one output-sized tensor per layer, not three.
-        return out.add_(F.linear(F.linear(h, self.lora_A) * self.scale, self.lora_B))
+        delta = F.linear(F.linear(h, self.lora_A) * self.scale, self.lora_B)  # scaled while rank-wide
+        # In place: one output-sized tensor per layer, not three (F.linear keeps no output for its
+        # backward). bitsandbytes' autograd Function may return a view, which must not be modified.
+        return out + delta if hasattr(self, "quant_state") else out.add_(delta)
 
     def delta(self) -> torch.Tensor:
         """scale * B A: what merging adds to the weight."""
@@ -68,14 +71,16 @@ def targeted(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Linear]
             if name.startswith("blocks.") and name.rsplit(".", 1)[-1] in wanted and isinstance(m, nn.Linear)]
 
 
-def apply(model: nn.Module, spec: dict, trainable: tuple[str, ...] = ()) -> list[str]:
+def apply(model: nn.Module, spec: dict, trainable: tuple[str, ...] = (), lm_head: bool = True) -> list[str]:
     """Freeze the model and add LoRA to the targeted layers (under the caller's RNG: the same seed
-    gives the same A). Weights named in `trainable` stay trainable (a reward model's new head).
-    Returns the names of the adapter's parameters, which is what a checkpoint saves."""
+    gives the same A). Weights named in `trainable` stay trainable (a reward model's new head);
+    with train_embeddings the token embeddings too, and the output head unless `lm_head` is
+    False (a reward model never uses it: a weight without gradients would stall DDP). Returns
+    the names of the parameters that train, which is what a checkpoint saves."""
     rank, alpha = spec["rank"], spec["alpha"]
     scale = alpha / math.sqrt(rank) if spec.get("rslora") else alpha / rank
     if spec.get("train_embeddings"):
-        trainable = (*trainable, "tok_emb.weight", "lm_head.weight")
+        trainable = (*trainable, "tok_emb.weight", *(("lm_head.weight",) if lm_head else ()))
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
     names = []
@@ -119,6 +124,22 @@ def merge(model: nn.Module) -> None:
                 m.__class__ = nn.Linear
 
 
+def base_stamp(start: Path | None, adapter: dict | None) -> dict:
+    """What an adapter's checkpoint must be resumed on: the size and time of each weight file of
+    the stage's starting weights (it holds only the update to them). {} without an adapter."""
+    if not adapter or start is None:
+        return {}
+    files = sorted(start.glob("*.safetensors")) if start.is_dir() else []
+    return {"base": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.name != "adapter.safetensors"]}
+
+
+def record(adapter: dict, init: str | None, model_init: str | None) -> dict:
+    """The adapter as final/config.json records it, with the base it is an update to: an earlier
+    stage (`base_kind` stage), the transformers folder the run imported (hf), or random weights."""
+    base, kind = (init, "stage") if init else (model_init, "hf") if model_init else ("", "random")
+    return adapter | {"base": base, "base_kind": kind}
+
+
 def saved_names(model: nn.Module, adapter: dict | None) -> list[str]:
     """What a checkpoint holds: every weight, or with an adapter only what trains (the frozen base
     is the stage's starting weights, rebuilt on resume). Each shared tensor once."""
@@ -129,6 +150,16 @@ def saved_names(model: nn.Module, adapter: dict | None) -> list[str]:
         return names
     trains = {n for n, p in model.named_parameters() if p.requires_grad}
     return [n for n in names if n in trains]
+
+
+def finish(model: nn.Module) -> tuple[dict, dict]:
+    """(what trained, the merged model's weights), merging the model in place."""
+    from .checkpoint import weight_names
+
+    trained = adapter_state(model)
+    merge(model)
+    names = set(weight_names(model))
+    return trained, {k: v.detach().cpu() for k, v in model.state_dict().items() if k in names}
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -173,7 +204,7 @@ def targeted_weights(cfg, spec: dict) -> int:
 
 def plan_adapter(where: str, recipe, spec, cfg, device, shards: int, init: str | None):
     """(the stage's adapter as the engine applies it, the parameters its optimizer steps, the
-    frozen weights' bytes for the memory estimate or None for 4 a weight); refuses what cannot
+    frozen weights' bytes for the memory estimate, or None for 4 bytes a weight); refuses what cannot
     train, naming the key."""
     from .errors import PlanError
     from .stages import KINDS
@@ -207,7 +238,8 @@ def plan_adapter(where: str, recipe, spec, cfg, device, shards: int, init: str |
     options = a.model_dump()
     fresh = cfg.n_embd * len(KINDS[spec.kind].fresh)  # new weights train too: a reward model's head
     if a.train_embeddings:
-        fresh += cfg.vocab_size * cfg.n_embd * (1 if cfg.tie_embeddings else 2)
+        heads = 2 if not cfg.tie_embeddings and KINDS[spec.kind].generates else 1
+        fresh += cfg.vocab_size * cfg.n_embd * heads
     frozen = None
     if a.kind == "qlora":  # the targeted layers in 4 bits, + ~1/32 for their double-quantized scales
         quantized = targeted_weights(cfg, options)

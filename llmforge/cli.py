@@ -294,9 +294,10 @@ def export(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
         if adapter:
             from .export.peft import export_adapter
 
-            arch, base = export_adapter(final, out)
-            onto = base if Path(base).is_dir() else f"an export of stage {base} (llmforge export {run_dir} " \
-                                                    f"--stage {base} --out BASE)"
+            arch, record = export_adapter(final, out)
+            base = record["base"]
+            onto = base if record.get("base_kind") == "hf" else f"an export of stage {base} (llmforge export " \
+                                                                  f"{run_dir} --stage {base} --out BASE)"
             err.print(f"exported {final.parent.name}'s adapter for {arch} to {out}; load it with "
                       f"peft.PeftModel.from_pretrained onto {onto}", highlight=False)
             return

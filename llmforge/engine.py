@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from . import adapters, distributed
 from .checkpoint import (by_name, clean_temporary, list_checkpoints, load_weights, read_checkpoint, save_checkpoint,
-                         set_rng_state, set_weights, weight_names)
+                         set_rng_state, set_weights)
 from .data.sampler import Sampler
 from .distributed import Dist
 from .errors import CheckpointError, Interrupted
@@ -102,7 +102,7 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
     root = stage_dir(ctx.run_dir, sp)
     objective = KINDS[sp.kind].objective(sp, ctx.tokenizer, ctx.template, plan.seed)
     amp = _autocast(plan.device)
-    identity = _identity(ctx, sp)
+    identity = _identity(ctx, sp) | adapters.base_stamp(init_from, sp.adapter)
     model, train, evals, resumed = d.together(lambda: _setup(ctx, sp, init_from, identity, objective, amp))
     checkpoint = resumed[0].name if resumed else None
     d.together(lambda: d.same(checkpoint, f"the checkpoint stage {sp.name} resumes from"))
@@ -181,7 +181,7 @@ def _setup(ctx: Context, sp: StagePlan, init_from: Path | None, identity: dict, 
         load_weights(model, init_from / "model.safetensors", kind.fresh)
     model.to(device)
     if sp.adapter:  # frozen from here; LoRA's A drawn from the seed set above, B zero
-        adapters.apply(model, sp.adapter, trainable=kind.fresh)
+        adapters.apply(model, sp.adapter, trainable=kind.fresh, lm_head=kind.generates)
     train, evals = stage_rows(ctx.sources, sp, ctx.plan.seed)
     if ctx.dist.main:  # before resuming: from the stage's starting weights
         objective.prepare(root, stage_inputs(ctx.tokenizer, ctx.sources, sp), train, evals, model, device, amp)
@@ -193,6 +193,8 @@ def _setup(ctx: Context, sp: StagePlan, init_from: Path | None, identity: dict, 
         changed = [f"data source {n!r}" for n, key in state.get("data", {}).items() if identity["data"].get(n) != key]
         if state.get("tokenizer") != identity["tokenizer"]:
             changed.insert(0, "the tokenizer")
+        if state.get("base") != identity.get("base"):  # an adapter is an update to those weights alone
+            changed.append(f"the weights it starts from ({init_from})")
         if changed:
             raise CheckpointError(f"stage {sp.name}: {' and '.join(changed)} changed since {checkpoints[-1]} was "
                                   "saved; resuming would train on different tokens",
@@ -209,9 +211,7 @@ def _finish(ctx: Context, sp: StagePlan, root: Path, model, weights: dict, last_
     stage's loadable model."""
     results, adapter = dict(last_eval), None
     if sp.adapter:  # final/ holds the merged model, and the adapter beside it
-        adapter = adapters.adapter_state(model)
-        adapters.merge(model)
-        weights = {k: v.detach().cpu() for k, v in model.state_dict().items() if k in weight_names(model)}
+        adapter, weights = adapters.finish(model)
     if sp.tasks:
         from .tasks import run_tasks
 
@@ -383,7 +383,7 @@ def write_final(final: Path, weights: dict, ctx: Context, sp: StagePlan, results
               "chat_template": ctx.template.to_dict() if ctx.template else None}
     if adapter is not None:
         save_file(adapter, str(tmp / "adapter.safetensors"))
-        config["adapter"] = sp.adapter | {"base": sp.init or ctx.plan.model_init or "random"}
+        config["adapter"] = adapters.record(sp.adapter, sp.init, ctx.plan.model_init)
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     (tmp / "eval.json").write_text(json.dumps(results, indent=1))
     for name, data in ctx.tokenizer.files.items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -127,6 +128,13 @@ def test_lora_resumes_bitwise_after_kill_9(lora_run):
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("02-sft", "03-dpo", ".lock"))
     args = ("--run-dir", "runs/killed")
     kill_at(lora_run, start(lora_run, *args), copy / "stages/02-sft/metrics.jsonl", 10)
+    # The checkpoint is an update to pretrain's weights: if they change, the resume is refused.
+    base = copy / "stages/01-pretrain/final/model.safetensors"
+    stat = base.stat()
+    os.utime(base, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    refused = cli("run", "recipe.yaml", *args, cwd=lora_run)
+    assert refused.returncode == 2 and "the weights it starts from" in refused.stderr, refused.stderr
+    os.utime(base, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     kill_at(lora_run, start(lora_run, *args), copy / "stages/03-dpo/metrics.jsonl", 6)
     assert (copy / "stages/02-sft/final").exists() and not (copy / "stages/03-dpo/final").exists()
     result = cli("run", "recipe.yaml", *args, cwd=lora_run)

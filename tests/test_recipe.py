@@ -201,6 +201,9 @@ def _bomb(levels: int = 9) -> str:
 @pytest.mark.parametrize("text, message", [
     ("name: " + "[" * 3000 + "]" * 3000 + "\n", "recipe.yaml:1: nested deeper than 32 levels"),
     (_bomb(), "the recipe expands to more than 100,000 values"),
+    ("name: x\na: &x {b: *x}\n", "recipe.yaml:2: alias *x is inside the collection it names (a cycle)"),
+    ("name: x\na0: &a0 [[[[1]]]]\n" + "".join(f"a{i}: &a{i} [[[[*a{i - 1}]]]]\n" for i in range(1, 12)),
+     "nested deeper than 32 levels once alias *a6 is expanded"),
     (TINY_RECIPE.format(steps=10, every=5).replace("batch_tokens: 256", "batch_tokens: 1e30"),
      "stages[0].batch_tokens: 1e+30 is more than any machine can run"),
     (TINY_RECIPE.format(steps=10, every=5).replace("batch_tokens: 256", "batch_size: 100000000000000"), "plan tiny"),

@@ -9,7 +9,6 @@ sqrt(rank) with rslora), so the two compute the same model.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -20,9 +19,9 @@ from ..generate import check_language_model, read_model_config
 from .families import _LAYER, family_of
 
 
-def export_adapter(final: Path, out: Path) -> tuple[str, str]:
-    """Write final/'s adapter into out as a PEFT folder; returns (family, the base it applies to:
-    an earlier stage's name, a transformers folder, or 'random')."""
+def export_adapter(final: Path, out: Path) -> tuple[str, dict]:
+    """Write final/'s adapter into out as a PEFT folder; returns (family, the adapter's record:
+    its `base` and `base_kind`, 'stage' (an earlier stage's name) or 'hf' (a transformers folder))."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"--out: {out} exists and is not empty", hint="choose another folder or delete it")
     check_language_model(final)
@@ -52,7 +51,7 @@ def export_adapter(final: Path, out: Path) -> tuple[str, str]:
               "lora_dropout": adapter["dropout"], "use_rslora": adapter["rslora"], "bias": "none",
               "fan_in_fan_out": False, "inference_mode": True,
               "modules_to_save": ["embed_tokens", "lm_head"] if full else None, "target_modules": lora_modules,
-              "base_model_name_or_path": adapter["base"] if os.path.isdir(adapter["base"]) else None}
+              "base_model_name_or_path": adapter["base"] if adapter.get("base_kind") == "hf" else None}
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -64,4 +63,4 @@ def export_adapter(final: Path, out: Path) -> tuple[str, str]:
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return family, adapter["base"]
+    return family, adapter

@@ -1,4 +1,5 @@
-"""Load a recipe: safe YAML -> `--set` overrides -> schema validation, every problem reported at once.
+"""Load a recipe: safe YAML (reading.py) -> `--set` overrides -> schema validation, every problem
+reported at once.
 
 Each problem becomes one line `file:line: key.path: what is wrong (did you mean ...?)`, or
 `key.path: ... (from --set ...)` when an override caused it. Only yaml.SafeLoader is used: a recipe
@@ -19,16 +20,14 @@ from pydantic import BaseModel, ValidationError
 from ..errors import RecipeError
 from ..stages import KINDS
 from .imported import import_model
+from .reading import Loc, format_loc, read_yaml
 from .schema import BUILTINS, Recipe
-
-Loc = tuple  # a key path: ("stages", 0, "optimizer", "lr")
-
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError([f"{path}: no such recipe file"], hint="check the path; recipes/ has examples")
-    data, lines = _read_yaml(path)
+    data, lines = read_yaml(path)
     origins = {}
     problems = []
     for item in overrides:
@@ -66,94 +65,6 @@ def validate_recipe(data, where=lambda loc: ("", ""), base_dir: Path | None = No
         raise RecipeError(list(dict.fromkeys(line for _, line in lines)),
                           hint="fix the keys above; docs/recipe.md lists every key")
     return recipe
-
-
-def format_loc(loc: Loc) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-# --- YAML with line numbers ----------------------------------------------------------------------
-
-MAX_DEPTH = 32  # a recipe nests ~5 levels; deeper is a mistake (and would exhaust Python's stack)
-MAX_NODES = 100_000  # values once aliases are expanded: an alias bomb (billion laughs) stops here
-
-
-def _check_shape(text: str, path: Path) -> None:
-    """Refuse YAML nested too deep, or whose aliases expand past MAX_NODES values, from the event
-    stream (which, unlike composing, neither recurses nor expands anything)."""
-    depth, sizes, anchors, stack = 0, [0], {}, []
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise RecipeError([f"{path}:{event.start_mark.line + 1}: nested deeper than {MAX_DEPTH} levels"],
-                                  hint="a recipe needs a few levels; check the brackets there")
-            stack.append(event.anchor)
-            sizes.append(1)
-        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-            depth -= 1
-            size, anchor = sizes.pop(), stack.pop()
-            if anchor:
-                anchors[anchor] = size
-            sizes[-1] += size
-        elif isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)):
-            size = anchors.get(event.anchor, 1) if isinstance(event, yaml.AliasEvent) else 1
-            if isinstance(event, yaml.ScalarEvent) and event.anchor:
-                anchors[event.anchor] = 1
-            sizes[-1] += size
-        if sizes[-1] > MAX_NODES or sum(sizes) > MAX_NODES:
-            raise RecipeError([f"{path}:{event.start_mark.line + 1}: the recipe expands to more than {MAX_NODES:,} "
-                               "values (YAML aliases repeating each other)"], hint="write the values out, or use "
-                                                                                   "fewer nested aliases")
-
-
-def _read_yaml(path: Path) -> tuple[object, dict[Loc, int]]:
-    text = path.read_text(encoding="utf-8", errors="replace")
-    loader = None
-    try:
-        _check_shape(text, path)
-        loader = yaml.SafeLoader(text)
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "position", None)
-        line = mark.line + 1 if hasattr(mark, "line") else None
-        where = f"{path}:{line}: " if line else f"{path}: "
-        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e).splitlines()[0]
-        raise RecipeError([f"{where}invalid YAML: {problem}"], hint="check indentation and quoting there")
-    finally:
-        if loader is not None:
-            loader.dispose()
-    lines: dict[Loc, int] = {}
-    duplicates: list[str] = []
-    if node is not None:
-        _index_lines(node, (), lines, duplicates, path)
-    if duplicates:
-        raise RecipeError(duplicates, hint="each key may appear once; YAML would silently keep the last")
-    return data, lines
-
-
-def _index_lines(node, loc: Loc, lines: dict, duplicates: list, path: Path, seen=None) -> None:
-    seen = set() if seen is None else seen
-    if id(node) in seen:  # a YAML alias: indexed where it was defined (and no cycles, no blow-up)
-        return
-    seen.add(id(node))
-    lines[loc] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        seen = set()
-        for key_node, value_node in node.value:
-            key = key_node.value
-            if key in seen:
-                duplicates.append(f"{path}:{key_node.start_mark.line + 1}: {format_loc(loc + (key,))}: duplicate key")
-            seen.add(key)
-            _index_lines(value_node, loc + (key,), lines, duplicates, path, seen)
-            lines[loc + (key,)] = key_node.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _index_lines(item, loc + (i,), lines, duplicates, path, seen)
 
 
 def _where(loc: Loc, path: Path, lines: dict, origins: dict) -> tuple[str, str]:

@@ -90,7 +90,8 @@ class Objective(kind.PairObjective):
 
     def prepare(self, folder, inputs, train, evals, model=None, device=None, amp=None):
         sp = self.sp  # what the log-probs depend on besides the starting weights and the data's tokens
-        identity = inputs | {"init": sp.init, "seq_len": sp.seq_len, "options": sp.options.model_dump()}
+        identity = inputs | {"init": sp.init, "seq_len": sp.seq_len, "options": sp.options.model_dump(),
+                             "adapter": sp.adapter}  # qlora's reference is the 4-bit base
         reference = None if model is None else (lambda batch: self.reference(model, kind.to_device(batch, device)))
         attach_reference(folder / "reference.npz", identity, train, evals, reference, sp.micro_batch, model,
                          amp or contextlib.nullcontext())
