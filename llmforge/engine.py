@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 from . import adapters, distributed
-from .checkpoint import (by_name, clean_temporary, list_checkpoints, load_weights, read_checkpoint, save_checkpoint,
-                         set_rng_state, set_weights)
+from .checkpoint import (by_name, clean_temporary, latest_checkpoint, load_weights, save_checkpoint, set_rng_state,
+                         set_weights)
 from .data.sampler import Sampler
 from .distributed import Dist
 from .errors import CheckpointError, Interrupted
@@ -187,22 +187,22 @@ def _setup(ctx: Context, sp: StagePlan, init_from: Path | None, identity: dict, 
         objective.prepare(root, stage_inputs(ctx.tokenizer, ctx.sources, sp), train, evals, model, device, amp)
     objective.start(model, root, device)
     resumed = None
-    checkpoints = list_checkpoints(root / "checkpoints")
-    if checkpoints:
-        weights, optimizer_state, state = read_checkpoint(checkpoints[-1])
+    found = latest_checkpoint(root / "checkpoints", ctx.reporter.note)  # damaged ones passed over, named
+    if found:
+        path, (weights, optimizer_state, state) = found
         changed = [f"data source {n!r}" for n, key in state.get("data", {}).items() if identity["data"].get(n) != key]
         if state.get("tokenizer") != identity["tokenizer"]:
             changed.insert(0, "the tokenizer")
         if state.get("base") != identity.get("base"):  # an adapter is an update to those weights alone
             changed.append(f"the weights it starts from ({init_from})")
         if changed:
-            raise CheckpointError(f"stage {sp.name}: {' and '.join(changed)} changed since {checkpoints[-1]} was "
+            raise CheckpointError(f"stage {sp.name}: {' and '.join(changed)} changed since {path} was "
                                   "saved; resuming would train on different tokens",
                                   hint="restore the original data, or use --restart to start over")
         saved = adapters.saved_names(model, sp.adapter)  # an adapter's checkpoint holds only what trains
         frozen = tuple(n for n in model.state_dict() if n not in saved)
-        set_weights(model, weights, checkpoints[-1] / "model.safetensors", frozen)
-        resumed = (checkpoints[-1], optimizer_state, state)
+        set_weights(model, weights, path / "model.safetensors", frozen)
+        resumed = (path, optimizer_state, state)
     return model, train, evals, resumed
 
 
