@@ -224,3 +224,12 @@ def test_a_mapping_where_a_name_belongs_is_a_key_error(tmp_path):
     text = TINY_RECIPE.format(steps=10, every=5).replace("corpus: {path: corpus.txt,", "corpus: {builtin: {a: 1},")
     lines = problems(write(tmp_path, text))
     assert any("data.corpus.builtin: input should be 'python-stdlib'" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "/abs", ".hidden", "x\\y"])
+def test_names_cannot_leave_the_run_directory(tmp_path, name):
+    """A recipe or stage name becomes a folder name: one that could point elsewhere is refused."""
+    text = TINY_RECIPE.format(steps=10, every=5)
+    for key in ("name: tiny", "  - name: pretrain"):
+        lines = problems(write(tmp_path, text.replace(key, key.split("name:")[0] + f"name: '{name}'")))
+        assert any("name: string should match pattern" in line for line in lines), lines
