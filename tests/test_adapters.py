@@ -265,3 +265,22 @@ def test_qlora_trains_and_merges_on_cuda(tmp_path):
         saved = load_file(str(sorted(root.glob("checkpoints/step-*"))[-1] / "model.safetensors"))
         assert all(".lora_" in n for n in saved)
         assert math.isfinite(json.loads((root / "final/eval.json").read_text())["val_loss"])
+
+
+def test_reward_and_grpo_stages_train_adapters(tmp_path):
+    """LoRA on every kind: a reward model (its new head and, with train_embeddings, the token table
+    train too; the output head it never uses stays frozen) and grpo (its frozen reference is the
+    policy's starting weights)."""
+    write_data(tmp_path)
+    recipe = RECIPE.replace("  - name: rm\n    kind: reward\n", "  - name: rm\n    kind: reward\n"
+                            "    adapter: {rank: 4, targets: [attn], train_embeddings: true}\n")
+    recipe = recipe.replace("    group: 4\n", "    group: 4\n    adapter: {rank: 4, targets: [attn, mlp]}\n")
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    result = cli("run", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    stages = tmp_path / "runs/post/stages"
+    rm = load_file(str(stages / "04-rm/final/adapter.safetensors"))
+    assert {n for n in rm if ".lora_" not in n} == {"score.weight", "tok_emb.weight"}
+    grpo = json.loads((stages / "05-grpo/final/eval.json").read_text())
+    assert math.isfinite(grpo["val_reward"])
+    assert json.loads((stages / "05-grpo/final/config.json").read_text())["adapter"]["base"] == "sft"
