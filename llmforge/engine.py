@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from .errors import CheckpointError, Interrupted
 from .optim import build_optimizer, lr_at
 from .plan import Plan, StagePlan
 from .stages import KINDS
-from .stages.kind import to_device
+from .step import evaluate, train_step
 from .timing import Timer
 
 
@@ -262,15 +261,6 @@ def _load_hf(model, folder: Path, planned, fresh: tuple[str, ...]) -> None:
     set_weights(model, tensors, folder / "model.safetensors", fresh)
 
 
-def _split(batch: dict, size: int) -> list[dict]:
-    n = _count(batch)
-    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, max(1, size))]
-
-
-def _count(batch: dict) -> int:
-    return len(next(iter(batch.values())))
-
-
 def _dropped(ctx: Context, sp: StagePlan) -> dict:
     """Records the data preparation left out, logged once with the stage's first eval."""
     out = {}
@@ -311,61 +301,6 @@ def _resume(ctx: Context, sp: StagePlan, resumed, identity: dict, model, optimiz
     pending = [{k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in m.items()}
                for m in state.get("pending", [])]
     return state["step"], pending, state.get("last_eval", {})
-
-
-def train_step(model, optimizer, objective, batch: dict, sp: StagePlan, amp, device, d: Dist | None = None,
-               step: int = 0) -> dict:
-    """One optimizer step over the global batch: this rank's share of its rows (after the
-    objective's rollout: grpo samples replies to them), in grad_accum micro-batches. The loss is
-    a mean over the whole global batch's units (tokens, pairs), however unevenly the
-    micro-batches and ranks hold them; DDP/FSDP average gradients over ranks, so each rank's
-    share is scaled by the world size to make that average a sum."""
-    d = d or Dist()
-    units = objective.units(batch)
-    mine = d.shard(batch)
-    t = time.perf_counter()
-    rows, figures = objective.rollout(distributed.unwrap(model), mine, device, amp, step, d.rank)
-    if figures:
-        figures["rollout_s"], t = time.perf_counter() - t, time.perf_counter()
-    per_micro = sp.micro_batch * _count(rows) // max(1, _count(mine))  # grpo: a prompt's row became G replies
-    micros = _split(rows, per_micro)
-    totals: dict = {}
-    for i, micro in enumerate(micros):
-        with distributed.grad_sync(model, i == len(micros) - 1):
-            with amp:
-                sums = objective.loss(model, to_device(micro, device))
-            (sums["loss"] / (units / d.world)).backward()
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0) + v.detach()
-    if sp.optimizer["grad_clip"]:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), sp.optimizer["grad_clip"])
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if figures:
-        figures["update_s"] = time.perf_counter() - t
-    keys = list(totals) + list(figures)
-    values = [totals[k].float() for k in totals] + [torch.as_tensor(float(v), device=device) for v in figures.values()]
-    reduced = d.all_sum(torch.stack(values))  # one small all-reduce
-    return {k: v / (units if k in totals else d.world) for k, v in zip(keys, reduced)}
-
-
-@torch.no_grad()
-def evaluate(model, objective, batches: dict[str, dict], micro_batch: int, device, amp) -> dict:
-    """Held-out metrics (pretrain/sft: loss in nats/token and bits per UTF-8 byte; dpo: loss and
-    reward accuracy/margin), overall and per source."""
-    model.eval()
-    out, total = {}, {}
-    for name, batch in batches.items():
-        sums: dict = {}
-        for micro in _split(batch, micro_batch) if len(next(iter(batch.values()))) else []:
-            with amp:
-                for k, v in objective.eval_sums(model, to_device(micro, device)).items():
-                    sums[k] = sums.get(k, 0) + v
-        out |= {f"val/{name}/{k}": v for k, v in objective.summarize(sums).items()}
-        for k, v in sums.items():
-            total[k] = total.get(k, 0) + v
-    model.train()
-    return {f"val_{k}": v for k, v in objective.summarize(total).items()} | out
 
 
 def write_final(final: Path, weights: dict, ctx: Context, sp: StagePlan, results: dict,

@@ -48,6 +48,10 @@ class CheckpointError(LlmforgeError):
     pass
 
 
+class TrainingError(LlmforgeError):
+    """Training cannot go on as asked (gradients that are not finite)."""
+
+
 class Interrupted(Exception):
     """Raised by the engine after a signal, once a checkpoint is safely on disk."""
 

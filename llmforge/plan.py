@@ -84,6 +84,8 @@ class StagePlan:
     est_peak_memory_bytes: int
     est_time_s: float | None
     adapter: dict | None = None  # the stage's LoRA (recipe AdapterSpec), None: full training
+    on_nonfinite: str = "stop"  # runtime.on_nonfinite: stop | skip
+    max_nonfinite: int = 10
     trainable_params: int = 0  # what the optimizer steps (an adapter's alone, or every weight)
 
     def math_hash(self) -> str:
@@ -300,7 +302,8 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
         checkpoint_keep=spec.checkpoint.keep, log_every=recipe.runtime.log_every, tasks=tuple(spec.eval.tasks),
         mix=mix, flops=flops, est_peak_memory_bytes=memory,
         est_time_s=estimate_time(flops / world_size, cfg, micro * per_row // seq_len, seq_len, device),
-        adapter=adapter, trainable_params=trainable,
+        adapter=adapter, trainable_params=trainable, on_nonfinite=recipe.runtime.on_nonfinite,
+        max_nonfinite=recipe.runtime.max_nonfinite,
     )
 
 

@@ -70,3 +70,25 @@ def test_no_intact_checkpoint_is_exit_2_with_what_to_do(reference, tmp_path):
     assert "no intact checkpoint to resume from" in result.stderr and "--restart" in result.stderr
     sums = json.loads((steps[0] / "checksums.json").read_text())
     assert set(sums) == {"model.safetensors", "optimizer.safetensors", "state.json"}
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_gradients_that_are_not_finite_stop_the_run_or_are_skipped(tmp_path, policy):
+    """An absurd lr blows the weights up within a step or two: `stop` ends the run at the first
+    step whose gradients are not finite (exit 2, naming stage and step); `skip` drops those
+    updates, counts them in the metrics, and stops after max_nonfinite in a row."""
+    (tmp_path / "corpus.txt").write_text(make_corpus(3000, seed=4))
+    recipe = TINY_RECIPE.format(steps=20, every=5).replace("optimizer: {lr: 3e-3}", "optimizer: {lr: 1e12}")
+    recipe = recipe.replace("runtime: {log_every: 2}", f"runtime: {{log_every: 1, threads: 1, on_nonfinite: {policy}, "
+                                                      "max_nonfinite: 3}")
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    result = cli("run", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    if policy == "stop":
+        assert "error: stage pretrain, step " in result.stderr and "the gradients are not finite" in result.stderr
+    else:
+        assert "the gradients were not finite 4 steps in a row (runtime.max_nonfinite: 3)" in result.stderr
+        logged = [json.loads(line) for line in
+                  (tmp_path / "runs/tiny/stages/01-pretrain/metrics.jsonl").read_text().splitlines()]
+        assert [m["skipped"] for m in logged if "skipped" in m][-3:] == [1.0, 1.0, 1.0]
+    assert "runtime.on_nonfinite" in result.stderr or policy == "skip"

@@ -340,6 +340,10 @@ class RuntimeSpec(Spec):
     # With several processes: ddp (each holds the whole model) or fsdp (weights, gradients and
     # optimizer state sharded); auto picks ddp when training fits one device, by the plan's estimate.
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    # A step whose gradients are not finite (inf/nan): stop (exit 2; every checkpoint stays intact),
+    # or skip its update (counted in the metrics as `skipped`), stopping after max_nonfinite in a row.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite: Int = Field(default=10, gt=0)
 
 
 class Recipe(Spec):
