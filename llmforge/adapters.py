@@ -182,22 +182,22 @@ def count(model: nn.Module) -> tuple[int, int]:
     return trainable, frozen
 
 
-def _shapes(cfg, spec: dict) -> list[tuple[int, int]]:
-    """(in, out) of each targeted layer of one block, from the model config alone."""
-    wanted, d, q, kv, h = projections(spec["targets"]), cfg.n_embd, cfg.q_dim, cfg.kv_heads * cfg.head_dim, cfg.hidden
+def _shapes(cfg, targets: list[str]) -> dict[str, tuple[int, int]]:
+    """(in, out) of each targeted linear layer of one block, by name, from the model config alone."""
+    wanted, d, q, kv, h = projections(targets), cfg.n_embd, cfg.q_dim, cfg.kv_heads * cfg.head_dim, cfg.hidden
     shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}
     shapes |= {"w1": (d, h), "w3": (d, h), "w2": (h, d)} if cfg.mlp == "swiglu" else {"c_fc": (d, h), "c_proj": (h, d)}
-    return [shape for name, shape in shapes.items() if name in wanted]
+    return {name: shape for name, shape in shapes.items() if name in wanted}
 
 
 def adapter_params(cfg, spec: dict) -> int:
     """The adapter's parameter count: rank x (in + out) per targeted layer."""
-    return cfg.n_layer * spec["rank"] * sum(i + o for i, o in _shapes(cfg, spec))
+    return cfg.n_layer * spec["rank"] * sum(i + o for i, o in _shapes(cfg, spec["targets"]).values())
 
 
 def targeted_weights(cfg, spec: dict) -> int:
     """The weights the adapter's layers hold (what qlora keeps in 4 bits)."""
-    return cfg.n_layer * sum(i * o for i, o in _shapes(cfg, spec))
+    return cfg.n_layer * sum(i * o for i, o in _shapes(cfg, spec["targets"]).values())
 
 
 # --- planning: what the plan says of a stage's adapter, before any compute -------------------------
@@ -230,11 +230,10 @@ def plan_adapter(where: str, recipe, spec, cfg, device, shards: int, init: str |
         raise PlanError(f"{at}: adapters train under ddp, not fsdp (a sharded frozen base is not built yet)",
                         hint="set runtime.parallel: ddp (the frozen base needs no optimizer state, so it "
                              "fits where full training would not)")
-    mlp = ("w1", "w2", "w3") if cfg.mlp == "swiglu" else ("c_fc", "c_proj")
-    present = {"q_proj", "k_proj", "v_proj", "o_proj", *mlp}
-    if not projections(a.targets) & present:
-        raise PlanError(f"{at}.targets: {a.targets} select no layer of this model (its linear layers: "
-                        f"{', '.join(sorted(present))})", hint="use attn, mlp or all-linear")
+    if not _shapes(cfg, a.targets):
+        present = ", ".join(sorted(_shapes(cfg, ["all-linear"])))
+        raise PlanError(f"{at}.targets: {a.targets} select no layer of this model (its linear layers: {present})",
+                        hint="use attn, mlp or all-linear")
     options = a.model_dump()
     fresh = cfg.n_embd * len(KINDS[spec.kind].fresh)  # new weights train too: a reward model's head
     if a.train_embeddings:

@@ -48,25 +48,40 @@ def export_weights(final: Path, out: Path, dtype: str = "fp32", stop_ids: list[i
 def export_stage(final: Path, out: Path, dtype: str = "fp32") -> tuple[str, list[str]]:
     """The whole export of a stage's final/ folder into out (written aside, then renamed into
     place, so out is complete or absent); returns the family and warnings for the user."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"--out: {out} exists and is not empty", hint="choose another folder or delete it")
+    check_out(out)
     check_language_model(final)  # refuse what transformers cannot express before anything else
     family_of(read_model_config(final))
     tokenizer, template = load_tokenizer(final), load_template(final)
     # A chat model's turn ends at the template's end tag (as `llmforge chat` stops); text at end-of-text.
     stops = list(template.stop_ids(tokenizer)) if template else [tokenizer.eot_id]
+
+    def write(tmp: Path):
+        arch = export_weights(final, tmp, dtype, stops)
+        os.chmod(tmp / "model.safetensors", 0o644)  # safetensors writes 0600; models are shared
+        return arch, _write_tokenizer(tmp, tokenizer, template, read_model_config(final).seq_len)
+    return write_folder(out, write)
+
+
+def check_out(out: Path) -> None:
+    """An export's --out must not exist, or be empty: nothing of the user's is ever overwritten."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"--out: {out} exists and is not empty", hint="choose another folder or delete it")
+
+
+def write_folder(out: Path, write):
+    """write(folder) into a temporary folder beside out, then renamed into place, so out is
+    complete or absent; returns what write returned."""
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        arch = export_weights(final, tmp, dtype, stops)
-        os.chmod(tmp / "model.safetensors", 0o644)  # safetensors writes 0600; models are shared
-        warnings = _write_tokenizer(tmp, tokenizer, template, read_model_config(final).seq_len)
+        tmp.mkdir(parents=True)
+        result = write(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return arch, warnings
+    return result
 
 
 def _write_tokenizer(out: Path, tokenizer, template, seq_len: int) -> list[str]:

@@ -9,7 +9,6 @@ sqrt(rank) with rslora), so the two compute the same model.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -17,13 +16,13 @@ from safetensors.torch import load_file, save_file
 from ..errors import CheckpointError
 from ..generate import check_language_model, read_model_config
 from .families import _LAYER, family_of
+from .hf import check_out, write_folder
 
 
 def export_adapter(final: Path, out: Path) -> tuple[str, dict]:
     """Write final/'s adapter into out as a PEFT folder; returns (family, the adapter's record:
     its `base` and `base_kind`, 'stage' (an earlier stage's name) or 'hf' (a transformers folder))."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"--out: {out} exists and is not empty", hint="choose another folder or delete it")
+    check_out(out)
     check_language_model(final)
     adapter = json.loads((final / "config.json").read_text()).get("adapter")
     if adapter is None:
@@ -52,15 +51,8 @@ def export_adapter(final: Path, out: Path) -> tuple[str, dict]:
               "fan_in_fan_out": False, "inference_mode": True,
               "modules_to_save": ["embed_tokens", "lm_head"] if full else None, "target_modules": lora_modules,
               "base_model_name_or_path": adapter["base"] if adapter.get("base_kind") == "hf" else None}
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_folder(out, write)
     return family, adapter

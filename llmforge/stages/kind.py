@@ -117,7 +117,7 @@ class PairObjective(Objective):
         return len(batch["chosen"])
 
     def eval_sums(self, model, batch: dict) -> dict:
-        return {k: v.item() for k, v in self.loss(model, batch).items()} | {"pairs": len(batch["chosen"])}
+        return {k: v.item() for k, v in self.loss(model, batch).items()} | {"pairs": self.units(batch)}
 
     @staticmethod
     def summarize(sums: dict) -> dict:

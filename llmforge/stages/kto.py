@@ -80,9 +80,6 @@ class Objective(dpo.Objective):
         return {"loss": t["loss"].sum(), "kl": t["z0"] * n, "logp": logps.detach().sum(),
                 "reward_good": t["reward"][good].sum() / goods * n, "reward_bad": t["reward"][~good].sum() / bads * n}
 
-    def eval_sums(self, model, batch):
-        return {k: v.item() for k, v in self.loss(model, batch).items()} | {"pairs": self.units(batch)}
-
     @torch.no_grad()
     def reference(self, model, batch: dict) -> np.ndarray:
         """[n, 1] log-probs of each unpaired reply under the frozen reference (pairs: [n, 2])."""
