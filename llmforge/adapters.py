@@ -125,10 +125,16 @@ def merge(model: nn.Module) -> None:
 
 
 def base_stamp(start: Path | None, adapter: dict | None) -> dict:
-    """What an adapter's checkpoint must be resumed on: the size and time of each weight file of
-    the stage's starting weights (it holds only the update to them). {} without an adapter."""
+    """What an adapter's checkpoint must be resumed on: the stage's starting weights (it holds only
+    the update to them), by their checksums when sealed (an earlier stage's final/: the same if
+    rebuilt), else the size and time of each weight file. {} without an adapter."""
     if not adapter or start is None:
         return {}
+    from .durable import stamp
+
+    if sealed := stamp(start):  # lists, as the checkpoint's JSON reads them back
+        return {"base": [[name, sums] for name, sums in sealed
+                         if name.endswith(".safetensors") and name != "adapter.safetensors"]}
     files = sorted(start.glob("*.safetensors")) if start.is_dir() else []
     return {"base": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.name != "adapter.safetensors"]}
 

@@ -3,10 +3,10 @@
 A checkpoint folder `step-000500/` holds `model.safetensors`, `optimizer.safetensors` (the
 optimizer state flattened to tensors, its hyperparameters as JSON metadata) and `state.json`
 (stage, step, sampler state, RNG states, plan hash). It is written under a temporary name,
-fsynced (files and folder), and renamed into place, so a kill -9 or a power cut at any moment
-leaves either the old set or the new one. `checksums.json` holds each file's size and CRC-32,
-taken at save time: a checkpoint damaged later (a truncated copy, a flipped bit) is found on
-resume, named, and passed over for the one before it.
+sealed and renamed into place (durable.py), so a kill -9 or a power cut at any moment leaves
+either the old set or the new one; its `checksums.json`, taken at save time, finds one damaged
+later (a truncated copy, a flipped bit) on resume: it is named and passed over for the one
+before it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from . import durable, faults
 from .errors import CheckpointError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -124,76 +124,27 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(root: Path, step: int, weights: dict, optimizer_state: dict, state: dict, keep: int) -> Path:
     """Write step-NNNNNN/ atomically under root, then keep only the newest `keep` checkpoints.
-    weights and optimizer_state are full tensors keyed by name (distributed.full_state)."""
+    weights and optimizer_state are full tensors keyed by name (distributed.full_state). A full
+    disk is a clear error; the half-written folder is removed and the older checkpoints stand."""
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+    moment = ("checkpoint", root.parent.name, step)  # for the fault-injection tests
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / "model.safetensors"))
     tensors, meta = _flatten_optimizer(optimizer_state)
-    save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
-    (tmp / "state.json").write_text(json.dumps(state | {"step": step, "rng": rng_state()}, indent=1))
-    sums = {name: _checksum(tmp / name) for name in _FILES}
-    (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
-    for name in (*_FILES, "checksums.json"):
-        _fsync(tmp / name)
-    _fsync(tmp)
-    if final.exists():  # the same step again: move the old one aside first, never delete it in place
-        old = root / f".tmp-old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync(root)  # the rename itself is durable
+    with durable.writing(tmp, final, sum(t.nbytes for t in (*weights.values(), *tensors.values()))):
+        tmp.mkdir(parents=True)
+        save_file(weights, str(tmp / "model.safetensors"))
+        faults.reached(*moment, "model.safetensors")
+        save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
+        faults.reached(*moment, "optimizer.safetensors")
+        (tmp / "state.json").write_text(json.dumps(state | {"step": step, "rng": rng_state()}, indent=1))
+        durable.seal(tmp)
+    faults.reached(*moment, "sealed")
+    durable.publish(tmp, final)
+    faults.reached(*moment, "renamed")
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file, or a folder's entries, to the disk (folders: POSIX only)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # a folder cannot be opened on Windows: its entries are flushed with it there
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _checksum(path: Path) -> list[int]:
-    """[size, CRC-32] of a file, read 16 MiB at a time (~1 GB/s: a bit flip or a cut is caught;
-    this guards against damage, not against tampering)."""
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            crc = zlib.crc32(block, crc)
-    return [path.stat().st_size, crc]
-
-
-def damage(path: Path) -> str | None:
-    """What is wrong with a checkpoint folder's files against its checksums.json, or None
-    (also for checkpoints written before checksums were)."""
-    try:
-        sums = json.loads((path / "checksums.json").read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        return f"checksums.json is unreadable ({e})"
-    for name, (size, crc) in sums.items():
-        try:
-            got_size, got_crc = _checksum(path / name)
-        except OSError as e:
-            return f"{name}: {e.strerror or e}"
-        if got_size != size:
-            return f"{name} is {got_size:,} bytes, {size:,} when saved (truncated or replaced)"
-        if got_crc != crc:
-            return f"{name} does not match its checksum (the bytes changed since it was saved)"
-    return None
 
 
 def latest_checkpoint(root: Path, note: Callable[[str], None]) -> tuple[Path, tuple] | None:
@@ -202,7 +153,7 @@ def latest_checkpoint(root: Path, note: Callable[[str], None]) -> tuple[Path, tu
     checkpoints exist and none is intact, CheckpointError names them all."""
     found, problems = list_checkpoints(root), []
     for path in reversed(found):
-        why = damage(path)
+        why = durable.damage(path)
         if why is None:
             try:
                 return path, read_checkpoint(path)

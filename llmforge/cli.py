@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from .durable import NO_SPACE
 from .errors import Interrupted, LlmforgeError, PeerFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -49,9 +50,17 @@ def user_errors(rank: int = 0, world: int = 1):
         if not rank:
             err.print(f"[yellow]{escape(e.message)}[/]; run the same command again to resume.")
         raise typer.Exit(128 + e.signum)
+    except OSError as e:  # a full disk anywhere else than a checkpoint, final/ or the cache (durable.writing)
+        if e.errno not in NO_SPACE:
+            raise
+        err.print(f"[bold red]error:[/] {escape(who + str(e.filename or 'a write'))}: the disk is full ({e.strerror})")
+        err.print("[dim]hint: free some space and run the same command again: it resumes from the last "
+                  "complete checkpoint[/]")
+        raise typer.Exit(2)
     except KeyboardInterrupt:
         if not rank:
-            err.print("[yellow]interrupted[/]; nothing half-written was kept. Run the same command again to resume.")
+            err.print("[yellow]interrupted[/]: nothing half-written was kept, the last complete checkpoint stands; "
+                      "run the same command again to resume.")
         raise typer.Exit(128 + signal.SIGINT)
     except Exception as e:
         from .distributed import peer_failure

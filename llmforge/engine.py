@@ -19,9 +19,9 @@ import torch
 
 from safetensors.torch import save_file
 
-from . import adapters, distributed
-from .checkpoint import (by_name, clean_temporary, latest_checkpoint, load_weights, save_checkpoint, set_rng_state,
-                         set_weights)
+from . import adapters, distributed, durable, faults
+from .checkpoint import (by_name, clean_temporary, latest_checkpoint, list_checkpoints, load_weights, save_checkpoint,
+                         set_rng_state, set_weights)
 from .data.sampler import Sampler
 from .distributed import Dist
 from .errors import CheckpointError, Interrupted
@@ -74,12 +74,25 @@ def run_stages(ctx: Context) -> None:
             if signum := d.stop_requested(ctx.stop.signum):  # between stages: nothing to save
                 raise Interrupted(signum, f"stopped before stage {sp.name}")
             final = stage_dir(ctx.run_dir, sp) / "final"
-            done = (final / "model.safetensors").is_file()
+            done = (final / "model.safetensors").is_file() and not _damaged_final(ctx, sp, final)
             d.together(lambda: d.same(done, f"whether stage {sp.name} is done"))
             if not done:
                 run_stage(ctx, sp, init_from=_start(ctx, sp))
             else:
                 ctx.reporter.note(f"stage {sp.name}: already done ({final})")
+
+
+def _damaged_final(ctx: Context, sp: StagePlan, final: Path) -> bool:
+    """A finished stage's final/ changed since it was written: it is rebuilt from the stage's
+    last checkpoint (the same bytes), or, with none left, the run stops saying what to do."""
+    why = durable.damage(final)
+    if why is None:
+        return False
+    if not list_checkpoints(final.parent / "checkpoints"):
+        raise CheckpointError(f"{final} is damaged ({why}) and the stage has no checkpoint to rebuild it from",
+                              hint=f"delete {final} to train stage {sp.name} again, or restore it from a copy")
+    ctx.reporter.note(f"stage {sp.name}: {final} is damaged ({why}); rebuilding it from its last checkpoint")
+    return True
 
 
 def _start(ctx: Context, sp: StagePlan) -> Path | None:
@@ -153,6 +166,7 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
             group["lr"] = lr * group.get("lr_ratio", 1.0)  # muon: its matrices' own peak
         pending.append(train_step(step_model, optimizer, objective, sampler.next_batch(), sp, amp, device, d, step))
         timer.step_done(step + 1)
+        faults.reached("step", sp.dir_name, step + 1)
         if (step + 1) % sp.log_every == 0 or step + 1 == sp.steps:
             means = {k: torch.stack([m[k] for m in pending]).mean().item() for k in pending[0]}  # one sync per log
             ctx.reporter.log(step + 1, means | {"lr": lr, **timer.rates(step + 1)})
@@ -310,21 +324,24 @@ def write_final(final: Path, weights: dict, ctx: Context, sp: StagePlan, results
     as PEFT's), and config.json says which weights it was trained on."""
     tmp = final.parent / f".tmp-final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / "model.safetensors"))
     config = {"model": ctx.plan.model.to_dict(), "stage": sp.name, "kind": sp.kind,
               "language_model": KINDS[sp.kind].generates,
               "tokenizer_fingerprint": ctx.tokenizer.fingerprint,
               "chat_template": ctx.template.to_dict() if ctx.template else None}
-    if adapter is not None:
-        save_file(adapter, str(tmp / "adapter.safetensors"))
-        config["adapter"] = adapters.record(sp.adapter, sp.init, ctx.plan.model_init)
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    (tmp / "eval.json").write_text(json.dumps(results, indent=1))
-    for name, data in ctx.tokenizer.files.items():
-        (tmp / name).write_bytes(data)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with durable.writing(tmp, final, sum(t.nbytes for t in (*weights.values(), *(adapter or {}).values()))):
+        tmp.mkdir(parents=True)
+        save_file(weights, str(tmp / "model.safetensors"))
+        faults.reached("final", final.parent.name, "model.safetensors")
+        if adapter is not None:
+            save_file(adapter, str(tmp / "adapter.safetensors"))
+            config["adapter"] = adapters.record(sp.adapter, sp.init, ctx.plan.model_init)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        (tmp / "eval.json").write_text(json.dumps(results, indent=1))
+        for name, data in ctx.tokenizer.files.items():
+            (tmp / name).write_bytes(data)
+        durable.seal(tmp)
+    faults.reached("final", final.parent.name, "sealed")
+    durable.publish(tmp, final)
 
 
 def _autocast(device):

@@ -21,6 +21,7 @@ from .engine import Context
 from .errors import RecipeError, TokenizerError
 from .plan import Plan, SourceStats, compile_plan, detect_device
 from .recipe.loader import diff_recipes
+from .resources import disk_warnings
 from .recipe.schema import Recipe, dump_recipe
 from .stages import KINDS
 from .tokenizer import train_tokenizer
@@ -58,11 +59,12 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False, 
     for name in used_sources(recipe):
         spec = recipe.data[name]
         with reporter.task(f"tokenizing {name}", _source_bytes(recipe, name)) as advance:
-            sources[name] = prepare_source(name, spec, recipe.base_dir, tokenizer, advance, workers, template)
+            sources[name] = prepare_source(name, spec, recipe.base_dir, tokenizer, advance, workers, template,
+                                           reporter.note)
     plan = compile_plan(recipe, vocab_size=tokenizer.vocab_size, world_size=dist.world,
                         sources={n: source_stats(s) for n, s in sources.items()}, device=device,
                         tokenizer_fingerprint=tokenizer.fingerprint)
-    plan = dataclasses.replace(plan, previews=previews(recipe))
+    plan = dataclasses.replace(plan, previews=previews(recipe), warnings=plan.warnings + disk_warnings(plan, run_dir))
     if not follower:
         _write_atomic(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1))
     return Context(plan, run_dir, tokenizer, sources, template=template, reporter=reporter, lock=lock, dist=dist)
@@ -132,7 +134,7 @@ def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1, processes:
     vocab = tokenizer.vocab_size if tokenizer else recipe.tokenizer.vocab_size
     plan = compile_plan(recipe, vocab_size=vocab, sources=stats, device=device, world_size=world_size,
                         tokenizer_fingerprint=tokenizer.fingerprint if tokenizer else None)
-    return dataclasses.replace(plan, previews=previews(recipe))
+    return dataclasses.replace(plan, previews=previews(recipe), warnings=plan.warnings + disk_warnings(plan, run_dir))
 
 
 def previews(recipe: Recipe) -> dict:

@@ -1,9 +1,11 @@
-"""What training will cost on a device: peak memory (which also picks the micro-batch) and wall
-time. The plan prints both; benchmarks/estimates.py checks them against measurements."""
+"""What training will cost on a device: peak memory (which also picks the micro-batch), wall
+time and disk. The plan prints them; benchmarks/estimates.py checks them against measurements."""
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import PlanError
@@ -110,3 +112,32 @@ def _cpu_matmul_flops(m: int, k: int, n: int) -> float:
             reps += 1
         _CALIBRATION[(m, k, n)] = 2 * m * k * n * reps / (time.perf_counter() - start)
     return _CALIBRATION[(m, k, n)]
+
+
+def checkpoint_bytes(sp) -> int:
+    """One checkpoint of a stage: what trains, in fp32, and AdamW's two moments of it (Muon keeps
+    one for its matrices: this is the upper bound)."""
+    return sp.trainable_params * 12
+
+
+def disk_warnings(plan, run_dir: Path) -> tuple[str, ...]:
+    """A warning when the disk under run_dir cannot hold what the stages still to run keep: each
+    its newest checkpoint.keep checkpoints and its final weights, plus one checkpoint in the making."""
+    needed = largest = 0
+    for sp in plan.stages:
+        if (run_dir / "stages" / sp.dir_name / "final" / "model.safetensors").is_file():
+            continue
+        saves = (sp.steps - 1) // sp.checkpoint_every + 1 if sp.checkpoint_every else 1  # the last step's too
+        needed += min(sp.checkpoint_keep, saves) * checkpoint_bytes(sp) + plan.params * 4
+        largest = max(largest, checkpoint_bytes(sp))
+    folder = run_dir
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if needed + largest <= free:
+        return ()
+    def size(n: float) -> str:
+        return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    return (f"{run_dir}: the disk has {size(free)} free, and the stages still to run keep about "
+            f"{size(needed + largest)} of checkpoints and final weights; the run would stop when it fills "
+            "(lower checkpoint.keep, free space, or pick another --run-dir)",)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from llmforge import faults
 from llmforge.errors import TokenizerError
 
 EOT = "<|endoftext|>"
@@ -63,6 +64,7 @@ class _Sample:
             raise
 
     def _chunks(self) -> Iterator[str]:
+        chunks = 0
         for doc in self.documents:
             buf: list[str] = []
             size = 0
@@ -72,7 +74,9 @@ class _Sample:
                     n = len(part.encode())
                     if buf and size + n > _CHUNK_BYTES:
                         yield "".join(buf)
-                        buf, size = [], 0
+                        buf, size, chunks = [], 0, chunks + 1
+                        if chunks % 8 == 0:
+                            faults.reached("tokenizer", "chunk", chunks)
                     buf.append(part)
                     size += n
                     self.used += n

@@ -11,6 +11,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# What the reliability suites exercised in this run (cases and outcomes), printed at the end.
+COUNTS: dict[str, str] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if COUNTS:
+        terminalreporter.section("reliability cases exercised")
+        for what, outcome in COUNTS.items():
+            terminalreporter.write_line(f"{what}: {outcome}")
 
 TINY_RECIPE = """\
 name: tiny

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from llmforge import adapters
+from llmforge import adapters, durable
 from llmforge.model import ModelConfig, Transformer
 from llmforge.optim import build_optimizer
 
@@ -128,13 +127,18 @@ def test_lora_resumes_bitwise_after_kill_9(lora_run):
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("02-sft", "03-dpo", ".lock"))
     args = ("--run-dir", "runs/killed")
     kill_at(lora_run, start(lora_run, *args), copy / "stages/02-sft/metrics.jsonl", 10)
-    # The checkpoint is an update to pretrain's weights: if they change, the resume is refused.
-    base = copy / "stages/01-pretrain/final/model.safetensors"
-    stat = base.stat()
-    os.utime(base, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    # The checkpoint is an update to pretrain's weights: if they change (other weights, sealed as
+    # a final/ is), the resume is refused.
+    base = copy / "stages/01-pretrain/final"
+    original = (base / "model.safetensors").read_bytes()
+    other = {k: v + 0.01 if v.is_floating_point() else v for k, v in load_file(str(base / "model.safetensors")).items()}
+    save_file(other, str(base / "model.safetensors"))
+    sums = (base / "checksums.json").read_text()
+    durable.seal(base)
     refused = cli("run", "recipe.yaml", *args, cwd=lora_run)
     assert refused.returncode == 2 and "the weights it starts from" in refused.stderr, refused.stderr
-    os.utime(base, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    (base / "model.safetensors").write_bytes(original)
+    (base / "checksums.json").write_text(sums)
     kill_at(lora_run, start(lora_run, *args), copy / "stages/03-dpo/metrics.jsonl", 6)
     assert (copy / "stages/02-sft/final").exists() and not (copy / "stages/03-dpo/final").exists()
     result = cli("run", "recipe.yaml", *args, cwd=lora_run)

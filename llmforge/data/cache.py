@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from .. import durable, faults
 from ..errors import DataError
 from ..recipe.schema import EXAMPLE_FORMATS, SourceSpec
 from .example_cache import load_examples, write_examples
@@ -104,9 +105,19 @@ def _entry(name: str, spec: SourceSpec, base_dir: Path, tokenizer, template) -> 
 
 
 def find_source(name: str, spec: SourceSpec, base_dir: Path, tokenizer, template=None):
-    """The cached entry for this source and tokenizer, if it exists (never tokenizes)."""
+    """The cached entry for this source and tokenizer, if it exists intact (never tokenizes)."""
     entry = _entry(name, spec, base_dir, tokenizer, template)
-    return load_entry(name, entry) if _complete(entry) else None
+    return load_entry(name, entry) if _intact(entry) else None
+
+
+def _intact(entry: Path, note: Callable[[str], None] = lambda message: None) -> bool:
+    """Complete, and every file as it was sealed (checked each time: ~1.8 GB/s)."""
+    if not entry.is_dir():
+        return False
+    if why := durable.damage(entry) or (None if _complete(entry) else "its files are incomplete"):
+        note(f"token cache entry {entry} is damaged ({why}); tokenizing the source again")
+        return False
+    return True
 
 
 def _complete(entry: Path) -> bool:
@@ -123,37 +134,39 @@ def _complete(entry: Path) -> bool:
 
 def prepare_source(name: str, spec: SourceSpec, base_dir: Path, tokenizer,
                    on_progress: Callable[[int], None] = lambda n: None, workers: int | None = None,
-                   template=None):
-    """Tokenize a source into the cache (or find it there) and map it into memory: a
-    PreparedSource (text) or PreparedExamples (chat, prompt_response, preference; needs the
-    chat template)."""
+                   template=None, note: Callable[[str], None] = lambda message: None):
+    """Tokenize a source into the cache (or find it there intact; `note` hears of a damaged entry,
+    tokenized again) and map it into memory: a PreparedSource (text) or PreparedExamples (chat,
+    prompt_response, preference; needs the chat template)."""
     if spec.format in EXAMPLE_FORMATS and template is None:
         raise DataError(f"data.{name}: {spec.format} data needs a chat template",
                         hint="set tokenizer.chat_template: default")
     entry = _entry(name, spec, base_dir, tokenizer, template)
-    if not _complete(entry):
+    if not _intact(entry, note):
         _clean_stale(entry.parent)
         tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}"
-        try:
+        with durable.writing(tmp, entry):  # on any error (Ctrl-C too) tmp must not linger
             if spec.format in EXAMPLE_FORMATS:
                 write_examples(tmp, name, spec, base_dir, tokenizer, template, on_progress)
             else:
                 _write_entry(tmp, name, spec, base_dir, tokenizer, on_progress, workers or _default_workers(tokenizer))
+            durable.seal(tmp)
+            faults.reached("data", name, "publish")
             _publish(tmp, entry)
-        finally:  # on success tmp was renamed; on any error (Ctrl-C too) it must not linger
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # not renamed when another process published first
     return load_entry(name, entry)
 
 
 def _publish(tmp: Path, entry: Path) -> None:
-    if _complete(entry):  # another process finished the same entry first: theirs is as good as ours
+    if _intact(entry):  # another process finished the same entry first: theirs is as good as ours
         return
-    shutil.rmtree(entry, ignore_errors=True)  # an incomplete leftover
+    shutil.rmtree(entry, ignore_errors=True)  # an incomplete or damaged leftover
     try:
         os.replace(tmp, entry)
     except OSError:
-        if not _complete(entry):
+        if not _intact(entry):
             raise
+    durable.fsync(entry.parent)
 
 
 def load_entry(name: str, entry: Path):
@@ -229,12 +242,14 @@ def _write_entry(tmp: Path, name, spec, base_dir, tokenizer, on_progress, worker
         # Results are written in submission order, with at most 2 batches per worker in flight:
         # parallel, deterministic, and memory-bounded whatever the corpus size.
         pending: deque = deque()
+        batches: list = []
 
         def drain(limit: int) -> None:
             while len(pending) > limit:
                 future, size = pending.popleft()
                 f.write(future.result() if pool else future)
                 on_progress(size)
+                faults.reached("data", name, "batch", batches.append(1) or len(batches))
 
         for args, size in _batches(iter_pieces(name, spec, base_dir, skips), dtype):
             n_bytes += size

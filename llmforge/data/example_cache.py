@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..chat import ChatTemplate
+from .. import faults
 from ..errors import DataError, TokenizerError
 from .rows import Examples
 from .sources import Skips, _Report, list_files
@@ -86,6 +87,8 @@ def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTem
                     offsets.append(total)
                     n_bytes += sum(len(text.encode()) for text, special, _ in segments if not special)
                 origins.append((number, int(where.rsplit(":", 1)[1])))
+                if len(origins) % 16 == 0:
+                    faults.reached("data", name, "example", len(origins))
                 if spec.format in _EXTRAS:
                     extras.append(example[-1])
             on_progress(path.stat().st_size)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from .. import faults
 from ..errors import CheckpointError
 from ..recipe.values import Float
 from . import kind
@@ -123,9 +124,10 @@ def attach_reference(path: Path, identity: dict, train: dict, evals: dict, refer
             # large temporaries fragment glibc's heap, and whole quickstart runs grew their
             # resident memory here by ~13 MB a batch (700-830 MB) in about 1 of 4 runs.
             stored[key] = np.zeros((rows.n_rows, len(rows.sides)), dtype=np.float32)
-            for idx in kind.split_rows(rows.n_rows, micro_batch):
+            for i, idx in enumerate(kind.split_rows(rows.n_rows, micro_batch)):
                 with amp:
                     stored[key][idx] = reference(rows.rows(idx, with_reference=False))
+                faults.reached("reference", path.parent.name, key, i)
         model.train()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
