@@ -147,7 +147,11 @@ def _to_gpt2(cfg: ModelConfig, t: dict) -> dict:
 def config_from_hf(c: dict, where) -> ModelConfig:
     """The ModelConfig of a transformers config.json; refuses, naming the key, anything llmforge
     would compute differently."""
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{where}: not a transformers config (a JSON object), but a {type(c).__name__}")
     fam = c.get("model_type")
+    if not isinstance(fam, str):
+        raise CheckpointError(f"{where}: model_type {fam!r} is not a model type", hint=f"supported: {', '.join(CLASSES)}")
     if fam in _NOT_YET:
         raise CheckpointError(f"{where}: model_type {fam!r} ({_NOT_YET[fam]}) is not supported yet: it scales the "
                               "embeddings by sqrt(n_embd), adds norms after attention and the MLP, and soft-caps "
@@ -157,7 +161,7 @@ def config_from_hf(c: dict, where) -> ModelConfig:
         raise CheckpointError(f"{where}: model_type {fam!r} is not supported", hint=f"supported: {', '.join(CLASSES)}")
     try:
         return _gpt2_config(c, where) if fam == "gpt2" else _llama_like_config(fam, c, where)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
         raise CheckpointError(f"{where}: not a complete {fam} config ({type(e).__name__}: {e})") from None
 
 

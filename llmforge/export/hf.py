@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
@@ -141,7 +142,14 @@ def recipe_model(folder: Path) -> dict:
 
 
 def _read_tensors(folder: Path) -> dict:
-    return {k: v for f in _weight_files(folder) for k, v in load_file(str(f)).items()}
+    out = {}
+    for f in _weight_files(folder):
+        try:
+            out |= load_file(str(f))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: cannot read the weights ({e})",
+                                  hint="the file is damaged or incomplete: copy or download it again") from None
+    return out
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -150,7 +158,15 @@ def _weight_files(folder: Path) -> list[Path]:
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
     if index.is_file():
-        return [folder / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        # A shard is a file beside the index, never a path elsewhere.
+        if missing := [s for s in shards if not isinstance(s, str) or Path(s).name != s or not (folder / s).is_file()]:
+            raise CheckpointError(f"{index}: lists {missing[0]!r}, which is not a file in the folder",
+                                  hint="copy every shard of the model")
+        return [folder / shard for shard in shards]
     if any(folder.glob("pytorch_model*.bin")):
         raise CheckpointError(f"{folder}: only pickle weights (pytorch_model.bin), which can run code when loaded",
                               hint="convert them to safetensors (transformers: save_pretrained(safe_serialization=True))")

@@ -33,9 +33,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for item in overrides:
         try:
             loc = apply_override(data, item)
-            origins[loc] = item
+            origins[loc] = _shown(item)
         except ValueError as e:
-            problems.append(f"--set {item}: {e}")
+            problems.append(f"--set {_shown(item)}: {e}")
     if problems:
         raise RecipeError(problems, hint="write overrides as key.path=value, e.g. stages[0].optimizer.lr=1e-3")
     recipe = validate_recipe(data, where=lambda loc: _where(loc, path, lines, origins), base_dir=path.resolve().parent)
@@ -65,6 +65,12 @@ def validate_recipe(data, where=lambda loc: ("", ""), base_dir: Path | None = No
         raise RecipeError(list(dict.fromkeys(line for _, line in lines)),
                           hint="fix the keys above; docs/recipe.md lists every key")
     return recipe
+
+
+def _shown(item: str) -> str:
+    """An override as the error shows it: quoted if it holds a line break or control character,
+    which would split the one-line message."""
+    return item if item.isprintable() else repr(item)
 
 
 def _where(loc: Loc, path: Path, lines: dict, origins: dict) -> tuple[str, str]:
