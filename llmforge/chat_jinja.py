@@ -200,6 +200,15 @@ def read_folder_template(path: Path) -> JinjaTemplate:
     """A model folder's own template (chat_template.jinja, or tokenizer_config.json's
     chat_template), with its tokenizer's special tokens and its generation config's eos."""
     folder = path if path.is_dir() else path.parent
+    try:
+        return _read_folder_template(path, folder)
+    except (TypeError, KeyError, AttributeError) as e:  # JSON of another shape than transformers writes
+        raise TemplateError(f"{folder}: its tokenizer files are not shaped as transformers writes them "
+                            f"({type(e).__name__}: {e})", hint="name a template: tokenizer.chat_template: chatml, "
+                                                               "llama3 or default") from None
+
+
+def _read_folder_template(path: Path, folder: Path) -> JinjaTemplate:
     config = _json(folder / "tokenizer_config.json")
     if path.suffix == ".jinja" or (path.is_dir() and (path / "chat_template.jinja").is_file()):
         file = path if path.suffix == ".jinja" else path / "chat_template.jinja"
@@ -232,6 +241,9 @@ def _json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise TemplateError(f"{path}: cannot read it ({e})") from None
+    if not isinstance(value, dict):
+        raise TemplateError(f"{path}: not a JSON object")
+    return value

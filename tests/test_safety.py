@@ -57,3 +57,45 @@ def test_the_scan_sees_what_it_forbids(tmp_path):
             elif (f.value.id, f.attr) == ("torch", "load") and not call.keywords:
                 hits += 1
     assert hits == 3
+
+
+ESCAPES = [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os.system('touch PWNED') }}",
+    "{{ raise_exception.__globals__['__builtins__']['__import__']('os').system('touch PWNED') }}",
+    "{{ messages.__class__.__base__.__subclasses__() }}",
+    "{% set x = messages.append({'role': 'user', 'content': 'injected'}) %}{{ messages }}",
+    "{{ self._TemplateReference__context.cycler.__init__.__globals__.os.popen('touch PWNED') }}",
+]
+
+
+def test_chat_templates_from_folders_render_in_a_sandbox(tmp_path, monkeypatch):
+    """A folder's template can read the conversation and write text, nothing else: reaching for
+    Python objects, modules or the file system ends in one clear error, and nothing runs."""
+    import json
+
+    import pytest
+
+    from llmforge.chat_jinja import TemplateError, read_folder_template
+
+    monkeypatch.chdir(tmp_path)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    for i, source in enumerate(ESCAPES):
+        folder = tmp_path / f"model{i}"
+        folder.mkdir()
+        (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": source + "{% for m in messages %}"
+                                                                  "{{ m['content'] }}{% endfor %}"}))
+        with pytest.raises(TemplateError) as e:
+            read_folder_template(folder)._render(messages, False)
+        assert "chat_template" in e.value.message and ("SecurityError" in e.value.message
+                                                       or "UndefinedError" in e.value.message), e.value.message
+        assert not (tmp_path / "PWNED").exists()
+    # A tokenizer_config.json of the wrong shape is named, not a traceback.
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    for config in ([], {"chat_template": [1, 2]}, {"chat_template": "{{ 1 }}", "bos_token": {"content": 3}}):
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        try:
+            read_folder_template(folder)
+        except TemplateError as e:
+            assert str(folder) in e.message
