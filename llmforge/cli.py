@@ -20,7 +20,7 @@ from .errors import Interrupted, LlmforgeError, PeerFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train language models from one declarative YAML recipe.")
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 SetOption = typer.Option(None, "--set", help="Override a recipe key: key.path=value (repeatable), "
                                              "e.g. stages[0].optimizer.lr=1e-3 or stages.pretrain.steps=100.")

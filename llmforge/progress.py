@@ -142,8 +142,8 @@ class QuietReporter:
 
 def make_console() -> Console:
     """Log lines are never wrapped; piped output (logs, CI) gets room for full tables."""
-    console = Console(soft_wrap=True, highlight=False)
-    return console if console.is_terminal else Console(soft_wrap=True, highlight=False, width=160)
+    console = Console(soft_wrap=True, highlight=False, emoji=False)
+    return console if console.is_terminal else Console(soft_wrap=True, highlight=False, emoji=False, width=160)
 
 
 def _truncate_metrics(path: Path, start_step: int) -> None:

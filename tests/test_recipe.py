@@ -131,6 +131,13 @@ def test_cli_broken_recipe_exit_2_no_traceback(tmp_path):
     assert result.returncode == 2 and "no such recipe file" in result.stderr
 
 
+def test_messages_are_printed_verbatim(tmp_path):
+    """rich would turn ':100:' (a line number) into an emoji and '[b]' into markup."""
+    path = write(tmp_path, "#\n" * 96 + BROKEN.replace("model:", "model:\n  smile: 1  # [b]", 1))
+    result = cli("plan", path, cwd=tmp_path)
+    assert f"{path}:100: model.smile: unknown key" in result.stderr, result.stderr
+
+
 def test_plan_json_keys(tiny):
     result = cli("plan", tiny / "recipe.yaml", "--json", cwd=tiny)
     assert result.returncode == 0, result.stderr

@@ -47,7 +47,8 @@ def validate_recipe(data, where=lambda loc: ("", ""), base_dir: Path | None = No
     """Validate raw recipe data; raise RecipeError listing every problem with its key path."""
     if not isinstance(data, dict):
         raise RecipeError([f"{where(())[0]}the recipe must be a mapping of keys (name, model, data, stages, ...)"])
-    problems: list[tuple[Loc, str]] = import_model(data, base_dir or Path.cwd())
+    # A NUL can be written ("\0" in YAML, or --set) but no path or name holds one: said here, once.
+    problems: list[tuple[Loc, str]] = list(_nul_strings(data)) or import_model(data, base_dir or Path.cwd())
     recipe = None
     if not problems:  # a model that cannot be imported leaves the model section incomplete: say only why
         try:
@@ -65,6 +66,16 @@ def validate_recipe(data, where=lambda loc: ("", ""), base_dir: Path | None = No
         raise RecipeError(list(dict.fromkeys(line for _, line in lines)),
                           hint="fix the keys above; docs/recipe.md lists every key")
     return recipe
+
+
+def _nul_strings(tree, loc: Loc = ()):
+    """(key path, message) of every key or string value holding a NUL character."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        if "\0" in str(key) or (isinstance(value, str) and "\0" in value):
+            yield loc + (key,), "holds a NUL character (\\0), which no name, path or setting can"
+        else:
+            yield from _nul_strings(value, loc + (key,))
 
 
 def _shown(item: str) -> str:
