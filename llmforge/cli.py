@@ -144,25 +144,58 @@ def prepare(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
         render_plan(ctx.plan, reporter.console)
 
 
+@app.command(name="init")
+def init_(name: str = typer.Argument(..., help="The recipe's name: writes NAME.yaml here."),
+          template: str = typer.Option("pipeline", "--template", help="pretrain, finetune, pipeline or rlhf."),
+          model: Optional[Path] = typer.Option(None, "--model", help="finetune: the Hugging Face model folder to "
+                                               "start from."),
+          folder: Path = typer.Option(Path("."), "--dir", help="Where to write it.")):
+    """Write a commented starter recipe that plans and runs as written (and recipe.schema.json
+    beside it, for completion in editors with the YAML language server)."""
+    with user_errors():
+        from .starters import write_starter
+
+        recipe, *rest = write_starter(name, template, folder, model)
+        err.print(f"wrote {recipe}{' and ' + ', '.join(map(str, rest)) if rest else ''}; next: "
+                  f"llmforge plan {recipe}", highlight=False)
+
+
 @app.command()
 def plan(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
          as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
          run_dir: Optional[Path] = RunDirOption,
          overrides: Optional[List[str]] = SetOption,
          nproc: int = typer.Option(1, "--nproc-per-node", min=1, help="Plan for N processes (as `run` would use)."),
-         nnodes: int = typer.Option(1, "--nnodes", min=1, help="... on this many machines (world size N x nodes).")):
-    """Print what a run would do on this machine, without training."""
+         nnodes: int = typer.Option(1, "--nnodes", min=1, help="... on this many machines (world size N x nodes)."),
+         target: Optional[str] = typer.Option(None, "--target", help="Plan for hardware you don't have: h100x8, "
+                                              "a100-80gx4, h200, 4090, cpu, ... (docs/targets.md)."),
+         show_recipe: bool = typer.Option(False, "--show-recipe", help="Print the recipe as it reads after "
+                                          "extends and --set are applied, instead of the plan.")):
+    """Print what a run would do on this machine (or on --target), without training."""
     with user_errors():
         from .pipeline import estimate_plan
         from .progress import make_console, render_plan
-        from .recipe.loader import load_recipe
+        from .recipe.loader import load_recipe, show_recipe as written
 
         spec = load_recipe(recipe, overrides or [])
-        result = estimate_plan(spec, run_dir or Path("runs") / spec.name, world_size=nproc * nnodes, processes=nproc)
+        if show_recipe:
+            sys.stdout.write(written(spec))
+            return
+        device, about = None, None
+        if target:
+            from .targets import describe, parse_target, target_device
+
+            key, nproc = parse_target(target)
+            device, about = target_device(key, spec.runtime, nnodes), describe(key, nproc, nnodes)
+        result = estimate_plan(spec, run_dir or Path("runs") / spec.name, world_size=nproc * nnodes,
+                               processes=nproc, device=device)
         if as_json:
-            sys.stdout.write(json.dumps(result.to_json(), indent=1) + "\n")
+            sys.stdout.write(json.dumps(({"target": about} if about else {}) | result.to_json(), indent=1) + "\n")
         else:
-            render_plan(result, make_console())
+            console = make_console()
+            if about:
+                console.print(about, highlight=False, markup=False)
+            render_plan(result, console)
 
 
 RunDirArgument = typer.Argument(..., help="A run directory, e.g. runs/quickstart.")
@@ -314,6 +347,39 @@ def export(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
         for warning in warnings:
             err.print(f"[yellow]warning:[/] {escape(warning)}")
         err.print(f"exported {final.parent.name} as {arch} ({dtype}) to {out}")
+
+
+@app.command()
+def report(run_dir: Path = RunDirArgument,
+           out: Optional[Path] = typer.Option(None, "--out", help="Folder to write into (default: the run directory).")):
+    """Write report.html (self-contained, plots embedded) and its PNGs: every stage's train loss and
+    held-out bpb on one timeline, the lr schedule, tokens/s and MFU, preference and reward curves,
+    the results and the plan. Made from metrics.jsonl, so it works while the run goes on."""
+    with user_errors():
+        from .report import write_report
+
+        page, *pngs = write_report(run_dir, out)
+        err.print(f"wrote {page} (with {', '.join(p.name for p in pngs)} beside it)", highlight=False)
+
+
+@app.command()
+def compare(run_dirs: List[Path] = typer.Argument(..., help="Two or more run directories."),
+            out: Path = typer.Option(Path("compare.png"), "--out", help="The PNG of overlaid held-out curves.")):
+    """Runs side by side: each stage's final held-out figures, the recipe keys that differ, and one
+    PNG overlaying their held-out curves."""
+    with user_errors():
+        from .errors import RecipeError
+        from .progress import make_console, render_comparison
+        from .report import compare_runs, write_comparison
+
+        if len(run_dirs) < 2:
+            raise RecipeError(["compare: give two or more run directories"], hint="llmforge compare runs/a runs/b")
+        runs, labels, rows, differ = compare_runs(run_dirs)
+        render_comparison(labels, rows, differ, make_console())
+        try:
+            err.print(f"wrote {write_comparison(runs, labels, out)}", highlight=False)
+        except LlmforgeError as e:  # the table stands without the plot
+            err.print(f"[yellow]warning:[/] {escape(e.message)}; {escape(e.hint or '')}")
 
 
 @app.command()

@@ -19,7 +19,7 @@ from .data.sources import iter_documents, list_files
 from .distributed import Dist, check_device
 from .engine import Context
 from .errors import RecipeError, TokenizerError
-from .plan import Plan, SourceStats, compile_plan, detect_device
+from .plan import Device, Plan, SourceStats, compile_plan, detect_device
 from .recipe.loader import diff_recipes
 from .resources import disk_warnings
 from .recipe.schema import Recipe, dump_recipe
@@ -106,12 +106,14 @@ def clear_run_dir(run_dir: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1, processes: int = 1) -> Plan:
+def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1, processes: int = 1,
+                  device: Device | None = None) -> Plan:
     """The plan without training anything: exact token counts where the run directory's tokenizer
     and the cache already have them, estimates from file sizes otherwise. processes: how many
-    share this machine."""
-    device = detect_device(recipe.runtime, processes=processes)
-    _set_threads(device.threads)
+    share this machine; device: another machine's (--target), else this one's."""
+    target, device = device is not None, device or detect_device(recipe.runtime, processes=processes)
+    if not target or device.type == "cpu":  # a GPU target's thread count is nothing to set here
+        _set_threads(device.threads)
     tok_path = tokenizer_file(run_dir / "tokenizer")
     tokenizer = load_tokenizer(tok_path) if tok_path else None
     if tokenizer is None and recipe.tokenizer.path:
@@ -134,7 +136,8 @@ def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1, processes:
     vocab = tokenizer.vocab_size if tokenizer else recipe.tokenizer.vocab_size
     plan = compile_plan(recipe, vocab_size=vocab, sources=stats, device=device, world_size=world_size,
                         tokenizer_fingerprint=tokenizer.fingerprint if tokenizer else None)
-    return dataclasses.replace(plan, previews=previews(recipe), warnings=plan.warnings + disk_warnings(plan, run_dir))
+    disk = disk_warnings(plan, run_dir) if not target else ()  # this disk says nothing of another machine's
+    return dataclasses.replace(plan, previews=previews(recipe), warnings=plan.warnings + disk)
 
 
 def previews(recipe: Recipe) -> dict:

@@ -32,6 +32,7 @@ class Device:
     compile: bool
     threads: int
     peak_flops: float | None  # dense FLOP/s at `precision`; None when unknown
+    link_bytes_per_s: float | None = None  # between devices, each way (known for a --target only)
 
 
 @dataclass(frozen=True)
@@ -301,10 +302,20 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
         eval_every=spec.eval.every, eval_tokens=spec.eval.tokens, checkpoint_every=spec.checkpoint.every,
         checkpoint_keep=spec.checkpoint.keep, log_every=recipe.runtime.log_every, tasks=tuple(spec.eval.tasks),
         mix=mix, flops=flops, est_peak_memory_bytes=memory,
-        est_time_s=estimate_time(flops / world_size, cfg, micro * per_row // seq_len, seq_len, device),
+        est_time_s=estimate_time(flops / world_size, cfg, micro * per_row // seq_len, seq_len, device,
+                                 steps=steps, world_size=world_size, synced_bytes=_synced_bytes(
+                                     cfg, trainable if adapter else cfg.num_params(), shards > 1)),
         adapter=adapter, trainable_params=trainable, on_nonfinite=recipe.runtime.on_nonfinite,
         max_nonfinite=recipe.runtime.max_nonfinite,
     )
+
+
+def _synced_bytes(cfg: ModelConfig, trainable: int, sharded: bool) -> float:
+    """Bytes a device sends per step, over (n-1)/n, to keep the others in step (in a ring, an
+    all-gather or reduce-scatter of B bytes sends (n-1)/n B, an all-reduce twice that). DDP
+    all-reduces the fp32 gradients of what trains; FSDP all-gathers the bf16 weights twice
+    (forward and backward) and reduce-scatters the gradients."""
+    return 2 * 2 * cfg.num_params() + 4 * trainable if sharded else 2 * 4 * trainable
 
 
 def _format(recipe: Recipe, spec) -> str:

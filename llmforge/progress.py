@@ -70,7 +70,7 @@ class Reporter:
         if metrics.get("first_step_s", 0) > 2:  # torch.compile's compilation, mostly
             self.note(f"{self.stage.name}: the first step took {metrics['first_step_s']:.1f} s (compilation and "
                       "warm-up; not counted in tok/s)")
-        eta = f"  eta {_duration(metrics['eta_s'])}" if "eta_s" in metrics else ""
+        eta = f"  eta {duration(metrics['eta_s'])}" if "eta_s" in metrics else ""
         info = (f"loss {metrics['loss']:.4f}  {extra}lr {metrics['lr']:.2e}  "
                 f"{metrics.get('tokens_per_s', 0):,.0f} tok/s{mfu}{eta}")
         if self.progress:
@@ -162,14 +162,14 @@ def _truncate_metrics(path: Path, start_step: int) -> None:
     path.write_text("".join(k + "\n" for k in keep))
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def _si(n: float) -> str:
+def si(n: float) -> str:
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= size:
             return f"{n / size:.1f}{unit}"
@@ -187,8 +187,8 @@ def render_plan(plan, console: Console) -> None:
     console.print(f"model: {m.family}, {m.n_layer} layers, {m.n_head} heads ({m.kv_heads} kv) of {m.head_dim}, "
                   f"{m.n_embd} wide, seq_len {m.seq_len}, vocab {m.vocab_size}, {m.norm}/{m.positions}/{m.mlp}"
                   f"{', tied' if m.tie_embeddings else ''}{''.join(', ' + e for e in extras)}"
-                  f"{f' (from {plan.model_init})' if plan.model_init else ''} -> {_si(plan.params)} params "
-                  f"({_si(plan.params_non_embedding)} non-embedding), {_si(plan.flops_per_token)} FLOPs/token",
+                  f"{f' (from {plan.model_init})' if plan.model_init else ''} -> {si(plan.params)} params "
+                  f"({si(plan.params_non_embedding)} non-embedding), {si(plan.flops_per_token)} FLOPs/token",
                   highlight=False)
     if plan.world_size > 1:
         how = {"ddp": "DDP, each holds the whole model", "fsdp": "FSDP2, weights/grads/optimizer state sharded"}
@@ -196,11 +196,11 @@ def render_plan(plan, console: Console) -> None:
                       f"({'nccl' if d.type == 'cuda' else 'gloo'}; {how[plan.parallel]}); memory below is per device",
                       highlight=False)
     for sp in plan.stages:
-        eta = f", ~{_duration(sp.est_time_s)}" if sp.est_time_s else ""
+        eta = f", ~{duration(sp.est_time_s)}" if sp.est_time_s else ""
         muon = f" (block matrices: muon lr {sp.optimizer['muon_lr']:.3g})" if sp.optimizer["name"] == "muon" else ""
         console.print(
             f"[bold]stage {sp.dir_name}[/] ({sp.kind}): {sp.steps} steps x {sp.batch_tokens:,} tokens = "
-            f"{_si(sp.tokens)} tokens\n"
+            f"{si(sp.tokens)} tokens\n"
             f"  batch {sp.global_batch} x {sp.seq_len} = micro {sp.micro_batch} x accum {sp.grad_accum} "
             f"x world {sp.world_size}\n"
             f"  {sp.optimizer['name']} lr {sp.lr:.3g}"
@@ -245,9 +245,9 @@ def _adapter_line(sp, plan) -> str:
     # plus 16 for each adapter weight (the same share of the model as here).
     budget = memory_budget(plan.device)
     return (f"  {a['kind']} rank {a['rank']}, alpha {a['alpha']:g}{', rslora' if a['rslora'] else ''} on "
-            f"{', '.join(a['targets'])}: {_si(sp.trainable_params)} trainable ({share:.2%} of the "
-            f"{_si(plan.params)} frozen); this device fits ~{_si(budget / 16)} params "
-            f"in full training, ~{_si(budget / (4 + 16 * share))} with this adapter (weights and states)\n")
+            f"{', '.join(a['targets'])}: {si(sp.trainable_params)} trainable ({share:.2%} of the "
+            f"{si(plan.params)} frozen); this device fits ~{si(budget / 16)} params "
+            f"in full training, ~{si(budget / (4 + 16 * share))} with this adapter (weights and states)\n")
 
 
 def render_preview(segments: list, console: Console) -> None:
@@ -274,12 +274,17 @@ _RESULT_COLUMNS = (("val_loss", "val loss", False), ("val_bpb", "val bpb", False
                    ("world-qa/correct", "correct", True), ("world-qa/concise", "concise", True))
 
 
-def render_results(results: list[dict], console: Console, title: str = "results on held-out data") -> None:
-    """One row per stage with its final held-out figures (columns no stage has are left out)."""
+def result_columns(results: list[dict]) -> list[tuple[str, str, bool]]:
+    """(metric key, heading, as a percentage) of the figures any of these results has."""
     columns = [c for c in _RESULT_COLUMNS if any(c[0] in r for r in results)]
     extra = sorted({k for r in results for k in r if "/" in k and not k.startswith(("val", "data/"))}
                    - {c[0] for c in columns})
-    columns += [(k, k, True) for k in extra]  # other tasks' scores
+    return columns + [(k, k, True) for k in extra]  # other tasks' scores
+
+
+def render_results(results: list[dict], console: Console, title: str = "results on held-out data") -> None:
+    """One row per stage with its final held-out figures (columns no stage has are left out)."""
+    columns = result_columns(results)
     if not results or not columns:
         return
     table = Table(title=title, box=None, padding=(0, 2), show_edge=False, title_justify="left")
@@ -290,3 +295,19 @@ def render_results(results: list[dict], console: Console, title: str = "results 
         cells = ["-" if k not in r else f"{r[k]:.0%}" if pct else f"{r[k]:.4f}" for k, _, pct in columns]
         table.add_row(f"{r['stage']} ({r['kind']})" if "kind" in r else r["stage"], *cells)
     console.print(table)
+
+
+def render_comparison(labels: list[str], rows: list, differ: list, console: Console) -> None:
+    """Final figures per stage, one column per run; then the recipe keys that differ."""
+    for title, first, body in (("final held-out figures", "stage, figure", rows),
+                               ("recipe keys that differ", "key", differ)):
+        table = Table(title=title, box=None, padding=(0, 2), show_edge=False, title_justify="left")
+        table.add_column(first)
+        for label in labels:
+            table.add_column(escape(label), justify="right")
+        for key, cells in body:  # values are the user's text: never markup
+            table.add_row(escape(key), *map(escape, cells))
+        if body:
+            console.print(table)
+        else:
+            console.print(f"{title}: none", highlight=False)

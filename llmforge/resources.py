@@ -86,13 +86,24 @@ def choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, devic
                     hint="use a smaller model or seq_len")
 
 
-def estimate_time(flops: float, cfg: ModelConfig, micro: int, seq_len: int, device: Device) -> float | None:
-    """Wall time at a typical 40% of peak on GPU; on CPU, 50% of a measured matmul's speed."""
+def estimate_time(flops: float, cfg: ModelConfig, micro: int, seq_len: int, device: Device, *, steps: int = 1,
+                  world_size: int = 1, synced_bytes: float = 0) -> float | None:
+    """Wall time at a typical 40% of peak on GPU (targets.ASSUMED_MFU); on CPU, 50% of a measured
+    matmul's speed. Where the link between devices is known, a step takes at least the time its
+    collectives need: a ring moves 2(n-1)/n of the bytes (all-reduce) each way per device, and
+    overlaps them with the backward pass, so the longer of the two bounds the step."""
+    from .targets import ASSUMED_MFU
+
     if device.peak_flops:
-        return flops / (0.4 * device.peak_flops)
-    if device.type != "cpu":
+        compute = flops / (ASSUMED_MFU * device.peak_flops)
+    elif device.type == "cpu":
+        compute = flops / (0.5 * _cpu_matmul_flops(micro * seq_len, cfg.n_embd, cfg.hidden))
+    else:
         return None
-    return flops / (0.5 * _cpu_matmul_flops(micro * seq_len, cfg.n_embd, cfg.hidden))
+    if world_size > 1 and device.link_bytes_per_s:
+        talk = steps * synced_bytes * (world_size - 1) / world_size / device.link_bytes_per_s
+        return max(compute, talk)
+    return compute
 
 
 _CALIBRATION: dict = {}

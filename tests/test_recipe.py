@@ -170,9 +170,25 @@ def test_every_shipped_recipe_plans(recipe, tmp_path):
         write_chat_data(tmp_path, n=400)
         extra = ["--set", f"model.init.hf={tmp_path}/smollm2", "--set", f"data.chat.path={tmp_path}/chat.jsonl",
                  "--set", f"data.prefs.path={tmp_path}/prefs.jsonl"]
+    if recipe.stem in ("gpt2-124m", "llama-1b-pipeline"):  # web-text shards and conversations users bring
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from .hf_families import write_chat_data
+
+        pq.write_table(pa.table({"text": make_corpus(20000).split(". ")}), tmp_path / "web.parquet")
+        write_chat_data(tmp_path, n=400)
+        extra = ["--set", f"data.web.path={tmp_path}/web.parquet", "--target", "h100x8"]
+        if recipe.stem == "llama-1b-pipeline":
+            extra += ["--set", f"data.chat.path={tmp_path}/chat.jsonl", "--set", f"data.prefs.path={tmp_path}/prefs.jsonl"]
     result = cli("plan", recipe, "--json", *extra, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["stages"]
+    plan = json.loads(result.stdout)
+    assert plan["stages"]
+    if "--target" in extra:  # what the recipe's comment says the plan says there
+        pretrain = plan["stages"][0]
+        assert plan["world_size"] == 8 and plan["parallel"] == "ddp" and plan["target"].startswith("target h100x8")
+        hours = {"gpt2-124m": 0.75, "llama-1b-pipeline": 9.5}[recipe.stem]
+        assert abs(pretrain["est_time_s"] / 3600 - hours) < 0.1 * hours, pretrain["est_time_s"]
 
 
 def test_help_does_not_import_torch():

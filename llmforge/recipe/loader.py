@@ -20,14 +20,15 @@ from pydantic import BaseModel, ValidationError
 from ..errors import RecipeError
 from ..stages import KINDS
 from .imported import import_model
-from .reading import Loc, format_loc, read_yaml
+from .extends import read_recipe
+from .reading import Loc, format_loc
 from .schema import BUILTINS, Recipe
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError([f"{path}: no such recipe file"], hint="check the path; recipes/ has examples")
-    data, lines = read_yaml(path)
+    data, lines = read_recipe(path)
     origins = {}
     problems = []
     for item in overrides:
@@ -40,7 +41,14 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(problems, hint="write overrides as key.path=value, e.g. stages[0].optimizer.lr=1e-3")
     recipe = validate_recipe(data, where=lambda loc: _where(loc, path, lines, origins), base_dir=path.resolve().parent)
     recipe._base_dir = path.resolve().parent
+    recipe._written = (data, sorted({str(file) for file, _ in lines.values()}, key=lambda f: f != str(path)))
     return recipe
+
+
+def show_recipe(recipe: Recipe) -> str:
+    """The recipe as its files read once merged (extends) and overridden (--set), as YAML."""
+    data, files = recipe._written
+    return f"# {' + '.join(files)}, merged\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def validate_recipe(data, where=lambda loc: ("", ""), base_dir: Path | None = None) -> Recipe:
@@ -94,8 +102,9 @@ def _where(loc: Loc, path: Path, lines: dict, origins: dict) -> tuple[str, str]:
             if loc and origin[:len(loc)] == loc:
                 return "", f" [from --set {item}]"
     for n in range(len(loc), -1, -1):
-        if loc[:n] in lines:
-            return f"{path}:{lines[loc[:n]]}: ", ""
+        if loc[:n] in lines:  # the file (a base recipe's, for what it set) and line
+            file, line = lines[loc[:n]]
+            return f"{file}:{line}: ", ""
     return f"{path}: ", ""
 
 

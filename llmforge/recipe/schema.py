@@ -356,6 +356,7 @@ class Recipe(Spec):
     runtime: RuntimeSpec = RuntimeSpec()
     adapter: AdapterSpec | None = None  # the default adapter of every post-training stage
     _base_dir: Path | None = PrivateAttr(default=None)  # the recipe file's folder
+    _written: tuple | None = PrivateAttr(default=None)  # (merged data, its files) for plan --show-recipe
 
     @property
     def base_dir(self) -> Path:
@@ -375,7 +376,12 @@ class Recipe(Spec):
 
 def recipe_json_schema() -> str:
     """JSON Schema of a recipe, for editors: `# yaml-language-server: $schema=docs/recipe.schema.json`."""
-    return json.dumps(Recipe.model_json_schema(), indent=1) + "\n"
+    schema = Recipe.model_json_schema()
+    # Merged away before validation (recipe/extends.py), so not a field of Recipe; editors still offer it.
+    schema["properties"] = {"extends": {
+        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
+        "description": "base recipe file(s), relative to this file, merged under this one"}} | schema["properties"]
+    return json.dumps(schema, indent=1) + "\n"
 
 
 def dump_recipe(recipe: Recipe) -> str:

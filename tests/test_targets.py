@@ -1,0 +1,67 @@
+"""`llmforge plan --target`: the plan for hardware this machine does not have."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmforge.plan import Device
+from llmforge.resources import estimate_time
+from llmforge.targets import ASSUMED_MFU, TARGETS, parse_target, table
+
+from .conftest import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def plan(folder: Path, *args: str) -> dict:
+    result = cli("plan", "recipe.yaml", "--json", *args, cwd=folder)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_a_target_sets_device_world_and_time(tiny):
+    here = plan(tiny)
+    there = plan(tiny, "--target", "a100-80gx4")
+    assert there["target"].startswith("target a100-80gx4: NVIDIA A100 SXM 80GB")
+    assert there["world_size"] == 4 and there["parallel"] == "ddp" and "target" not in here
+    device = there["device"]
+    assert device["type"] == "cuda" and device["memory_bytes"] == 80e9 and device["precision"] == "bf16"
+    stage = there["stages"][0]
+    assert stage["micro_batch"] * stage["grad_accum"] * 4 == stage["global_batch"]
+    # The tiny model's 40 steps: compute at 40% of 4 x 312 TFLOPS, or the gradients' all-reduce.
+    compute = stage["flops"] / 4 / (ASSUMED_MFU * 312e12)
+    talk = stage["steps"] * 2 * 4 * there["params"] * 3 / 4 / 300e9
+    assert stage["est_time_s"] == pytest.approx(max(compute, talk), rel=1e-6)
+    assert plan(tiny, "--target", "h200")["world_size"] == 1
+    assert plan(tiny, "--target", "cpu")["device"]["type"] == "cpu"
+
+
+def test_a_model_too_large_for_the_target_is_refused_or_sharded(tiny):
+    big = ["--set", "model.n_embd=4096", "--set", "model.n_layer=32", "--set", "model.n_head=32",
+           "--set", "model.n_kv_head=8"]  # ~6.5B parameters: ~100 GB of training state
+    result = cli("plan", "recipe.yaml", "--target", "4090", *big, cwd=tiny)
+    assert result.returncode == 2 and "GiB" in result.stderr and "Traceback" not in result.stderr
+    assert plan(tiny, "--target", "h100x8", *big)["parallel"] == "fsdp"
+
+
+@pytest.mark.parametrize("bad", ["tpu", "h100x0", "h100x65", "cpux2", "h100x8x2"])
+def test_unknown_targets_are_one_line(tiny, bad):
+    result = cli("plan", "recipe.yaml", "--target", bad, cwd=tiny)
+    assert result.returncode == 2 and result.stderr.startswith("error: --target: "), result.stderr
+
+
+def test_communication_bounds_a_step_on_a_slow_link():
+    device = Device("cuda", "x", 24e9, "bf16", True, 1, 100e12, 10e9)
+    assert estimate_time(1e15, None, 1, 1, device) == pytest.approx(1e15 / 40e12)
+    # 25 s of compute; 100 steps each sending 3/4 of 1 GB over a 10 GB/s link take 7.5 s, hidden
+    # behind it; of 10 GB, 75 s, which then bounds the stage.
+    assert estimate_time(1e15, None, 1, 1, device, steps=100, world_size=4, synced_bytes=1e9) == pytest.approx(25)
+    assert estimate_time(1e15, None, 1, 1, device, steps=100, world_size=4, synced_bytes=1e10) == pytest.approx(75)
+
+
+def test_the_documented_table_is_the_one_the_plan_uses():
+    assert table() in (REPO / "docs/targets.md").read_text(), "docs/targets.md: paste llmforge.targets.table()"
+    assert parse_target("A100-80Gx4") == ("a100-80g", 4) and set(TARGETS) >= {"h100", "h200", "4090"}
