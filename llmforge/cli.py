@@ -18,7 +18,7 @@ from rich.markup import escape
 from .durable import NO_SPACE
 from .errors import Interrupted, LlmforgeError, PeerFailed
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train language models from one declarative YAML recipe.")
 err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
@@ -75,6 +75,8 @@ def run(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
         run_dir: Optional[Path] = RunDirOption,
         overrides: Optional[List[str]] = SetOption,
         restart: bool = typer.Option(False, "--restart", help="Delete the run directory and start over."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No plan, steps or evals: notes, warnings and the results."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Every figure of every step and eval line."),
         nproc: int = typer.Option(1, "--nproc-per-node", min=1, help="Train with N processes on this machine, "
                                   "launched by torch.distributed.run (one per GPU; on CPU, gloo).")):
     """Prepare the tokenizer and data, print the plan, and train every stage (resuming if possible)."""
@@ -88,23 +90,24 @@ def run(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
         from .distributed import launch
 
         args = ["run", str(recipe), *(["--run-dir", str(run_dir)] if run_dir else []),
-                *[a for o in overrides or [] for a in ("--set", o)], *(["--restart"] if restart else [])]
+                *[a for o in overrides or [] for a in ("--set", o)], *(["--restart"] if restart else []),
+                *(["--quiet"] if quiet else []), *(["--verbose"] if verbose else [])]
         raise typer.Exit(launch(nproc, args))
     d = init()  # joins torchrun's process group, if this process is one of its workers
     try:
         with user_errors(d.rank, d.world):
-            _run(recipe, run_dir, overrides or [], restart, d)
+            _run(recipe, run_dir, overrides or [], restart, d, verbose - quiet)
     finally:
         close(d)
 
 
-def _run(recipe: Path, run_dir: Path | None, overrides: list[str], restart: bool, d) -> None:
+def _run(recipe: Path, run_dir: Path | None, overrides: list[str], restart: bool, d, verbosity: int = 0) -> None:
     from .engine import run_stages
     from .pipeline import prepare_run
     from .progress import QuietReporter, Reporter, render_plan
     from .recipe.loader import load_recipe
 
-    reporter = Reporter() if d.main else QuietReporter()
+    reporter = Reporter(verbosity=verbosity) if d.main else QuietReporter()
 
     def setup():
         spec = load_recipe(recipe, overrides)
@@ -115,7 +118,12 @@ def _run(recipe: Path, run_dir: Path | None, overrides: list[str], restart: bool
         ctx = d.together(setup if d.main else lambda: None)
         ctx = d.together(lambda: ctx if d.main else setup())
         d.together(lambda: d.same((ctx.plan.parallel, [sp.math_hash() for sp in ctx.plan.stages]), "the plan"))
-        render_plan(ctx.plan, reporter.console)
+        if verbosity >= 0:
+            render_plan(ctx.plan, reporter.console)
+        if d.main:  # runtime.trackers: only rank 0 logs
+            from .trackers import open_trackers
+
+            reporter.track(open_trackers(ctx.run_dir, reporter.note))
         run_stages(ctx)
     finally:
         reporter.close()
@@ -343,7 +351,8 @@ def export(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
             err.print(f"exported {final.parent.name}'s adapter for {arch} to {out}; load it with "
                       f"peft.PeftModel.from_pretrained onto {onto}", highlight=False)
             return
-        arch, warnings = export_stage(final, out, dtype)
+        with err.status(f"exporting {final.parent.name} ..."):  # a spinner on a terminal; large models take a while
+            arch, warnings = export_stage(final, out, dtype)
         for warning in warnings:
             err.print(f"[yellow]warning:[/] {escape(warning)}")
         err.print(f"exported {final.parent.name} as {arch} ({dtype}) to {out}")
@@ -391,7 +400,7 @@ def schema():
 
 
 def main() -> None:
-    app()
+    app(prog_name="llmforge")  # the same name (and completion script) whether run as llmforge or python -m
 
 
 if __name__ == "__main__":

@@ -141,10 +141,11 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
         weights, optimizer_state = distributed.full_state(model, optimizer)
         weights = {k: v for k, v in weights.items() if k in names}
         if step != start:
-            d.together(lambda: d.main and save_checkpoint(root / "checkpoints", step, weights, optimizer_state, identity | {
-                "stage": sp.name, "sampler": sampler.state_dict(),
-                "pending": [{k: v.item() for k, v in m.items()} for m in pending], "last_eval": last_eval},
-                sp.checkpoint_keep))
+            state = identity | {"stage": sp.name, "sampler": sampler.state_dict(),
+                                "pending": [{k: v.item() for k, v in m.items()} for m in pending], "last_eval": last_eval}
+            with ctx.reporter.busy(f"writing checkpoint {step}"):
+                d.together(lambda: d.main and save_checkpoint(root / "checkpoints", step, weights, optimizer_state,
+                                                              state, sp.checkpoint_keep))
         return weights
 
     ctx.reporter.stage_start(sp, start, root / "metrics.jsonl")
@@ -154,7 +155,7 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
             save(step)
             raise Interrupted(signum, f"stopped at step {step} of stage {sp.name}; checkpoint saved")
         if step in (0, sp.steps) or (sp.eval_every and step % sp.eval_every == 0):
-            with timer.evaluating():
+            with timer.evaluating(), ctx.reporter.busy("evaluating"):
                 last_eval = evaluate(step_model, objective, evals, sp.micro_batch, device, amp)
             ctx.reporter.log_eval(step, last_eval | (_dropped(ctx, sp) if step == 0 else {}))
         if step == sp.steps:
@@ -197,7 +198,8 @@ def _setup(ctx: Context, sp: StagePlan, init_from: Path | None, identity: dict, 
         adapters.apply(model, sp.adapter, trainable=kind.fresh, lm_head=kind.generates)
     train, evals = stage_rows(ctx.sources, sp, ctx.plan.seed)
     if ctx.dist.main:  # before resuming: from the stage's starting weights
-        objective.prepare(root, stage_inputs(ctx.tokenizer, ctx.sources, sp), train, evals, model, device, amp)
+        with ctx.reporter.busy(f"stage {sp.name}: preparing ({sp.kind})"):
+            objective.prepare(root, stage_inputs(ctx.tokenizer, ctx.sources, sp), train, evals, model, device, amp)
     objective.start(model, root, device)
     resumed = None
     found = latest_checkpoint(root / "checkpoints", ctx.reporter.note)  # damaged ones passed over, named

@@ -13,20 +13,35 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from .trackers import NO_TRACKERS
+
+
+_SPARKS = "▁▂▃▄▅▆▇█"
+
 
 class Reporter:
-    def __init__(self, console: Console | None = None, live: bool | None = None):
+    """verbosity: -1 (--quiet) shows no steps or evals, only notes and the end; 1 (--verbose) every
+    figure of every step and eval line."""
+
+    def __init__(self, console: Console | None = None, live: bool | None = None, verbosity: int = 0):
         self.console = console or make_console()
-        self.live = self.console.is_terminal if live is None else live
+        self.verbosity = verbosity
+        self.live = (self.console.is_terminal if live is None else live) and verbosity >= 0
+        self.losses: list[float] = []  # the live view's sparkline
         self.metrics_file = None
         self.progress: Progress | None = None
         self.task_id = None
         self.stage = None
+        self.trackers = NO_TRACKERS  # runtime.trackers, once the run directory holds its plan (track)
+
+    def track(self, trackers) -> None:
+        self.trackers = trackers
 
     # -- messages and preparation ----------------------------------------------------------------
     def note(self, text: str) -> None:
@@ -46,6 +61,19 @@ class Reporter:
             tid = progress.add_task(description, total=total_bytes)
             yield lambda n: progress.advance(tid, n)
 
+    @contextlib.contextmanager
+    def busy(self, what: str):
+        """Work of unknown length that plain output need not mention (an eval, a checkpoint write,
+        a reference pass): said in the stage's live line, or by a spinner before a stage starts."""
+        if self.progress:
+            self.progress.update(self.task_id, info=f"{what} ...")
+            yield
+        elif self.live:
+            with Progress(SpinnerColumn(), TextColumn(what), console=self.console, transient=True):
+                yield
+        else:
+            yield
+
     # -- stages ----------------------------------------------------------------------------------
     def stage_start(self, sp, start_step: int, metrics_path: Path) -> None:
         self.stage = sp
@@ -62,31 +90,39 @@ class Reporter:
             self.task_id = self.progress.add_task(sp.name, total=sp.steps, completed=start_step, info="")
         else:
             self.note(f"stage {sp.name}: steps {start_step}..{sp.steps}")
+        self.losses = []
 
     def log(self, step: int, metrics: dict) -> None:
         self._write({"step": step, **metrics})
+        self.trackers.log(self.stage.name, step, metrics)
         extra = "".join(f"{k} {metrics[k]:.3f}  " for k in _SHOWN if k in metrics)
         mfu = f"  mfu {metrics['mfu']:.0%}" if "mfu" in metrics else ""
         if metrics.get("first_step_s", 0) > 2:  # torch.compile's compilation, mostly
             self.note(f"{self.stage.name}: the first step took {metrics['first_step_s']:.1f} s (compilation and "
                       "warm-up; not counted in tok/s)")
         eta = f"  eta {duration(metrics['eta_s'])}" if "eta_s" in metrics else ""
+        if self.verbosity > 0:
+            extra = "".join(f"{k} {v:.4g}  " for k, v in metrics.items()
+                            if k not in ("loss", "lr", "tokens_per_s", "mfu", "eta_s", "time", "first_step_s"))
         info = (f"loss {metrics['loss']:.4f}  {extra}lr {metrics['lr']:.2e}  "
                 f"{metrics.get('tokens_per_s', 0):,.0f} tok/s{mfu}{eta}")
         if self.progress:
-            self.progress.update(self.task_id, completed=step, info=info)
-        else:
+            self.losses = (self.losses + [metrics["loss"]])[-24:]
+            self.progress.update(self.task_id, completed=step, info=f"{sparkline(self.losses)}  {info}")
+        elif self.verbosity >= 0:
             self.note(f"{self.stage.name} step {step}/{self.stage.steps}  {info}")
 
     def log_eval(self, step: int, metrics: dict) -> None:
         if not metrics:
             return
         self._write({"step": step, **metrics})
+        self.trackers.log(self.stage.name, step, metrics)
         # Overall figures only (per-source ones, "val/<source>/...", are in metrics.jsonl).
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                          if k.startswith("val_") or (k.count("/") == 1 and not k.startswith(("val/", "data/"))))
-        text = f"{self.stage.name} step {step}/{self.stage.steps}  {shown}"
-        self.console.print(text, markup=False, highlight=False)
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if self.verbosity > 0 or
+                          k.startswith("val_") or (k.count("/") == 1 and not k.startswith(("val/", "data/"))))
+        if self.verbosity >= 0:
+            self.console.print(f"{self.stage.name} step {step}/{self.stage.steps}  {shown}", markup=False,
+                               highlight=False)
 
     def stage_end(self, sp) -> None:
         if self.progress:
@@ -96,9 +132,11 @@ class Reporter:
         if self.metrics_file:
             self.metrics_file.close()
             self.metrics_file = None
+        self.trackers.stage_end(sp.name, sp.steps)
         self.note(f"stage {sp.name}: done")
 
     def close(self) -> None:
+        self.trackers.close()
         if self.progress:
             self.progress.stop()
             self.progress = None
@@ -125,6 +163,9 @@ class QuietReporter:
     def task(self, description: str, total_bytes: int | None):
         yield lambda n: None
 
+    def busy(self, what: str):
+        return contextlib.nullcontext()
+
     def stage_start(self, sp, start_step: int, metrics_path: Path) -> None:
         pass
 
@@ -138,6 +179,12 @@ class QuietReporter:
 
     def close(self) -> None:
         pass
+
+
+def sparkline(values: list[float]) -> str:
+    """A loss curve in one line of block characters (lowest ▁, highest █)."""
+    lo, hi = min(values), max(values)
+    return "".join(_SPARKS[int((v - lo) / (hi - lo) * 7.999) if hi > lo else 0] for v in values)
 
 
 def make_console() -> Console:

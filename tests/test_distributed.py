@@ -148,6 +148,7 @@ def start(folder: Path, nproc: int, **kw) -> subprocess.Popen:
                             cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.sampled(2)
 @pytest.mark.parametrize("before, after", [(2, 2), (2, 1), (1, 2)])
 def test_kill_9_mid_stage_then_resume_at_any_world_size(single, tmp_path, before, after):
     folder = write_recipe(tmp_path)

@@ -113,6 +113,7 @@ runtime: {threads: 1}
 """
 
 
+@pytest.mark.sampled(3)
 def test_finetune_a_model_folder_and_export_it_as_itself(family, tmp_path):
     """`model: {init: {hf: folder}}` and nothing else about the model: its tokenizer.json and its own
     chat template are used; sft and dpo run; export writes the same family with its tokenizer."""

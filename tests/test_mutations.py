@@ -170,7 +170,7 @@ TEXT_MUTATIONS = {
 }
 
 
-@settings(SETTINGS, max_examples=int(os.environ.get("LLMFORGE_MUTATIONS", 500)))
+@settings(SETTINGS, max_examples=int(os.environ.get("LLMFORGE_MUTATIONS", 300)))
 @given(st.data())
 def test_mutated_recipes_plan_or_name_the_problem(recipes, data):
     folder, tree = data.draw(st.sampled_from(recipes))
@@ -191,7 +191,7 @@ set_values = st.one_of(st.sampled_from([str(v) for v in EXTREMES]), st.text(max_
                                         "null", "~", "true", "1e3", "0x10", "[[[[[]]]]]", "=", "a=b"]))
 
 
-@settings(SETTINGS, max_examples=int(os.environ.get("LLMFORGE_MUTATIONS", 500)) // 2)
+@settings(SETTINGS, max_examples=int(os.environ.get("LLMFORGE_MUTATIONS", 300)) // 2)
 @given(st.data())
 def test_set_overrides_plan_or_name_the_problem(recipes, data):
     folder, tree = data.draw(st.sampled_from(recipes))
@@ -236,7 +236,7 @@ def prepared(tmp_path_factory):
     return folder, tok, ChatTemplate()
 
 
-@settings(SETTINGS, max_examples=int(os.environ.get("LLMFORGE_MUTATIONS", 500)))
+@settings(SETTINGS, max_examples=int(os.environ.get("LLMFORGE_MUTATIONS", 300)))
 @given(st.data())
 def test_mutated_data_files_prepare_or_name_the_record(prepared, data):
     from llmforge.data.cache import prepare_source
@@ -318,7 +318,7 @@ def _folder_mutations(data, folder: Path) -> str:
     return how
 
 
-@settings(SETTINGS, max_examples=int(os.environ.get("LLMFORGE_MUTATIONS", 500)) // 5)
+@settings(SETTINGS, max_examples=int(os.environ.get("LLMFORGE_MUTATIONS", 300)) // 5)
 @given(st.data())
 def test_mutated_model_folders_are_refused_by_name(hf_base, data):
     from llmforge.export.hf import read_hf

@@ -344,6 +344,9 @@ class RuntimeSpec(Spec):
     # or skip its update (counted in the metrics as `skipped`), stopping after max_nonfinite in a row.
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_nonfinite: Int = Field(default=10, gt=0)
+    # Experiment trackers that log what metrics.jsonl logs (llmforge/trackers.py): tensorboard
+    # (RUN_DIR/tensorboard/), wandb (WANDB_MODE=offline works without a network).
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(default=[], max_length=2)
 
 
 class Recipe(Spec):
