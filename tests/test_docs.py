@@ -3,7 +3,6 @@ command line shown in README.md and docs/ names a real command with options it t
 
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path
 
