@@ -3,6 +3,8 @@ command line shown in README.md and docs/ names a real command with options it t
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 from pathlib import Path
 
@@ -19,6 +21,27 @@ PAGES = [REPO / "README.md", *sorted(p for p in (REPO / "docs").glob("*.md") if 
 def test_the_cli_reference_is_current():
     assert (REPO / "docs/cli.md").read_text() == cli_reference(), \
         "docs/cli.md is stale: python -m llmforge.reference > docs/cli.md"
+
+
+def test_every_recipe_key_is_in_the_recipe_reference():
+    """docs/recipe.md is written by hand; a key the schema gains without a line there fails here."""
+    from llmforge.recipe.schema import recipe_json_schema
+
+    keys: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            keys.update(node.get("properties", {}))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(recipe_json_schema()))
+    code = " ".join(re.findall(r"`[^`]*`", (REPO / "docs/recipe.md").read_text()))
+    missing = sorted(k for k in keys if not re.search(rf"\b{re.escape(k)}\b", code))
+    assert len(keys) > 100 and not missing, f"docs/recipe.md does not document: {missing}"
 
 
 def shown_commands() -> list[tuple[str, str]]:
