@@ -78,7 +78,9 @@ class Reporter:
     def stage_start(self, sp, start_step: int, metrics_path: Path) -> None:
         self.stage = sp
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, start_step)
+        resumed_at = _truncate_metrics(metrics_path, start_step)
+        if resumed_at:  # the trackers drop what the killed process logged from here: this line again
+            self.trackers.log(sp.name, start_step, {k: v for k, v in resumed_at.items() if k != "step"})
         self.metrics_file = open(metrics_path, "a")
         if self.live:
             self.progress = Progress(
@@ -193,11 +195,12 @@ def make_console() -> Console:
     return console if console.is_terminal else Console(soft_wrap=True, highlight=False, emoji=False, width=160)
 
 
-def _truncate_metrics(path: Path, start_step: int) -> None:
-    """On resume, drop what the resumed steps will log again (evals at start_step included)."""
+def _truncate_metrics(path: Path, start_step: int) -> dict | None:
+    """On resume, drop what the resumed steps will log again (evals at start_step included);
+    return the training line at start_step, which stays."""
     if not path.exists():
-        return
-    keep = []
+        return None
+    keep, at_start = [], None
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
@@ -206,7 +209,9 @@ def _truncate_metrics(path: Path, start_step: int) -> None:
         # At start_step itself only the training line stays: its evals and task scores come again.
         if rec.get("step", 0) < start_step or (rec.get("step") == start_step and "lr" in rec):
             keep.append(line)
+            at_start = rec if rec.get("step") == start_step else at_start
     path.write_text("".join(k + "\n" for k in keep))
+    return at_start
 
 
 def duration(seconds: float) -> str:

@@ -25,16 +25,23 @@ class TensorBoard:
     def __init__(self, run_dir: Path, recipe: dict, plan: dict):
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        self.writer.add_text("recipe", _code(yaml.safe_dump(recipe, sort_keys=False)), 0)
-        self.writer.add_text("plan", _code(json.dumps(plan, indent=1)), 0)
+        self.open = lambda step: SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=step)
+        self.texts = {"recipe": yaml.safe_dump(recipe, sort_keys=False), "plan": json.dumps(plan, indent=1)}
+        self.writer = None
 
     def log(self, step: int, figures: dict) -> None:
+        if self.writer is None:
+            # Opened at the first step this process logs: on a resume, TensorBoard then drops what
+            # the killed process logged from there on, as metrics.jsonl does, so no step shows twice.
+            self.writer = self.open(step)
+            for name, text in self.texts.items():
+                self.writer.add_text(name, _code(text), step)
         for key, value in figures.items():
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
     def results(self, step: int, rows: list[dict]) -> None:
+        self.writer = self.writer or self.open(step)
         columns = sorted({k for r in rows for k in r} - {"stage", "kind"})
         table = ["| stage | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         table += [f"| {r['stage']} | " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
@@ -42,7 +49,8 @@ class TensorBoard:
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 class WandB:

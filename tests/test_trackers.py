@@ -111,3 +111,20 @@ def test_a_tracker_that_cannot_start_is_one_warning(tmp_path):
     result = cli("run", "recipe.yaml", "--restart", cwd=tmp_path, env={"PYTHONPATH": str(fake)})
     assert result.returncode == 0, result.stderr
     assert "warning: runtime.trackers: wandb is not installed" in result.stdout
+
+
+def test_after_a_kill_tensorboard_holds_each_step_once(tmp_path):
+    (tmp_path / "corpus.txt").write_text(make_corpus())
+    (tmp_path / "recipe.yaml").write_text(TINY_RECIPE.format(steps=20, every=10).replace(
+        "runtime: {log_every: 2}", "runtime: {log_every: 2, trackers: [tensorboard]}"))
+    killed = cli("run", "recipe.yaml", cwd=tmp_path, env={"LLMFORGE_FAULTS": "step:01-pretrain:15=kill"})
+    assert killed.returncode < 0, killed.stderr  # after checkpoint 10, with steps 12 and 14 logged
+    assert cli("run", "recipe.yaml", cwd=tmp_path).returncode == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "runs/tiny/tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    train = [m for m in metrics(tmp_path / "runs/tiny", "01-pretrain") if "lr" in m]
+    assert [(e.step, e.value) for e in acc.Scalars("pretrain/loss")] == \
+        [(m["step"], pytest.approx(m["loss"], rel=1e-6)) for m in train]
+    assert [e.step for e in acc.Scalars("pretrain/val_loss")] == [0, 10, 20]
