@@ -106,6 +106,7 @@ def _run(recipe: Path, run_dir: Path | None, overrides: list[str], restart: bool
     from .pipeline import prepare_run
     from .progress import QuietReporter, Reporter, render_plan
     from .recipe.loader import load_recipe
+    from .trackers import open_trackers
 
     reporter = Reporter(verbosity=verbosity) if d.main else QuietReporter()
 
@@ -121,8 +122,6 @@ def _run(recipe: Path, run_dir: Path | None, overrides: list[str], restart: bool
         if verbosity >= 0:
             render_plan(ctx.plan, reporter.console)
         if d.main:  # runtime.trackers: only rank 0 logs
-            from .trackers import open_trackers
-
             reporter.track(open_trackers(ctx.run_dir, reporter.note))
         run_stages(ctx)
     finally:
@@ -191,10 +190,9 @@ def plan(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
             return
         device, about = None, None
         if target:
-            from .targets import describe, parse_target, target_device
+            from .targets import plan_target
 
-            key, nproc = parse_target(target)
-            device, about = target_device(key, spec.runtime, nnodes), describe(key, nproc, nnodes)
+            device, nproc, about = plan_target(target, spec.runtime, nnodes)
         result = estimate_plan(spec, run_dir or Path("runs") / spec.name, world_size=nproc * nnodes,
                                processes=nproc, device=device)
         if as_json:
@@ -377,12 +375,9 @@ def compare(run_dirs: List[Path] = typer.Argument(..., help="Two or more run dir
     """Runs side by side: each stage's final held-out figures, the recipe keys that differ, and one
     PNG overlaying their held-out curves."""
     with user_errors():
-        from .errors import RecipeError
         from .progress import make_console, render_comparison
         from .report import compare_runs, write_comparison
 
-        if len(run_dirs) < 2:
-            raise RecipeError(["compare: give two or more run directories"], hint="llmforge compare runs/a runs/b")
         runs, labels, rows, differ = compare_runs(run_dirs)
         render_comparison(labels, rows, differ, make_console())
         try:
@@ -401,7 +396,3 @@ def schema():
 
 def main() -> None:
     app(prog_name="llmforge")  # the same name (and completion script) whether run as llmforge or python -m
-
-
-if __name__ == "__main__":
-    main()

@@ -188,6 +188,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
 def compare_runs(run_dirs: list[Path]) -> tuple[list[Run], list[str], list[tuple[str, list[str]]],
                                                  list[tuple[str, list[str]]]]:
     """(runs, their labels, final figures as (row, value per run), recipe keys that differ as (key, value per run))."""
+    if len(run_dirs) < 2:
+        raise LlmforgeError("compare: give two or more run directories", hint="llmforge compare runs/a runs/b")
     runs = [read_run(p) for p in run_dirs]
     labels = [r.path.name for r in runs]
     if len(set(labels)) < len(labels):

@@ -69,6 +69,12 @@ def target_device(key: str, runtime, nnodes: int = 1):
                   1, peak, link)
 
 
+def plan_target(text: str, runtime, nnodes: int = 1):
+    """(the Device, devices per machine, the line saying what was assumed) of `--target TEXT`."""
+    key, count = parse_target(text)
+    return target_device(key, runtime, nnodes), count, describe(key, count, nnodes)
+
+
 def describe(key: str, count: int, nnodes: int) -> str:
     if key == "cpu":
         return "target cpu: this machine's CPU (its speed measured now)"
