@@ -5,6 +5,7 @@ so `llmforge --help` stays instant."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import signal
 import sys
@@ -24,6 +25,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 SetOption = typer.Option(None, "--set", help="Override a recipe key: key.path=value (repeatable), "
                                              "e.g. stages[0].optimizer.lr=1e-3 or stages.pretrain.steps=100.")
+# OS errors that say a path is unusable as given: the user's to fix, not a bug.
+PATH_ERRORS = {errno.ENAMETOOLONG, errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP, errno.EROFS, errno.EISDIR}
 RunDirOption = typer.Option(None, "--run-dir", help="Run directory (default: runs/<recipe name>).")
 
 
@@ -51,11 +54,15 @@ def user_errors(rank: int = 0, world: int = 1):
             err.print(f"[yellow]{escape(e.message)}[/]; run the same command again to resume.")
         raise typer.Exit(128 + e.signum)
     except OSError as e:  # a full disk anywhere else than a checkpoint, final/ or the cache (durable.writing)
-        if e.errno not in NO_SPACE:
+        if e.errno in NO_SPACE:
+            err.print(f"[bold red]error:[/] {escape(who + str(e.filename or 'a write'))}: the disk is full ({e.strerror})")
+            err.print("[dim]hint: free some space and run the same command again: it resumes from the last "
+                      "complete checkpoint[/]")
+        elif e.errno in PATH_ERRORS and e.filename:  # a path given on the command line or in the recipe
+            err.print(f"[bold red]error:[/] {escape(who + str(e.filename))}: {escape(e.strerror or str(e))}")
+            err.print("[dim]hint: check the path and its permissions[/]")
+        else:
             raise
-        err.print(f"[bold red]error:[/] {escape(who + str(e.filename or 'a write'))}: the disk is full ({e.strerror})")
-        err.print("[dim]hint: free some space and run the same command again: it resumes from the last "
-                  "complete checkpoint[/]")
         raise typer.Exit(2)
     except KeyboardInterrupt:
         if not rank:

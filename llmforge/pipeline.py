@@ -289,8 +289,8 @@ def _take_bytes(docs, budget: int):
 def _resolve(recipe: Recipe, path: str) -> Path:
     p = Path(path).expanduser()
     p = p if p.is_absolute() else recipe.base_dir / p
-    if not p.is_file():
-        what = "is a directory" if p.is_dir() else "does not exist"
+    if not os.path.isfile(p):  # os.path, unlike Path, says False for a name too long to stat
+        what = "is a directory" if os.path.isdir(p) else "does not exist"
         raise TokenizerError(f"tokenizer.path: {p} {what}",
                              hint="give the path of a sentencepiece .model file or a tokenizer.json")
     return p

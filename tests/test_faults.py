@@ -124,6 +124,21 @@ def test_second_ctrl_c_while_saving_keeps_the_last_checkpoint(reference):
     assert finals(folder / "runs/ctrlc") == finals(folder / "runs/ref")
 
 
+def test_tokenizing_workers_die_with_a_killed_run(reference):
+    """kill -9 while worker processes tokenize: they must not live on as orphans (they held the
+    terminal's pipes open, so a caller waiting for the output hung), and the rerun is whole."""
+    folder, _ = reference
+    env = dict(os.environ, LLMFORGE_CACHE=str(folder / "cache-orphans"), LLMFORGE_FAULTS="data:corpus:batch:1=kill")
+    command = [sys.executable, "-m", "llmforge", "run", "recipe.yaml", "--run-dir", "runs/orphans",
+               "--set", "runtime.data_workers=2"]
+    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    result = subprocess.run(command, cwd=folder, env=dict(env, LLMFORGE_FAULTS=""), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert finals(folder / "runs/orphans") == finals(folder / "runs/ref")
+
+
 def flip(path: Path, at: int = 100) -> None:
     data = bytearray(path.read_bytes())
     data[min(at, len(data) - 1)] ^= 0x10

@@ -256,3 +256,17 @@ def test_names_cannot_leave_the_run_directory(tmp_path, name):
     for key in ("name: tiny", "  - name: pretrain"):
         lines = problems(write(tmp_path, text.replace(key, key.split("name:")[0] + f"name: '{name}'")))
         assert any("name: string should match pattern" in line for line in lines), lines
+
+
+def test_paths_the_os_cannot_use_are_named(tiny):
+    """A name too long to stat (Python's Path.is_dir raises for it) or a folder the OS refuses:
+    one line naming the path, exit 2, wherever the path was given."""
+    long = "a" * 5000
+    (tiny / "extends.yaml").write_text(f"extends: {long}\nname: x\n")
+    for args in (["plan", "recipe.yaml", "--set", f"data.corpus.path={long}"],
+                 ["plan", "recipe.yaml", "--set", "tokenizer.vocab_size=null", "--set", f"tokenizer.path={long}"],
+                 ["plan", "extends.yaml"], ["plan", long], ["chat", long], ["export", long, "--out", "x"],
+                 ["run", "recipe.yaml", "--run-dir", f"{long}/run"]):
+        result = cli(*args, cwd=tiny)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (args[:2], result.stderr[-800:])
+        assert result.stderr.startswith("error: ") and "a" * 200 in result.stderr, (args[:2], result.stderr[-800:])

@@ -17,6 +17,8 @@ import mmap
 import multiprocessing
 import os
 import shutil
+import threading
+import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -201,9 +203,18 @@ _WORKER_TOKENIZER = None
 
 def _init_worker(tokenizer, threads: int = 1) -> None:
     global _WORKER_TOKENIZER
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     tokenizer._threads = threads  # one thread per worker process: the processes are the parallelism
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the same for a tokenizer.json's Rust threads
     _WORKER_TOKENIZER = tokenizer
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """A pool worker holds both ends of its task queue, so when the run is killed (kill -9, OOM) it
+    never sees the queue close: it would wait forever, holding the terminal's pipes open."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _encode(args: tuple[list[str], list[bool], str]) -> bytes:

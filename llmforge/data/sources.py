@@ -40,6 +40,14 @@ def list_files(name: str, spec: SourceSpec, base_dir: Path) -> list[Path]:
         return _shuffled(files, root)
     pattern = Path(spec.path).expanduser()
     pattern = pattern if pattern.is_absolute() else base_dir / pattern
+    try:
+        return _matching(name, spec, pattern)
+    except OSError as e:  # a name too long, a folder without read permission, a broken mount
+        raise DataError(f"data.{name}.path: {spec.path!r} cannot be read ({e.strerror or e})",
+                        hint="check the path; relative paths are resolved against the recipe's folder") from None
+
+
+def _matching(name: str, spec: SourceSpec, pattern: Path) -> list[Path]:
     if pattern.is_dir():
         # Hidden files and folders (.git, .DS_Store, editor swap files) are never data.
         # jsonl and parquet take only their own files from a folder (not a README beside them).

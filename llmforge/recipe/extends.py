@@ -10,6 +10,7 @@ is reported there.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import RecipeError
@@ -64,7 +65,7 @@ def _base(path: Path, name: str, here: Where, chain: tuple[Path, ...]):
     if base in chain:
         names = " -> ".join(p.name for p in chain[chain.index(base):]) + f" -> {base.name}"
         raise RecipeError([f"{_show(here)}extends: a cycle: {names}"], hint="a recipe cannot extend itself")
-    if not base.is_file():
+    if not os.path.isfile(base):  # os.path, unlike Path, says False for a name too long to stat
         raise RecipeError([f"{_show(here)}extends: {name!r}: no such file ({shown})"],
                           hint="paths in extends are relative to the file that names them")
     tree = _read(shown, chain)
