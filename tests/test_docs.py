@@ -12,19 +12,39 @@ import pytest
 import typer.main
 
 from llmforge.cli import app
-from llmforge.reference import cli_reference
+from llmforge.recipe import keydocs as KEYDOCS
+from llmforge.reference import cli_reference, fill_recipe_doc
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted(p for p in (REPO / "docs").glob("*.md") if p.name != "cli.md")]  # cli.md: synopses
 
 
 def test_the_cli_reference_is_current():
-    assert (REPO / "docs/cli.md").read_text() == cli_reference(), \
-        "docs/cli.md is stale: python -m llmforge.reference > docs/cli.md"
+    assert (REPO / "docs/cli.md").read_text() == cli_reference(), "docs/cli.md is stale: python -m llmforge.reference"
+
+
+def test_the_recipe_reference_tables_are_current():
+    """docs/recipe.md's key tables are generated from the schema and recipe/keydocs.py's meanings:
+    a key added, renamed, given another default or another meaning without regenerating fails here
+    (and recipe_tables refuses a key without a meaning)."""
+    text = (REPO / "docs/recipe.md").read_text()
+    assert text.count("<!-- keys: ") == len(KEYDOCS.TABLES), "every table of recipe/keydocs.py appears once"
+    assert text == fill_recipe_doc(text), "docs/recipe.md is stale: python -m llmforge.reference"
+
+
+def test_every_meaning_belongs_to_a_key_and_reaches_the_editor():
+    from llmforge.recipe.schema import recipe_json_schema
+
+    schema = json.loads(recipe_json_schema())
+    keys = [key for rows in KEYDOCS.table_keys(schema).values() for key, _, _ in rows]
+    assert sorted(KEYDOCS.MEANINGS) == sorted(keys), "recipe/keydocs.py MEANINGS must hold exactly the schema's keys"
+    lr = schema["$defs"]["OptimizerSpec"]["properties"]["lr"]
+    assert lr["description"].startswith("peak learning rate") and "`muon`" in lr["markdownDescription"]
+    assert json.loads((REPO / "docs/recipe.schema.json").read_text()) == schema
 
 
 def test_every_recipe_key_is_in_the_recipe_reference():
-    """docs/recipe.md is written by hand; a key the schema gains without a line there fails here."""
+    """Every key anywhere in the schema (the tables' and those of nested sections) is named in docs/recipe.md."""
     from llmforge.recipe.schema import recipe_json_schema
 
     keys: set[str] = set()

@@ -379,12 +379,14 @@ class Recipe(Spec):
 
 def recipe_json_schema() -> str:
     """JSON Schema of a recipe, for editors: `# yaml-language-server: $schema=docs/recipe.schema.json`."""
+    from .keydocs import describe
+
     schema = Recipe.model_json_schema()
     # Merged away before validation (recipe/extends.py), so not a field of Recipe; editors still offer it.
     schema["properties"] = {"extends": {
         "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
         "description": "base recipe file(s), relative to this file, merged under this one"}} | schema["properties"]
-    return json.dumps(schema, indent=1) + "\n"
+    return json.dumps(describe(schema), indent=1) + "\n"  # each key's meaning: editors show it on hover
 
 
 def dump_recipe(recipe: Recipe) -> str:
