@@ -47,7 +47,10 @@ def environment(home: Path) -> dict:
 
 
 def llmforge(args: list[str], cwd: Path, home: Path, where: str = "", stdin: str | None = None):
-    result = subprocess.run([sys.executable, "-m", "llmforge", *args], cwd=cwd, env=environment(home),
+    # From a shell, as typed: --install-completion asks the process tree which shell it is in (a
+    # bare `bash -c CMD` would exec CMD and leave no shell in the tree, hence the `; exit`).
+    line = f"{shlex.quote(sys.executable)} -m llmforge {shlex.join(args)}; exit $?"
+    result = subprocess.run(["bash", "-c", line], cwd=cwd, env=environment(home),
                             input=stdin or "", capture_output=True, text=True, timeout=600)
     out = result.stdout + result.stderr
     assert result.returncode == 0 and "Traceback" not in out, f"{where}: llmforge {shlex.join(args)}\n{out[-3000:]}"

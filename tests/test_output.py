@@ -4,6 +4,9 @@ and shell completion."""
 from __future__ import annotations
 
 import re
+import shlex
+import subprocess
+import sys
 
 from llmforge.progress import sparkline
 
@@ -38,5 +41,7 @@ def test_sparkline():
 
 
 def test_shell_completion():
-    result = cli("--show-completion", "bash")
+    """Typer finds the shell in the process tree (not from an argument), so ask from inside bash."""
+    result = subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} -m llmforge --show-completion; exit $?"],
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "_llmforge_completion" in result.stdout
