@@ -88,7 +88,7 @@ def _timeline(plt, run: Run, path: Path) -> Path:
         top.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
         top.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         top.yaxis.set_minor_formatter(NullFormatter())
-    top.set_ylabel("train loss (nats/token)")
+    top.set_ylabel("train loss (each stage's own)")  # nats/token for pretrain and sft; dpo's is its objective
     bottom.set_ylabel("held-out (bpb, or loss)")
     bottom.set_xlabel("step (stages in order)")
     _boundaries(top, run, label=True)
@@ -151,7 +151,10 @@ def _rewards(plt, run: Run, path: Path) -> Path | None:
                             label=f"{stage.name}: {key}")
         ax.set_title(title, loc="left")
         ax.legend(loc="best")
-        _boundaries(ax, run, label=False)
+        _boundaries(ax, run, label=ax is axes[0, 0])
+    # Only the stages with these figures (dpo's 100 steps after 1,000 of pretraining would be a sliver).
+    shown = [s for s in run.stages if any(s.series(k)[0] for _, keys in panels for k in keys)]
+    axes[0, 0].set_xlim(shown[0].offset, shown[-1].offset + max(shown[-1].steps, 1))
     axes[-1, 0].set_xlabel("step (stages in order)")
     fig.suptitle(f"{run.name}: preference and reward figures (train, smoothed)", x=0.01, ha="left",
                  fontweight="bold")
@@ -261,7 +264,7 @@ _CSS = """body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif
 padding:0 1em;color:#222}h1{font-size:1.6em;margin-bottom:.1em}h2{font-size:1.15em;margin-top:1.8em;
 border-bottom:1px solid #ddd;padding-bottom:.2em}.sub{color:#666;margin-top:0}table{border-collapse:collapse;
 font-variant-numeric:tabular-nums}th,td{padding:.25em .8em;text-align:right;border-bottom:1px solid #eee}
-th:first-child,td:first-child{text-align:left}th{background:#f6f6f6}img{max-width:100%;margin:.6em 0}
+th:first-child,td:first-child{text-align:left}td{white-space:nowrap}th{background:#f6f6f6}img{max-width:100%;margin:.6em 0}
 .running{color:#b36b00;font-weight:bold}code{background:#f3f3f3;padding:0 .25em}"""
 
 
