@@ -258,7 +258,7 @@ DEFAULTS = {
 TABLES = {"top": ("", None), "tokenizer": ("tokenizer.", "TokenizerSpec"),
           "chat_template": ("tokenizer.chat_template.", "ChatTemplateSpec"), "model": ("model.", "ModelSpec"),
           "data": ("data.<name>.", "SourceSpec"), "stages": ("stages[].", "StageSpec"),
-          "reward": ("stages[].reward[].", "RewardTerm"), "adapter": ("adapter.", "AdapterSpec"),
+          "reward_terms": ("stages[].reward[].", "RewardTerm"), "adapter": ("adapter.", "AdapterSpec"),
           "runtime": ("runtime.", "RuntimeSpec")}
 
 
