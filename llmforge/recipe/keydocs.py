@@ -251,7 +251,8 @@ DEFAULTS = {
     **{f"stages[].{k}": "one required" for k in ("tokens", "steps", "epochs", "batch_tokens", "batch_size")},
     "stages[].adapter": "the top-level `adapter` (post-training stages)", "stages[].clip_high": "`clip`",
     "stages[].reward": "required (grpo)",
-    "runtime": "defaults",
+    "runtime": "defaults", "tokenizer": "required without `model.init.hf`",
+    **{f"model.{k}": "required without `init.hf`" for k in ("n_layer", "n_head", "n_embd", "seq_len")},
 }
 
 # The tables of docs/recipe.md: name -> (key prefix, the schema definition it lists).

@@ -383,6 +383,13 @@ def recipe_json_schema() -> str:
 
     schema = Recipe.model_json_schema()
     # Merged away before validation (recipe/extends.py), so not a field of Recipe; editors still offer it.
+    # With model.init.hf the loader takes the architecture and the tokenizer from the folder
+    # (recipe/imported.py): an editor must not ask for them then.
+    model = schema["$defs"]["ModelSpec"]
+    model["if"], model["then"] = {"not": {"required": ["init"]}}, {"required": model.pop("required")}
+    schema["required"].remove("tokenizer")
+    schema["if"] = {"required": ["model"], "properties": {"model": {"required": ["init"]}}}
+    schema["else"] = {"required": ["tokenizer"]}
     schema["properties"] = {"extends": {
         "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
         "description": "base recipe file(s), relative to this file, merged under this one"}} | schema["properties"]
