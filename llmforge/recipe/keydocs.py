@@ -245,7 +245,8 @@ DEFAULTS = {
     "tokenizer.vocab_size": "—", "tokenizer.path": "—", "tokenizer.train_on": "all mixed sources",
     "model.n_kv_head": "`n_head`", "model.mlp_hidden": "derived", "model.head_dim": "`n_embd / n_head`",
     "model.norm_eps": "`1e-5`", "model.vocab_size": "the tokenizer's",
-    **{f"model.{k}": "the preset's" for k in ("norm", "positions", "mlp", "tie_embeddings", "bias", "qkv_bias", "qk_norm")},
+    **{f"model.{k}": "the preset's"
+       for k in ("norm", "positions", "mlp", "tie_embeddings", "bias", "qkv_bias", "qk_norm")},
     "data.<name>.path": "—", "data.<name>.builtin": "—", "data.<name>.field": "`text` / `messages`",
     "data.<name>.max_bytes": "all", "stages[].init": "the previous stage", "stages[].seq_len": "`model.seq_len`",
     **{f"stages[].{k}": "one required" for k in ("tokens", "steps", "epochs", "batch_tokens", "batch_size")},
