@@ -270,3 +270,10 @@ def test_paths_the_os_cannot_use_are_named(tiny):
         result = cli(*args, cwd=tiny)
         assert result.returncode == 2 and "Traceback" not in result.stderr, (args[:2], result.stderr[-800:])
         assert result.stderr.startswith("error: ") and "a" * 200 in result.stderr, (args[:2], result.stderr[-800:])
+
+
+@pytest.mark.parametrize("key", ["stages[0].mix.corpus", "stages[0].optimizer.lr", "model.rope_theta"])
+def test_infinite_numbers_are_refused_by_key(tiny, key):
+    """inf passes gt=0: a mix weight of inf made the plan divide inf by inf (a NaN row count)."""
+    result = cli("plan", "recipe.yaml", "--set", f"{key}=inf", cwd=tiny)
+    assert result.returncode == 2 and f"error: {key}: input should be a finite number" in result.stderr, result.stderr

@@ -114,7 +114,8 @@ def _not_bool(value):
 
 
 Int = Annotated[int, BeforeValidator(_not_bool)]
-Float = Annotated[float, BeforeValidator(_not_bool)]
+# inf passes gt=0 and would end as a NaN weight or an infinite step count: every float is finite.
+Float = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 
 
