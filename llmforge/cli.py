@@ -5,7 +5,6 @@ so `llmforge --help` stays instant."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import signal
 import sys
@@ -16,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .durable import NO_SPACE
+from .durable import NO_SPACE, PATH_ERRORS
 from .errors import Interrupted, LlmforgeError, PeerFailed
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -25,8 +24,6 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 SetOption = typer.Option(None, "--set", help="Override a recipe key: key.path=value (repeatable), "
                                              "e.g. stages[0].optimizer.lr=1e-3 or stages.pretrain.steps=100.")
-# OS errors that say a path is unusable as given: the user's to fix, not a bug.
-PATH_ERRORS = {errno.ENAMETOOLONG, errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP, errno.EROFS, errno.EISDIR}
 RunDirOption = typer.Option(None, "--run-dir", help="Run directory (default: runs/<recipe name>).")
 
 
@@ -396,7 +393,7 @@ def compare(run_dirs: List[Path] = typer.Argument(..., help="Two or more run dir
 @app.command()
 def schema():
     """Print the recipe's JSON Schema (editors use docs/recipe.schema.json for completion)."""
-    from .recipe.schema import recipe_json_schema
+    from .recipe.keydocs import recipe_json_schema
 
     sys.stdout.write(recipe_json_schema())
 

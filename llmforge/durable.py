@@ -22,6 +22,9 @@ from .errors import LlmforgeError
 
 SUMS = "checksums.json"
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota, a file size limit
+# OS errors that say a path is unusable as given (the user's to fix, not a bug).
+PATH_ERRORS = (errno.ENAMETOOLONG, errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP, errno.EROFS,
+               errno.EISDIR)
 
 
 def fsync(path: Path) -> None:

@@ -58,7 +58,7 @@ def _row(param) -> str:
 def recipe_tables() -> dict[str, str]:
     """Each key table of docs/recipe.md, by name (recipe/keydocs.py TABLES)."""
     from .recipe.keydocs import DEFAULTS, MEANINGS, table_keys
-    from .recipe.schema import recipe_json_schema
+    from .recipe.keydocs import recipe_json_schema
 
     tables, missing = {}, []
     for name, rows in table_keys(json.loads(recipe_json_schema())).items():

@@ -34,7 +34,7 @@ def test_the_recipe_reference_tables_are_current():
 
 
 def test_every_meaning_belongs_to_a_key_and_reaches_the_editor():
-    from llmforge.recipe.schema import recipe_json_schema
+    from llmforge.recipe.keydocs import recipe_json_schema
 
     schema = json.loads(recipe_json_schema())
     keys = [key for rows in KEYDOCS.table_keys(schema).values() for key, _, _ in rows]
@@ -69,7 +69,7 @@ def test_the_editors_schema_accepts_every_shipped_recipe(recipe):
 
 def test_every_recipe_key_is_in_the_recipe_reference():
     """Every key anywhere in the schema (the tables' and those of nested sections) is named in docs/recipe.md."""
-    from llmforge.recipe.schema import recipe_json_schema
+    from llmforge.recipe.keydocs import recipe_json_schema
 
     keys: set[str] = set()
 

@@ -199,7 +199,7 @@ def test_help_does_not_import_torch():
 
 
 def test_committed_json_schema_is_current():
-    from llmforge.recipe.schema import recipe_json_schema
+    from llmforge.recipe.keydocs import recipe_json_schema
 
     committed = (REPO / "docs" / "recipe.schema.json").read_text()
     assert committed == recipe_json_schema(), "run: llmforge schema > docs/recipe.schema.json"

@@ -1,6 +1,6 @@
-"""What each recipe key means, in one place: docs/recipe.md's key tables are generated from the
-schema with these words (llmforge/reference.py), and the JSON Schema that editors read carries them
-as each key's description (hover text). A key the schema gains without an entry here fails
+"""What each recipe key means, in one place, and the JSON Schema editors read. docs/recipe.md's key
+tables are generated from the schema with these words (llmforge/reference.py), and
+recipe_json_schema (docs/recipe.schema.json) carries them as each key's description (hover text). A key the schema gains without an entry here fails
 tests/test_docs.py, and so does an entry for a key that is gone.
 
 Keys are written as docs/recipe.md's tables name them: `model.rope_scaling.factor`,
@@ -9,7 +9,10 @@ Keys are written as docs/recipe.md's tables name them: `model.rope_scaling.facto
 
 from __future__ import annotations
 
+import json
 import re
+
+from .schema import Recipe
 
 MEANINGS = {
     "extends": "base recipe(s) merged under this one; see [Base recipes](#base-recipes-extends)",
@@ -302,3 +305,20 @@ def describe(schema: dict) -> dict:
                 plain = re.sub(r"\[([^]]+)\]\([^)]*\)", r"\1", MEANINGS[key])  # [text](#link): text
                 prop["description"] = plain.replace("`", "").replace("**", "")
     return schema
+
+
+def recipe_json_schema() -> str:
+    """JSON Schema of a recipe, for editors: `# yaml-language-server: $schema=docs/recipe.schema.json`."""
+    schema = Recipe.model_json_schema()
+    # With model.init.hf the loader takes the architecture and the tokenizer from the folder
+    # (recipe/imported.py): an editor must not ask for them then.
+    model = schema["$defs"]["ModelSpec"]
+    model["if"], model["then"] = {"not": {"required": ["init"]}}, {"required": model.pop("required")}
+    schema["required"].remove("tokenizer")
+    schema["if"] = {"required": ["model"], "properties": {"model": {"required": ["init"]}}}
+    schema["else"] = {"required": ["tokenizer"]}
+    # Merged away before validation (recipe/extends.py), so not a field of Recipe; editors still offer it.
+    schema["properties"] = {"extends": {
+        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
+        "description": "base recipe file(s), relative to this file, merged under this one"}} | schema["properties"]
+    return json.dumps(describe(schema), indent=1) + "\n"  # each key's meaning: editors show it on hover

@@ -7,7 +7,7 @@ data, so that they are reported together with field errors.
 """
 
 from __future__ import annotations
-import json
+
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -375,25 +375,6 @@ class Recipe(Spec):
         if stage.adapter == "none":
             return None
         return stage.adapter or (self.adapter if KINDS[stage.kind].chat else None)
-
-
-def recipe_json_schema() -> str:
-    """JSON Schema of a recipe, for editors: `# yaml-language-server: $schema=docs/recipe.schema.json`."""
-    from .keydocs import describe
-
-    schema = Recipe.model_json_schema()
-    # Merged away before validation (recipe/extends.py), so not a field of Recipe; editors still offer it.
-    # With model.init.hf the loader takes the architecture and the tokenizer from the folder
-    # (recipe/imported.py): an editor must not ask for them then.
-    model = schema["$defs"]["ModelSpec"]
-    model["if"], model["then"] = {"not": {"required": ["init"]}}, {"required": model.pop("required")}
-    schema["required"].remove("tokenizer")
-    schema["if"] = {"required": ["model"], "properties": {"model": {"required": ["init"]}}}
-    schema["else"] = {"required": ["tokenizer"]}
-    schema["properties"] = {"extends": {
-        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
-        "description": "base recipe file(s), relative to this file, merged under this one"}} | schema["properties"]
-    return json.dumps(describe(schema), indent=1) + "\n"  # each key's meaning: editors show it on hover
 
 
 def dump_recipe(recipe: Recipe) -> str:

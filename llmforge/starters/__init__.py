@@ -41,7 +41,7 @@ def write_starter(name: str, template: str, folder: Path, model: Path | None = N
     written = [path]
     schema = folder / "recipe.schema.json"
     if not schema.exists():
-        from ..recipe.schema import recipe_json_schema
+        from ..recipe.keydocs import recipe_json_schema
 
         schema.write_text(recipe_json_schema())
         written.append(schema)
