@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-import llmforge.engine as engine
-from llmforge.engine import run_stages
-from llmforge.model import ModelConfig, Transformer
-from llmforge.pipeline import prepare_run
-from llmforge.progress import Reporter
+import llmforge.run.engine as engine
+from llmforge.run.engine import run_stages
+from llmforge.model.transformer import ModelConfig, Transformer
+from llmforge.run.prepare import prepare_run
+from llmforge.output.progress import Reporter
 from llmforge.recipe.loader import load_recipe
 
 RECIPE = """\

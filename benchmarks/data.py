@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 from llmforge.data.cache import prepare_source  # noqa: E402
 from llmforge.data.sampler import Sampler  # noqa: E402
 from llmforge.data.rows import WindowRows  # noqa: E402
-from llmforge.recipe.values import parse_count  # noqa: E402
+from llmforge.core.values import parse_count  # noqa: E402
 from llmforge.recipe.schema import SourceSpec  # noqa: E402
-from llmforge.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from llmforge.text.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 
 def make_corpus(folder: Path, size: int) -> int:
@@ -83,7 +83,7 @@ def throughput(work: Path, tok: Tokenizer, size: int) -> None:
 def json_throughput(work: Path, corpus: Path, n_bytes: int) -> None:
     """A byte-level BPE tokenizer.json (the `tokenizers` library, as Llama 3 and Qwen ship):
     its own batch encoding (Rust threads, one process) against llmforge's worker processes."""
-    from llmforge.tokenizer_json import load_tokenizer, train_bytelevel_bpe
+    from llmforge.text.tokenizer_json import load_tokenizer, train_bytelevel_bpe
 
     sample = (p.read_text() for p in sorted((work / "sample").iterdir()))
     tok = load_tokenizer(train_bytelevel_bpe(sample, work / "bbpe", vocab_size=2048, sample_bytes=10 << 20))
@@ -102,9 +102,9 @@ def sampler_share(src, tok: Tokenizer) -> None:
     import torch
     import yaml
 
-    from llmforge.model import Transformer
-    from llmforge.optim import build_optimizer
-    from llmforge.plan import model_config
+    from llmforge.model.transformer import Transformer
+    from llmforge.run.optim import build_optimizer
+    from llmforge.plan.plan import model_config
     from llmforge.recipe.loader import validate_recipe
     from llmforge.stages import pretrain
 

@@ -28,9 +28,11 @@ sys.path.insert(0, str(REPO))
 def main() -> None:
     import torch
 
-    from llmforge import checkpoint, durable
-    from llmforge.distributed import full_state
-    from llmforge.model import PRESETS, ModelConfig, Transformer
+    from llmforge.model.weights import weight_names
+    from llmforge.store import checkpoint
+    from llmforge.core import durable
+    from llmforge.run.distributed import full_state
+    from llmforge.model.transformer import PRESETS, ModelConfig, Transformer
     from llmforge.recipe.loader import load_recipe
 
     args = argparse.ArgumentParser()
@@ -48,7 +50,7 @@ def main() -> None:
     model(x).float().mean().backward()
     optimizer.step()
     weights, state = full_state(model, optimizer)
-    weights = {k: v for k, v in weights.items() if k in checkpoint.weight_names(model)}  # tied: stored once
+    weights = {k: v for k, v in weights.items() if k in weight_names(model)}  # tied: stored once
     root = Path(tempfile.mkdtemp(dir=opts.dir, prefix="durability-"))
     times = {"with fsync": [], "without fsync": []}
     try:

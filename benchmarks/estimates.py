@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-import llmforge.engine as engine
-from llmforge.pipeline import prepare_run
-from llmforge.progress import Reporter
+import llmforge.run.engine as engine
+from llmforge.run.prepare import prepare_run
+from llmforge.output.progress import Reporter
 from llmforge.recipe.loader import load_recipe
 
 

@@ -6,7 +6,7 @@ memory estimate beside the measured peak. Run through benchmarks/gpu.sh.
     python benchmarks/gpu.py            # on a CUDA machine: the full table (a few minutes)
     python benchmarks/gpu.py --dry      # anywhere: tiny shapes, a few steps, no compile (CI)
 
-The micro-batch is the planner's (resources.choose_micro_batch): the largest that divides the
+The micro-batch is the planner's (plan/estimates.py: choose_micro_batch): the largest that divides the
 batch and fits the device by the plan's estimate (here, its free memory). Batches are random ids: this measures the model's
 step, not the data pipeline (benchmarks/baseline_loop.py measures the engine around it).
 """
@@ -18,12 +18,13 @@ import time
 
 import torch
 
-from llmforge import distributed
-from llmforge.engine import _autocast
-from llmforge.model import PRESETS, ModelConfig, Transformer
-from llmforge.optim import build_optimizer
-from llmforge.plan import Device, _peak_flops
-from llmforge.resources import choose_micro_batch
+from llmforge.run import distributed
+from llmforge.run.step import autocast as _autocast
+from llmforge.model.transformer import PRESETS, ModelConfig, Transformer
+from llmforge.run.optim import build_optimizer
+from llmforge.plan.devices import Device
+from llmforge.plan.plan import peak_flops
+from llmforge.plan.estimates import choose_micro_batch
 from llmforge.stages.pretrain import token_losses
 
 MODELS = {"~125M": dict(n_layer=12, n_head=12, n_embd=768), "~350M": dict(n_layer=24, n_head=16, n_embd=1024)}
@@ -35,7 +36,7 @@ def device_for(dry: bool) -> Device:
         return Device("cpu", "CPU", 8 << 30, "fp32", False, torch.get_num_threads(), None)
     name = torch.cuda.get_device_properties(0).name
     free, _ = torch.cuda.mem_get_info()
-    return Device("cuda", name, free, "bf16", True, 0, _peak_flops("cuda", name, "bf16"))
+    return Device("cuda", name, free, "bf16", True, 0, peak_flops("cuda", name, "bf16"))
 
 
 def measure(cfg: ModelConfig, seq_len: int, device: Device, steps: int, warmup: int, batch: int) -> dict:

@@ -24,15 +24,17 @@ import torch
 
 from llmforge.data.cache import prepare_source
 from llmforge.data.sampler import Sampler
-from llmforge.engine import stage_rows
-from llmforge.evaluation import load_run_recipe
-from llmforge.generate import find_stage, generate_batch, load_model
-from llmforge.optim import build_optimizer
-from llmforge.pipeline import recipe_template, source_stats
-from llmforge.plan import detect_device, plan_stage
+from llmforge.run.engine import stage_rows
+from llmforge.run.evaluation import load_run_recipe
+from llmforge.store.final import find_stage, load_model
+from llmforge.model.generate import generate_batch
+from llmforge.run.optim import build_optimizer
+from llmforge.run.prepare import recipe_template, source_stats
+from llmforge.plan.devices import detect_device
+from llmforge.plan.plan import plan_stage
 from llmforge.stages import KINDS
 from llmforge.stages.kind import to_device
-from llmforge.tokenizer_json import load_tokenizer
+from llmforge.text.tokenizer_json import load_tokenizer
 
 
 def naive_generate(model, prompts: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int) -> torch.Tensor:

@@ -40,7 +40,7 @@ def run_once(recipe: Path, seed: int, threads: int, out: Path) -> list[dict]:
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"seed {seed}, {threads} threads failed:\n{result.stderr[-2000:]}")
-    from llmforge.evaluation import stage_results
+    from llmforge.store.final import stage_results
 
     results = stage_results(run_dir)
     print(f"seed {seed}, {threads} threads: {time.perf_counter() - start:.0f} s", flush=True)

@@ -82,10 +82,10 @@ def build_folder(folder: Path) -> Path:
 def greedy_agreement(folder: Path, new_tokens: int = 40) -> list[tuple[str, bool, str]]:
     import transformers
 
-    from llmforge.chat_jinja import read_folder_template
-    from llmforge.export.hf import read_hf
-    from llmforge.model import Transformer
-    from llmforge.tokenizer_json import load_tokenizer
+    from llmforge.text.chat_jinja import read_folder_template
+    from llmforge.model.hf import read_hf
+    from llmforge.model.transformer import Transformer
+    from llmforge.text.tokenizer_json import load_tokenizer
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
@@ -140,7 +140,8 @@ def write_data(folder: Path, seed: int = 0) -> tuple[Path, Path, list[str]]:
 
 
 def answers(final: Path, questions: list[str]) -> list[str]:
-    from llmforge.generate import load_template, load_trained, reply
+    from llmforge.store.final import final_template as load_template, load_trained
+    from llmforge.model.generate import reply
 
     model, tok = load_trained(final)
     template = load_template(final)
@@ -233,9 +234,9 @@ def throughput(folder: Path, work: Path, steps: int, lora: dict | None = None) -
     with `lora`, both train that adapter (llmforge's key; peft for the plain loop)."""
     from rich.console import Console
 
-    import llmforge.engine as engine
-    from llmforge.pipeline import prepare_run
-    from llmforge.progress import Reporter
+    import llmforge.run.engine as engine
+    from llmforge.run.prepare import prepare_run
+    from llmforge.output.progress import Reporter
     from llmforge.recipe.loader import load_recipe
 
     chat, _, _ = write_data(work)
@@ -324,11 +325,11 @@ def main() -> None:
 
 def answers_from_folder(folder: Path, questions: list[str]) -> list[str]:
     """The untouched model's answers, through llmforge's generation."""
-    from llmforge.chat_jinja import read_folder_template
-    from llmforge.export.hf import read_hf
-    from llmforge.generate import reply
-    from llmforge.model import Transformer
-    from llmforge.tokenizer_json import load_tokenizer
+    from llmforge.text.chat_jinja import read_folder_template
+    from llmforge.model.hf import read_hf
+    from llmforge.model.generate import reply
+    from llmforge.model.transformer import Transformer
+    from llmforge.text.tokenizer_json import load_tokenizer
 
     cfg, tensors = read_hf(folder)
     model = Transformer(cfg).eval()

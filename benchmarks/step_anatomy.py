@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-import llmforge.distributed
-import llmforge.engine as engine
+import llmforge.run.distributed
+import llmforge.run.engine as engine
 import llmforge.stages.pretrain as pretrain
-from llmforge.pipeline import prepare_run
-from llmforge.progress import Reporter
+from llmforge.run.prepare import prepare_run
+from llmforge.output.progress import Reporter
 from llmforge.recipe.loader import load_recipe
 
 from baseline_loop import RECIPE  # noqa: E402  (this folder is on sys.path when run as a script)
@@ -76,7 +76,7 @@ def instrument() -> None:
     engine.build_optimizer = build_timed
     Reporter.log = timed("logging", Reporter.log)
     engine.save_checkpoint = timed("checkpoint", engine.save_checkpoint)
-    llmforge.distributed.full_state = timed("checkpoint", llmforge.distributed.full_state)
+    llmforge.run.distributed.full_state = timed("checkpoint", llmforge.run.distributed.full_state)
     engine.evaluate = timed("eval", engine.evaluate)
     engine._setup = timed("stage setup + final save", engine._setup)
     engine._finish = timed("stage setup + final save", engine._finish)

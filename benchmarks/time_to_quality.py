@@ -55,7 +55,7 @@ def full_split_bpb(run: Path, data: Path) -> float:
     import numpy as np
     import torch
 
-    from llmforge.generate import load_trained
+    from llmforge.store.final import load_trained
 
     model, tok = load_trained(run / "stages/01-pretrain/final")
     ids = tok.encode(data.read_text()) + [tok.eot_id]

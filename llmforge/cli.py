@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .durable import NO_SPACE, PATH_ERRORS
+from .core.durable import NO_SPACE, PATH_ERRORS
 from .errors import Interrupted, LlmforgeError, PeerFailed
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -40,7 +40,7 @@ def user_errors(rank: int = 0, world: int = 1):
         if e.hint:
             err.print(f"[dim]hint: {escape(e.hint)}[/]")
         if world > 1:  # the launcher must see this exit code before the peers notice we are gone
-            from .distributed import exit_now
+            from .run.distributed import exit_now
 
             exit_now(2)
         raise typer.Exit(2)
@@ -67,7 +67,7 @@ def user_errors(rank: int = 0, world: int = 1):
                       "run the same command again to resume.")
         raise typer.Exit(128 + signal.SIGINT)
     except Exception as e:
-        from .distributed import peer_failure
+        from .run.distributed import peer_failure
 
         if world > 1 and peer_failure(e):  # another rank died; its message is the one to read
             raise typer.Exit(1)
@@ -84,14 +84,14 @@ def run(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
         nproc: int = typer.Option(1, "--nproc-per-node", min=1, help="Train with N processes on this machine, "
                                   "launched by torch.distributed.run (one per GPU; on CPU, gloo).")):
     """Prepare the tokenizer and data, print the plan, and train every stage (resuming if possible)."""
-    from .distributed import close, init, launched
+    from .run.distributed import close, init, launched
 
     if nproc > 1 and not launched():
         with user_errors():
             from .recipe.loader import load_recipe
 
             load_recipe(recipe, overrides or [])  # recipe errors once, before any process starts
-        from .distributed import launch
+        from .run.distributed import launch
 
         args = ["run", str(recipe), *(["--run-dir", str(run_dir)] if run_dir else []),
                 *[a for o in overrides or [] for a in ("--set", o)], *(["--restart"] if restart else []),
@@ -106,11 +106,11 @@ def run(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
 
 
 def _run(recipe: Path, run_dir: Path | None, overrides: list[str], restart: bool, d, verbosity: int = 0) -> None:
-    from .engine import run_stages
-    from .pipeline import prepare_run
-    from .progress import QuietReporter, Reporter, render_plan
+    from .output.progress import QuietReporter, Reporter, render_plan
+    from .output.trackers import open_trackers
     from .recipe.loader import load_recipe
-    from .trackers import open_trackers
+    from .run.engine import run_stages
+    from .run.prepare import prepare_run
 
     reporter = Reporter(verbosity=verbosity) if d.main else QuietReporter()
 
@@ -131,8 +131,8 @@ def _run(recipe: Path, run_dir: Path | None, overrides: list[str], restart: bool
     finally:
         reporter.close()
     if d.main:
-        from .evaluation import stage_results
-        from .progress import render_results
+        from .output.progress import render_results
+        from .store.final import stage_results
 
         render_results(stage_results(ctx.run_dir), reporter.console)
         how = f"llmforge chat {ctx.run_dir}" if ctx.template else f"llmforge sample {ctx.run_dir} --prompt ..."
@@ -145,9 +145,9 @@ def prepare(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
             overrides: Optional[List[str]] = SetOption):
     """Train the tokenizer and tokenize every source into the cache, then print the exact plan."""
     with user_errors():
-        from .pipeline import prepare_run
-        from .progress import Reporter, render_plan
+        from .output.progress import Reporter, render_plan
         from .recipe.loader import load_recipe
+        from .run.prepare import prepare_run
 
         spec = load_recipe(recipe, overrides or [])
         reporter = Reporter()
@@ -184,9 +184,10 @@ def plan(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
                                           "extends and --set are applied, instead of the plan.")):
     """Print what a run would do on this machine (or on --target), without training."""
     with user_errors():
-        from .pipeline import estimate_plan
-        from .progress import make_console, render_plan
-        from .recipe.loader import load_recipe, show_recipe as written
+        from .output.progress import make_console, render_plan
+        from .recipe.loader import load_recipe
+        from .recipe.loader import show_recipe as written
+        from .run.prepare import estimate_plan
 
         spec = load_recipe(recipe, overrides or [])
         if show_recipe:
@@ -194,7 +195,7 @@ def plan(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
             return
         device, about = None, None
         if target:
-            from .targets import plan_target
+            from .plan.devices import plan_target
 
             device, nproc, about = plan_target(target, spec.runtime, nnodes)
         result = estimate_plan(spec, run_dir or Path("runs") / spec.name, world_size=nproc * nnodes,
@@ -224,7 +225,9 @@ def sample(run_dir: Path = RunDirArgument,
            temperature: float = TemperatureOption, top_k: Optional[int] = TopKOption, seed: int = SeedOption):
     """Continue a prompt with a trained stage's model (or, with --chat, answer it)."""
     with user_errors():
-        from .generate import find_stage, load_template, load_trained, reply, sample as generate
+        from .model.generate import reply
+        from .model.generate import sample as generate
+        from .store.final import final_template, find_stage, load_trained
 
         final = find_stage(run_dir, stage)
         model, tokenizer = load_trained(final)
@@ -233,7 +236,7 @@ def sample(run_dir: Path = RunDirArgument,
             pieces = reply(model, tokenizer, _template(final), [{"role": "user", "content": prompt}], **options)
         else:
             sys.stdout.write(prompt)
-            pieces = generate(model, tokenizer, prompt, load_template(final), **options)
+            pieces = generate(model, tokenizer, prompt, final_template(final), **options)
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -248,7 +251,8 @@ def chat(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
     """Chat with a trained stage in the terminal. One line per message; /reset starts over,
     /quit (or end of input) leaves. Reads stdin, so it can be scripted: echo hi | llmforge chat RUN."""
     with user_errors():
-        from .generate import find_stage, load_trained, reply
+        from .model.generate import reply
+        from .store.final import find_stage, load_trained
 
         final = find_stage(run_dir, stage)
         model, tokenizer = load_trained(final)
@@ -287,9 +291,9 @@ def chat(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
 
 def _template(final: Path):
     from .errors import CheckpointError
-    from .generate import load_template
+    from .store.final import final_template
 
-    template = load_template(final)
+    template = final_template(final)
     if template is None:
         raise CheckpointError(f"{final.parent.name} was trained without a chat template",
                               hint="chat needs a recipe with tokenizer.chat_template and an sft stage; "
@@ -305,9 +309,9 @@ def eval_(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
     """Measure a finished stage on its held-out data (val loss/bpb; dpo: reward accuracy) and
     its task evals."""
     with user_errors():
-        from .evaluation import evaluate_stage
-        from .progress import Reporter, render_results
+        from .output.progress import Reporter, render_results
         from .recipe.schema import TASKS
+        from .run.evaluation import evaluate_stage
 
         unknown = [t for t in task or [] if t not in TASKS]
         if unknown:
@@ -338,7 +342,7 @@ def export(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
     with user_errors():
         from .errors import RecipeError
         from .export.hf import DTYPES, export_stage
-        from .generate import find_stage
+        from .store.final import find_stage
 
         if dtype not in DTYPES:
             raise RecipeError([f"--dtype: unknown dtype {dtype!r}"], hint=f"use one of {', '.join(DTYPES)}")
@@ -367,7 +371,7 @@ def report(run_dir: Path = RunDirArgument,
     held-out bpb on one timeline, the lr schedule, tokens/s and MFU, preference and reward curves,
     the results and the plan. Made from metrics.jsonl, so it works while the run goes on."""
     with user_errors():
-        from .report import write_report
+        from .output.report import write_report
 
         page, *pngs = write_report(run_dir, out)
         err.print(f"wrote {page} (with {', '.join(p.name for p in pngs)} beside it)", highlight=False)
@@ -379,8 +383,8 @@ def compare(run_dirs: List[Path] = typer.Argument(..., help="Two or more run dir
     """Runs side by side: each stage's final held-out figures, the recipe keys that differ, and one
     PNG overlaying their held-out curves."""
     with user_errors():
-        from .progress import make_console, render_comparison
-        from .report import compare_runs, write_comparison
+        from .output.progress import make_console, render_comparison
+        from .output.report import compare_runs, write_comparison
 
         runs, labels, rows, differ = compare_runs(run_dirs)
         render_comparison(labels, rows, differ, make_console())

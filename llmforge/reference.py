@@ -57,8 +57,7 @@ def _row(param) -> str:
 
 def recipe_tables() -> dict[str, str]:
     """Each key table of docs/recipe.md, by name (recipe/keydocs.py TABLES)."""
-    from .recipe.keydocs import DEFAULTS, MEANINGS, table_keys
-    from .recipe.keydocs import recipe_json_schema
+    from .recipe.keydocs import DEFAULTS, MEANINGS, recipe_json_schema, table_keys
 
     tables, missing = {}, []
     for name, rows in table_keys(json.loads(recipe_json_schema())).items():
@@ -105,12 +104,12 @@ def _type(prop: dict) -> str:
 
 def _default(key: str, prop: dict, required) -> str:
     from .recipe.keydocs import TABLES
-    from .recipe.schema import _OPTION_KINDS
+    from .recipe.schema import OPTION_KINDS
     from .stages import KINDS
 
     option = key.removeprefix(TABLES["stages"][0])
-    if key.startswith(TABLES["stages"][0]) and option in _OPTION_KINDS:  # each kind's own default
-        defaults = {k: KINDS[k].Options.model_fields[option] for k in _OPTION_KINDS[option]}
+    if key.startswith(TABLES["stages"][0]) and option in OPTION_KINDS:  # each kind's own default
+        defaults = {k: KINDS[k].Options.model_fields[option] for k in OPTION_KINDS[option]}
         shown = {k: "required" if f.is_required() else _value(f.default, prop) for k, f in defaults.items()}
         if len(set(shown.values())) == 1:
             return next(iter(shown.values()))

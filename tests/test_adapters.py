@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llmforge import adapters, durable
-from llmforge.model import ModelConfig, Transformer
-from llmforge.optim import build_optimizer
+from llmforge.model import adapters
+from llmforge.core import durable
+from llmforge.model.transformer import ModelConfig, Transformer
+from llmforge.run.optim import build_optimizer
 
 from .conftest import cli
 from .test_post import RECIPE, final_weights, kill_at, start, write_data
@@ -163,7 +164,7 @@ def test_peft_loads_the_exported_adapter_onto_the_exported_base(lora_run, tmp_pa
                                                                    "gate_proj", "up_proj", "down_proj"}
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
-    from llmforge.generate import load_model
+    from llmforge.store.final import load_model
 
     ours = load_model(run / "stages/02-sft/final")
     idx = torch.randint(0, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -241,7 +242,7 @@ def test_lora_on_an_imported_model_exports_onto_its_folder(tmp_path):
     assert config["modules_to_save"] == ["embed_tokens", "lm_head"]  # train_embeddings
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
-    from llmforge.generate import load_model
+    from llmforge.store.final import load_model
 
     ours = load_model(tmp_path / "runs/imported/stages/01-sft/final")
     idx = torch.randint(0, 400, (2, 32), generator=torch.Generator().manual_seed(1))

@@ -11,7 +11,7 @@ from llmforge.data.rows import WindowRows
 from llmforge.data.cache import cache_key
 from llmforge.errors import DataError
 from llmforge.recipe.schema import SourceSpec
-from llmforge.tokenizer import Tokenizer, train_tokenizer
+from llmforge.text.tokenizer import Tokenizer, train_tokenizer
 
 from .conftest import make_corpus
 

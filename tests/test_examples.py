@@ -9,7 +9,7 @@ import pytest
 
 from llmforge.data import formats
 from llmforge.data.examples import read_chat, read_examples, read_preference, read_prompt_response
-from llmforge.data.sources import Skips, _Report, iter_pieces, list_files
+from llmforge.data.sources import Skips, SourceReport as _Report, iter_pieces, list_files
 from llmforge.errors import DataError
 from llmforge.recipe.schema import SourceSpec
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llmforge.checkpoint import weight_names
+from llmforge.model.weights import weight_names
 from llmforge.export.hf import export_weights
-from llmforge.model import PRESETS, ModelConfig, Transformer
+from llmforge.model.transformer import PRESETS, ModelConfig, Transformer
 
 from .conftest import TINY_RECIPE, cli, make_corpus
 
@@ -119,8 +119,8 @@ def hf_model(kind: str):
 @pytest.mark.parametrize("kind, shard", [("llama", False), ("llama", True), ("gpt2", False)])
 def test_import_a_transformers_model(tmp_path, kind, shard):
     """A model saved by transformers (sharded too) reads into llmforge's model: the same logits."""
-    from llmforge.checkpoint import set_weights
-    from llmforge.export.hf import read_hf
+    from llmforge.model.weights import set_weights
+    from llmforge.model.hf import read_hf
 
     theirs = hf_model(kind)
     theirs.save_pretrained(tmp_path / "hf", max_shard_size="60KB" if shard else "5GB")
@@ -142,7 +142,7 @@ def test_import_a_transformers_model(tmp_path, kind, shard):
 
 def test_import_refuses_pickle_and_what_it_cannot_compute(tmp_path):
     from llmforge.errors import CheckpointError
-    from llmforge.export.hf import read_hf
+    from llmforge.model.hf import read_hf
 
     theirs = hf_model("llama")
     theirs.save_pretrained(tmp_path / "hf")
@@ -162,7 +162,7 @@ def test_the_jinja_chat_template_renders_as_llmforge_does(tags):
     text of llmforge's own rendering, with and without the assistant's opening tag."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from llmforge.chat import ChatTemplate
+    from llmforge.text.chat import ChatTemplate
 
     template = ChatTemplate(**tags) if tags else ChatTemplate()
 

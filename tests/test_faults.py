@@ -3,7 +3,7 @@ SIGKILL at seeded random moments (tokenizer training, data preparation, steps, m
 dpo's reference pass, final/), a second Ctrl-C while saving, damaged cache entries and final/,
 and a full disk. Every rerun must end byte-identical to the uninterrupted run.
 
-The moments come from llmforge/faults.py: the uninterrupted run traces every one it reaches;
+The moments come from llmforge/core/faults.py: the uninterrupted run traces every one it reaches;
 the test picks some (LLMFORGE_FAULT_SEED=N repeats a pick) and kills a run at each in turn."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from llmforge import durable
+from llmforge.core import durable
 
 from .conftest import COUNTS
 from .test_post import write_data

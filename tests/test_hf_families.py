@@ -11,11 +11,12 @@ import re
 import pytest
 import torch
 
-from llmforge.chat_jinja import read_folder_template
-from llmforge.export.families import CLASSES
-from llmforge.export.hf import export_weights, read_hf
-from llmforge.model import Transformer
-from llmforge.tokenizer_json import load_tokenizer
+from llmforge.text.chat_jinja import read_folder_template
+from llmforge.model.families import CLASSES
+from llmforge.export.hf import export_weights
+from llmforge.model.hf import read_hf
+from llmforge.model.transformer import Transformer
+from llmforge.text.tokenizer_json import load_tokenizer
 
 from .hf_families import CONVERSATION, FAMILIES, build_folder, write_chat_data
 
@@ -84,7 +85,7 @@ def test_export_round_trip(family, tmp_path):
     final.mkdir()
     from safetensors.torch import save_file
 
-    from llmforge.checkpoint import weight_names
+    from llmforge.model.weights import weight_names
 
     state = model.state_dict()
     save_file({k: state[k].contiguous() for k in weight_names(model)}, str(final / "model.safetensors"))
@@ -136,7 +137,7 @@ def test_finetune_a_model_folder_and_export_it_as_itself(family, tmp_path):
     tuned = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     assert type(tuned).__name__ == type(hf).__name__
     theirs = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
-    from llmforge.generate import find_stage, load_template, load_trained
+    from llmforge.store.final import find_stage, final_template as load_template, load_trained
 
     final = find_stage(tmp_path / "runs/tuned", None)
     model, tok = load_trained(final)
@@ -232,7 +233,7 @@ SCRATCH = {  # family -> the recipe's model options that make it (a preset, plus
 
 @pytest.mark.parametrize("name", SCRATCH)
 def test_a_family_built_from_scratch_exports_as_itself(name, tmp_path):
-    from llmforge.plan import model_config
+    from llmforge.plan.plan import model_config
     from llmforge.recipe.loader import validate_recipe
 
     recipe = validate_recipe({"name": "x", "tokenizer": {"vocab_size": 300}, "data": {"d": {"path": "d.txt"}},
@@ -248,7 +249,7 @@ def test_a_family_built_from_scratch_exports_as_itself(name, tmp_path):
             p.add_(torch.randn_like(p) * 0.05)
     from safetensors.torch import save_file
 
-    from llmforge.checkpoint import weight_names
+    from llmforge.model.weights import weight_names
 
     final = tmp_path / "final"
     final.mkdir()
@@ -292,7 +293,7 @@ runtime: {threads: 1}
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
     assert type(hf).__name__ == "Qwen3ForCausalLM"
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out", local_files_only=True)
-    from llmforge.generate import find_stage, load_template, load_trained
+    from llmforge.store.final import find_stage, final_template as load_template, load_trained
 
     final = find_stage(tmp_path / "runs/scratch", None)
     _, tok = load_trained(final)

@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
-from llmforge.chat import ChatTemplate
-from llmforge.tokenizer import Tokenizer, train_tokenizer
+from llmforge.text.chat import ChatTemplate
+from llmforge.text.tokenizer import Tokenizer, train_tokenizer
 
 from .conftest import cli, make_corpus
 
@@ -65,8 +65,8 @@ def test_import_finetune_and_export_round_trip(tmp_path):
     assert saved["model_init"] == str((tmp_path / "base").resolve())
     # The stage started from the imported weights: 6 small AdamW steps moved each weight by at most
     # ~6 * lr, while a fresh random init would differ from the base by ~0.1 somewhere.
-    from llmforge.export.hf import read_hf
-    from llmforge.generate import load_trained
+    from llmforge.model.hf import read_hf
+    from llmforge.store.final import load_trained
 
     _, base_tensors = read_hf(tmp_path / "base")
     tuned, _ = load_trained(tmp_path / "runs/imported/stages/01-sft/final")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from llmforge.chat import ChatTemplate
-from llmforge.export.hf_tokenizer import tokenizer_config, tokenizer_json
-from llmforge.tokenizer import Tokenizer, train_tokenizer
+from llmforge.text.chat import ChatTemplate
+from llmforge.text.hf_tokenizer import tokenizer_config, tokenizer_json
+from llmforge.text.tokenizer import Tokenizer, train_tokenizer
 
 from .conftest import make_corpus
 

@@ -13,8 +13,8 @@ import torch
 
 from types import SimpleNamespace
 
-from llmforge.generate import generate_batch
-from llmforge.model import KVCache, ModelConfig, Transformer
+from llmforge.model.generate import generate_batch
+from llmforge.model.transformer import KVCache, ModelConfig, Transformer
 from llmforge.recipe.schema import StageSpec
 from llmforge.stages import KINDS, grpo, reward
 from llmforge.stages.verifiers import verify

@@ -88,7 +88,7 @@ def test_bad_record_without_skip_names_file_and_line(mixdir):
 
 
 def test_interrupted_preparation_leaves_no_entry(tmp_path, monkeypatch):
-    from llmforge.tokenizer import Tokenizer, train_tokenizer
+    from llmforge.text.tokenizer import Tokenizer, train_tokenizer
 
     tok = Tokenizer.load(train_tokenizer(iter([make_corpus()]), tmp_path / "tok", type="bpe", vocab_size=300))
     (tmp_path / "a.txt").write_text(make_corpus(40000))

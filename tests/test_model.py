@@ -1,4 +1,4 @@
-"""Tests for llmforge.model: tiny configs only, the whole file runs in a few seconds on CPU."""
+"""Tests for llmforge.model.transformer: tiny configs only, the whole file runs in a few seconds on CPU."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmforge import model as M
-from llmforge.model import PRESETS, KVCache, ModelConfig, Transformer
+from llmforge.model import transformer as M
+from llmforge.model.transformer import PRESETS, KVCache, ModelConfig, Transformer
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

@@ -227,8 +227,8 @@ BAD_LINES = st.one_of(
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A trained tokenizer with the chat template's symbols, to prepare mutated files with."""
-    from llmforge.chat import ChatTemplate
-    from llmforge.tokenizer import Tokenizer, train_tokenizer
+    from llmforge.text.chat import ChatTemplate
+    from llmforge.text.tokenizer import Tokenizer, train_tokenizer
 
     folder = tmp_path_factory.mktemp("data")
     tok = Tokenizer.load(train_tokenizer([make_corpus(3000)], folder / "tok", type="bpe", vocab_size=300,
@@ -321,7 +321,7 @@ def _folder_mutations(data, folder: Path) -> str:
 @settings(SETTINGS, max_examples=int(os.environ.get("LLMFORGE_MUTATIONS", 300)) // 5)
 @given(st.data())
 def test_mutated_model_folders_are_refused_by_name(hf_base, data):
-    from llmforge.export.hf import read_hf
+    from llmforge.model.hf import read_hf
 
     base = hf_base / "base"
     shutil.rmtree(base, ignore_errors=True)

@@ -8,8 +8,8 @@ import signal
 import pytest
 import torch
 
-from llmforge.model import PRESETS, ModelConfig, Transformer
-from llmforge.optim import _orthogonalize, build_optimizer
+from llmforge.model.transformer import PRESETS, ModelConfig, Transformer
+from llmforge.run.optim import _orthogonalize, build_optimizer
 
 from .conftest import REPO, TINY_RECIPE, cli, make_corpus
 from .test_run import final_bytes, start, wait_for_step

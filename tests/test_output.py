@@ -8,7 +8,7 @@ import shlex
 import subprocess
 import sys
 
-from llmforge.progress import sparkline
+from llmforge.output.progress import sparkline
 
 from .conftest import cli
 

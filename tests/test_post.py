@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from llmforge.chat import ChatTemplate, load_template
+from llmforge.text.chat import ChatTemplate
+from llmforge.text.templates import template_from_spec as load_template
 from llmforge.data.rows import IGNORE, Examples, PackedRows, PairRows, pack_best_fit
-from llmforge.model import PRESETS, ModelConfig, Transformer
+from llmforge.model.transformer import PRESETS, ModelConfig, Transformer
 from llmforge.stages import dpo, sft
 
 from .conftest import cli, make_corpus
@@ -158,7 +159,7 @@ def final_weights(run: Path, stage: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from llmforge.tokenizer import Tokenizer, train_tokenizer
+    from llmforge.text.tokenizer import Tokenizer, train_tokenizer
 
     docs = [make_corpus(3000, seed=5)] + [" ".join(m["content"] for m in c["messages"]) for c in conversations()]
     path = train_tokenizer(docs, tmp_path_factory.mktemp("tok"), type="bpe", vocab_size=300,
@@ -374,7 +375,7 @@ def test_dpo_step_raises_the_margin(tok):
 # --- stage chaining -------------------------------------------------------------------------------------
 
 def stage_model(run: Path, stage: str) -> Transformer:
-    from llmforge.generate import load_trained
+    from llmforge.store.final import load_trained
 
     return load_trained(run / "stages" / stage / "final")[0]
 
@@ -382,8 +383,8 @@ def stage_model(run: Path, stage: str) -> Transformer:
 def stage_sources(folder: Path, run: Path, stage: str):
     """The recipe's stage plan (from plan.json) and its prepared sources, as the engine saw them."""
     from llmforge.data.cache import prepare_source
-    from llmforge.evaluation import load_run_recipe
-    from llmforge.tokenizer import Tokenizer
+    from llmforge.run.evaluation import load_run_recipe
+    from llmforge.text.tokenizer import Tokenizer
 
     recipe = load_run_recipe(run)
     tokenizer = Tokenizer.load(run / "tokenizer/tokenizer.model")
@@ -400,7 +401,7 @@ def stage_sources(folder: Path, run: Path, stage: str):
 
 
 def test_stages_chain_from_their_init(trained):
-    from llmforge.engine import eval_batches, evaluate, stage_rows
+    from llmforge.run.engine import eval_batches, evaluate, stage_rows
 
     run = trained / RUN
     plan = json.loads((run / "plan.json").read_text())

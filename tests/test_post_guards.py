@@ -62,7 +62,7 @@ def test_a_stale_reference_is_recomputed_or_refused(tmp_path):
 
 
 def test_the_tokenizer_under_trained_stages_is_never_retrained(tmp_path):
-    from llmforge.pipeline import ensure_tokenizer
+    from llmforge.run.prepare import ensure_tokenizer
     from llmforge.recipe.loader import validate_recipe
 
     (tmp_path / "a.txt").write_text("some text to train a tokenizer on, " * 400)

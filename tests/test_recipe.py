@@ -11,7 +11,7 @@ import pytest
 
 from llmforge.errors import RecipeError
 from llmforge.recipe.loader import apply_override, diff_recipes, load_recipe
-from llmforge.recipe.values import parse_count
+from llmforge.core.values import parse_count
 
 from .conftest import REPO, TINY_RECIPE, cli, make_corpus
 

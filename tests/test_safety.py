@@ -76,7 +76,7 @@ def test_chat_templates_from_folders_render_in_a_sandbox(tmp_path, monkeypatch):
 
     import pytest
 
-    from llmforge.chat_jinja import TemplateError, read_folder_template
+    from llmforge.text.chat_jinja import TemplateError, read_folder_template
 
     monkeypatch.chdir(tmp_path)
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]

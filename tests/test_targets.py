@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from llmforge.plan import Device
-from llmforge.resources import estimate_time
-from llmforge.targets import ASSUMED_MFU, TARGETS, parse_target, table
+from llmforge.plan.devices import Device
+from llmforge.plan.estimates import estimate_time
+from llmforge.plan.devices import ASSUMED_MFU, TARGETS, parse_target, table
 
 from .conftest import cli
 
@@ -63,5 +63,5 @@ def test_communication_bounds_a_step_on_a_slow_link():
 
 
 def test_the_documented_table_is_the_one_the_plan_uses():
-    assert table() in (REPO / "docs/targets.md").read_text(), "docs/targets.md: paste llmforge.targets.table()"
+    assert table() in (REPO / "docs/targets.md").read_text(), "docs/targets.md: paste llmforge.plan.devices.table()"
     assert parse_target("A100-80Gx4") == ("a100-80g", 4) and set(TARGETS) >= {"h100", "h200", "4090"}

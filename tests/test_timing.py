@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import llmforge.timing as timing
+import llmforge.run.timing as timing
 
 
 def test_rates_eta_and_mfu(monkeypatch):

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmforge.errors import TokenizerError
-from llmforge.tokenizer import EOT, Tokenizer, train_tokenizer
+from llmforge.text.tokenizer import EOT, Tokenizer, train_tokenizer
 
 USER_SYMBOLS = ("<|user|>", "<|assistant|>")
 
@@ -141,14 +141,14 @@ def test_failed_write_keeps_old_model(docs, tmp_path, monkeypatch):
     def disk_full(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("llmforge.tokenizer.os.replace", disk_full)
+    monkeypatch.setattr("llmforge.text.tokenizer.os.replace", disk_full)
     with pytest.raises(TokenizerError, match="No space left"):
         train_tokenizer(iter(docs), tmp_path / "t", type="bpe", vocab_size=450)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["t"]
 
 
 def test_imports_nothing_heavy():
-    code = "import sys, llmforge.tokenizer; assert 'torch' not in sys.modules"
+    code = "import sys, llmforge.text.tokenizer; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from llmforge.errors import TokenizerError
-from llmforge.tokenizer_json import JsonTokenizer, load_tokenizer, train_bytelevel_bpe
+from llmforge.text.tokenizer_json import JsonTokenizer, load_tokenizer, train_bytelevel_bpe
 
 from .conftest import make_corpus
 

@@ -27,21 +27,18 @@ from typing import Callable
 
 import numpy as np
 
-from .. import durable, faults
+from ..core import durable, faults
+from ..core.paths import cache_dir
 from ..errors import DataError
-from ..recipe.schema import EXAMPLE_FORMATS, SourceSpec
 from .example_cache import load_examples, write_examples
 from .sources import Skips, iter_pieces, list_files
+from .spec import EXAMPLE_FORMATS, SourceSpec
 
 CACHE_VERSION = 5
 _BATCH_BYTES = 1 << 20  # ~1 MB of text per encode call: big enough to amortize, small to bound memory
 # Options that change which documents a source yields (val_fraction only moves the split point).
 _SHAPING = {"builtin", "format", "split", "field", "prompt_field", "response_field", "min_chars", "max_chars", "on_error",
             "max_bytes", "val_fraction"}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LLMFORGE_CACHE") or Path.home() / ".cache" / "llmforge")
 
 
 @dataclass

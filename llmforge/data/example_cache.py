@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..chat import ChatTemplate
-from .. import faults
+from ..core import faults
 from ..errors import DataError, TokenizerError
+from ..text.chat import ChatTemplate
+from .examples import read_examples
 from .rows import Examples
-from .sources import Skips, _Report, list_files
+from .sources import Skips, SourceReport, list_files
 
 
 @dataclass
@@ -64,12 +65,11 @@ class PreparedExamples:
 
 
 def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTemplate, on_progress) -> None:
-    from .examples import read_examples
 
     tmp.mkdir(parents=True)
     dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
     skips = Skips()
-    report = _Report(name, spec, skips)
+    report = SourceReport(name, spec, skips)
     files = list_files(name, spec, base_dir)
     offsets, origins, extras, n_bytes, total = [0], [], [], 0, 0
     with open(tmp / "tokens.bin", "wb") as tok_f, open(tmp / "learned.bin", "wb") as learn_f:

@@ -4,7 +4,7 @@ unpaired, prompt.
 All are JSON lines (`.jsonl`, `.jsonl.gz`), one example per non-blank line, read through
 formats.json_records so that encoding and JSON problems read exactly as the jsonl format's. Each
 example is checked whole here (roles, turn order, non-empty text), because the chat template
-(llmforge/chat.py) renders what it is given without looking; a bad one goes to report.bad as
+(llmforge/text/chat.py) renders what it is given without looking; a bad one goes to report.bad as
 "path:line: messages[2]: ...", naming the message at fault. Messages come out as plain
 {"role", "content"} dicts: other keys (name, weight, tool calls...) are dropped.
 """
@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..chat import ROLES
-from ..recipe.schema import SourceSpec
+from ..text.chat import ROLES
 from .formats import Pieces, Report, json_records, json_type, listing, valid_unicode
+from .spec import SourceSpec
 
 Messages = list[dict]  # [{"role": "system" | "user" | "assistant", "content": str}]
 Preference = tuple[Messages, str, str]  # (prompt messages, chosen reply, rejected reply)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 from ..errors import DataError
-from ..recipe.schema import EXAMPLE_FORMATS, SourceSpec
+from .spec import SourceSpec
 
 Pieces = Iterator[tuple[str, bool]]
 
@@ -47,17 +47,6 @@ class Report(Protocol):
 
 
 Reader = Callable[[Path, SourceSpec, Report], Pieces]
-
-
-def reader_for(spec: SourceSpec) -> Reader:
-    if spec.format in EXAMPLE_FORMATS:  # conversations: their text, for tokenizer training
-        from .examples import read_example_texts
-        return read_example_texts
-    if spec.format == "jsonl":
-        return read_jsonl
-    if spec.format == "parquet":
-        return read_parquet
-    return {"file": read_text_file, "paragraph": read_paragraphs, "line": read_lines}[spec.split]
 
 
 # --- text -----------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .sampler import _hash, permute, windows_per_epoch
+from .sampler import permute, seed_hash, windows_per_epoch
 
 IGNORE = -1  # target id of a position that is not learned
 
@@ -137,7 +137,7 @@ def shuffled(order: np.ndarray, seed: int) -> np.ndarray:
     """A fixed seeded shuffle of example indexes, so neighbours in a file are not always packed
     (or batched) together."""
     if len(order) > 1:
-        order = order[permute(np.arange(len(order)), len(order), _hash(seed, 0x5F7))]
+        order = order[permute(np.arange(len(order)), len(order), seed_hash(seed, 0x5F7))]
     return order
 
 
@@ -171,7 +171,7 @@ class PackedRows:
 
     def logit_share(self) -> float:
         """The largest share of a row's positions that are learned targets: the fraction of the
-        logits a step computes (resources.estimate_memory)."""
+        logits a step computes (plan/estimates.py)."""
         T, lay = self.seq_len, self.layout
         if self.train_on == "all":
             counts = np.minimum(self.ex.lengths()[:, 0], T + 1) - 1

@@ -76,7 +76,7 @@ class Sampler:
 
     def _epoch_key(self, s: int, epoch: int) -> np.uint64:
         if (s, epoch) not in self._keys:
-            self._keys = {(s, epoch): _hash(self.seed, self.stream, s, epoch)}  # only the current one
+            self._keys = {(s, epoch): seed_hash(self.seed, self.stream, s, epoch)}  # only the current one
         return self._keys[(s, epoch)]
 
     def epochs_drawn(self) -> list[float]:
@@ -108,7 +108,7 @@ def release_pages(arrays) -> None:
             mapped.madvise(mmap.MADV_DONTNEED)
 
 
-def _hash(*parts: int) -> np.uint64:
+def seed_hash(*parts: int) -> np.uint64:
     """splitmix64 over the parts: a well-mixed 64-bit key from small integers."""
     h = np.uint64(0x9E3779B97F4A7C15)
     for p in parts:

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError
-from ..recipe.schema import SourceSpec
-from .formats import SUFFIXES, reader_for
+from .examples import read_example_texts
+from .formats import SUFFIXES, Reader, read_jsonl, read_lines, read_paragraphs, read_parquet, read_text_file
+from .spec import EXAMPLE_FORMATS, SourceSpec
+from .world import FILES, ensure_world
 
 # Folders of the standard library that are test fixtures or tooling rather than ordinary code
 # (some hold deliberately broken files) or generated tables (codecs, pydoc topics); leaving them
@@ -29,8 +31,6 @@ _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", 
 def list_files(name: str, spec: SourceSpec, base_dir: Path) -> list[Path]:
     """The source's files, in the order their documents are read."""
     if spec.builtin and spec.builtin.startswith("world-"):  # generated once into the cache
-        from .world import FILES, ensure_world
-
         kind = {"world-facts": "facts", "world-chat": "chat", "world-prefs": "prefs",
                 "world-questions": "questions"}[spec.builtin]
         return [ensure_world() / next(f for f in FILES if f.startswith(kind))]
@@ -84,7 +84,7 @@ def iter_pieces(name: str, spec: SourceSpec, base_dir: Path, skips: Skips | None
     (UTF-8 bytes of kept text; the document it falls in is cut there and ended). A short document
     comes whole; a long one in ~1 MB pieces cut at line ends, so none is ever held whole. Bad
     records (on_error: skip) and documents outside min_chars..max_chars are counted in `skips`."""
-    report = _Report(name, spec, skips if skips is not None else Skips())
+    report = SourceReport(name, spec, skips if skips is not None else Skips())
     read = reader_for(spec)
     budget = spec.max_bytes or sys.maxsize
     files = list_files(name, spec, base_dir)
@@ -142,7 +142,7 @@ class Skips:
         return ", ".join(parts)
 
 
-class _Report:
+class SourceReport:
     """The source's rules as readers see them (formats.Report): on_error and min/max_chars."""
 
     def __init__(self, name: str, spec: SourceSpec, skips: Skips):
@@ -166,3 +166,14 @@ class _Report:
             self.skips.filtered += 1
             return False
         return None
+
+
+def reader_for(spec: SourceSpec) -> Reader:
+    """The reader that yields a source's documents from one of its files."""
+    if spec.format in EXAMPLE_FORMATS:  # conversations: their text, for tokenizer training
+        return read_example_texts
+    if spec.format == "jsonl":
+        return read_jsonl
+    if spec.format == "parquet":
+        return read_parquet
+    return {"file": read_text_file, "paragraph": read_paragraphs, "line": read_lines}[spec.split]

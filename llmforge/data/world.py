@@ -27,7 +27,7 @@ import random
 import shutil
 from pathlib import Path
 
-from .cache import cache_dir
+from ..core.paths import cache_dir
 
 WORLD_VERSION = 6  # bump on any change below: the folder name is the cache key
 SEED = 1234  # the one seed; each file draws from its own stream (SEED + n) so tuning one file's

@@ -15,15 +15,14 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from ..generate import check_language_model, load_template, read_model_config
-from ..model import ModelConfig
-from ..tokenizer_json import JsonTokenizer, load_tokenizer
-from .families import config_from_hf, family_of, from_hf, hf_config as family_config, to_hf
-from .hf_tokenizer import tokenizer_config, tokenizer_json
+from ..model.families import family_of, to_hf
+from ..model.families import hf_config as family_config
+from ..store.final import check_language_model, final_template, read_model_config
+from ..text.hf_tokenizer import tokenizer_config, tokenizer_json
+from ..text.tokenizer_json import JsonTokenizer, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -52,7 +51,7 @@ def export_stage(final: Path, out: Path, dtype: str = "fp32") -> tuple[str, list
     check_out(out)
     check_language_model(final)  # refuse what transformers cannot express before anything else
     family_of(read_model_config(final))
-    tokenizer, template = load_tokenizer(final), load_template(final)
+    tokenizer, template = load_tokenizer(final), final_template(final)
     # A chat model's turn ends at the template's end tag (as `llmforge chat` stops); text at end-of-text.
     stops = list(template.stop_ids(tokenizer)) if template else [tokenizer.eot_id]
 
@@ -111,63 +110,5 @@ def _write_tokenizer(out: Path, tokenizer, template, seq_len: int) -> list[str]:
 
 # -- import: a local Hugging Face folder -> (ModelConfig, our tensors) -------------------------
 
-def read_hf(folder: Path) -> tuple[ModelConfig, dict]:
-    """The model of a local transformers folder, as a ModelConfig and tensors named as ours.
-    Anything our model would compute differently is refused by name."""
-    cfg = hf_config(folder)
-    return cfg, from_hf(cfg, _read_tensors(folder))
 
 
-def hf_config(folder: Path) -> ModelConfig:
-    """The architecture in a transformers folder's config.json, as llmforge's ModelConfig."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder}: cannot read config.json ({e})", hint="point at a transformers model folder")
-    return config_from_hf(config, folder / "config.json")
-
-
-def recipe_model(folder: Path) -> dict:
-    """The recipe's model keys that describe a transformers folder's model (model.init.hf)."""
-    cfg = hf_config(folder)
-    _weight_files(folder)  # refuse a folder without safetensors weights now, not when the stage starts
-    out = {"preset": cfg.family, "vocab_size": cfg.vocab_size, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-           "n_embd": cfg.n_embd, "seq_len": cfg.seq_len, "n_kv_head": cfg.kv_heads, "mlp_hidden": cfg.hidden,
-           "tie_embeddings": cfg.tie_embeddings, "bias": cfg.bias, "norm_eps": cfg.norm_eps}
-    if cfg.positions == "rope":
-        out |= {"rope_theta": cfg.rope_theta, "head_dim": cfg.head_dim, "qkv_bias": cfg.qkv_bias,
-                "qk_norm": cfg.qk_norm}
-        out |= {k: getattr(cfg, k) for k in ("rope_scaling", "sliding_window") if getattr(cfg, k) is not None}
-    return out
-
-
-def _read_tensors(folder: Path) -> dict:
-    out = {}
-    for f in _weight_files(folder):
-        try:
-            out |= load_file(str(f))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{f}: cannot read the weights ({e})",
-                                  hint="the file is damaged or incomplete: copy or download it again") from None
-    return out
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    """model.safetensors, or the shards a model.safetensors.index.json lists. Never pickle."""
-    index = folder / "model.safetensors.index.json"
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
-        # A shard is a file beside the index, never a path elsewhere.
-        if missing := [s for s in shards if not isinstance(s, str) or Path(s).name != s or not (folder / s).is_file()]:
-            raise CheckpointError(f"{index}: lists {missing[0]!r}, which is not a file in the folder",
-                                  hint="copy every shard of the model")
-        return [folder / shard for shard in shards]
-    if any(folder.glob("pytorch_model*.bin")):
-        raise CheckpointError(f"{folder}: only pickle weights (pytorch_model.bin), which can run code when loaded",
-                              hint="convert them to safetensors (transformers: save_pretrained(safe_serialization=True))")
-    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")

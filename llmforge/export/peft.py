@@ -14,8 +14,8 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from ..generate import check_language_model, read_model_config
-from .families import _LAYER, family_of
+from ..model.families import LLAMA_LAYER, family_of
+from ..store.final import check_language_model, read_model_config
 from .hf import check_out, write_folder
 
 
@@ -41,7 +41,7 @@ def export_adapter(final: Path, out: Path) -> tuple[str, dict]:
             continue
         layer, part = name.rsplit(".", 1)  # blocks.3.attn.q_proj, lora_A
         _, i, ours = layer.split(".", 2)
-        tensors[f"base_model.model.model.layers.{i}.{_LAYER[ours]}.{part}.weight"] = t.contiguous()
+        tensors[f"base_model.model.model.layers.{i}.{LLAMA_LAYER[ours]}.{part}.weight"] = t.contiguous()
     lora_modules = sorted({k.split(".")[-3] for k in tensors})
     if full:  # both wrapped (a tied head is the embedding: the same trained table twice)
         tensors["base_model.model.model.embed_tokens.weight"] = full["tok_emb.weight"]

@@ -17,12 +17,14 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from ..data.spec import BUILTINS
 from ..errors import RecipeError
 from ..stages import KINDS
-from .imported import import_model
 from .extends import read_recipe
+from .imported import import_model
 from .reading import Loc, format_loc
-from .schema import BUILTINS, Recipe
+from .schema import Recipe
+
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)

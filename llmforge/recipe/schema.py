@@ -12,15 +12,35 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import (BeforeValidator, Discriminator, Field, PrivateAttr, Tag, WithJsonSchema, create_model,
-                      model_validator)
+from pydantic import (
+    BeforeValidator,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    WithJsonSchema,
+    create_model,
+    model_validator,
+)
 
+from ..core.values import (
+    AutoOrPositive,
+    Count,
+    Float,
+    Fraction,
+    Int,
+    Name,
+    NumberOrPercent,
+    PositiveCount,
+    Spec,
+    StepsOrPercent,
+)
+from ..data.spec import SourceSpec
 from ..stages import KINDS
-from .values import (AutoOrPositive, Count, Float, Fraction, Int, Name, NumberOrPercent, PositiveCount, Spec,
-                     StepsOrPercent, parse_fraction)
+
 
 class ChatTemplateSpec(Spec):
-    """The special tokens that frame each turn of a conversation (see llmforge/chat.py)."""
+    """The special tokens that frame each turn of a conversation (see llmforge/text/chat.py)."""
     system: str = "<|system|>"
     user: str = "<|user|>"
     assistant: str = "<|assistant|>"
@@ -147,72 +167,6 @@ class ModelSpec(Spec):
         return self
 
 
-# Built-in sources and the format/split/val_fraction their data comes in. The world-* sources are
-# one generated world (llmforge/data/world.py): facts to pretrain on, questions about them to
-# fine-tune on, preference pairs; their last 20% of examples are about people never trained on.
-BUILTINS = {
-    "python-stdlib": {"format": "text"},
-    "world-facts": {"format": "text", "split": "paragraph"},
-    "world-chat": {"format": "chat", "val_fraction": 0.2},
-    "world-prefs": {"format": "preference", "val_fraction": 0.2},
-    "world-questions": {"format": "prompt", "val_fraction": 0.2},
-}
-EXAMPLE_FORMATS = ("chat", "prompt_response", "preference", "unpaired", "prompt")  # conversations, for post-training
-
-
-class SourceSpec(Spec):
-    path: str | None = None  # file, directory or glob; relative to the recipe's folder
-    builtin: Literal["python-stdlib", "world-facts", "world-chat", "world-prefs", "world-questions"] | None = None
-    # text/jsonl/parquet: documents. chat: jsonl of {messages: [{role, content}]}. prompt_response:
-    # jsonl with a prompt and a response field. preference: jsonl of {prompt, chosen, rejected}.
-    # unpaired: jsonl of {prompt, completion, label} (label true: a good reply, false: a bad one; kto).
-    # prompt: jsonl of {prompt, system (optional), answer (optional: the reference a verifier checks)}.
-    format: Literal["text", "jsonl", "parquet", "chat", "prompt_response", "preference", "unpaired", "prompt"] = "text"
-    split: Literal["file", "paragraph", "line"] = "file"  # text: one document per file/blank-line block/line
-    field: str | None = None  # jsonl: the field holding the text (default text); parquet: the column
-    # (default text); chat: the field holding the message list (default messages)
-    prompt_field: str = "prompt"  # prompt_response, prompt: the user's turn
-    answer_field: str = "answer"  # prompt: the reference answer (optional in each record)
-    response_field: str = "response"  # prompt_response: the assistant's turn
-    min_chars: Count = 0  # documents shorter than this are dropped
-    max_chars: PositiveCount | None = None  # documents longer than this are dropped
-    on_error: Literal["fail", "skip"] = "fail"  # skip: bad records are counted and reported, not fatal
-    val_fraction: Fraction = 0.05  # the last share of the source's tokens is held out
-    max_bytes: PositiveCount | None = None  # read at most this much of the source
-    epochs: Annotated[Float, Field(gt=0)] | None = None  # at most this many passes over the training split
-
-    @model_validator(mode="before")
-    @classmethod
-    def _builtin_defaults(cls, data):
-        """A built-in source's data comes in one format: fill it in, refuse a contradiction."""
-        if isinstance(data, dict) and isinstance(data.get("builtin"), str) and data["builtin"] in BUILTINS:
-            fixed = BUILTINS[data["builtin"]]
-            for key, value in fixed.items():
-                given = parse_fraction(data.get(key, value)) if key == "val_fraction" else data.get(key, value)
-                if given != value:
-                    raise ValueError(f"builtin {data['builtin']} has {key} {value}; leave {key} out")
-            data = {**fixed, **data}
-        return data
-
-    @model_validator(mode="after")
-    def _one_origin(self):
-        if (self.path is None) == (self.builtin is None):
-            raise ValueError("give exactly one of path or builtin")
-        if self.split != "file" and self.format != "text":
-            raise ValueError(f"split applies to text sources, not {self.format}")
-        if self.field is not None and self.format in ("prompt_response", "preference", "unpaired", "prompt"):
-            raise ValueError(f"field does not apply to {self.format} data"
-                             + (" (use prompt_field and response_field)" if self.format == "prompt_response" else ""))
-        if self.max_chars is not None and self.max_chars < self.min_chars:
-            raise ValueError(f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars})")
-        return self
-
-    @property
-    def text_field(self) -> str:
-        """The jsonl field / parquet column with the text, or the chat field with the messages."""
-        return self.field or ("messages" if self.format == "chat" else "text")
-
-
 class OptimizerSpec(Spec):
     # muon: Muon for the blocks' weight matrices (at muon_lr), AdamW for embeddings, head, norms
     name: Literal["adamw", "muon"] = "adamw"
@@ -230,7 +184,7 @@ class ScheduleSpec(Spec):
     min_lr: NumberOrPercent = "10%"  # absolute, or a share of optimizer.lr
 
 
-TASKS = ("world-qa",)  # built-in task evals (llmforge/tasks.py), run on a stage's final weights
+TASKS = ("world-qa",)  # built-in task evals (llmforge/tasks/__init__.py), run on a stage's final weights
 
 
 class EvalSpec(Spec):
@@ -245,11 +199,11 @@ class CheckpointSpec(Spec):
 
 
 _TARGETS = ("attn", "mlp", "all-linear", "q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3", "c_fc", "c_proj",
-            "gate_proj", "up_proj", "down_proj")  # groups, then projections (llmforge/adapters.py)
+            "gate_proj", "up_proj", "down_proj")  # groups, then projections (llmforge/model/adapters.py)
 
 
 class AdapterSpec(Spec):
-    """A low-rank adapter trained in place of the model's weights (llmforge/adapters.py)."""
+    """A low-rank adapter trained in place of the model's weights (llmforge/model/adapters.py)."""
     # lora: fp32/bf16 frozen base; qlora: the frozen base in 4-bit NF4 (CUDA only)
     kind: Literal["lora", "qlora"] = "lora"
     rank: Int = Field(default=16, gt=0)
@@ -294,9 +248,9 @@ class _Stage(Spec):
         if (self.batch_tokens is None) == (self.batch_size is None):
             raise ValueError("give exactly one batch: batch_tokens or batch_size")
         own = KINDS[self.kind].Options.model_fields
-        misplaced = [k for k in _OPTION_KINDS if getattr(self, k) is not None and k not in own]
+        misplaced = [k for k in OPTION_KINDS if getattr(self, k) is not None and k not in own]
         if misplaced:
-            *most, last = _OPTION_KINDS[misplaced[0]]
+            *most, last = OPTION_KINDS[misplaced[0]]
             kinds = f"{', '.join(most)} and {last}" if most else last
             raise ValueError(f"{', '.join(misplaced)} applies to {kinds} stages, not {self.kind}")
         return self
@@ -322,7 +276,7 @@ def _option_fields() -> tuple[dict, dict]:
     return fields, kinds
 
 
-_FIELDS, _OPTION_KINDS = _option_fields()
+_FIELDS, OPTION_KINDS = _option_fields()
 StageSpec = create_model("StageSpec", __base__=_Stage, __doc__="One stage: the common keys and its kind's own.",
                          **_FIELDS)
 
@@ -344,7 +298,7 @@ class RuntimeSpec(Spec):
     # or skip its update (counted in the metrics as `skipped`), stopping after max_nonfinite in a row.
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_nonfinite: Int = Field(default=10, gt=0)
-    # Experiment trackers that log what metrics.jsonl logs (llmforge/trackers.py): tensorboard
+    # Experiment trackers that log what metrics.jsonl logs (llmforge/output/trackers.py): tensorboard
     # (RUN_DIR/tensorboard/), wandb (WANDB_MODE=offline works without a network).
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default=[], max_length=2)
 

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .. import faults
+from ..core import faults
+from ..core.values import Float
 from ..errors import CheckpointError
-from ..recipe.values import Float
 from . import kind
 from .pretrain import token_losses
 

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from pydantic import BeforeValidator, Field, model_validator
 
+from ..core.values import Float, Int, Name, Spec
 from ..data.rows import PromptRows
-from ..distributed import unwrap
-from ..generate import generate_batch, reply_texts
-from ..recipe.values import Float, Int, Name, Spec
+from ..model.generate import generate_batch, reply_texts
+from ..model.weights import unwrap
 from . import kind, reward
 from .pretrain import spread
 from .verifiers import NEEDS_ANSWER, VERIFIERS, regex_problem, verify

@@ -21,9 +21,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ..core.values import Spec
 from ..data.rows import PairRows
-from ..model import Transformer
-from ..recipe.values import Spec
+from ..model.transformer import Transformer
 
 
 class Options(Spec):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from ..recipe.values import Float
+from ..core.values import Float
 from . import dpo, kind
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..recipe.values import Float
+from ..core.values import Float
 from . import kind
 from .dpo import pair_logps
 

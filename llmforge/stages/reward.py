@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..generate import load_model
-from ..model import Transformer
+from ..model.transformer import Transformer
+from ..store.final import load_model
 from . import kind
 
 

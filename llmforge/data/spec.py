@@ -1,0 +1,77 @@
+"""A data source as a recipe names it (data.<name>): where its files are, their format, and how
+documents or examples are cut from them; and the built-in sources."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from ..core.values import Count, Float, Fraction, PositiveCount, Spec, parse_fraction
+
+# Built-in sources and the format/split/val_fraction their data comes in. The world-* sources are
+# one generated world (llmforge/data/world.py): facts to pretrain on, questions about them to
+# fine-tune on, preference pairs; their last 20% of examples are about people never trained on.
+BUILTINS = {
+    "python-stdlib": {"format": "text"},
+    "world-facts": {"format": "text", "split": "paragraph"},
+    "world-chat": {"format": "chat", "val_fraction": 0.2},
+    "world-prefs": {"format": "preference", "val_fraction": 0.2},
+    "world-questions": {"format": "prompt", "val_fraction": 0.2},
+}
+
+
+EXAMPLE_FORMATS = ("chat", "prompt_response", "preference", "unpaired", "prompt")  # conversations, for post-training
+
+
+class SourceSpec(Spec):
+    path: str | None = None  # file, directory or glob; relative to the recipe's folder
+    builtin: Literal["python-stdlib", "world-facts", "world-chat", "world-prefs", "world-questions"] | None = None
+    # text/jsonl/parquet: documents. chat: jsonl of {messages: [{role, content}]}. prompt_response:
+    # jsonl with a prompt and a response field. preference: jsonl of {prompt, chosen, rejected}.
+    # unpaired: jsonl of {prompt, completion, label} (label true: a good reply, false: a bad one; kto).
+    # prompt: jsonl of {prompt, system (optional), answer (optional: the reference a verifier checks)}.
+    format: Literal["text", "jsonl", "parquet", "chat", "prompt_response", "preference", "unpaired", "prompt"] = "text"
+    split: Literal["file", "paragraph", "line"] = "file"  # text: one document per file/blank-line block/line
+    field: str | None = None  # jsonl: the field holding the text (default text); parquet: the column
+    # (default text); chat: the field holding the message list (default messages)
+    prompt_field: str = "prompt"  # prompt_response, prompt: the user's turn
+    answer_field: str = "answer"  # prompt: the reference answer (optional in each record)
+    response_field: str = "response"  # prompt_response: the assistant's turn
+    min_chars: Count = 0  # documents shorter than this are dropped
+    max_chars: PositiveCount | None = None  # documents longer than this are dropped
+    on_error: Literal["fail", "skip"] = "fail"  # skip: bad records are counted and reported, not fatal
+    val_fraction: Fraction = 0.05  # the last share of the source's tokens is held out
+    max_bytes: PositiveCount | None = None  # read at most this much of the source
+    epochs: Annotated[Float, Field(gt=0)] | None = None  # at most this many passes over the training split
+
+    @model_validator(mode="before")
+    @classmethod
+    def _builtin_defaults(cls, data):
+        """A built-in source's data comes in one format: fill it in, refuse a contradiction."""
+        if isinstance(data, dict) and isinstance(data.get("builtin"), str) and data["builtin"] in BUILTINS:
+            fixed = BUILTINS[data["builtin"]]
+            for key, value in fixed.items():
+                given = parse_fraction(data.get(key, value)) if key == "val_fraction" else data.get(key, value)
+                if given != value:
+                    raise ValueError(f"builtin {data['builtin']} has {key} {value}; leave {key} out")
+            data = {**fixed, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _one_origin(self):
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("give exactly one of path or builtin")
+        if self.split != "file" and self.format != "text":
+            raise ValueError(f"split applies to text sources, not {self.format}")
+        if self.field is not None and self.format in ("prompt_response", "preference", "unpaired", "prompt"):
+            raise ValueError(f"field does not apply to {self.format} data"
+                             + (" (use prompt_field and response_field)" if self.format == "prompt_response" else ""))
+        if self.max_chars is not None and self.max_chars < self.min_chars:
+            raise ValueError(f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars})")
+        return self
+
+    @property
+    def text_field(self) -> str:
+        """The jsonl field / parquet column with the text, or the chat field with the messages."""
+        return self.field or ("messages" if self.format == "chat" else "text")

@@ -1,0 +1,372 @@
+"""Showing a run: a rich live view on a terminal, plain lines otherwise, metrics.jsonl always.
+
+The engine calls one Reporter interface; whether anything is drawn is the reporter's business,
+so the training loop has no `if tty` branches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from .trackers import NO_TRACKERS
+
+_SPARKS = "▁▂▃▄▅▆▇█"
+
+
+class Reporter:
+    """verbosity: -1 (--quiet) shows no steps or evals, only notes and the end; 1 (--verbose) every
+    figure of every step and eval line."""
+
+    def __init__(self, console: Console | None = None, live: bool | None = None, verbosity: int = 0):
+        self.console = console or make_console()
+        self.verbosity = verbosity
+        self.live = (self.console.is_terminal if live is None else live) and verbosity >= 0
+        self.losses: list[float] = []  # the live view's sparkline
+        self.metrics_file = None
+        self.progress: Progress | None = None
+        self.task_id = None
+        self.stage = None
+        self.trackers = NO_TRACKERS  # runtime.trackers, once the run directory holds its plan (track)
+
+    def track(self, trackers) -> None:
+        self.trackers = trackers
+
+    # -- messages and preparation ----------------------------------------------------------------
+    def note(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False)
+
+    @contextlib.contextmanager
+    def task(self, description: str, total_bytes: int | None):
+        """A bounded piece of preparation work; yields advance(n_bytes)."""
+        if not self.live:
+            self.note(f"{description} ...")
+            yield lambda n: None
+            return
+        columns = [TextColumn("{task.description}"), BarColumn()]
+        if total_bytes:
+            columns += [DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=self.console, transient=True) as progress:
+            tid = progress.add_task(description, total=total_bytes)
+            yield lambda n: progress.advance(tid, n)
+
+    @contextlib.contextmanager
+    def busy(self, what: str):
+        """Work of unknown length that plain output need not mention (an eval, a checkpoint write,
+        a reference pass): said in the stage's live line, or by a spinner before a stage starts."""
+        if self.progress:
+            self.progress.update(self.task_id, info=f"{what} ...")
+            yield
+        elif self.live:
+            with Progress(SpinnerColumn(), TextColumn(what), console=self.console, transient=True):
+                yield
+        else:
+            yield
+
+    # -- stages ----------------------------------------------------------------------------------
+    def stage_start(self, sp, start_step: int, metrics_path: Path) -> None:
+        self.stage = sp
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        resumed_at = _truncate_metrics(metrics_path, start_step)
+        if resumed_at:  # the trackers drop what the killed process logged from here: this line again
+            self.trackers.log(sp.name, start_step, {k: v for k, v in resumed_at.items() if k != "step"})
+        self.metrics_file = open(metrics_path, "a")
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+                TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                console=self.console,
+            )
+            self.progress.start()
+            self.task_id = self.progress.add_task(sp.name, total=sp.steps, completed=start_step, info="")
+        else:
+            self.note(f"stage {sp.name}: steps {start_step}..{sp.steps}")
+        self.losses = []
+
+    def log(self, step: int, metrics: dict) -> None:
+        self._write({"step": step, **metrics})
+        self.trackers.log(self.stage.name, step, metrics)
+        extra = "".join(f"{k} {metrics[k]:.3f}  " for k in _SHOWN if k in metrics)
+        mfu = f"  mfu {metrics['mfu']:.0%}" if "mfu" in metrics else ""
+        if metrics.get("first_step_s", 0) > 2:  # torch.compile's compilation, mostly
+            self.note(f"{self.stage.name}: the first step took {metrics['first_step_s']:.1f} s (compilation and "
+                      "warm-up; not counted in tok/s)")
+        eta = f"  eta {duration(metrics['eta_s'])}" if "eta_s" in metrics else ""
+        if self.verbosity > 0:
+            extra = "".join(f"{k} {v:.4g}  " for k, v in metrics.items()
+                            if k not in ("loss", "lr", "tokens_per_s", "mfu", "eta_s", "time", "first_step_s"))
+        info = (f"loss {metrics['loss']:.4f}  {extra}lr {metrics['lr']:.2e}  "
+                f"{metrics.get('tokens_per_s', 0):,.0f} tok/s{mfu}{eta}")
+        if self.progress:
+            self.losses = (self.losses + [metrics["loss"]])[-24:]
+            self.progress.update(self.task_id, completed=step, info=f"{sparkline(self.losses)}  {info}")
+        elif self.verbosity >= 0:
+            self.note(f"{self.stage.name} step {step}/{self.stage.steps}  {info}")
+
+    def log_eval(self, step: int, metrics: dict) -> None:
+        if not metrics:
+            return
+        self._write({"step": step, **metrics})
+        self.trackers.log(self.stage.name, step, metrics)
+        # Overall figures only (per-source ones, "val/<source>/...", are in metrics.jsonl).
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if self.verbosity > 0 or
+                          k.startswith("val_") or (k.count("/") == 1 and not k.startswith(("val/", "data/"))))
+        if self.verbosity >= 0:
+            self.console.print(f"{self.stage.name} step {step}/{self.stage.steps}  {shown}", markup=False,
+                               highlight=False)
+
+    def stage_end(self, sp) -> None:
+        if self.progress:
+            self.progress.update(self.task_id, completed=sp.steps)
+            self.progress.stop()
+            self.progress = None
+        if self.metrics_file:
+            self.metrics_file.close()
+            self.metrics_file = None
+        self.trackers.stage_end(sp.name, sp.steps)
+        self.note(f"stage {sp.name}: done")
+
+    def close(self) -> None:
+        self.trackers.close()
+        if self.progress:
+            self.progress.stop()
+            self.progress = None
+        if self.metrics_file:
+            self.metrics_file.close()
+            self.metrics_file = None
+
+    def _write(self, record: dict) -> None:
+        if self.metrics_file:
+            # Wall-clock time too, so curves can be drawn against time (benchmarks/time_to_quality.py).
+            self.metrics_file.write(json.dumps(record | {"time": round(time.time(), 3)}) + "\n")
+            self.metrics_file.flush()
+
+
+class QuietReporter:
+    """The reporter of ranks other than 0 in a distributed run: they train, rank 0 tells."""
+
+    console = Console(quiet=True)
+
+    def note(self, text: str) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def task(self, description: str, total_bytes: int | None):
+        yield lambda n: None
+
+    def busy(self, what: str):
+        return contextlib.nullcontext()
+
+    def stage_start(self, sp, start_step: int, metrics_path: Path) -> None:
+        pass
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    log_eval = log
+
+    def stage_end(self, sp) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def sparkline(values: list[float]) -> str:
+    """A loss curve in one line of block characters (lowest ▁, highest █)."""
+    lo, hi = min(values), max(values)
+    return "".join(_SPARKS[int((v - lo) / (hi - lo) * 7.999) if hi > lo else 0] for v in values)
+
+
+def make_console() -> Console:
+    """Log lines are never wrapped; piped output (logs, CI) gets room for full tables."""
+    console = Console(soft_wrap=True, highlight=False, emoji=False)
+    return console if console.is_terminal else Console(soft_wrap=True, highlight=False, emoji=False, width=160)
+
+
+def _truncate_metrics(path: Path, start_step: int) -> dict | None:
+    """On resume, drop what the resumed steps will log again (evals at start_step included);
+    return the training line at start_step, which stays."""
+    if not path.exists():
+        return None
+    keep, at_start = [], None
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        # At start_step itself only the training line stays: its evals and task scores come again.
+        if rec.get("step", 0) < start_step or (rec.get("step") == start_step and "lr" in rec):
+            keep.append(line)
+            at_start = rec if rec.get("step") == start_step else at_start
+    path.write_text("".join(k + "\n" for k in keep))
+    return at_start
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def si(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def render_plan(plan, console: Console) -> None:
+    """Print every derived number of a plan."""
+    d, m = plan.device, plan.model
+    console.print(f"[bold]plan[/] {plan.name}: {d.type} ({d.name}), {d.precision}"
+                  f"{', compiled' if d.compile else ''}, {d.memory_bytes / 2**30:.0f} GiB", highlight=False)
+    extras = [name for name, on in (("q/k/v biases", m.qkv_bias), ("q/k norms", m.qk_norm),
+                                    ("llama3 rope scaling", m.rope_scaling),
+                                    (f"sliding window {m.sliding_window}", m.sliding_window)) if on]
+    console.print(f"model: {m.family}, {m.n_layer} layers, {m.n_head} heads ({m.kv_heads} kv) of {m.head_dim}, "
+                  f"{m.n_embd} wide, seq_len {m.seq_len}, vocab {m.vocab_size}, {m.norm}/{m.positions}/{m.mlp}"
+                  f"{', tied' if m.tie_embeddings else ''}{''.join(', ' + e for e in extras)}"
+                  f"{f' (from {plan.model_init})' if plan.model_init else ''} -> {si(plan.params)} params "
+                  f"({si(plan.params_non_embedding)} non-embedding), {si(plan.flops_per_token)} FLOPs/token",
+                  highlight=False)
+    if plan.world_size > 1:
+        how = {"ddp": "DDP, each holds the whole model", "fsdp": "FSDP2, weights/grads/optimizer state sharded"}
+        console.print(f"parallel: {plan.parallel} over {plan.world_size} processes "
+                      f"({'nccl' if d.type == 'cuda' else 'gloo'}; {how[plan.parallel]}); memory below is per device",
+                      highlight=False)
+    for sp in plan.stages:
+        eta = f", ~{duration(sp.est_time_s)}" if sp.est_time_s else ""
+        muon = f" (block matrices: muon lr {sp.optimizer['muon_lr']:.3g})" if sp.optimizer["name"] == "muon" else ""
+        console.print(
+            f"[bold]stage {sp.dir_name}[/] ({sp.kind}): {sp.steps} steps x {sp.batch_tokens:,} tokens = "
+            f"{si(sp.tokens)} tokens\n"
+            f"  batch {sp.global_batch} x {sp.seq_len} = micro {sp.micro_batch} x accum {sp.grad_accum} "
+            f"x world {sp.world_size}\n"
+            f"  {sp.optimizer['name']} lr {sp.lr:.3g}"
+            f"{muon}, warmup {sp.warmup_steps} steps, {sp.decay} decay to "
+            f"{sp.min_lr:.3g} over {sp.steps - sp.warmup_steps} steps, "
+            f"weight decay {sp.optimizer['weight_decay']}, clip {sp.optimizer['grad_clip']}\n"
+            f"{_adapter_line(sp, plan)}"
+            f"  eval every {sp.eval_every or 'end'} on {sp.eval_tokens:,} tokens; checkpoint every "
+            f"{sp.checkpoint_every or 'end'}, keep {sp.checkpoint_keep}\n"
+            f"  {sp.flops:.2e} FLOPs, est. peak memory {sp.est_peak_memory_bytes / 2**30:.2f} GiB{eta}",
+            highlight=False)
+        table = Table(box=None, padding=(0, 2), show_edge=False)
+        dropped = any(s.skipped or s.filtered for s in sp.mix)
+        overlong = any(s.dropped or s.truncated for s in sp.mix)
+        for col in ("source", "weight", "docs", "train tokens", "val tokens", "stage takes", "epochs") + \
+                (("skipped", "filtered") if dropped else ()) + (("too long: dropped", "truncated") if overlong else ()):
+            table.add_column(col, justify="left" if col == "source" else "right")
+        for s in sp.mix:
+            approx = "~" if s.estimated else ""
+            table.add_row(s.name, f"{s.weight:.2f}", f"{s.documents:,}" if s.documents is not None else "?",
+                          f"{approx}{s.train_tokens:,}", f"{approx}{s.val_tokens:,}", f"{s.take_tokens:,}",
+                          f"{approx}{s.epochs:.2f}", *((f"{s.skipped:,}", f"{s.filtered:,}") if dropped else ()),
+                          *((f"{s.dropped:,}", f"{s.truncated:,}") if overlong else ()))
+        console.print(table)
+        if sp.name in plan.previews:
+            render_preview(plan.previews[sp.name], console)
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+    if any(s.estimated for sp in plan.stages for s in sp.mix):
+        console.print("~ estimated from file sizes; exact once `llmforge run` has tokenized the data", highlight=False)
+
+
+
+def _adapter_line(sp, plan) -> str:
+    """What an adapter trains, and how large a model this device could train with it and without."""
+    if not sp.adapter:
+        return ""
+    from ..plan.estimates import memory_budget
+
+    a, share = sp.adapter, sp.trainable_params / plan.params
+    # Weights and optimizer states alone: full training 16 bytes a weight; with a frozen base 4,
+    # plus 16 for each adapter weight (the same share of the model as here).
+    budget = memory_budget(plan.device)
+    return (f"  {a['kind']} rank {a['rank']}, alpha {a['alpha']:g}{', rslora' if a['rslora'] else ''} on "
+            f"{', '.join(a['targets'])}: {si(sp.trainable_params)} trainable ({share:.2%} of the "
+            f"{si(plan.params)} frozen); this device fits ~{si(budget / 16)} params "
+            f"in full training, ~{si(budget / (4 + 16 * share))} with this adapter (weights and states)\n")
+
+
+def render_preview(segments: list, console: Console) -> None:
+    """One training example through the chat template: learned text highlighted (bold green on a
+    terminal, between [[ ]] elsewhere), the prompt dim; special tokens as written."""
+    out = Text("  example, learned tokens highlighted: " if console.is_terminal else
+               "  example, learned tokens in [[ ]]: ")
+    if console.is_terminal:
+        for text, special, learned in segments:
+            out.append(text, style=("bold green" if learned else "dim") + (" italic" if special else ""))
+    else:  # consecutive learned segments share one pair of brackets
+        for learned, group in itertools.groupby(segments, key=lambda s: s[2]):
+            text = "".join(t for t, _, _ in group)
+            out.append(f"[[{text}]]" if learned else text)
+    console.print(out, highlight=False)
+
+
+# Step figures shown beside the loss (dpo's, a reward model's, grpo's); all are in metrics.jsonl.
+_SHOWN = ("reward_acc", "reward_margin", "accuracy", "margin", "reward", "kl")
+# Columns of the results table: (metric key, heading, as a percentage).
+_RESULT_COLUMNS = (("val_loss", "val loss", False), ("val_bpb", "val bpb", False),
+                   ("val_reward_acc", "reward acc", True), ("val_accuracy", "pairs ranked", True),
+                   ("val_reward", "reward", False), ("world-qa/format", "format", True),
+                   ("world-qa/correct", "correct", True), ("world-qa/concise", "concise", True))
+
+
+def result_columns(results: list[dict]) -> list[tuple[str, str, bool]]:
+    """(metric key, heading, as a percentage) of the figures any of these results has."""
+    columns = [c for c in _RESULT_COLUMNS if any(c[0] in r for r in results)]
+    extra = sorted({k for r in results for k in r if "/" in k and not k.startswith(("val", "data/"))}
+                   - {c[0] for c in columns})
+    return columns + [(k, k, True) for k in extra]  # other tasks' scores
+
+
+def render_results(results: list[dict], console: Console, title: str = "results on held-out data") -> None:
+    """One row per stage with its final held-out figures (columns no stage has are left out)."""
+    columns = result_columns(results)
+    if not results or not columns:
+        return
+    table = Table(title=title, box=None, padding=(0, 2), show_edge=False, title_justify="left")
+    table.add_column("stage")
+    for _, heading, _ in columns:
+        table.add_column(heading, justify="right")
+    for r in results:
+        cells = ["-" if k not in r else f"{r[k]:.0%}" if pct else f"{r[k]:.4f}" for k, _, pct in columns]
+        table.add_row(f"{r['stage']} ({r['kind']})" if "kind" in r else r["stage"], *cells)
+    console.print(table)
+
+
+def render_comparison(labels: list[str], rows: list, differ: list, console: Console) -> None:
+    """Final figures per stage, one column per run; then the recipe keys that differ."""
+    for title, first, body in (("final held-out figures", "stage, figure", rows),
+                               ("recipe keys that differ", "key", differ)):
+        table = Table(title=title, box=None, padding=(0, 2), show_edge=False, title_justify="left")
+        table.add_column(first)
+        for label in labels:
+            table.add_column(escape(label), justify="right")
+        for key, cells in body:  # values are the user's text: never markup
+            table.add_row(escape(key), *map(escape, cells))
+        if body:
+            console.print(table)
+        else:
+            console.print(f"{title}: none", highlight=False)

@@ -1,0 +1,154 @@
+"""What training will cost on a device: peak memory (which also picks the micro-batch), wall
+time and disk. The plan prints them; benchmarks/estimates.py checks them against measurements."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import PlanError
+from ..model.transformer import ModelConfig
+
+if TYPE_CHECKING:
+    from .devices import Device
+
+
+def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, shards: int = 1,
+                    accumulating: bool = False, cpu: bool = False, logit_share: float = 1.0,
+                    trainable: int | None = None, frozen_bytes: float | None = None) -> int:
+    """Peak training memory per device in bytes: weights + grads + AdamW moments + activations
+    + logits.
+
+    fp32 master weights and grads (4 + 4 bytes/param) and two AdamW moments (8 bytes/param).
+    Activations: per token per layer, the tensors autograd keeps for backward — about 8 x n_embd
+    (norm inputs/outputs, q/k/v, attention output, residuals) + 4 x mlp hidden — at 4 bytes, or
+    2 under bf16/fp16 autocast. SDPA's fused kernels keep no T x T attention matrix. Logits:
+    autograd keeps the log-softmax (tokens x vocab x 4 bytes); the logits and their gradient are
+    transient, so a GPU's caching allocator peaks near 3 such copies. sft and dpo compute logits
+    for learned targets alone: logit_share is the largest share of a row's positions they are.
+    On a CPU the process's resident memory is what counts. Fitted to its measured growth (models
+    of 4-32 layers, 128-576 wide, benchmarks/estimates.py and real_model.py): ~1.4x the saved
+    activations counted here (autograd also keeps rotated q/k, the SiLU output, ...), plus about
+    one layer's worth that glibc's heap keeps of the freed temporaries, plus ~2.8 copies of the
+    logits (logits, log-softmax, their gradient).
+    With `trainable` (an adapter's parameter count) the model's weights are frozen: 4 bytes each,
+    and the 16 only for the adapter (qlora: `frozen_bytes`, its layers at ~0.5 a weight); the
+    activations backward needs are the same.
+    """
+    tokens = micro_batch * seq_len
+    act_bytes = 4 if precision == "fp32" else 2
+    per_token_layer = (8 * cfg.n_embd + 2 * cfg.kv_heads * cfg.head_dim + 4 * cfg.hidden) * act_bytes
+    activations = cfg.n_layer * tokens * per_token_layer + 2 * tokens * cfg.n_embd * 4
+    logits = tokens * logit_share * cfg.vocab_size * 4  # sft/dpo: for the learned targets alone
+    frozen = cfg.num_params() * 4 if frozen_bytes is None else frozen_bytes
+    states = cfg.num_params() * 16 / shards if trainable is None else frozen + trainable * 16
+    if shards > 1:  # FSDP: a shard of the states, plus the unsharded weights and grads in flight
+        embeddings = cfg.num_params() - cfg.num_params(exclude_embeddings=True)
+        states += (embeddings + 2 * cfg.num_params(exclude_embeddings=True) / cfg.n_layer) * 8
+        if accumulating:  # unsynchronized micro-batches keep whole fp32 gradients until the last
+            states += cfg.num_params() * 4
+    if cpu:  # a fit: no slack added
+        return int(states + 1.4 * activations + 1.3 * activations / cfg.n_layer + 2.8 * logits)
+    return int((states + activations + 3 * logits) * 1.1)  # ~10% for allocator slack and workspaces
+
+
+def memory_budget(device: Device) -> float:
+    return device.memory_bytes * (0.9 if device.type != "cpu" else 0.6)
+
+
+def choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, device, shards: int,
+                       logit_share: float = 1.0, trainable: int | None = None,
+                       frozen_bytes: float | None = None) -> tuple[int, int]:
+    budget, cpu = memory_budget(device), device.type == "cpu"
+    kw = {"cpu": cpu, "logit_share": logit_share, "trainable": trainable, "frozen_bytes": frozen_bytes}
+    if requested != "auto":
+        if per_rank % requested:
+            raise PlanError(f"runtime.micro_batch: {requested} does not divide the {per_rank} sequences "
+                            f"per step and device of {where}", hint="use a divisor, or auto")
+        return requested, estimate_memory(cfg, requested, seq_len, device.precision, shards, requested < per_rank, **kw)
+    # CPUs gain little past ~16k tokens per forward; GPUs take the largest micro-batch that fits.
+    cap = 16384 if cpu else 1 << 30
+    # Memory grows linearly with the micro-batch: only divisors up to what could fit are tried,
+    # so a huge batch is answered at once rather than by counting down from it.
+    one, two = (estimate_memory(cfg, d, seq_len, device.precision, shards, **kw) for d in (1, 2))
+    fits = int((budget - one) / max(two - one, 1)) + 2
+    top = max(1, min(per_rank, max(1, cap // seq_len), fits))
+    divisors = (d for d in range(top, 0, -1) if per_rank % d == 0)
+    for d in divisors:
+        memory = estimate_memory(cfg, d, seq_len, device.precision, shards, d < per_rank, **kw)
+        if (d * seq_len <= cap or d == 1) and memory <= budget:
+            return d, memory
+    need = estimate_memory(cfg, 1, seq_len, device.precision, shards, **kw)
+    raise PlanError(f"model: needs ~{need / 2**30:.1f} GiB to train even at micro-batch 1, more than the "
+                    f"{device.memory_bytes / 2**30:.1f} GiB this {device.type} offers",
+                    hint="use a smaller model or seq_len")
+
+
+def estimate_time(flops: float, cfg: ModelConfig, micro: int, seq_len: int, device: Device, *, steps: int = 1,
+                  world_size: int = 1, synced_bytes: float = 0) -> float | None:
+    """Wall time at a typical 40% of peak on GPU (devices.ASSUMED_MFU); on CPU, 50% of a measured
+    matmul's speed. Where the link between devices is known, a step takes at least the time its
+    collectives need: a ring moves 2(n-1)/n of the bytes (all-reduce) each way per device, and
+    overlaps them with the backward pass, so the longer of the two bounds the step."""
+    from .devices import ASSUMED_MFU
+
+    if device.peak_flops:
+        compute = flops / (ASSUMED_MFU * device.peak_flops)
+    elif device.type == "cpu":
+        compute = flops / (0.5 * _cpu_matmul_flops(micro * seq_len, cfg.n_embd, cfg.hidden))
+    else:
+        return None
+    if world_size > 1 and device.link_bytes_per_s:
+        talk = steps * synced_bytes * (world_size - 1) / world_size / device.link_bytes_per_s
+        return max(compute, talk)
+    return compute
+
+
+_CALIBRATION: dict = {}
+
+
+def _cpu_matmul_flops(m: int, k: int, n: int) -> float:
+    """FLOP/s of this CPU on a matmul shaped like the model's MLP (measured once, ~0.1 s)."""
+    import torch
+
+    m = min(m, 4096)
+    if (m, k, n) not in _CALIBRATION:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        start, reps = time.perf_counter(), 0
+        while time.perf_counter() - start < 0.05 or reps < 3:
+            a @ b
+            reps += 1
+        _CALIBRATION[(m, k, n)] = 2 * m * k * n * reps / (time.perf_counter() - start)
+    return _CALIBRATION[(m, k, n)]
+
+
+def checkpoint_bytes(sp) -> int:
+    """One checkpoint of a stage: what trains, in fp32, and AdamW's two moments of it (Muon keeps
+    one for its matrices: this is the upper bound)."""
+    return sp.trainable_params * 12
+
+
+def disk_warnings(plan, run_dir: Path) -> tuple[str, ...]:
+    """A warning when the disk under run_dir cannot hold what the stages still to run keep: each
+    its newest checkpoint.keep checkpoints and its final weights, plus one checkpoint in the making."""
+    needed = largest = 0
+    for sp in plan.stages:
+        if (run_dir / "stages" / sp.dir_name / "final" / "model.safetensors").is_file():
+            continue
+        saves = (sp.steps - 1) // sp.checkpoint_every + 1 if sp.checkpoint_every else 1  # the last step's too
+        needed += min(sp.checkpoint_keep, saves) * checkpoint_bytes(sp) + plan.params * 4
+        largest = max(largest, checkpoint_bytes(sp))
+    folder = run_dir
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if needed + largest <= free:
+        return ()
+    def size(n: float) -> str:
+        return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    return (f"{run_dir}: the disk has {size(free)} free, and the stages still to run keep about "
+            f"{size(needed + largest)} of checkpoints and final weights; the run would stop when it fills "
+            "(lower checkpoint.keep, free space, or pick another --run-dir)",)

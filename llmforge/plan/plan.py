@@ -1,0 +1,327 @@
+"""Recipe -> Plan: every derived number for this machine, computed before any training.
+
+The recipe says *what* (global batch in tokens, budget, schedule); the plan says *how* here
+(device, precision, micro-batch x grad-accum x world size, steps, memory and time estimates).
+Every derived number appears in `llmforge plan`; nothing is decided silently elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from ..core.values import resolve_percent
+from ..data.sampler import windows_per_epoch
+from ..errors import PlanError
+from ..model.transformer import PRESETS, ModelConfig
+from ..recipe.schema import Recipe
+from ..stages import KINDS
+from .adapter import plan_adapter
+from .devices import Device
+from .estimates import choose_micro_batch, estimate_memory, estimate_time, memory_budget
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    name: str
+    weight: float  # normalized share of the stage's tokens
+    documents: int | None
+    train_tokens: int
+    val_tokens: int
+    take_tokens: int  # tokens this stage draws from the source (row capacity, for sft/dpo)
+    epochs: float  # passes over the source's rows
+    estimated: bool  # token counts estimated from bytes: the source is not tokenized yet
+    skipped: int = 0
+    filtered: int = 0
+    rows: int = 0  # rows per epoch: windows (pretrain), packed sequences (sft), pairs (dpo)
+    dropped: int = 0  # examples longer than seq_len+1 left out (overlong: drop)
+    truncated: int = 0  # examples cut to seq_len+1 tokens (overlong: truncate)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    name: str
+    kind: str
+    dir_name: str  # "01-pretrain"
+    init: str | None  # the earlier stage whose final weights this one starts from; None: the model's
+    # own start (model.init.hf, else random); "none": random
+    options: object  # the kind's own settings: its Options (stages/<kind>.py), defaults filled in
+    seq_len: int
+    batch_tokens: int  # token capacity of a step's rows (dpo: both sides of each pair)
+    global_batch: int  # rows per optimizer step = micro_batch * grad_accum * world_size (dpo: pairs)
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    steps: int
+    tokens: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    decay: str
+    optimizer: dict
+    eval_every: int
+    eval_tokens: int
+    checkpoint_every: int
+    checkpoint_keep: int
+    log_every: int
+    tasks: tuple[str, ...]  # task evals on the final weights
+    mix: tuple[SourcePlan, ...]
+    flops: float
+    est_peak_memory_bytes: int
+    est_time_s: float | None
+    adapter: dict | None = None  # the stage's LoRA (recipe AdapterSpec), None: full training
+    on_nonfinite: str = "stop"  # runtime.on_nonfinite: stop | skip
+    max_nonfinite: int = 10
+    trainable_params: int = 0  # what the optimizer steps (an adapter's alone, or every weight)
+
+    def math_hash(self) -> str:
+        """What decides this stage's numbers on a given machine; stored in every checkpoint."""
+        keys = ("kind", "init", "options", "seq_len", "global_batch", "micro_batch", "grad_accum", "world_size",
+                "steps", "lr", "min_lr", "warmup_steps", "decay", "optimizer", "adapter")
+        blob = {k: getattr(self, k) for k in keys} | {"mix": [(s.name, s.weight) for s in self.mix],
+                                                      "options": self.options.model_dump()}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    seed: int
+    device: Device
+    model: ModelConfig
+    params: int
+    params_non_embedding: int
+    flops_per_token: int
+    stages: tuple[StagePlan, ...] = field(default_factory=tuple)
+    world_size: int = 1  # processes training together (torchrun's WORLD_SIZE)
+    parallel: str = "single"  # single | ddp | fsdp
+    warnings: tuple[str, ...] = ()  # things that will run, but perhaps not as the user meant
+    model_init: str | None = None  # a transformers folder the first stage starts from (model.init.hf)
+    # sft/dpo stage name -> one training example as chat-template segments (text, special, learned),
+    # so `plan` can show what the model will learn from
+    previews: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["model"] = self.model.to_dict()
+        for stage, sp in zip(out["stages"], self.stages):
+            stage["options"] = sp.options.model_dump()
+        return out
+
+
+@dataclass(frozen=True)
+class SourceStats:
+    documents: int | None
+    train_tokens: int
+    val_tokens: int
+    estimated: bool = False
+    skipped: int = 0  # bad records skipped (on_error: skip)
+    filtered: int = 0  # documents outside min_chars..max_chars
+    examples: object = None  # conversation sources: the training split's Examples (data/rows.py)
+    val_examples: object = None  # ... and the held-out split's
+
+
+def model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:
+    """The recipe's model section with its preset's defaults filled in."""
+    spec = recipe.model
+    fields = dict(PRESETS[spec.preset])
+    fields.update({k: v for k, v in spec.model_dump(exclude={"preset", "init", "vocab_size"}).items() if v is not None})
+    if spec.init is not None and spec.vocab_size is not None and spec.vocab_size < vocab_size:
+        raise PlanError(f"{spec.init.hf}/config.json: vocab_size {spec.vocab_size} is smaller than its tokenizer's "
+                        f"{vocab_size} tokens ({recipe.tokenizer.path})", hint="the model's embedding must have a row "
+                        "for every token: check that config.json and the tokenizer belong together")
+    if spec.vocab_size is not None and spec.vocab_size < vocab_size:
+        raise PlanError(f"model.vocab_size: {spec.vocab_size} rows cannot hold the tokenizer's {vocab_size} tokens",
+                        hint=f"set model.vocab_size to at least {vocab_size}, or leave it out")
+    return ModelConfig(vocab_size=spec.vocab_size or vocab_size, **fields)
+
+
+def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceStats], device: Device,
+                 world_size: int = 1, tokenizer_fingerprint: str | None = None) -> Plan:
+    cfg = model_config(recipe, vocab_size)
+    params = cfg.num_params()
+    parallel = _choose_parallel(recipe, cfg, device, world_size)
+    shards = world_size if parallel == "fsdp" else 1
+    stages, problems = [], []
+    for i, spec in enumerate(recipe.stages):
+        try:
+            stages.append(_plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards,
+                                      tokenizer_fingerprint))
+        except PlanError as e:
+            problems.append(e)
+    if problems:
+        raise PlanError("\n".join(p.message for p in problems), hint=problems[0].hint)
+    warnings = [f"data.{s.name}: no held-out {what} of seq_len+1 = {sp.seq_len + 1} tokens; "
+                f"stage {sp.name} cannot eval on it"
+                for sp in stages for s in sp.mix for what in [_held_out_fits(sp, sources[s.name], recipe.seed)] if what]
+    return Plan(recipe.name, recipe.seed, device, cfg, params, cfg.num_params(exclude_embeddings=True),
+                cfg.flops_per_token(), tuple(stages), world_size, parallel, tuple(dict.fromkeys(warnings)),
+                model_init=recipe.model.init.hf if recipe.model.init else None)
+
+
+def plan_stage(recipe: Recipe, index: int, *, vocab_size: int, sources: dict[str, SourceStats], device: Device,
+               tokenizer_fingerprint: str | None = None) -> StagePlan:
+    """Stage `index` of the recipe alone, in one process (`llmforge eval`: only its sources are
+    prepared; it keeps its place, init and references among the recipe's stages)."""
+    cfg = model_config(recipe, vocab_size)
+    return _plan_stage(index, recipe.stages[index], recipe, cfg, sources, device, 1, 1, tokenizer_fingerprint)
+
+
+def _choose_parallel(recipe: Recipe, cfg: ModelConfig, device: Device, world_size: int) -> str:
+    """single alone; else the recipe's choice, or under auto DDP when the whole model's training
+    state and one sequence's activations fit one device (by estimate_memory), FSDP otherwise."""
+    if world_size == 1:
+        return "single"
+    muon = next((i for i, s in enumerate(recipe.stages) if s.optimizer.name == "muon"), None)
+    if muon is not None and recipe.runtime.parallel == "fsdp":
+        raise PlanError(f"stages[{muon}].optimizer.name: muon orthogonalizes whole matrices, which fsdp shards",
+                        hint="use runtime.parallel: ddp, or optimizer adamw")
+    if recipe.runtime.parallel != "auto":
+        return recipe.runtime.parallel
+    if muon is not None:
+        return "ddp"
+    longest = max(recipe.stage_seq_len(s) * KINDS[s.kind].sequences(s.options, _format(recipe, s)) for s in recipe.stages)
+    return "ddp" if estimate_memory(cfg, 1, longest, device.precision, cpu=device.type == "cpu") <= memory_budget(device) \
+        else "fsdp"
+
+
+def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, fingerprint) -> StagePlan:
+    where, kind = f"stages[{i}]", KINDS[spec.kind]
+    seq_len, options = recipe.stage_seq_len(spec), kind.plan_options(spec, recipe)
+    if problems := kind.check(where, i, options, recipe, sources, fingerprint):
+        raise PlanError("\n".join(problems), hint=f"see docs/recipe.md, stage kind {spec.kind}")
+    n_seq = kind.sequences(options, _format(recipe, spec))  # a dpo row is a pair: two sequences
+    per_row = n_seq * seq_len
+    if spec.batch_tokens is not None:
+        if spec.batch_tokens % (per_row * world_size):
+            per = per_row * world_size
+            lo, hi = spec.batch_tokens // per * per, (spec.batch_tokens // per + 1) * per
+            two = f"{n_seq} x " if n_seq > 1 else ""
+            what = f"{two}seq_len x world size ({two}{seq_len} x {world_size})"
+            raise PlanError(f"{where}.batch_tokens: {spec.batch_tokens} is not a multiple of {what}",
+                            hint=f"use {lo} or {hi}, or give batch_size" if lo else f"use {hi}, or give batch_size")
+        global_batch = spec.batch_tokens // per_row
+    else:
+        global_batch = spec.batch_size
+        if global_batch % world_size:
+            raise PlanError(f"{where}.batch_size: {global_batch} does not divide among {world_size} processes",
+                            hint=f"use a multiple of {world_size}")
+    batch_tokens = global_batch * per_row
+    rows = {name: _rows(where, spec, name, sources[name], seq_len, options, recipe.seed) for name in spec.mix}
+    if spec.epochs is not None:
+        steps = max(1, math.ceil(spec.epochs * sum(r[0] for r in rows.values()) / global_batch))
+    else:
+        steps = spec.steps or math.ceil(spec.tokens / batch_tokens)
+    tokens = steps * batch_tokens
+    adapter, trainable, frozen_bytes = plan_adapter(where, recipe, spec, cfg, device, shards,
+                                                    stage_init(recipe, i))
+    micro, memory = choose_micro_batch(where, recipe.runtime.micro_batch, global_batch // world_size,
+                                        per_row, cfg, device, shards, max(r[3] for r in rows.values()),
+                                        trainable if adapter else None, frozen_bytes)
+    mix = _plan_mix(where, spec.mix, sources, recipe.data, rows, steps * global_batch, per_row)
+    warmup = round(resolve_percent(spec.schedule.warmup, steps))
+    if warmup >= steps and steps > 1:
+        raise PlanError(f"{where}.schedule.warmup: {warmup} warmup steps but the stage has only {steps} steps",
+                        hint="use a smaller warmup, e.g. '2%'")
+    opt = spec.optimizer
+    min_lr = resolve_percent(spec.schedule.min_lr, opt.lr)
+    if min_lr > opt.lr:
+        raise PlanError(f"{where}.schedule.min_lr: {min_lr:g} is above the peak lr {opt.lr:g}",
+                        hint="use a share of the peak like '10%', or a smaller number")
+    flops = float(cfg.flops_per_token(seq_len)) * tokens
+    if adapter:  # a frozen weight needs no weight gradient: forward + input gradients, ~2/3 of it
+        flops *= 2 / 3
+    return StagePlan(
+        index=i, name=spec.name, kind=spec.kind, dir_name=f"{i + 1:02d}-{spec.name}", init=stage_init(recipe, i),
+        options=options,
+        seq_len=seq_len, batch_tokens=batch_tokens, global_batch=global_batch, micro_batch=micro,
+        grad_accum=global_batch // (micro * world_size), world_size=world_size, steps=steps, tokens=tokens,
+        lr=opt.lr, min_lr=min_lr, warmup_steps=warmup,
+        decay=spec.schedule.decay,
+        optimizer={"name": opt.name, "betas": list(opt.betas), "eps": opt.eps, "muon_lr": opt.muon_lr,
+                   "weight_decay": opt.weight_decay, "grad_clip": opt.grad_clip},
+        eval_every=spec.eval.every, eval_tokens=spec.eval.tokens, checkpoint_every=spec.checkpoint.every,
+        checkpoint_keep=spec.checkpoint.keep, log_every=recipe.runtime.log_every, tasks=tuple(spec.eval.tasks),
+        mix=mix, flops=flops, est_peak_memory_bytes=memory,
+        est_time_s=estimate_time(flops / world_size, cfg, micro * per_row // seq_len, seq_len, device,
+                                 steps=steps, world_size=world_size, synced_bytes=_synced_bytes(
+                                     cfg, trainable if adapter else cfg.num_params(), shards > 1)),
+        adapter=adapter, trainable_params=trainable, on_nonfinite=recipe.runtime.on_nonfinite,
+        max_nonfinite=recipe.runtime.max_nonfinite,
+    )
+
+
+def _synced_bytes(cfg: ModelConfig, trainable: int, sharded: bool) -> float:
+    """Bytes a device sends per step, over (n-1)/n, to keep the others in step (in a ring, an
+    all-gather or reduce-scatter of B bytes sends (n-1)/n B, an all-reduce twice that). DDP
+    all-reduces the fp32 gradients of what trains; FSDP all-gathers the bf16 weights twice
+    (forward and backward) and reduce-scatters the gradients."""
+    return 2 * 2 * cfg.num_params() + 4 * trainable if sharded else 2 * 4 * trainable
+
+
+def _format(recipe: Recipe, spec) -> str:
+    """The data format of a stage's mix (a kind that takes several formats refuses a mix of them)."""
+    return recipe.data[next(iter(spec.mix))].format
+
+
+def _held_out_fits(sp, st: SourceStats, seed: int) -> str:
+    """'' if the stage can eval on the source, else what is missing (a window, an example that fits)."""
+    if st.val_examples is None:
+        return "" if st.val_tokens >= sp.seq_len + 1 else "window"
+    rows = KINDS[sp.kind].rows(st.val_examples, sp.seq_len, sp.options, seed, overlong="drop")
+    return "" if rows is None or rows.n_rows else "example within"
+
+
+def stage_init(recipe: Recipe, i: int) -> str | None:
+    """The stage whose final weights stage i starts from: its `init`, else the one before it.
+    None for the first stage without one: it starts from the model's own start (model.init, or
+    random weights); "none" asks for random weights."""
+    init = recipe.stages[i].init
+    if init is None and i > 0:
+        return recipe.stages[i - 1].name
+    return init
+
+
+def _rows(where, spec, name, st: SourceStats, seq_len: int, options, seed: int) -> tuple[int, int, int, float]:
+    """(rows per epoch, dropped, truncated, logit share) of a source in this stage; examples that
+    would teach nothing are an error here, before any compute is spent."""
+    kind = KINDS[spec.kind]
+    source = None if st.examples is None else kind.rows(st.examples, seq_len, options, seed)
+    if source is None:  # windows of a token stream, or examples not tokenized yet: estimate
+        if st.train_tokens < seq_len + 1:
+            raise PlanError(f"{where}.mix.{name}: the source has {st.train_tokens} training tokens, "
+                            f"fewer than one window of seq_len+1 = {seq_len + 1}",
+                            hint="add data to the source or use a shorter seq_len")
+        return windows_per_epoch(st.train_tokens, seq_len), 0, 0, 1.0
+    lay = source.layout
+    if len(lay.empty):
+        raise PlanError(f"{where}.mix.{name}: {len(lay.empty)} example(s) have no {kind.learns} within seq_len+1 = "
+                        f"{seq_len + 1} tokens, so training on them would learn nothing "
+                        f"(first: {st.examples.origins(int(lay.empty[0]))})",
+                        hint=f"set {where}.overlong: drop, raise seq_len, or shorten those examples")
+    if lay.n_rows == 0:
+        raise PlanError(f"{where}.mix.{name}: all {len(st.examples)} examples are longer than seq_len+1 = "
+                        f"{seq_len + 1} tokens and overlong: drop leaves none", hint="raise seq_len")
+    return lay.n_rows, lay.dropped, lay.truncated, kind.logit_share(source)
+
+
+def _plan_mix(where, mix: dict, sources: dict, specs: dict, rows: dict, total_rows: int,
+              per_row: int) -> tuple[SourcePlan, ...]:
+    total = sum(mix.values())
+    out = []
+    for name, weight in mix.items():
+        st, (n_rows, dropped, truncated, _) = sources[name], rows[name]
+        take = round(total_rows * weight / total)
+        epochs = take / n_rows  # as the sampler walks it
+        cap = specs[name].epochs
+        if cap is not None and epochs > cap and not st.estimated:
+            raise PlanError(f"{where}.mix.{name}: the stage takes {take * per_row:,} tokens from {name!r}, "
+                            f"{epochs:.2f} passes over its {st.train_tokens:,} training tokens; "
+                            f"data.{name}.epochs allows {cap:g}",
+                            hint=f"add data, lower its weight or the stage's budget, or raise data.{name}.epochs")
+        out.append(SourcePlan(name, weight / total, st.documents, st.train_tokens, st.val_tokens, take * per_row,
+                              epochs, st.estimated, st.skipped, st.filtered, n_rows, dropped, truncated))
+    return tuple(out)

@@ -1,0 +1,95 @@
+"""The house keeps its rooms: the package's import graph, read from the source (imports inside
+functions and under TYPE_CHECKING count: a lazy import hides a circle, it does not remove it), has
+no circle, no private name crosses a module line, and each layer imports only the layers below it,
+in the order README.md's Layout table lists them."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "llmforge"
+README = PACKAGE.parent / "README.md"
+
+# Bottom to top: a layer may import the layers before it, never one after it. A folder is a layer;
+# so are the top-level modules errors (the floor) and cli, __main__ and reference (the roof).
+LAYERS = ("errors", "core", "text", "model", "data", "store", "stages", "tasks", "recipe", "plan", "run", "export",
+          "output", "starters", "cli", "reference", "__main__")
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(modules: dict[str, Path]):
+    """(importer, imported module, name) for every import of a llmforge module, anywhere in a file."""
+    for mod, path in modules.items():
+        package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                yield from ((mod, a.name, None) for a in node.names if a.name in modules)
+            elif isinstance(node, ast.ImportFrom):
+                base = package[:len(package) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                for a in node.names:
+                    if f"{target}.{a.name}" in modules:
+                        yield mod, f"{target}.{a.name}", None
+                    elif target in modules:
+                        yield mod, target, a.name
+
+
+def _layer(mod: str) -> str:
+    return mod.split(".")[1] if "." in mod else mod
+
+
+def test_no_import_cycles_and_no_private_names_across_modules():
+    modules = _modules()
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    private = []
+    for mod, dest, name in _imports(modules):
+        if dest != mod and not mod.startswith(dest + "."):  # a package's own __init__ is not a circle
+            edges[mod].add(dest)
+        if name and name.startswith("_") and not name.startswith("__") and dest != mod:
+            private.append(f"{mod} imports {name} from {dest}")
+    assert not private, private
+    # A depth-first walk: meeting a module that is still on the walk's stack closes a circle.
+    state, cycles, stack = {}, [], []
+
+    def visit(mod: str) -> None:
+        state[mod] = "open"
+        stack.append(mod)
+        for dest in sorted(edges[mod]):
+            if state.get(dest) == "open":
+                cycles.append(" -> ".join(stack[stack.index(dest):] + [dest]))
+            elif dest not in state:
+                visit(dest)
+        stack.pop()
+        state[mod] = "done"
+
+    for mod in sorted(modules):
+        if mod not in state:
+            visit(mod)
+    assert not cycles, cycles
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    modules = _modules()
+    assert {_layer(m) for m in modules} - {"llmforge"} == set(LAYERS), "a new folder needs its place in LAYERS"
+    upward = sorted({f"{mod} imports {dest}" for mod, dest, _ in _imports(modules)
+                     if _layer(mod) != "llmforge" and _layer(dest) != _layer(mod)
+                     and LAYERS.index(_layer(dest)) > LAYERS.index(_layer(mod))})
+    assert not upward, upward
+
+
+def test_the_readme_layout_lists_the_layers_bottom_up():
+    section = README.read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([a-z_]+)(?:/|\.py)`", section, flags=re.M)
+    roof = ("cli", "reference", "__main__")
+    assert [r for r in rows if r not in roof] == [layer for layer in LAYERS if layer not in roof]
