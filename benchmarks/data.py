@@ -103,7 +103,7 @@ def sampler_share(src, tok: Tokenizer) -> None:
     import yaml
 
     from llmforge.model.transformer import Transformer
-    from llmforge.run.optim import build_optimizer
+    from llmforge.optim import build_optimizer
     from llmforge.plan.plan import model_config
     from llmforge.recipe.loader import validate_recipe
     from llmforge.stages import pretrain
@@ -115,7 +115,7 @@ def sampler_share(src, tok: Tokenizer) -> None:
     sources = [(WindowRows(src.train, seq), 0.7), (WindowRows(src.train[: len(src.train) // 3], seq), 0.3)]
     sampler = Sampler(sources, batch, seed=1, stream=0)
     model = Transformer(cfg)
-    opt = build_optimizer(model, "adamw", 1e-3, (0.9, 0.95), 1e-8, 0.1)
+    opt = build_optimizer(model, {"name": "adamw", "lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1})
     objective = pretrain.Objective(stage, tok.token_bytes)
     drawn = sampler.next_batch()
     units = objective.units(drawn)  # as the engine: counted on the host batch

@@ -19,11 +19,10 @@ import time
 import torch
 
 from llmforge.run import distributed
-from llmforge.run.step import autocast as _autocast
+from llmforge.run.step import autocast
 from llmforge.model.transformer import PRESETS, ModelConfig, Transformer
-from llmforge.run.optim import build_optimizer
-from llmforge.plan.devices import Device
-from llmforge.plan.plan import peak_flops
+from llmforge.optim import build_optimizer
+from llmforge.plan.devices import Device, peak_flops
 from llmforge.plan.estimates import choose_micro_batch
 from llmforge.stages.pretrain import token_losses
 
@@ -44,9 +43,9 @@ def measure(cfg: ModelConfig, seq_len: int, device: Device, steps: int, warmup: 
     dev = torch.device(device.type)
     model = Transformer(cfg).to(dev)
     step_model = distributed.wrap(model, "single", distributed.Dist(), dev, bf16=False, compile=device.compile)
-    opt = build_optimizer(model, "adamw", 3e-4, (0.9, 0.95), 1e-8, 0.1)
+    opt = build_optimizer(model, {"name": "adamw", "lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1})
     micro, estimate = choose_micro_batch("benchmark", "auto", batch, seq_len, cfg, device, 1)
-    amp = _autocast(device)
+    amp = autocast(device)
     tokens = torch.randint(0, cfg.vocab_size, (micro, seq_len + 1), device=dev)
 
     def step():

@@ -28,7 +28,7 @@ from llmforge.run.engine import stage_rows
 from llmforge.run.evaluation import load_run_recipe
 from llmforge.store.final import find_stage, load_model
 from llmforge.model.generate import generate_batch
-from llmforge.run.optim import build_optimizer
+from llmforge.optim import build_optimizer
 from llmforge.run.prepare import recipe_template, source_stats
 from llmforge.plan.devices import detect_device
 from llmforge.plan.plan import plan_stage
@@ -75,7 +75,7 @@ def main() -> None:
     train, _ = stage_rows(sources, sp, recipe.seed)
     sampler = Sampler([(train[s.name], s.weight) for s in sp.mix], sp.global_batch, recipe.seed, sp.index)
     opt = sp.optimizer
-    optimizer = build_optimizer(model, opt["name"], sp.lr, opt["betas"], opt["eps"], opt["weight_decay"])
+    optimizer = build_optimizer(model, opt | {"lr": sp.lr})
     o, cpu = sp.options, torch.device("cpu")
     times: dict = {k: [] for k in ("generation", "scoring", "reference", "update")}
     for step in range(args.steps):

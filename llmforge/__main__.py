@@ -8,7 +8,7 @@ import sys
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     del sys.path[0]
 
-from .cli import main  # noqa: E402
+from llmforge.cli import main  # noqa: E402  (absolute: run as a script, there is no package)
 
 if __name__ == "__main__":  # worker processes started with "spawn" import this module too
     main()

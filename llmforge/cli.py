@@ -310,8 +310,8 @@ def eval_(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
     its task evals."""
     with user_errors():
         from .output.progress import Reporter, render_results
-        from .recipe.schema import TASKS
         from .run.evaluation import evaluate_stage
+        from .tasks import TASKS
 
         unknown = [t for t in task or [] if t not in TASKS]
         if unknown:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from llmforge.model import adapters
 from llmforge.core import durable
 from llmforge.model.transformer import ModelConfig, Transformer
-from llmforge.run.optim import build_optimizer
+from llmforge.optim import build_optimizer
 
 from .conftest import cli
 from .test_post import RECIPE, final_weights, kill_at, start, write_data
@@ -62,7 +62,7 @@ def test_only_the_adapter_trains_and_takes_adamw_under_muon():
     names = set(adapters.apply(model, SPEC | {"targets": ["q_proj", "down_proj"]}))
     assert {n.rsplit(".", 2)[-2] for n in names} == {"q_proj", "w2"}  # down_proj is llama's w2
     for name in ("adamw", "muon"):
-        opt = build_optimizer(model, name, 1e-3, (0.9, 0.95), 1e-8, 0.1)
+        opt = build_optimizer(model, {"name": name, "lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1})
         stepped = {id(p) for g in opt.param_groups for p in g["params"]}
         assert stepped == {id(p) for n, p in model.named_parameters() if n in names}
         assert not any(g.get("muon") and g["params"] for g in opt.param_groups)

@@ -260,10 +260,11 @@ def test_checkpoints_from_before_distributed_training_still_load(tmp_path):
 
     from llmforge.store.checkpoint import by_name, read_checkpoint
     from llmforge.model.transformer import ModelConfig, Transformer
-    from llmforge.run.optim import build_optimizer
+    from llmforge.optim import build_optimizer
 
     model = Transformer(ModelConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=2, n_embd=16, tie_embeddings=True))
-    optimizer = build_optimizer(model, "adamw", 1e-3, (0.9, 0.95), 1e-8, 0.1)
+    optimizer = build_optimizer(model, {"name": "adamw",
+                                        "lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1})
     model(torch.randint(0, 64, (2, 8))).sum().backward()
     optimizer.step()
     old = optimizer.state_dict()

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from llmforge.data import formats
+from llmforge.data import sources
 from llmforge.data.examples import read_chat, read_examples, read_preference, read_prompt_response
-from llmforge.data.sources import Skips, SourceReport as _Report, iter_pieces, list_files
+from llmforge.data.sources import Skips, SourceReport, iter_pieces, list_files
 from llmforge.errors import DataError
 from llmforge.recipe.schema import SourceSpec
 
@@ -29,7 +29,7 @@ def write(path, records):
 
 def read(reader, path, skips=None, **spec):
     spec = SourceSpec(path=str(path), **spec)
-    return list(reader(path, spec, _Report("s", spec, skips if skips is not None else Skips())))
+    return list(reader(path, spec, SourceReport("s", spec, skips if skips is not None else Skips())))
 
 
 def bad(reader, path, **spec) -> DataError:
@@ -221,7 +221,7 @@ def test_read_examples_dispatches(tmp_path):
 ])
 def test_reader_for_gives_the_text(tmp_path, fmt, record, text):
     p = write(tmp_path / "e.jsonl", [record, record])
-    reader = formats.reader_for(SourceSpec(path=str(p), format=fmt))
+    reader = sources.reader_for(SourceSpec(path=str(p), format=fmt))
     assert read(reader, p, format=fmt) == [(text, True), (text, True)]
 
 

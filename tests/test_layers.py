@@ -14,7 +14,7 @@ README = PACKAGE.parent / "README.md"
 
 # Bottom to top: a layer may import the layers before it, never one after it. A folder is a layer;
 # so are the top-level modules errors (the floor) and cli, __main__ and reference (the roof).
-LAYERS = ("errors", "core", "text", "model", "data", "store", "stages", "tasks", "recipe", "plan", "run", "export",
+LAYERS = ("errors", "core", "text", "model", "optim", "data", "store", "stages", "tasks", "recipe", "plan", "run", "export",
           "output", "starters", "cli", "reference", "__main__")
 
 
@@ -93,3 +93,36 @@ def test_the_readme_layout_lists_the_layers_bottom_up():
     rows = re.findall(r"^\| `([a-z_]+)(?:/|\.py)`", section, flags=re.M)
     roof = ("cli", "reference", "__main__")
     assert [r for r in rows if r not in roof] == [layer for layer in LAYERS if layer not in roof]
+
+
+def _names(node, members) -> list[str]:
+    """Member names spelled in node: a string, or strings in a tuple, list or set."""
+    items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+    return [n.value for n in items if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in members]
+
+
+def test_no_module_outside_a_registry_branches_on_a_member():
+    """Each axis that is a registry keeps its members' names to itself: outside its folder, no
+    comparison with a member's name (kind == "dpo", task in ("world-qa", ...)), no table keyed by
+    one, no lookup by one. (stages/ is held to the same by tests/test_kinds.py.)"""
+    from llmforge.plan.devices import TARGETS
+    from llmforge.stages import KINDS
+    from llmforge.tasks import TASKS
+
+    axes = {"stage kind": (KINDS, "stages/"), "task": (TASKS, "tasks/"), "device": (TARGETS, "plan/devices.py")}
+    named = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        where = path.relative_to(PACKAGE).as_posix()
+        for axis, (members, home) in axes.items():
+            if where.startswith(home):
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                spelled = []
+                if isinstance(node, ast.Compare):
+                    spelled = [k for side in [node.left, *node.comparators] for k in _names(side, members)]
+                elif isinstance(node, ast.Dict):
+                    spelled = [k for key in node.keys if key is not None for k in _names(key, members)]
+                elif isinstance(node, ast.Subscript):
+                    spelled = _names(node.slice, members)
+                named += [f"{where}:{node.lineno}: {axis} {k!r}" for k in spelled]
+    assert not named, named

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from llmforge.model.transformer import PRESETS, ModelConfig, Transformer
-from llmforge.run.optim import _orthogonalize, build_optimizer
+from llmforge.optim import build_optimizer
+from llmforge.optim.muon import orthogonalize
 
 from .conftest import REPO, TINY_RECIPE, cli, make_corpus
 from .test_run import final_bytes, start, wait_for_step
-
-
 
 
 def tiny_model() -> Transformer:
@@ -24,7 +23,7 @@ def tiny_model() -> Transformer:
 
 def test_newton_schulz_makes_the_update_nearly_orthogonal():
     g = torch.randn(3, 32, 96, generator=torch.Generator().manual_seed(0)) * torch.tensor([1e-3, 1.0, 50.0])[:, None, None]
-    singular = torch.linalg.svdvals(_orthogonalize(g))
+    singular = torch.linalg.svdvals(orthogonalize(g))
     # The quintic iteration trades exactness for speed: singular values land in about [0.7, 1.2],
     # whatever the gradient's scale.
     assert singular.min() > 0.6 and singular.max() < 1.25
@@ -32,7 +31,8 @@ def test_newton_schulz_makes_the_update_nearly_orthogonal():
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = tiny_model()
-    opt = build_optimizer(model, "muon", 1e-3, (0.9, 0.95), 1e-8, 0.1, muon_lr=0.02)
+    opt = build_optimizer(model, {"name": "muon",
+                                  "lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1, "muon_lr": 0.02})
     names = {id(p): n for n, p in model.named_parameters()}
     muon = [g for g in opt.param_groups if g["muon"]]
     assert len(muon) == 1 and muon[0]["lr_ratio"] == pytest.approx(20.0)
@@ -47,8 +47,8 @@ def test_the_adamw_half_steps_exactly_like_torch_adamw():
     for model in (ours, theirs):  # blocks' matrices frozen: both optimizers see the same gradients every step
         for name, p in model.named_parameters():
             p.requires_grad_(not (p.dim() == 2 and name.startswith("blocks.")))
-    a = build_optimizer(ours, "muon", 3e-3, (0.9, 0.95), 1e-8, 0.1)
-    b = build_optimizer(theirs, "adamw", 3e-3, (0.9, 0.95), 1e-8, 0.1)
+    a = build_optimizer(ours, {"name": "muon", "lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1})
+    b = build_optimizer(theirs, {"name": "adamw", "lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1})
     tokens = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
     for _ in range(3):
         for model, opt in ((ours, a), (theirs, b)):

@@ -27,6 +27,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from ..tasks import task_columns
 from .trackers import NO_TRACKERS
 
 _SPARKS = "▁▂▃▄▅▆▇█"
@@ -237,6 +238,8 @@ def si(n: float) -> str:
 
 def render_plan(plan, console: Console) -> None:
     """Print every derived number of a plan."""
+    from ..optim import OPTIMIZERS  # torch; plan and run have it already, report and compare need it not
+
     d, m = plan.device, plan.model
     console.print(f"[bold]plan[/] {plan.name}: {d.type} ({d.name}), {d.precision}"
                   f"{', compiled' if d.compile else ''}, {d.memory_bytes / 2**30:.0f} GiB", highlight=False)
@@ -256,14 +259,14 @@ def render_plan(plan, console: Console) -> None:
                       highlight=False)
     for sp in plan.stages:
         eta = f", ~{duration(sp.est_time_s)}" if sp.est_time_s else ""
-        muon = f" (block matrices: muon lr {sp.optimizer['muon_lr']:.3g})" if sp.optimizer["name"] == "muon" else ""
+        own = OPTIMIZERS[sp.optimizer["name"]].describe(sp.optimizer)
         console.print(
             f"[bold]stage {sp.dir_name}[/] ({sp.kind}): {sp.steps} steps x {sp.batch_tokens:,} tokens = "
             f"{si(sp.tokens)} tokens\n"
             f"  batch {sp.global_batch} x {sp.seq_len} = micro {sp.micro_batch} x accum {sp.grad_accum} "
             f"x world {sp.world_size}\n"
             f"  {sp.optimizer['name']} lr {sp.lr:.3g}"
-            f"{muon}, warmup {sp.warmup_steps} steps, {sp.decay} decay to "
+            f"{own}, warmup {sp.warmup_steps} steps, {sp.decay} decay to "
             f"{sp.min_lr:.3g} over {sp.steps - sp.warmup_steps} steps, "
             f"weight decay {sp.optimizer['weight_decay']}, clip {sp.optimizer['grad_clip']}\n"
             f"{_adapter_line(sp, plan)}"
@@ -329,8 +332,7 @@ _SHOWN = ("reward_acc", "reward_margin", "accuracy", "margin", "reward", "kl")
 # Columns of the results table: (metric key, heading, as a percentage).
 _RESULT_COLUMNS = (("val_loss", "val loss", False), ("val_bpb", "val bpb", False),
                    ("val_reward_acc", "reward acc", True), ("val_accuracy", "pairs ranked", True),
-                   ("val_reward", "reward", False), ("world-qa/format", "format", True),
-                   ("world-qa/correct", "correct", True), ("world-qa/concise", "concise", True))
+                   ("val_reward", "reward", False), *((key, heading, True) for key, heading in task_columns()))
 
 
 def result_columns(results: list[dict]) -> list[tuple[str, str, bool]]:

@@ -16,6 +16,7 @@ from ..core.values import resolve_percent
 from ..data.sampler import windows_per_epoch
 from ..errors import PlanError
 from ..model.transformer import PRESETS, ModelConfig
+from ..optim import OPTIMIZERS
 from ..recipe.schema import Recipe
 from ..stages import KINDS
 from .adapter import plan_adapter
@@ -175,13 +176,15 @@ def _choose_parallel(recipe: Recipe, cfg: ModelConfig, device: Device, world_siz
     state and one sequence's activations fit one device (by estimate_memory), FSDP otherwise."""
     if world_size == 1:
         return "single"
-    muon = next((i for i, s in enumerate(recipe.stages) if s.optimizer.name == "muon"), None)
-    if muon is not None and recipe.runtime.parallel == "fsdp":
-        raise PlanError(f"stages[{muon}].optimizer.name: muon orthogonalizes whole matrices, which fsdp shards",
-                        hint="use runtime.parallel: ddp, or optimizer adamw")
+    unsharded = next(((i, OPTIMIZERS[s.optimizer.name]) for i, s in enumerate(recipe.stages)
+                      if not OPTIMIZERS[s.optimizer.name].shards), None)
+    if unsharded is not None and recipe.runtime.parallel == "fsdp":
+        sharding = ", ".join(name for name, o in OPTIMIZERS.items() if o.shards)
+        raise PlanError(f"stages[{unsharded[0]}].optimizer.name: {unsharded[1].unsharded}",
+                        hint=f"use runtime.parallel: ddp, or optimizer {sharding}")
     if recipe.runtime.parallel != "auto":
         return recipe.runtime.parallel
-    if muon is not None:
+    if unsharded is not None:
         return "ddp"
     longest = max(recipe.stage_seq_len(s) * KINDS[s.kind].sequences(s.options, _format(recipe, s)) for s in recipe.stages)
     return "ddp" if estimate_memory(cfg, 1, longest, device.precision, cpu=device.type == "cpu") <= memory_budget(device) \
@@ -241,8 +244,7 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
         grad_accum=global_batch // (micro * world_size), world_size=world_size, steps=steps, tokens=tokens,
         lr=opt.lr, min_lr=min_lr, warmup_steps=warmup,
         decay=spec.schedule.decay,
-        optimizer={"name": opt.name, "betas": list(opt.betas), "eps": opt.eps, "muon_lr": opt.muon_lr,
-                   "weight_decay": opt.weight_decay, "grad_clip": opt.grad_clip},
+        optimizer=opt.model_dump(mode="json", exclude={"lr"}),
         eval_every=spec.eval.every, eval_tokens=spec.eval.tokens, checkpoint_every=spec.checkpoint.every,
         checkpoint_keep=spec.checkpoint.keep, log_every=recipe.runtime.log_every, tasks=tuple(spec.eval.tasks),
         mix=mix, flops=flops, est_peak_memory_bytes=memory,

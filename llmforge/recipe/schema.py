@@ -36,7 +36,9 @@ from ..core.values import (
     StepsOrPercent,
 )
 from ..data.spec import SourceSpec
+from ..optim import OPTIMIZERS
 from ..stages import KINDS
+from ..tasks import TASKS
 
 
 class ChatTemplateSpec(Spec):
@@ -167,15 +169,18 @@ class ModelSpec(Spec):
         return self
 
 
-class OptimizerSpec(Spec):
-    # muon: Muon for the blocks' weight matrices (at muon_lr), AdamW for embeddings, head, norms
-    name: Literal["adamw", "muon"] = "adamw"
-    lr: Float = Field(default=3e-4, gt=0)
-    muon_lr: Float = Field(default=0.02, gt=0)
-    betas: tuple[Annotated[Float, Field(ge=0, lt=1)], Annotated[Float, Field(ge=0, lt=1)]] = (0.9, 0.95)
-    eps: Float = Field(default=1e-8, gt=0)
-    weight_decay: Float = Field(default=0.1, ge=0)
-    grad_clip: Float | None = Field(default=1.0, gt=0)  # max global grad norm; null turns it off
+# The optimizer: the keys every one has, and each registered optimizer's own with its default
+# (llmforge/optim/: muon_lr is Muon's), which the others ignore.
+OptimizerSpec = create_model(
+    "OptimizerSpec", __base__=Spec,
+    name=(Literal[tuple(OPTIMIZERS)], "adamw"),
+    lr=(Float, Field(default=3e-4, gt=0)),
+    **{key: (f.annotation, f) for o in OPTIMIZERS.values() for key, f in o.Options.model_fields.items()},
+    betas=(tuple[Annotated[Float, Field(ge=0, lt=1)], Annotated[Float, Field(ge=0, lt=1)]], (0.9, 0.95)),
+    eps=(Float, Field(default=1e-8, gt=0)),
+    weight_decay=(Float, Field(default=0.1, ge=0)),
+    grad_clip=(Float | None, Field(default=1.0, gt=0)),  # max global grad norm; null turns it off
+)
 
 
 class ScheduleSpec(Spec):
@@ -184,13 +189,10 @@ class ScheduleSpec(Spec):
     min_lr: NumberOrPercent = "10%"  # absolute, or a share of optimizer.lr
 
 
-TASKS = ("world-qa",)  # built-in task evals (llmforge/tasks/__init__.py), run on a stage's final weights
-
-
 class EvalSpec(Spec):
     every: Count = 0  # steps between evals; 0: only at the start and the end
     tokens: PositiveCount = 65536  # held-out tokens per eval
-    tasks: list[Literal[TASKS]] = []  # task evals run once the stage is done (generation: slower)
+    tasks: list[Literal[tuple(TASKS)]] = []  # task evals run once the stage is done (generation: slower)
 
 
 class CheckpointSpec(Spec):

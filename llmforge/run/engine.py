@@ -20,6 +20,7 @@ from ..data.sampler import Sampler
 from ..errors import CheckpointError, Interrupted
 from ..model import adapters
 from ..model.weights import load_weights, set_weights
+from ..optim import build_optimizer, lr_at
 from ..plan.plan import Plan, StagePlan
 from ..stages import KINDS
 from ..store.checkpoint import (
@@ -33,7 +34,6 @@ from ..store.checkpoint import (
 from ..store.final import write_final
 from . import distributed
 from .distributed import Dist
-from .optim import build_optimizer, lr_at
 from .step import autocast, evaluate, train_step
 from .timing import Timer
 
@@ -132,9 +132,7 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
     names = adapters.saved_names(model, sp.adapter)  # before wrapping: a tied tensor's name; an adapter's alone
     step_model = distributed.wrap(model, plan.parallel, d, device, compile=plan.device.compile,
                                   bf16=device.type == "cuda" and plan.device.precision == "bf16")
-    opt = sp.optimizer
-    optimizer = build_optimizer(model, opt["name"], sp.lr, opt["betas"], opt["eps"], opt["weight_decay"],
-                                opt.get("muon_lr", 0.02))
+    optimizer = build_optimizer(model, sp.optimizer | {"lr": sp.lr})
     start, pending, last_eval = _resume(ctx, sp, resumed, identity, model, optimizer, sampler, device)
     del resumed  # the full optimizer state read from disk: each rank now holds only its own
 

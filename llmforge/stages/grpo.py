@@ -42,7 +42,7 @@ from .verifiers import NEEDS_ANSWER, VERIFIERS, regex_problem, verify
 class RewardTerm(Spec):
     # One reward: a built-in verifier by name, an earlier reward stage of this recipe, or the
     # final/ folder of another run's reward stage; rewards add up, each times its weight.
-    verifier: Literal[VERIFIERS] | None = None
+    verifier: Literal[tuple(VERIFIERS)] | None = None
     stage: Name | None = None
     path: str | None = None
     weight: Float = 1.0

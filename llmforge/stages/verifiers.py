@@ -8,33 +8,43 @@ ended (the model closed it, rather than running out of max_new_tokens) and its l
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Callable
 
-# Verifiers that check a reply against the prompt's reference answer (the data's answer field).
-NEEDS_ANSWER = ("exact", "contains", "regex")
-VERIFIERS = NEEDS_ANSWER + ("format", "length")
+
+@dataclass(frozen=True)
+class Verifier:
+    name: str
+    # (reply, answer, ended, n_tokens, max_new_tokens, within) -> reward
+    score: Callable[[str, str | None, bool, int, int, int], float]
+    needs_answer: bool = False  # it checks the reply against the prompt's reference answer (0 without one)
 
 
 def _normal(text: str) -> str:
     return " ".join(text.split())
 
 
+# exact: 1 if the reply is the answer (whitespace runs count as one space); contains: 1 if the answer
+# is in it; regex: 1 if the answer, a Python regular expression, matches somewhere in it; format: 1
+# if the turn ended; length: 0 up to `within` tokens, then falling linearly to -1 at max_new_tokens
+# (DAPO's soft overlong punishment, Yu et al. 2025).
+VERIFIERS: dict[str, Verifier] = {v.name: v for v in (
+    Verifier("exact", lambda reply, answer, *_: float(_normal(reply) == _normal(answer)), needs_answer=True),
+    Verifier("contains", lambda reply, answer, *_: float(_normal(answer) in _normal(reply)), needs_answer=True),
+    Verifier("regex", lambda reply, answer, *_: float(re.search(answer, reply) is not None), needs_answer=True),
+    Verifier("format", lambda reply, answer, ended, *_: float(ended)),
+    Verifier("length", lambda reply, answer, ended, n, most, within: -max(0, n - within) / max(1, most - within)),
+)}
+NEEDS_ANSWER = tuple(name for name, v in VERIFIERS.items() if v.needs_answer)
+
+
 def verify(name: str, reply: str, answer: str | None, ended: bool, n_tokens: int, *, max_new_tokens: int,
            within: int) -> float:
-    """exact: 1 if the reply is the answer (whitespace runs count as one space); contains: 1 if
-    the answer is in it; regex: 1 if the answer, a Python regular expression, matches somewhere
-    in it; format: 1 if the turn ended; length: 0 up to `within` tokens, then falling linearly to
-    -1 at max_new_tokens (DAPO's soft overlong punishment, Yu et al. 2025)."""
-    if name == "format":
-        return float(ended)
-    if name == "length":
-        return -max(0, n_tokens - within) / max(1, max_new_tokens - within)
-    if answer is None:
+    """The reward verifier `name` gives one reply."""
+    v = VERIFIERS[name]
+    if v.needs_answer and answer is None:
         return 0.0
-    if name == "exact":
-        return float(_normal(reply) == _normal(answer))
-    if name == "contains":
-        return float(_normal(answer) in _normal(reply))
-    return float(re.search(answer, reply) is not None)
+    return v.score(reply, answer, ended, n_tokens, max_new_tokens, within)
 
 
 def regex_problem(pattern: str) -> str | None:

@@ -1,35 +1,18 @@
-"""Built-in task evals: generate from a stage's final weights and score what comes out.
+"""Task evals by name: generate from a stage's final weights and score what comes out.
 
 A task runs the model the way a user would (greedy decoding through the chat template), so its
-numbers measure behaviour, not loss. Tasks are chosen by name in a stage's `eval.tasks`.
-
-world-qa: questions about the held-out people of the generated world (llmforge/data/world.py):
-their facts were only ever in the pretraining text, never in a training conversation. Scores:
-  format   the model ended its turn with a well-formed answer sentence (any value)
-  correct  ... and the value is the person's true one
-  concise  ... correct, and nothing else: no rambling after it (what dpo prefers)
+numbers measure behaviour, not loss. Tasks are chosen by name in a stage's `eval.tasks`; the
+schema's allowed names and the results tables' columns come from TASKS. Adding a task is a
+module here and a line below.
 """
 
 from __future__ import annotations
 
-from ..data.world import qa_prompts, score_reply
 from ..errors import PlanError
-from ..model.generate import greedy_replies
+from . import world_qa
+from .task import Task
 
-_MAX_NEW_TOKENS = 48  # an answer is ~10 tokens; a model that never ends its turn is cut here
-
-
-def world_qa(model, tokenizer, template) -> dict:
-    counts: dict[str, int] = {}
-    items = qa_prompts()
-    replies = greedy_replies(model, tokenizer, template, [item["messages"] for item in items], _MAX_NEW_TOKENS)
-    for item, (text, ended) in zip(items, replies):
-        for k, ok in score_reply(item, text, ended).items():
-            counts[k] = counts.get(k, 0) + bool(ok)
-    return {f"world-qa/{k}": v / len(items) for k, v in counts.items()}
-
-
-TASKS = {"world-qa": world_qa}
+TASKS: dict[str, Task] = {t.name: t for t in (world_qa.TASK,)}
 
 
 def run_tasks(names, model, tokenizer, template) -> dict:
@@ -38,5 +21,10 @@ def run_tasks(names, model, tokenizer, template) -> dict:
                         hint="set tokenizer.chat_template: default")
     out = {}
     for name in names:
-        out |= TASKS[name](model, tokenizer, template)
+        out |= TASKS[name].run(model, tokenizer, template)
     return out
+
+
+def task_columns() -> tuple[tuple[str, str], ...]:
+    """(metric key, heading) of every task's figures, as the results tables show them."""
+    return tuple((f"{t.name}/{figure}", heading) for t in TASKS.values() for figure, heading in t.columns)

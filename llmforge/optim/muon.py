@@ -1,38 +1,33 @@
-"""Optimizers and learning-rate schedules. A schedule is a pure function of the step."""
+"""Muon for the blocks' weight matrices, AdamW for embeddings, head, norms and biases."""
 
 from __future__ import annotations
 
-import math
-
 import torch
+from pydantic import Field
+
+from ..core.values import Float, Spec
+from .optimizer import Optimizer, param_groups
 
 
-def build_optimizer(model: torch.nn.Module, name: str, lr: float, betas, eps: float,
-                    weight_decay: float, muon_lr: float = 0.02) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (matmul weights, embeddings); norms and biases
-    are left alone, as in GPT-3 / LLaMA training — decaying a gain toward 0 only hurts.
-    "muon": the blocks' matrices take Muon steps at muon_lr, the rest AdamW at lr. Each group
-    carries lr_ratio, its peak lr over `lr`, so one schedule drives both."""
-    if name not in ("adamw", "muon"):
-        raise ValueError(f"unknown optimizer {name!r}")
-    seen, decay, no_decay, hidden = set(), [], [], []
-    for pname, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:  # tied embeddings appear once
-            continue
-        seen.add(id(p))
+class Options(Spec):
+    muon_lr: Float = Field(default=0.02, gt=0)  # the matrices' peak lr (`lr` is the AdamW part's)
+
+
+class MuonOptimizer(Optimizer):
+    name, Options = "muon", Options
+    shards, unsharded = False, "muon orthogonalizes whole matrices, which fsdp shards"
+
+    def build(self, model, settings: dict):
+        """The blocks' matrices take Muon steps at muon_lr, the rest AdamW at lr."""
         # An adapter's low-rank factors take AdamW: orthogonalizing a rank-r factor is not Muon's case.
-        is_hidden = name == "muon" and p.dim() == 2 and pname.startswith("blocks.") and ".lora_" not in pname
-        (hidden if is_hidden else decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "lr_ratio": 1.0},
-              {"params": no_decay, "weight_decay": 0.0, "lr_ratio": 1.0}]
-    if name == "adamw":
-        # One fused kernel for plain tensors (DDP or one device) on a GPU or CPU: on 2 CPU cores it
-        # steps 135M parameters in ~0.15 s against foreach's ~0.7 s. foreach for FSDP's DTensors.
-        fused = all(p.device.type in ("cuda", "cpu") and type(p.data) is torch.Tensor for p in decay + no_decay)
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **({"fused": True} if fused else
-                                                                               {"foreach": True}))
-    groups.append({"params": hidden, "weight_decay": weight_decay, "lr_ratio": muon_lr / lr, "muon": True})
-    return Muon(groups, lr=lr, betas=tuple(betas), eps=eps)
+        groups, hidden = param_groups(model, settings["weight_decay"], own=lambda name, p: p.dim() == 2 and
+                                      name.startswith("blocks.") and ".lora_" not in name)
+        groups.append({"params": hidden, "weight_decay": settings["weight_decay"],
+                       "lr_ratio": self.own(settings).muon_lr / settings["lr"], "muon": True})
+        return Muon(groups, lr=settings["lr"], betas=tuple(settings["betas"]), eps=settings["eps"])
+
+    def describe(self, settings: dict) -> str:
+        return f" (block matrices: muon lr {self.own(settings).muon_lr:.3g})"
 
 
 class Muon(torch.optim.Optimizer):
@@ -64,7 +59,7 @@ class Muon(torch.optim.Optimizer):
             by_shape.setdefault(tuple(sorted(p.shape)), []).append((p, u))
         for pairs in by_shape.values():
             wide = torch.stack([u.mT if u.shape[0] > u.shape[1] else u for _, u in pairs])
-            for (p, u), o in zip(pairs, _orthogonalize(wide)):
+            for (p, u), o in zip(pairs, orthogonalize(wide)):
                 p.add_(o.mT if u.shape[0] > u.shape[1] else o, alpha=-lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
 
     def _adamw(self, group: dict, params: list, grads: list) -> None:
@@ -87,7 +82,7 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_addcdiv_(params, avg, denom, value=-lr / (1 - b1 ** step))
 
 
-def _orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """The quintic Newton-Schulz iteration of Muon's reference implementation: pushes the
     singular values of each matrix in g [n, rows, cols] (normalized, rows <= cols) toward 1
     without an SVD."""
@@ -99,15 +94,4 @@ def _orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return x
 
 
-def lr_at(step: int, *, peak: float, warmup: int, total: int, decay: str, min_lr: float) -> float:
-    """Linear warmup over `warmup` steps, then decay to `min_lr` at the last step."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    if decay == "constant" or total <= warmup + 1:
-        return peak
-    progress = min(1.0, (step - warmup) / (total - warmup - 1))
-    if decay == "linear":
-        return peak - (peak - min_lr) * progress
-    if decay == "cosine":
-        return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown decay {decay!r}")
+OPTIMIZER = MuonOptimizer()
