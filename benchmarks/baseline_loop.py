@@ -26,11 +26,11 @@ import torch
 from rich.console import Console
 
 import llmforge.run.engine as engine
-from llmforge.run.engine import run_stages
 from llmforge.model.transformer import ModelConfig, Transformer
-from llmforge.run.prepare import prepare_run
 from llmforge.output.progress import Reporter
 from llmforge.recipe.loader import load_recipe
+from llmforge.run.engine import run_stages
+from llmforge.run.prepare import prepare_run
 
 RECIPE = """\
 name: overhead

@@ -23,11 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmforge.data.cache import prepare_source  # noqa: E402
-from llmforge.data.sampler import Sampler  # noqa: E402
-from llmforge.data.rows import WindowRows  # noqa: E402
 from llmforge.core.values import parse_count  # noqa: E402
-from llmforge.recipe.schema import SourceSpec  # noqa: E402
+from llmforge.data.cache import prepare_source  # noqa: E402
+from llmforge.data.rows import WindowRows  # noqa: E402
+from llmforge.data.sampler import Sampler  # noqa: E402
+from llmforge.data.spec import SourceSpec  # noqa: E402
 from llmforge.text.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 

@@ -28,12 +28,13 @@ sys.path.insert(0, str(REPO))
 def main() -> None:
     import torch
 
-    from llmforge.model.weights import weight_names
-    from llmforge.store import checkpoint
     from llmforge.core import durable
-    from llmforge.run.distributed import full_state
-    from llmforge.model.transformer import PRESETS, ModelConfig, Transformer
+    from llmforge.model.families import PRESETS
+    from llmforge.model.transformer import ModelConfig, Transformer
+    from llmforge.model.weights import weight_names
     from llmforge.recipe.loader import load_recipe
+    from llmforge.run.distributed import full_state
+    from llmforge.store import checkpoint
 
     args = argparse.ArgumentParser()
     args.add_argument("--rounds", type=int, default=15)

@@ -25,9 +25,9 @@ import torch
 from rich.console import Console
 
 import llmforge.run.engine as engine
-from llmforge.run.prepare import prepare_run
 from llmforge.output.progress import Reporter
 from llmforge.recipe.loader import load_recipe
+from llmforge.run.prepare import prepare_run
 
 
 def _rss() -> int:

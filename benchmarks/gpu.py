@@ -18,12 +18,13 @@ import time
 
 import torch
 
-from llmforge.run import distributed
-from llmforge.run.step import autocast
-from llmforge.model.transformer import PRESETS, ModelConfig, Transformer
+from llmforge.model.families import PRESETS
+from llmforge.model.transformer import ModelConfig, Transformer
 from llmforge.optim import build_optimizer
 from llmforge.plan.devices import Device, peak_flops
 from llmforge.plan.estimates import choose_micro_batch
+from llmforge.run import distributed
+from llmforge.run.step import autocast
 from llmforge.stages.pretrain import token_losses
 
 MODELS = {"~125M": dict(n_layer=12, n_head=12, n_embd=768), "~350M": dict(n_layer=24, n_head=16, n_embd=1024)}

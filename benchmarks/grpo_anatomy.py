@@ -24,16 +24,16 @@ import torch
 
 from llmforge.data.cache import prepare_source
 from llmforge.data.sampler import Sampler
-from llmforge.run.engine import stage_rows
-from llmforge.run.evaluation import load_run_recipe
-from llmforge.store.final import find_stage, load_model
 from llmforge.model.generate import generate_batch
 from llmforge.optim import build_optimizer
-from llmforge.run.prepare import recipe_template, source_stats
 from llmforge.plan.devices import detect_device
 from llmforge.plan.plan import plan_stage
+from llmforge.run.engine import stage_rows
+from llmforge.run.evaluation import load_run_recipe
+from llmforge.run.prepare import recipe_template, source_stats
 from llmforge.stages import KINDS
 from llmforge.stages.kind import to_device
+from llmforge.store.final import find_stage, load_model
 from llmforge.text.tokenizer_json import load_tokenizer
 
 

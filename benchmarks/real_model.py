@@ -82,9 +82,9 @@ def build_folder(folder: Path) -> Path:
 def greedy_agreement(folder: Path, new_tokens: int = 40) -> list[tuple[str, bool, str]]:
     import transformers
 
-    from llmforge.text.chat_jinja import read_folder_template
     from llmforge.model.hf import read_hf
     from llmforge.model.transformer import Transformer
+    from llmforge.text.chat_jinja import read_folder_template
     from llmforge.text.tokenizer_json import load_tokenizer
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -140,8 +140,9 @@ def write_data(folder: Path, seed: int = 0) -> tuple[Path, Path, list[str]]:
 
 
 def answers(final: Path, questions: list[str]) -> list[str]:
-    from llmforge.store.final import final_template as load_template, load_trained
     from llmforge.model.generate import reply
+    from llmforge.store.final import final_template as load_template
+    from llmforge.store.final import load_trained
 
     model, tok = load_trained(final)
     template = load_template(final)
@@ -235,9 +236,9 @@ def throughput(folder: Path, work: Path, steps: int, lora: dict | None = None) -
     from rich.console import Console
 
     import llmforge.run.engine as engine
-    from llmforge.run.prepare import prepare_run
     from llmforge.output.progress import Reporter
     from llmforge.recipe.loader import load_recipe
+    from llmforge.run.prepare import prepare_run
 
     chat, _, _ = write_data(work)
     recipe = yaml.safe_load((REPO / "recipes/smollm2-assistant.yaml").read_text())
@@ -325,10 +326,10 @@ def main() -> None:
 
 def answers_from_folder(folder: Path, questions: list[str]) -> list[str]:
     """The untouched model's answers, through llmforge's generation."""
-    from llmforge.text.chat_jinja import read_folder_template
-    from llmforge.model.hf import read_hf
     from llmforge.model.generate import reply
+    from llmforge.model.hf import read_hf
     from llmforge.model.transformer import Transformer
+    from llmforge.text.chat_jinja import read_folder_template
     from llmforge.text.tokenizer_json import load_tokenizer
 
     cfg, tensors = read_hf(folder)

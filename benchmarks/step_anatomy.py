@@ -21,16 +21,15 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from baseline_loop import RECIPE  # noqa: E402  (this folder is on sys.path when run as a script)
 from rich.console import Console
 
 import llmforge.run.distributed
 import llmforge.run.engine as engine
 import llmforge.stages.pretrain as pretrain
-from llmforge.run.prepare import prepare_run
 from llmforge.output.progress import Reporter
 from llmforge.recipe.loader import load_recipe
-
-from baseline_loop import RECIPE  # noqa: E402  (this folder is on sys.path when run as a script)
+from llmforge.run.prepare import prepare_run
 
 SECTIONS = ("data", "forward", "backward", "optimizer", "logging", "checkpoint", "eval", "stage setup + final save")
 spent: dict = defaultdict(float)

@@ -227,13 +227,13 @@ def sample(run_dir: Path = RunDirArgument,
     with user_errors():
         from .model.generate import reply
         from .model.generate import sample as generate
-        from .store.final import final_template, find_stage, load_trained
+        from .store.final import chat_template, final_template, find_stage, load_trained
 
         final = find_stage(run_dir, stage)
         model, tokenizer = load_trained(final)
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
         if chat_mode:
-            pieces = reply(model, tokenizer, _template(final), [{"role": "user", "content": prompt}], **options)
+            pieces = reply(model, tokenizer, chat_template(final), [{"role": "user", "content": prompt}], **options)
         else:
             sys.stdout.write(prompt)
             pieces = generate(model, tokenizer, prompt, final_template(final), **options)
@@ -252,11 +252,11 @@ def chat(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
     /quit (or end of input) leaves. Reads stdin, so it can be scripted: echo hi | llmforge chat RUN."""
     with user_errors():
         from .model.generate import reply
-        from .store.final import find_stage, load_trained
+        from .store.final import chat_template, find_stage, load_trained
 
         final = find_stage(run_dir, stage)
         model, tokenizer = load_trained(final)
-        template = _template(final)
+        template = chat_template(final)
         start = [{"role": "system", "content": system}] if system else []
         messages = list(start)
         tty = sys.stdin.isatty()
@@ -289,18 +289,6 @@ def chat(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
             turn += 1
 
 
-def _template(final: Path):
-    from .errors import CheckpointError
-    from .store.final import final_template
-
-    template = final_template(final)
-    if template is None:
-        raise CheckpointError(f"{final.parent.name} was trained without a chat template",
-                              hint="chat needs a recipe with tokenizer.chat_template and an sft stage; "
-                                   "use `llmforge sample` to continue plain text")
-    return template
-
-
 @app.command(name="eval")
 def eval_(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
           task: Optional[List[str]] = typer.Option(None, "--task", help="Task eval to run (repeatable; "
@@ -311,13 +299,7 @@ def eval_(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
     with user_errors():
         from .output.progress import Reporter, render_results
         from .run.evaluation import evaluate_stage
-        from .tasks import TASKS
 
-        unknown = [t for t in task or [] if t not in TASKS]
-        if unknown:
-            from .errors import RecipeError
-
-            raise RecipeError([f"--task: unknown task {unknown[0]!r}"], hint=f"known: {', '.join(TASKS)}")
         reporter = Reporter(err if as_json else None)  # --json: stdout holds the JSON alone
         try:
             results = evaluate_stage(run_dir, stage, task, reporter)

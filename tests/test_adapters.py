@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llmforge.model import adapters
 from llmforge.core import durable
+from llmforge.model import adapters
 from llmforge.model.transformer import ModelConfig, Transformer
 from llmforge.optim import build_optimizer
 
@@ -226,7 +226,8 @@ def test_lora_on_an_imported_model_exports_onto_its_folder(tmp_path):
     imported, and computes llmforge's merged model."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    from .test_hf_import import RECIPE as IMPORTED, make_base
+    from .test_hf_import import RECIPE as IMPORTED
+    from .test_hf_import import make_base
 
     make_base(tmp_path / "base")
     recipe = IMPORTED.format(extra="").replace("    optimizer: {lr: 1e-3}\n", "    optimizer: {lr: 1e-2}\n"

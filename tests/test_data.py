@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmforge.data.cache import prepare_source
-from llmforge.data.sampler import Sampler, eval_windows
+from llmforge.data.cache import cache_key, prepare_source
 from llmforge.data.rows import WindowRows
-from llmforge.data.cache import cache_key
+from llmforge.data.sampler import Sampler, eval_windows
+from llmforge.data.spec import SourceSpec
 from llmforge.errors import DataError
-from llmforge.recipe.schema import SourceSpec
 from llmforge.text.tokenizer import Tokenizer, train_tokenizer
 
 from .conftest import make_corpus

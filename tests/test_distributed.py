@@ -230,9 +230,9 @@ def test_errors_before_training_are_reported_once(tmp_path):
 def test_plan_picks_fsdp_when_training_does_not_fit_one_device(tmp_path):
     from llmforge.errors import PlanError
     from llmforge.plan.devices import Device
+    from llmforge.plan.estimates import estimate_memory
     from llmforge.plan.plan import SourceStats, compile_plan, model_config
     from llmforge.recipe.loader import load_recipe
-    from llmforge.plan.estimates import estimate_memory
 
     from .conftest import TINY_RECIPE
 
@@ -258,9 +258,9 @@ def test_checkpoints_from_before_distributed_training_still_load(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from llmforge.store.checkpoint import by_name, read_checkpoint
     from llmforge.model.transformer import ModelConfig, Transformer
     from llmforge.optim import build_optimizer
+    from llmforge.store.checkpoint import by_name, read_checkpoint
 
     model = Transformer(ModelConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=2, n_embd=16, tie_embeddings=True))
     optimizer = build_optimizer(model, {"name": "adamw",

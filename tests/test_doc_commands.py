@@ -66,10 +66,10 @@ class Project:
         self._build()
 
     def _build(self) -> None:
-        from .hf_families import build_folder, write_chat_data
-
         import pyarrow as pa
         import pyarrow.parquet as pq
+
+        from .hf_families import build_folder, write_chat_data
 
         root = self.root
         (root / "recipes").mkdir(parents=True)

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from llmforge.data import sources
-from llmforge.data.examples import read_chat, read_examples, read_preference, read_prompt_response
+from llmforge.data.examples import read_chat, read_preference, read_prompt_response
+from llmforge.data.formats import FORMATS, read_examples
 from llmforge.data.sources import Skips, SourceReport, iter_pieces, list_files
+from llmforge.data.spec import SourceSpec
 from llmforge.errors import DataError
-from llmforge.recipe.schema import SourceSpec
 
 U, A, S = "user", "assistant", "system"
 
@@ -219,9 +219,9 @@ def test_read_examples_dispatches(tmp_path):
      "q1\na1\nq2\nx\ny"),
     ("unpaired", {"prompt": "q", "completion": "x", "label": False}, "q\nx"),
 ])
-def test_reader_for_gives_the_text(tmp_path, fmt, record, text):
+def test_a_conversation_formats_reader_gives_its_text(tmp_path, fmt, record, text):
     p = write(tmp_path / "e.jsonl", [record, record])
-    reader = sources.reader_for(SourceSpec(path=str(p), format=fmt))
+    reader = FORMATS[fmt].read
     assert read(reader, p, format=fmt) == [(text, True), (text, True)]
 
 

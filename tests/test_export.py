@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llmforge.model.weights import weight_names
 from llmforge.export.hf import export_weights
-from llmforge.model.transformer import PRESETS, ModelConfig, Transformer
+from llmforge.model.families import PRESETS
+from llmforge.model.transformer import ModelConfig, Transformer
+from llmforge.model.weights import weight_names
 
 from .conftest import TINY_RECIPE, cli, make_corpus
 
@@ -119,8 +120,8 @@ def hf_model(kind: str):
 @pytest.mark.parametrize("kind, shard", [("llama", False), ("llama", True), ("gpt2", False)])
 def test_import_a_transformers_model(tmp_path, kind, shard):
     """A model saved by transformers (sharded too) reads into llmforge's model: the same logits."""
-    from llmforge.model.weights import set_weights
     from llmforge.model.hf import read_hf
+    from llmforge.model.weights import set_weights
 
     theirs = hf_model(kind)
     theirs.save_pretrained(tmp_path / "hf", max_shard_size="60KB" if shard else "5GB")

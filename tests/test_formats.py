@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmforge.data import formats
+from llmforge.data import documents as readers
 from llmforge.data.sources import Skips, iter_documents, iter_pieces, list_files
+from llmforge.data.spec import SourceSpec
 from llmforge.errors import DataError
-from llmforge.recipe.schema import SourceSpec
 
 
 def documents(pieces) -> list[str]:
@@ -82,7 +82,7 @@ def test_paragraph_and_line_splits_match_their_definition(tmp_path_factory, text
     (tmp / "a.txt").write_bytes(text.encode())
     expected = reference(text, split)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(formats, "PIECE_BYTES", piece)
+        mp.setattr(readers, "PIECE_BYTES", piece)
         if not expected:
             with pytest.raises(DataError, match="no text"):
                 read(tmp, path="a.txt", split=split)
@@ -101,7 +101,7 @@ def test_long_file_streams_in_bounded_pieces(tmp_path):
     for name, text in [("lined.txt", lined), ("solid.txt", solid)]:
         (tmp_path / name).write_text(text)
         pieces = list(iter_pieces("s", SourceSpec(path=name), tmp_path))
-        assert len(pieces) >= 5 and max(len(t.encode()) for t, _ in pieces) <= formats.PIECE_BYTES
+        assert len(pieces) >= 5 and max(len(t.encode()) for t, _ in pieces) <= readers.PIECE_BYTES
         assert [end for _, end in pieces] == [False] * (len(pieces) - 1) + [True]
         assert "".join(t for t, _ in pieces) == text
     # Cut just before a word start (a space after a non-space), where BPE never merges across.
@@ -110,7 +110,7 @@ def test_long_file_streams_in_bounded_pieces(tmp_path):
 
 
 def test_long_paragraph_and_line_stream(tmp_path, monkeypatch):
-    monkeypatch.setattr(formats, "PIECE_BYTES", 64)
+    monkeypatch.setattr(readers, "PIECE_BYTES", 64)
     para = "\n".join(f"line {i} of a long paragraph" for i in range(40))
     (tmp_path / "a.txt").write_text(f"short\n\n{para}\n\n" + "x" * 500 + "\n")
     pieces = list(iter_pieces("s", SourceSpec(path="a.txt", split="paragraph"), tmp_path))
@@ -132,7 +132,7 @@ def test_text_invalid_utf8(tmp_path, monkeypatch):
     assert (skips.bad, skips.examples) == (1, [f"{where}:3: invalid UTF-8"])
     assert read(tmp_path, path="bad.txt", split="line", on_error="skip") == ["good", "more", "ok"]
     # A long document is checked before any of it goes out, so a skipped file leaves nothing behind.
-    monkeypatch.setattr(formats, "PIECE_BYTES", 16)
+    monkeypatch.setattr(readers, "PIECE_BYTES", 16)
     (tmp_path / "good.txt").write_text("all fine " * 20)
     skips = Skips()
     assert read(tmp_path, skips, path="*.txt", on_error="skip") == ["all fine " * 20]
@@ -143,7 +143,7 @@ def test_text_invalid_utf8(tmp_path, monkeypatch):
 def test_length_filter_on_long_files(tmp_path, monkeypatch):
     # Long files are judged from their size (bytes/4 <= chars <= bytes) when that decides, and
     # counted exactly when it does not; either way the verdict is the exact one.
-    monkeypatch.setattr(formats, "PIECE_BYTES", 32)
+    monkeypatch.setattr(readers, "PIECE_BYTES", 32)
     (tmp_path / "ascii.txt").write_text("a" * 100)  # 100 chars, 100 bytes
     (tmp_path / "wide.txt").write_text("€" * 100)  # 100 chars, 300 bytes
     (tmp_path / "short.txt").write_text("tiny")
@@ -155,7 +155,7 @@ def test_length_filter_on_long_files(tmp_path, monkeypatch):
         else:
             e = error(tmp_path, path="*.txt", min_chars=lo, max_chars=hi)
             assert e.message == "data.s: the source has no text (3 files, 3 documents filtered by length)"
-    monkeypatch.setattr(formats, "_scan", None)  # sizes alone decide these: the files are read once
+    monkeypatch.setattr(readers, "_scan", None)  # sizes alone decide these: the files are read once
     assert len(read(tmp_path, path="*.txt", min_chars=4, max_chars=1000)) == 3
     assert len(read(tmp_path, path="*.txt", max_chars=24)) == 1
 

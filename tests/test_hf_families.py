@@ -11,11 +11,11 @@ import re
 import pytest
 import torch
 
-from llmforge.text.chat_jinja import read_folder_template
-from llmforge.model.families import CLASSES
 from llmforge.export.hf import export_weights
+from llmforge.model.families import CLASSES
 from llmforge.model.hf import read_hf
 from llmforge.model.transformer import Transformer
+from llmforge.text.chat_jinja import read_folder_template
 from llmforge.text.tokenizer_json import load_tokenizer
 
 from .hf_families import CONVERSATION, FAMILIES, build_folder, write_chat_data
@@ -137,7 +137,8 @@ def test_finetune_a_model_folder_and_export_it_as_itself(family, tmp_path):
     tuned = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     assert type(tuned).__name__ == type(hf).__name__
     theirs = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
-    from llmforge.store.final import find_stage, final_template as load_template, load_trained
+    from llmforge.store.final import final_template as load_template
+    from llmforge.store.final import find_stage, load_trained
 
     final = find_stage(tmp_path / "runs/tuned", None)
     model, tok = load_trained(final)
@@ -293,7 +294,8 @@ runtime: {threads: 1}
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
     assert type(hf).__name__ == "Qwen3ForCausalLM"
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out", local_files_only=True)
-    from llmforge.store.final import find_stage, final_template as load_template, load_trained
+    from llmforge.store.final import final_template as load_template
+    from llmforge.store.final import find_stage, load_trained
 
     final = find_stage(tmp_path / "runs/scratch", None)
     _, tok = load_trained(final)

@@ -7,11 +7,10 @@ import ast
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-
-from types import SimpleNamespace
 
 from llmforge.model.generate import generate_batch
 from llmforge.model.transformer import KVCache, ModelConfig, Transformer

@@ -10,7 +10,7 @@ import pytest
 
 from llmforge.data import cache
 from llmforge.data.sources import Skips
-from llmforge.recipe.schema import SourceSpec
+from llmforge.data.spec import SourceSpec
 
 from .conftest import cli, make_corpus
 from .test_run import start, wait_for_step

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from llmforge.model import transformer as M
-from llmforge.model.transformer import PRESETS, KVCache, ModelConfig, Transformer
+from llmforge.model.families import PRESETS
+from llmforge.model.transformer import KVCache, ModelConfig, Transformer
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

@@ -240,7 +240,7 @@ def prepared(tmp_path_factory):
 @given(st.data())
 def test_mutated_data_files_prepare_or_name_the_record(prepared, data):
     from llmforge.data.cache import prepare_source
-    from llmforge.recipe.schema import SourceSpec
+    from llmforge.data.spec import SourceSpec
 
     folder, tok, template = prepared
     fmt = data.draw(st.sampled_from(["text", *GOOD]))

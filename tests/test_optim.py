@@ -8,7 +8,8 @@ import signal
 import pytest
 import torch
 
-from llmforge.model.transformer import PRESETS, ModelConfig, Transformer
+from llmforge.model.families import PRESETS
+from llmforge.model.transformer import ModelConfig, Transformer
 from llmforge.optim import build_optimizer
 from llmforge.optim.muon import orthogonalize
 

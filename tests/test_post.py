@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
+from llmforge.data.rows import IGNORE, Examples, PackedRows, PairRows, pack_best_fit
+from llmforge.model.families import PRESETS
+from llmforge.model.transformer import ModelConfig, Transformer
+from llmforge.stages import dpo, sft
 from llmforge.text.chat import ChatTemplate
 from llmforge.text.templates import template_from_spec as load_template
-from llmforge.data.rows import IGNORE, Examples, PackedRows, PairRows, pack_best_fit
-from llmforge.model.transformer import PRESETS, ModelConfig, Transformer
-from llmforge.stages import dpo, sft
 
 from .conftest import cli, make_corpus
 

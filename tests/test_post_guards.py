@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from llmforge.data.rows import Examples, PairRows, layout
-from llmforge.stages.dpo import attach_reference
 from llmforge.errors import CheckpointError, RecipeError
+from llmforge.stages.dpo import attach_reference
 
 
 def pairs(seqs: list[list[int]], prompt_len: int) -> Examples:
@@ -62,8 +62,8 @@ def test_a_stale_reference_is_recomputed_or_refused(tmp_path):
 
 
 def test_the_tokenizer_under_trained_stages_is_never_retrained(tmp_path):
-    from llmforge.run.prepare import ensure_tokenizer
     from llmforge.recipe.loader import validate_recipe
+    from llmforge.run.prepare import ensure_tokenizer
 
     (tmp_path / "a.txt").write_text("some text to train a tokenizer on, " * 400)
     (tmp_path / "b.txt").write_text("other words entirely for the second source. " * 400)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from llmforge.core.values import parse_count
 from llmforge.errors import RecipeError
 from llmforge.recipe.loader import apply_override, diff_recipes, load_recipe
-from llmforge.core.values import parse_count
 
 from .conftest import REPO, TINY_RECIPE, cli, make_corpus
 
@@ -173,6 +173,7 @@ def test_every_shipped_recipe_plans(recipe, tmp_path):
     if recipe.stem in ("gpt2-124m", "llama-1b-pipeline"):  # web-text shards and conversations users bring
         import pyarrow as pa
         import pyarrow.parquet as pq
+
         from .hf_families import write_chat_data
 
         pq.write_table(pa.table({"text": make_corpus(20000).split(". ")}), tmp_path / "web.parquet")

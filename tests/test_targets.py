@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llmforge.plan.devices import Device
+from llmforge.plan.devices import ASSUMED_MFU, TARGETS, Device, parse_target, table
 from llmforge.plan.estimates import estimate_time
-from llmforge.plan.devices import ASSUMED_MFU, TARGETS, parse_target, table
 
 from .conftest import cli
 

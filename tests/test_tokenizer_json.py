@@ -8,7 +8,8 @@ import json
 import pickle
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmforge.errors import TokenizerError
 from llmforge.text.tokenizer_json import JsonTokenizer, load_tokenizer, train_bytelevel_bpe

@@ -31,8 +31,9 @@ from ..core import durable, faults
 from ..core.paths import cache_dir
 from ..errors import DataError
 from .example_cache import load_examples, write_examples
+from .formats import FORMATS
 from .sources import Skips, iter_pieces, list_files
-from .spec import EXAMPLE_FORMATS, SourceSpec
+from .spec import SourceSpec
 
 CACHE_VERSION = 5
 _BATCH_BYTES = 1 << 20  # ~1 MB of text per encode call: big enough to amortize, small to bound memory
@@ -98,7 +99,7 @@ def cache_key(name: str, spec: SourceSpec, base_dir: Path, tokenizer_fingerprint
 
 def _entry(name: str, spec: SourceSpec, base_dir: Path, tokenizer, template) -> Path:
     key = cache_key(name, spec, base_dir, tokenizer.fingerprint)
-    if spec.format in EXAMPLE_FORMATS:  # the template decides the tokens around every turn
+    if FORMATS[spec.format].conversations:  # the template decides the tokens around every turn
         key = hashlib.sha256(json.dumps([key, template.to_dict()]).encode()).hexdigest()[:32]
     return cache_dir() / "tokens" / key
 
@@ -137,7 +138,7 @@ def prepare_source(name: str, spec: SourceSpec, base_dir: Path, tokenizer,
     """Tokenize a source into the cache (or find it there intact; `note` hears of a damaged entry,
     tokenized again) and map it into memory: a PreparedSource (text) or PreparedExamples (chat,
     prompt_response, preference; needs the chat template)."""
-    if spec.format in EXAMPLE_FORMATS and template is None:
+    if FORMATS[spec.format].conversations and template is None:
         raise DataError(f"data.{name}: {spec.format} data needs a chat template",
                         hint="set tokenizer.chat_template: default")
     entry = _entry(name, spec, base_dir, tokenizer, template)
@@ -145,7 +146,7 @@ def prepare_source(name: str, spec: SourceSpec, base_dir: Path, tokenizer,
         _clean_stale(entry.parent)
         tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}"
         with durable.writing(tmp, entry):  # on any error (Ctrl-C too) tmp must not linger
-            if spec.format in EXAMPLE_FORMATS:
+            if FORMATS[spec.format].conversations:
                 write_examples(tmp, name, spec, base_dir, tokenizer, template, on_progress)
             else:
                 _write_entry(tmp, name, spec, base_dir, tokenizer, on_progress, workers or _default_workers(tokenizer))

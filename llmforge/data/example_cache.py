@@ -21,7 +21,7 @@ import numpy as np
 from ..core import faults
 from ..errors import DataError, TokenizerError
 from ..text.chat import ChatTemplate
-from .examples import read_examples
+from .formats import FORMATS, read_examples
 from .rows import Examples
 from .sources import Skips, SourceReport, list_files
 
@@ -65,7 +65,7 @@ class PreparedExamples:
 
 
 def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTemplate, on_progress) -> None:
-
+    fmt = FORMATS[spec.format]
     tmp.mkdir(parents=True)
     dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
     skips = Skips()
@@ -76,7 +76,7 @@ def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTem
         for number, path in enumerate(files):
             for where, example in read_examples(path, spec, report):
                 try:
-                    sequences = _sequences(spec.format, example, template)
+                    sequences = fmt.sequences(example, template)
                 except TokenizerError as e:  # a Jinja template that refuses this conversation
                     raise DataError(f"{where}: {e.message}", hint=e.hint) from None
                 for segments in sequences:
@@ -89,7 +89,7 @@ def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTem
                 origins.append((number, int(where.rsplit(":", 1)[1])))
                 if len(origins) % 16 == 0:
                     faults.reached("data", name, "example", len(origins))
-                if spec.format in _EXTRAS:
+                if fmt.extra:
                     extras.append(example[-1])
             on_progress(path.stat().st_size)
     n = len(origins)
@@ -99,34 +99,19 @@ def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTem
         raise DataError(f"data.{name}: the source has no examples ({why})", hint="point the source at files with records")
     np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
     np.save(tmp / "origins.npy", np.asarray(origins, dtype=np.int64).reshape(-1, 2))
-    if spec.format in _EXTRAS:
-        (tmp / _EXTRAS[spec.format]).write_text(json.dumps(extras, ensure_ascii=False))
+    if fmt.extra:
+        (tmp / f"{fmt.extra}.json").write_text(json.dumps(extras, ensure_ascii=False))
     meta = {"kind": "examples", "format": spec.format, "source": name, "dtype": dtype, "tokens": total,
-            "per_example": 2 if spec.format == "preference" else 1, "split": n - int(round(n * spec.val_fraction, 9)),
+            "per_example": fmt.per_example, "split": n - int(round(n * spec.val_fraction, 9)),
             "documents": n, "bytes": n_bytes, "skipped": skips.bad, "filtered": skips.filtered,
             "skip_examples": skips.examples, "files": [str(p) for p in files], "tokenizer": tokenizer.fingerprint}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
-_EXTRAS = {"prompt": "answers.json", "unpaired": "labels.json"}  # each example's last item, kept apart
-
-
-def _sequences(fmt: str, example, template: ChatTemplate) -> list:
-    """The template's segments of each sequence an example becomes."""
-    if fmt == "preference":
-        prompt, chosen, rejected = example
-        return [template.pair_segments(prompt, chosen), template.pair_segments(prompt, rejected)]
-    if fmt == "unpaired":
-        return [template.pair_segments(example[0], example[1])]
-    if fmt == "prompt":  # what the policy continues; the answer stays text
-        return [template.prompt_segments(example[0])]
-    return [template.segments(example)]
-
-
 def load_examples(name: str, entry: Path, meta: dict, tokens: np.ndarray, learned: np.ndarray) -> PreparedExamples:
-    answers = json.loads((entry / "answers.json").read_text()) if meta["format"] == "prompt" else None
-    labels = np.array(json.loads((entry / "labels.json").read_text()), dtype=bool) \
-        if meta["format"] == "unpaired" else None
+    fmt, extras = FORMATS[meta["format"]], {"answers": None, "labels": None}
+    if fmt.extra:  # each example's last item: a prompt's reference answer, an unpaired reply's label
+        extras[fmt.extra] = fmt.extra_type(json.loads((entry / f"{fmt.extra}.json").read_text()))
     return PreparedExamples(name, tokens, learned, np.load(entry / "offsets.npy"), np.load(entry / "origins.npy"),
-                            answers, labels, meta["files"], meta["per_example"], meta["split"], meta["documents"], meta["bytes"],
+                            extras["answers"], extras["labels"], meta["files"], meta["per_example"], meta["split"], meta["documents"], meta["bytes"],
                             meta["skipped"], meta["filtered"], entry, meta["format"])

@@ -2,7 +2,7 @@
 unpaired, prompt.
 
 All are JSON lines (`.jsonl`, `.jsonl.gz`), one example per non-blank line, read through
-formats.json_records so that encoding and JSON problems read exactly as the jsonl format's. Each
+documents.json_records so that encoding and JSON problems read exactly as the jsonl format's. Each
 example is checked whole here (roles, turn order, non-empty text), because the chat template
 (llmforge/text/chat.py) renders what it is given without looking; a bad one goes to report.bad as
 "path:line: messages[2]: ...", naming the message at fault. Messages come out as plain
@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..text.chat import ROLES
-from .formats import Pieces, Report, json_records, json_type, listing, valid_unicode
-from .spec import SourceSpec
+from .documents import json_records, json_type, listing, valid_unicode
+from .format import Pieces, Report, Source
 
 Messages = list[dict]  # [{"role": "system" | "user" | "assistant", "content": str}]
 Preference = tuple[Messages, str, str]  # (prompt messages, chosen reply, rejected reply)
@@ -39,17 +39,17 @@ class _Bad(Exception):
     """A bad example: args are (reason, hint) for report.bad."""
 
 
-def read_chat(path: Path, spec: SourceSpec, report: Report) -> Iterator[tuple[str, Messages]]:
+def read_chat(path: Path, spec: Source, report: Report) -> Iterator[tuple[str, Messages]]:
     """(where, messages) per record: the message list under `field` (default "messages")."""
     field = spec.text_field
     hint = f"set data.{report.source}.field to the field that holds the messages"
 
     def parse(record: dict) -> Messages:
         return _conversation(_get(record, field, hint), field, last="assistant")
-    return _read(path, report, f'{{"{field}": [{_MESSAGE}, ...]}}', parse, _contents)
+    return _read(path, report, f'{{"{field}": [{_MESSAGE}, ...]}}', parse, message_contents)
 
 
-def read_prompt_response(path: Path, spec: SourceSpec, report: Report) -> Iterator[tuple[str, Messages]]:
+def read_prompt_response(path: Path, spec: Source, report: Report) -> Iterator[tuple[str, Messages]]:
     """(where, [user turn, assistant turn]) per record, from prompt_field and response_field."""
     fields = (spec.prompt_field, spec.response_field)
 
@@ -59,10 +59,10 @@ def read_prompt_response(path: Path, spec: SourceSpec, report: Report) -> Iterat
             hint = f"set data.{report.source}.{setting} to the field that holds the {role}'s turn"
             turns.append({"role": role, "content": _text(_get(record, key, hint), f"field {key!r}")})
         return turns
-    return _read(path, report, '{{"{}": "...", "{}": "..."}}'.format(*fields), parse, _contents)
+    return _read(path, report, '{{"{}": "...", "{}": "..."}}'.format(*fields), parse, message_contents)
 
 
-def read_preference(path: Path, spec: SourceSpec, report: Report) -> Iterator[tuple[str, Preference]]:
+def read_preference(path: Path, spec: Source, report: Report) -> Iterator[tuple[str, Preference]]:
     """(where, (prompt messages, chosen, rejected)) per record. The prompt is a string (one user
     turn) or a message list ending with the user's turn; chosen and rejected are strings, or
     TRL's conversational form: a list holding one assistant message."""
@@ -72,10 +72,10 @@ def read_preference(path: Path, spec: SourceSpec, report: Report) -> Iterator[tu
         if chosen == rejected:  # no preference to learn: the dpo loss would be constant
             raise _Bad("chosen and rejected are the same", "a preference pair needs two different replies")
         return messages, chosen, rejected
-    return _read(path, report, '{"prompt": "...", "chosen": "...", "rejected": "..."}', parse, _pair_contents)
+    return _read(path, report, '{"prompt": "...", "chosen": "...", "rejected": "..."}', parse, pair_contents)
 
 
-def read_unpaired(path: Path, spec: SourceSpec, report: Report) -> Iterator[tuple[str, Unpaired]]:
+def read_unpaired(path: Path, spec: Source, report: Report) -> Iterator[tuple[str, Unpaired]]:
     """(where, (prompt messages, completion, label)) per record: TRL's unpaired preference form,
     one reply judged on its own (KTO). prompt and completion are as in a preference record;
     label is true for a good reply, false for a bad one."""
@@ -86,10 +86,10 @@ def read_unpaired(path: Path, spec: SourceSpec, report: Report) -> Iterator[tupl
         if not isinstance(label, bool):
             raise _Bad(f"field 'label' is {json_type(label)}, not true or false", _UNPAIRED_HINT)
         return messages, completion, label
-    return _read(path, report, _UNPAIRED, parse, _unpaired_contents)
+    return _read(path, report, _UNPAIRED, parse, unpaired_contents)
 
 
-def read_prompt(path: Path, spec: SourceSpec, report: Report) -> Iterator[tuple[str, Prompt]]:
+def read_prompt(path: Path, spec: Source, report: Report) -> Iterator[tuple[str, Prompt]]:
     """(where, (prompt messages, answer or None)) per record: the prompt (a string, or messages
     ending with the user's turn), an optional system message, an optional reference answer."""
     key, answer_key = spec.prompt_field, spec.answer_field
@@ -107,26 +107,14 @@ def read_prompt(path: Path, spec: SourceSpec, report: Report) -> Iterator[tuple[
             messages = [{"role": "system", "content": _text(record["system"], "field 'system'")}] + messages
         answer = record.get(answer_key)
         return messages, None if answer is None else _text(answer, f"field {answer_key!r}")
-    return _read(path, report, like, parse, _prompt_contents)
+    return _read(path, report, like, parse, prompt_contents)
 
 
-_READERS = {"chat": read_chat, "prompt_response": read_prompt_response, "preference": read_preference,
-            "unpaired": read_unpaired, "prompt": read_prompt}
-
-
-def read_examples(path: Path, spec: SourceSpec, report: Report) -> Iterator[tuple[str, Messages | Preference]]:
-    """(where, example) per kept record of a conversation file: messages, or the tuples above
-    (Preference, Unpaired, Prompt)."""
-    return _READERS[spec.format](path, spec, report)
-
-
-def read_example_texts(path: Path, spec: SourceSpec, report: Report) -> Pieces:
-    """A document per example: its contents joined by newlines (formats.reader_for gives this
-    reader to tokenizer training, which must see the words the sft and dpo stages train on; the
-    chat tags are the tokenizer's own symbols and are not part of the text)."""
-    contents = {"preference": _pair_contents, "unpaired": _unpaired_contents,
-                "prompt": _prompt_contents}.get(spec.format, _contents)
-    for _, example in read_examples(path, spec, report):
+def read_example_texts(path: Path, spec: Source, report: Report, examples, contents) -> Pieces:
+    """A document per example: its contents joined by newlines (tokenizer training must see the
+    words the post-training stages train on; the chat tags are the tokenizer's own symbols and are
+    not part of the text). examples: the format's reader; contents: an example -> its texts."""
+    for _, example in examples(path, spec, report):
         yield "\n".join(contents(example)), True
 
 
@@ -144,22 +132,22 @@ def _read(path: Path, report: Report, like: str, parse: Callable, contents: Call
             yield where, example
 
 
-def _contents(messages: Messages) -> list[str]:
+def message_contents(messages: Messages) -> list[str]:
     return [m["content"] for m in messages]
 
 
-def _pair_contents(example: Preference) -> list[str]:
+def pair_contents(example: Preference) -> list[str]:
     prompt, chosen, rejected = example
-    return _contents(prompt) + [chosen, rejected]
+    return message_contents(prompt) + [chosen, rejected]
 
 
-def _unpaired_contents(example: Unpaired) -> list[str]:
-    return _contents(example[0]) + [example[1]]
+def unpaired_contents(example: Unpaired) -> list[str]:
+    return message_contents(example[0]) + [example[1]]
 
 
-def _prompt_contents(example: Prompt) -> list[str]:
+def prompt_contents(example: Prompt) -> list[str]:
     messages, answer = example
-    return _contents(messages) + ([answer] if answer else [])
+    return message_contents(messages) + ([answer] if answer else [])
 
 
 def _get(record: dict, key: str, hint: str):

@@ -1,8 +1,8 @@
 """Data sources: which files, in what order, how much of them, and which documents are kept.
 
-Reading a file of each format is formats.py's job; here are file discovery, the max_bytes budget,
-the length filter and what happens to bad records (on_error). A source never loads a whole corpus
-into memory: `iter_pieces` streams.
+Reading a file of each format is its reader's job (formats.py); here are file discovery, the
+max_bytes budget, the length filter and what happens to bad records (on_error). A source never
+loads a whole corpus into memory: `iter_pieces` streams.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError
-from .examples import read_example_texts
-from .formats import SUFFIXES, Reader, read_jsonl, read_lines, read_paragraphs, read_parquet, read_text_file
-from .spec import EXAMPLE_FORMATS, SourceSpec
+from .formats import FORMATS
+from .spec import SourceSpec
 from .world import FILES, ensure_world
 
 # Folders of the standard library that are test fixtures or tooling rather than ordinary code
@@ -51,7 +50,7 @@ def _matching(name: str, spec: SourceSpec, pattern: Path) -> list[Path]:
     if pattern.is_dir():
         # Hidden files and folders (.git, .DS_Store, editor swap files) are never data.
         # jsonl and parquet take only their own files from a folder (not a README beside them).
-        suffixes = SUFFIXES.get(spec.format, ("",))
+        suffixes = FORMATS[spec.format].suffixes
         files = [p for p in pattern.rglob("*") if p.is_file() and p.name.endswith(suffixes)
                  and not any(part.startswith(".") for part in p.relative_to(pattern).parts)]
         root = pattern
@@ -63,7 +62,7 @@ def _matching(name: str, spec: SourceSpec, pattern: Path) -> list[Path]:
         parts = pattern.parts
         root = Path(*parts[:next(i for i, part in enumerate(parts) if glob.has_magic(part) or i == len(parts) - 1)])
     if not files:
-        kinds = "/".join(SUFFIXES.get(spec.format, ()))
+        kinds = "/".join(FORMATS[spec.format].suffixes)
         what = f"a folder with no {kinds + ' ' if kinds else ''}files" if pattern.is_dir() else "no files"
         raise DataError(f"data.{name}.path: {spec.path!r} matches {what} (looked in {pattern})",
                         hint="check the path; relative paths are resolved against the recipe's folder")
@@ -85,7 +84,7 @@ def iter_pieces(name: str, spec: SourceSpec, base_dir: Path, skips: Skips | None
     comes whole; a long one in ~1 MB pieces cut at line ends, so none is ever held whole. Bad
     records (on_error: skip) and documents outside min_chars..max_chars are counted in `skips`."""
     report = SourceReport(name, spec, skips if skips is not None else Skips())
-    read = reader_for(spec)
+    read = FORMATS[spec.format].read
     budget = spec.max_bytes or sys.maxsize
     files = list_files(name, spec, base_dir)
     documents, inside = 0, False  # inside: a document's first pieces are out, not its last
@@ -166,14 +165,3 @@ class SourceReport:
             self.skips.filtered += 1
             return False
         return None
-
-
-def reader_for(spec: SourceSpec) -> Reader:
-    """The reader that yields a source's documents from one of its files."""
-    if spec.format in EXAMPLE_FORMATS:  # conversations: their text, for tokenizer training
-        return read_example_texts
-    if spec.format == "jsonl":
-        return read_jsonl
-    if spec.format == "parquet":
-        return read_parquet
-    return {"file": read_text_file, "paragraph": read_paragraphs, "line": read_lines}[spec.split]

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from ..core.values import Count, Float, Fraction, PositiveCount, Spec, parse_fraction
+from .formats import FORMATS
 
 # Built-in sources and the format/split/val_fraction their data comes in. The world-* sources are
 # one generated world (llmforge/data/world.py): facts to pretrain on, questions about them to
@@ -21,17 +22,14 @@ BUILTINS = {
 }
 
 
-EXAMPLE_FORMATS = ("chat", "prompt_response", "preference", "unpaired", "prompt")  # conversations, for post-training
-
-
 class SourceSpec(Spec):
     path: str | None = None  # file, directory or glob; relative to the recipe's folder
-    builtin: Literal["python-stdlib", "world-facts", "world-chat", "world-prefs", "world-questions"] | None = None
+    builtin: Literal[tuple(BUILTINS)] | None = None
     # text/jsonl/parquet: documents. chat: jsonl of {messages: [{role, content}]}. prompt_response:
     # jsonl with a prompt and a response field. preference: jsonl of {prompt, chosen, rejected}.
     # unpaired: jsonl of {prompt, completion, label} (label true: a good reply, false: a bad one; kto).
     # prompt: jsonl of {prompt, system (optional), answer (optional: the reference a verifier checks)}.
-    format: Literal["text", "jsonl", "parquet", "chat", "prompt_response", "preference", "unpaired", "prompt"] = "text"
+    format: Literal[tuple(FORMATS)] = "text"  # data/formats.py
     split: Literal["file", "paragraph", "line"] = "file"  # text: one document per file/blank-line block/line
     field: str | None = None  # jsonl: the field holding the text (default text); parquet: the column
     # (default text); chat: the field holding the message list (default messages)
@@ -62,11 +60,14 @@ class SourceSpec(Spec):
     def _one_origin(self):
         if (self.path is None) == (self.builtin is None):
             raise ValueError("give exactly one of path or builtin")
-        if self.split != "file" and self.format != "text":
-            raise ValueError(f"split applies to text sources, not {self.format}")
-        if self.field is not None and self.format in ("prompt_response", "preference", "unpaired", "prompt"):
+        keys = FORMATS[self.format].keys
+        if self.split != "file" and "split" not in keys:
+            having = ", ".join(name for name, f in FORMATS.items() if "split" in f.keys)
+            raise ValueError(f"split applies to {having} sources, not {self.format}")
+        if self.field is not None and "field" not in keys:
+            instead = [k for k in keys if k.endswith("_field")]
             raise ValueError(f"field does not apply to {self.format} data"
-                             + (" (use prompt_field and response_field)" if self.format == "prompt_response" else ""))
+                             + (f" (use {' and '.join(instead)})" if instead else ""))
         if self.max_chars is not None and self.max_chars < self.min_chars:
             raise ValueError(f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars})")
         return self
@@ -74,4 +75,4 @@ class SourceSpec(Spec):
     @property
     def text_field(self) -> str:
         """The jsonl field / parquet column with the text, or the chat field with the messages."""
-        return self.field or ("messages" if self.format == "chat" else "text")
+        return self.field or FORMATS[self.format].default_field

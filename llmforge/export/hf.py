@@ -1,7 +1,7 @@
 """A trained stage -> a Hugging Face `transformers` folder, and a transformers folder -> the
 model a run starts from; without importing transformers.
 
-Which families and how their configs and tensors map: families.py. Export writes the family
+Which families and how their configs and tensors map: model/families/. Export writes the family
 the model came as (or its preset's): config.json, generation_config.json, model.safetensors and
 the tokenizer with the chat template. A configuration the family cannot express is refused
 naming the option: never a silently different model.

@@ -14,7 +14,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from ..model.families import LLAMA_LAYER, family_of
+from ..model.families import FAMILIES, LLAMA_LAYER, family_of
 from ..store.final import check_language_model, read_model_config
 from .hf import check_out, write_folder
 
@@ -30,9 +30,9 @@ def export_adapter(final: Path, out: Path) -> tuple[str, dict]:
                               hint="export without --adapter: the stage's full model")
     cfg = read_model_config(final)
     family = family_of(cfg)
-    if family in ("gpt2", "phi3"):
-        raise CheckpointError(f"--adapter: {family} fuses {'q/k/v' if family == 'gpt2' else 'qkv and gate/up'} into "
-                              "one layer in transformers, so a LoRA on each projection has no PEFT form",
+    if fused := FAMILIES[family].fused:
+        raise CheckpointError(f"--adapter: {family} fuses {fused} into one layer in transformers, so a LoRA on "
+                              "each projection has no PEFT form",
                               hint="export without --adapter: the merged model")
     tensors, full = {}, {}
     for name, t in load_file(str(final / "adapter.safetensors")).items():

@@ -1,5 +1,5 @@
 """A local Hugging Face `transformers` folder -> (ModelConfig, tensors named as ours), without
-importing transformers. Which families and how they map: families.py. Never pickle."""
+importing transformers. Which families and how they map: families/. Never pickle."""
 
 from __future__ import annotations
 

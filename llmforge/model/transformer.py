@@ -1,6 +1,6 @@
 """A decoder-only transformer in one file, in the spirit of nanoGPT's model.py.
 
-ModelConfig switches between the GPT-2 and LLaMA families (see PRESETS), with the options the
+ModelConfig switches between the GPT-2 and LLaMA families (see families/), with the options the
 open models built on LLaMA add: biases on q/k/v only (Qwen2), RMSNorm on each head's queries and
 keys and a head size of its own (Qwen3), Llama 3's rope scaling, a sliding attention window
 (Mistral, Phi-3). No I/O, devices,
@@ -146,18 +146,6 @@ class ModelConfig:
         if "family" not in d:  # written before families: the preset's
             d = d | {"family": "gpt2" if d.get("norm") == "layernorm" else "llama"}
         return cls(**d)
-
-
-_LLAMA = dict(norm="rmsnorm", positions="rope", mlp="swiglu", bias=False, tie_embeddings=False)
-# A preset is an architecture; the name is also the Hugging Face family it exports as.
-PRESETS: dict[str, dict] = {
-    "llama": _LLAMA | dict(family="llama"),
-    "gpt2": dict(norm="layernorm", positions="learned", mlp="gelu", bias=True, tie_embeddings=True, family="gpt2"),
-    "qwen2": _LLAMA | dict(qkv_bias=True, family="qwen2"),
-    "qwen3": _LLAMA | dict(qk_norm=True, family="qwen3"),
-    "mistral": _LLAMA | dict(family="mistral"),
-    "phi3": _LLAMA | dict(family="phi3"),
-}
 
 
 class KVCache:

@@ -131,24 +131,24 @@ def checkpoint_bytes(sp) -> int:
     return sp.trainable_params * 12
 
 
-def disk_warnings(plan, run_dir: Path) -> tuple[str, ...]:
+def disk_warnings(stages, params: int, run_dir: Path) -> list[str]:
     """A warning when the disk under run_dir cannot hold what the stages still to run keep: each
     its newest checkpoint.keep checkpoints and its final weights, plus one checkpoint in the making."""
     needed = largest = 0
-    for sp in plan.stages:
+    for sp in stages:
         if (run_dir / "stages" / sp.dir_name / "final" / "model.safetensors").is_file():
             continue
         saves = (sp.steps - 1) // sp.checkpoint_every + 1 if sp.checkpoint_every else 1  # the last step's too
-        needed += min(sp.checkpoint_keep, saves) * checkpoint_bytes(sp) + plan.params * 4
+        needed += min(sp.checkpoint_keep, saves) * checkpoint_bytes(sp) + params * 4
         largest = max(largest, checkpoint_bytes(sp))
     folder = run_dir
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     if needed + largest <= free:
-        return ()
+        return []
     def size(n: float) -> str:
         return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-    return (f"{run_dir}: the disk has {size(free)} free, and the stages still to run keep about "
+    return [f"{run_dir}: the disk has {size(free)} free, and the stages still to run keep about "
             f"{size(needed + largest)} of checkpoints and final weights; the run would stop when it fills "
-            "(lower checkpoint.keep, free space, or pick another --run-dir)",)
+            "(lower checkpoint.keep, free space, or pick another --run-dir)"]

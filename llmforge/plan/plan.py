@@ -11,17 +11,19 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from ..core.values import resolve_percent
 from ..data.sampler import windows_per_epoch
 from ..errors import PlanError
-from ..model.transformer import PRESETS, ModelConfig
+from ..model.families import PRESETS
+from ..model.transformer import ModelConfig
 from ..optim import OPTIMIZERS
 from ..recipe.schema import Recipe
 from ..stages import KINDS
 from .adapter import plan_adapter
 from .devices import Device
-from .estimates import choose_micro_batch, estimate_memory, estimate_time, memory_budget
+from .estimates import choose_micro_batch, disk_warnings, estimate_memory, estimate_time, memory_budget
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,11 @@ def model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:
 
 
 def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceStats], device: Device,
-                 world_size: int = 1, tokenizer_fingerprint: str | None = None) -> Plan:
+                 world_size: int = 1, tokenizer_fingerprint: str | None = None, previews: dict | None = None,
+                 run_dir: Path | None = None) -> Plan:
+    """The frozen plan, everything it shows computed here: previews (sft/dpo stage name -> an example
+    as the chat template renders it) come from the caller, which reads the data; with run_dir, a
+    warning when its disk cannot hold what the stages will keep (none for another machine's disk)."""
     cfg = model_config(recipe, vocab_size)
     params = cfg.num_params()
     parallel = _choose_parallel(recipe, cfg, device, world_size)
@@ -158,9 +164,11 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
     warnings = [f"data.{s.name}: no held-out {what} of seq_len+1 = {sp.seq_len + 1} tokens; "
                 f"stage {sp.name} cannot eval on it"
                 for sp in stages for s in sp.mix for what in [_held_out_fits(sp, sources[s.name], recipe.seed)] if what]
+    if run_dir is not None:
+        warnings += disk_warnings(stages, params, run_dir)
     return Plan(recipe.name, recipe.seed, device, cfg, params, cfg.num_params(exclude_embeddings=True),
                 cfg.flops_per_token(), tuple(stages), world_size, parallel, tuple(dict.fromkeys(warnings)),
-                model_init=recipe.model.init.hf if recipe.model.init else None)
+                model_init=recipe.model.init.hf if recipe.model.init else None, previews=previews or {})
 
 
 def plan_stage(recipe: Recipe, index: int, *, vocab_size: int, sources: dict[str, SourceStats], device: Device,

@@ -16,8 +16,8 @@ def import_model(data: dict, base_dir: Path) -> list[tuple[Loc, str]]:
     if not isinstance(init, dict) or not isinstance(init.get("hf"), str):
         return []  # absent, or malformed: the schema says what is wrong
     from ..errors import CheckpointError
+    from ..model.families import PRESETS
     from ..model.hf import recipe_model
-    from ..model.transformer import PRESETS
 
     folder = (base_dir / Path(init["hf"]).expanduser()).resolve()
     try:

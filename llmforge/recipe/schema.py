@@ -36,6 +36,7 @@ from ..core.values import (
     StepsOrPercent,
 )
 from ..data.spec import SourceSpec
+from ..model.families import FAMILIES, PRESETS
 from ..optim import OPTIMIZERS
 from ..stages import KINDS
 from ..tasks import TASKS
@@ -129,7 +130,7 @@ class ModelSpec(Spec):
     init: ModelInitSpec | None = None
     # The architecture, and the Hugging Face family `export` writes: llama, gpt2, qwen2 (llama with
     # q/k/v biases), qwen3 (llama with q/k norms), mistral and phi3 (llama; a sliding window if set).
-    preset: Literal["llama", "gpt2", "qwen2", "qwen3", "mistral", "phi3"] = "llama"
+    preset: Literal[tuple(FAMILIES)] = "llama"
     n_layer: Int = Field(gt=0)
     n_head: Int = Field(gt=0)
     n_embd: Int = Field(gt=0)
@@ -160,7 +161,7 @@ class ModelSpec(Spec):
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or give head_dim")
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
-        positions = self.positions or ("learned" if self.preset == "gpt2" else "rope")
+        positions = self.positions or PRESETS[self.preset]["positions"]
         head = self.head_dim or self.n_embd // self.n_head
         if positions == "rope" and head % 2:
             raise ValueError(f"rope needs an even head size; it is {head}")

@@ -22,7 +22,7 @@ from ..model import adapters
 from ..model.weights import load_weights, set_weights
 from ..optim import build_optimizer, lr_at
 from ..plan.plan import Plan, StagePlan
-from ..stages import KINDS
+from ..stages import KINDS, Kind
 from ..store.checkpoint import (
     by_name,
     clean_temporary,
@@ -118,17 +118,16 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
     if device.type == "cuda":  # fp32 matmuls (outside autocast) on tensor cores, as TF32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     root = stage_dir(ctx.run_dir, sp)
-    objective = KINDS[sp.kind].objective(sp, ctx.tokenizer, ctx.template, plan.seed)
-    amp = autocast(plan.device)
     identity = _identity(ctx, sp) | adapters.base_stamp(init_from, sp.adapter)
-    model, train, evals, resumed = d.together(lambda: _setup(ctx, sp, init_from, identity, objective, amp))
+    model, stage, resumed = d.together(lambda: _setup(ctx, sp, init_from, identity))
+    objective, amp = stage.objective, stage.amp
     checkpoint = resumed[0].name if resumed else None
     d.together(lambda: d.same(checkpoint, f"the checkpoint stage {sp.name} resumes from"))
     if d.world > 1:  # rank 0 prepared the stage (dpo: the reference's log-probs); the others read it
         d.together(lambda: d.main or objective.prepare(root, stage_inputs(ctx.tokenizer, ctx.sources, sp),
-                                                       train, evals))
-    evals = eval_batches(evals)
-    sampler = Sampler([(train[s.name], s.weight) for s in sp.mix], sp.global_batch, plan.seed, sp.index)
+                                                       stage.train, stage.evals))
+    evals = eval_batches(stage.evals)
+    sampler = Sampler([(stage.train[s.name], s.weight) for s in sp.mix], sp.global_batch, plan.seed, sp.index)
     names = adapters.saved_names(model, sp.adapter)  # before wrapping: a tied tensor's name; an adapter's alone
     step_model = distributed.wrap(model, plan.parallel, d, device, compile=plan.device.compile,
                                   bf16=device.type == "cuda" and plan.device.precision == "bf16")
@@ -182,9 +181,9 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
     ctx.reporter.stage_end(sp)
 
 
-def _setup(ctx: Context, sp: StagePlan, init_from: Path | None, identity: dict, objective, amp):
-    """Build the stage's model at its starting weights (rank 0 prepares the stage from them: dpo's
-    reference), its row sources, and load the latest complete checkpoint's weights if any."""
+def _setup(ctx: Context, sp: StagePlan, init_from: Path | None, identity: dict):
+    """Build the stage's model at its starting weights and the stage (rank 0 prepares it from them:
+    dpo's reference), and load the latest complete checkpoint's weights if any."""
     device, root = torch.device(ctx.plan.device.type), stage_dir(ctx.run_dir, sp)
     if ctx.dist.main:
         clean_temporary(root)
@@ -200,11 +199,12 @@ def _setup(ctx: Context, sp: StagePlan, init_from: Path | None, identity: dict, 
     model.to(device)
     if sp.adapter:  # frozen from here; LoRA's A drawn from the seed set above, B zero
         adapters.apply(model, sp.adapter, trainable=kind.fresh, lm_head=kind.generates)
-    train, evals = stage_rows(ctx.sources, sp, ctx.plan.seed)
+    stage = build_stage(sp, ctx.plan.device, ctx.tokenizer, ctx.template, ctx.sources, ctx.plan.seed)
     if ctx.dist.main:  # before resuming: from the stage's starting weights
         with ctx.reporter.busy(f"stage {sp.name}: preparing ({sp.kind})"):
-            objective.prepare(root, stage_inputs(ctx.tokenizer, ctx.sources, sp), train, evals, model, device, amp)
-    objective.start(model, root, device)
+            stage.objective.prepare(root, stage_inputs(ctx.tokenizer, ctx.sources, sp), stage.train, stage.evals,
+                                    model, device, stage.amp)
+    stage.objective.start(model, root, device)
     resumed = None
     found = latest_checkpoint(root / "checkpoints", ctx.reporter.note)  # damaged ones passed over, named
     if found:
@@ -222,7 +222,7 @@ def _setup(ctx: Context, sp: StagePlan, init_from: Path | None, identity: dict, 
         frozen = tuple(n for n in model.state_dict() if n not in saved)
         set_weights(model, weights, path / "model.safetensors", frozen)
         resumed = (path, optimizer_state, state)
-    return model, train, evals, resumed
+    return model, stage, resumed
 
 
 def _finish(ctx: Context, sp: StagePlan, root: Path, model, weights: dict, last_eval: dict) -> None:
@@ -247,6 +247,25 @@ def _finish(ctx: Context, sp: StagePlan, root: Path, model, weights: dict, last_
     if adapter is not None:  # which weights it is an update to
         config["adapter"] = adapters.record(sp.adapter, sp.init, ctx.plan.model_init)
     write_final(root / "final", weights, config, results, ctx.tokenizer.files, adapter)
+
+
+@dataclass
+class Stage:
+    """A stage's parts, however its model's weights are got (trained here, or a finished stage's in
+    `llmforge eval`): its kind, objective and autocast, and per mixed source its training row source
+    and its held-out (row source, rows to evaluate), as stage_rows makes them."""
+    kind: Kind
+    objective: object
+    amp: object
+    train: dict
+    evals: dict
+
+
+def build_stage(sp: StagePlan, device, tokenizer, template, sources: dict, seed: int) -> Stage:
+    """The one place a stage is assembled, for the engine and for `llmforge eval` alike."""
+    kind = KINDS[sp.kind]
+    train, evals = stage_rows(sources, sp, seed)
+    return Stage(kind, kind.objective(sp, tokenizer, template, seed), autocast(device), train, evals)
 
 
 def stage_rows(sources: dict, sp: StagePlan, seed: int) -> tuple[dict, dict]:

@@ -16,16 +16,17 @@ import torch
 import yaml
 
 from ..data.cache import prepare_source
-from ..errors import CheckpointError
+from ..errors import CheckpointError, RecipeError
 from ..plan.devices import detect_device
 from ..plan.plan import plan_stage
 from ..recipe.loader import validate_recipe
-from ..stages import KINDS
 from ..store.final import check_language_model, find_stage, load_model
+from ..tasks import TASKS, run_tasks
 from ..text.templates import template_from_spec
 from ..text.tokenizer_json import load_tokenizer
-from .engine import eval_batches, evaluate, stage_inputs, stage_rows
-from .step import autocast
+from .engine import build_stage, eval_batches, stage_inputs
+from .prepare import source_stats
+from .step import evaluate
 
 
 def load_run_recipe(run_dir: Path):
@@ -42,6 +43,8 @@ def load_run_recipe(run_dir: Path):
 def evaluate_stage(run_dir: Path, stage: str | None, tasks: list[str] | None = None, reporter=None) -> dict:
     """Held-out metrics of a stage's final weights (val loss/bpb; for dpo, reward accuracy against
     its reference) plus its task evals (the recipe's eval.tasks, or `tasks`)."""
+    if unknown := [t for t in tasks or [] if t not in TASKS]:
+        raise RecipeError([f"--task: unknown task {unknown[0]!r}"], hint=f"known: {', '.join(TASKS)}")
     final = find_stage(run_dir, stage)
     recipe = load_run_recipe(run_dir)
     name = json.loads((final / "config.json").read_text())["stage"]
@@ -54,24 +57,18 @@ def evaluate_stage(run_dir: Path, stage: str | None, tasks: list[str] | None = N
     for src in spec.mix:
         with _task(reporter, f"preparing {src}"):
             sources[src] = prepare_source(src, recipe.data[src], recipe.base_dir, tokenizer, template=template)
-    from .prepare import source_stats
-
     stats = {n: source_stats(s) for n, s in sources.items()}
     sp = plan_stage(recipe, recipe.stages.index(spec), vocab_size=tokenizer.vocab_size, sources=stats,
                     device=device, tokenizer_fingerprint=tokenizer.fingerprint)
-    kind = KINDS[sp.kind]
-    model = load_model(final, kind.build_model, device.type)
-    objective, amp = kind.objective(sp, tokenizer, template, recipe.seed), autocast(device)
-    train, evals = stage_rows(sources, sp, recipe.seed)
+    stage = build_stage(sp, device, tokenizer, template, sources, recipe.seed)
+    model = load_model(final, stage.kind.build_model, device.type)
     # What the run prepared (dpo: its reference's log-probs; the final weights are not the reference).
-    objective.prepare(final.parent, stage_inputs(tokenizer, sources, sp), train, evals)
-    objective.start(model, final.parent, torch.device(device.type))  # grpo: its reward models
-    evals = eval_batches(evals)
-    results = {"stage": name} | evaluate(model, objective, evals, sp.micro_batch, torch.device(device.type), amp)
+    stage.objective.prepare(final.parent, stage_inputs(tokenizer, sources, sp), stage.train, stage.evals)
+    stage.objective.start(model, final.parent, torch.device(device.type))  # grpo: its reward models
+    results = {"stage": name} | evaluate(model, stage.objective, eval_batches(stage.evals), sp.micro_batch,
+                                         torch.device(device.type), stage.amp)
     names = sp.tasks if tasks is None else tasks
     if names:
-        from ..tasks import run_tasks
-
         check_language_model(final)  # task evals generate replies
 
         with _task(reporter, f"task evals: {', '.join(names)}"):

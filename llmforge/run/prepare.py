@@ -3,7 +3,6 @@ data preparation and the plan. Also the cheap plan-only path behind `llmforge pl
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -17,7 +16,6 @@ from ..data.cache import find_source, prepare_source
 from ..data.sources import iter_documents, list_files
 from ..errors import RecipeError, TokenizerError
 from ..plan.devices import Device, detect_device
-from ..plan.estimates import disk_warnings
 from ..plan.plan import Plan, SourceStats, compile_plan
 from ..recipe.loader import diff_recipes
 from ..recipe.schema import Recipe, dump_recipe
@@ -64,8 +62,7 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False, 
                                            reporter.note)
     plan = compile_plan(recipe, vocab_size=tokenizer.vocab_size, world_size=dist.world,
                         sources={n: source_stats(s) for n, s in sources.items()}, device=device,
-                        tokenizer_fingerprint=tokenizer.fingerprint)
-    plan = dataclasses.replace(plan, previews=previews(recipe), warnings=plan.warnings + disk_warnings(plan, run_dir))
+                        tokenizer_fingerprint=tokenizer.fingerprint, previews=previews(recipe), run_dir=run_dir)
     if not follower:
         _write_atomic(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1))
     return Context(plan, run_dir, tokenizer, sources, template=template, reporter=reporter, lock=lock, dist=dist)
@@ -135,16 +132,15 @@ def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1, processes:
             val = int(tokens * spec.val_fraction)
             stats[name] = SourceStats(len(files), tokens - val, val, estimated=True)
     vocab = tokenizer.vocab_size if tokenizer else recipe.tokenizer.vocab_size
-    plan = compile_plan(recipe, vocab_size=vocab, sources=stats, device=device, world_size=world_size,
-                        tokenizer_fingerprint=tokenizer.fingerprint if tokenizer else None)
-    disk = disk_warnings(plan, run_dir) if not target else ()  # this disk says nothing of another machine's
-    return dataclasses.replace(plan, previews=previews(recipe), warnings=plan.warnings + disk)
+    return compile_plan(recipe, vocab_size=vocab, sources=stats, device=device, world_size=world_size,
+                        tokenizer_fingerprint=tokenizer.fingerprint if tokenizer else None, previews=previews(recipe),
+                        run_dir=None if target else run_dir)  # this disk says nothing of another machine's
 
 
 def previews(recipe: Recipe) -> dict:
     """For each stage on chat data, its first source's first example rendered by the chat
     template, with the learned spans marked (a dpo pair shows the chosen reply, then the rejected)."""
-    from ..data.examples import read_examples
+    from ..data.formats import read_examples
     from ..data.sources import Skips, SourceReport
 
     template = recipe_template(recipe)

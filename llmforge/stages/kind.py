@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..core.values import Spec
+from ..data.formats import FORMATS
 from ..data.rows import PairRows
 from ..model.transformer import Transformer
 
@@ -131,7 +132,8 @@ class PairKind(Kind):
     learns = "response token (or chosen and rejected equal once cut)"
 
     def sequences(self, options, data_format=None):
-        return 1 if data_format == "unpaired" else 2  # unpaired (kto): one reply a row
+        # A pair is two sequences; unpaired replies (kto) one a row: as many as each example becomes.
+        return FORMATS[data_format].per_example if data_format else 2
 
     def rows(self, examples, seq_len, options, seed, overlong=None):
         return PairRows(examples, seq_len, overlong=overlong or options.overlong, seed=seed)

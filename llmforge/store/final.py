@@ -82,6 +82,16 @@ def final_template(final: Path) -> ChatTemplate | None:
     return template_from_spec(spec)
 
 
+def chat_template(final: Path) -> ChatTemplate:
+    """The chat template a stage was trained with, which chatting with it needs."""
+    template = final_template(final)
+    if template is None:
+        raise CheckpointError(f"{final.parent.name} was trained without a chat template",
+                              hint="chat needs a recipe with tokenizer.chat_template and an sft stage; "
+                                   "use `llmforge sample` to continue plain text")
+    return template
+
+
 def write_final(final: Path, weights: dict, config: dict, results: dict, files: dict[str, bytes],
                 adapter: dict | None = None) -> None:
     """The stage's loadable model: weights, config.json (`config`), the tokenizer's `files` and its
