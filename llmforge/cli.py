@@ -132,7 +132,7 @@ def _run(recipe: Path, run_dir: Path | None, overrides: list[str], restart: bool
         reporter.close()
     if d.main:
         from .output.progress import render_results
-        from .store.final import stage_results
+        from .store.runs import stage_results
 
         render_results(stage_results(ctx.run_dir), reporter.console)
         how = f"llmforge chat {ctx.run_dir}" if ctx.template else f"llmforge sample {ctx.run_dir} --prompt ..."

@@ -105,6 +105,7 @@ def test_no_module_outside_a_registry_branches_on_a_member():
     """Each axis that is a registry keeps its members' names to itself: outside its folder, no
     comparison with a member's name (kind == "dpo", task in ("world-qa", ...)), no table keyed by
     one, no lookup by one. (stages/ is held to the same by tests/test_kinds.py.)"""
+    from llmforge.data.builtins import BUILTINS
     from llmforge.data.formats import FORMATS
     from llmforge.model.families import FAMILIES
     from llmforge.optim import OPTIMIZERS
@@ -114,7 +115,7 @@ def test_no_module_outside_a_registry_branches_on_a_member():
 
     axes = {"stage kind": (KINDS, "stages/"), "task": (TASKS, "tasks/"), "device": (TARGETS, "plan/devices.py"),
             "family": (FAMILIES, "model/families/"), "optimizer": (OPTIMIZERS, "optim/"),
-            "data format": (FORMATS, "data/formats.py")}
+            "data format": (FORMATS, "data/formats.py"), "built-in source": (BUILTINS, "data/builtins.py")}
     # Format names double as record fields ("prompt"): for them, comparisons alone are branches.
     compared_only = {"data format"}
     named = []

@@ -10,33 +10,20 @@ from __future__ import annotations
 import glob
 import hashlib
 import sys
-import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError
+from .builtins import BUILTINS
 from .formats import FORMATS
 from .spec import SourceSpec
-from .world import FILES, ensure_world
-
-# Folders of the standard library that are test fixtures or tooling rather than ordinary code
-# (some hold deliberately broken files) or generated tables (codecs, pydoc topics); leaving them
-# out keeps the built-in corpus ordinary, human-written code.
-_STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "lib2to3", "__pycache__",
-                "encodings", "pydoc_data"}
 
 
 def list_files(name: str, spec: SourceSpec, base_dir: Path) -> list[Path]:
     """The source's files, in the order their documents are read."""
-    if spec.builtin and spec.builtin.startswith("world-"):  # generated once into the cache
-        kind = {"world-facts": "facts", "world-chat": "chat", "world-prefs": "prefs",
-                "world-questions": "questions"}[spec.builtin]
-        return [ensure_world() / next(f for f in FILES if f.startswith(kind))]
-    if spec.builtin == "python-stdlib":
-        root = Path(sysconfig.get_paths()["stdlib"])
-        files = [p for p in root.rglob("*.py") if not _STDLIB_SKIP.intersection(p.relative_to(root).parts)]
-        return _shuffled(files, root)
+    if spec.builtin:
+        return _shuffled(*BUILTINS[spec.builtin].files())
     pattern = Path(spec.path).expanduser()
     pattern = pattern if pattern.is_absolute() else base_dir / pattern
     try:

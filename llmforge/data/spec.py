@@ -8,23 +8,13 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from ..core.values import Count, Float, Fraction, PositiveCount, Spec, parse_fraction
+from .builtins import BUILTINS
 from .formats import FORMATS
-
-# Built-in sources and the format/split/val_fraction their data comes in. The world-* sources are
-# one generated world (llmforge/data/world.py): facts to pretrain on, questions about them to
-# fine-tune on, preference pairs; their last 20% of examples are about people never trained on.
-BUILTINS = {
-    "python-stdlib": {"format": "text"},
-    "world-facts": {"format": "text", "split": "paragraph"},
-    "world-chat": {"format": "chat", "val_fraction": 0.2},
-    "world-prefs": {"format": "preference", "val_fraction": 0.2},
-    "world-questions": {"format": "prompt", "val_fraction": 0.2},
-}
 
 
 class SourceSpec(Spec):
     path: str | None = None  # file, directory or glob; relative to the recipe's folder
-    builtin: Literal[tuple(BUILTINS)] | None = None
+    builtin: Literal[tuple(BUILTINS)] | None = None  # data/builtins.py
     # text/jsonl/parquet: documents. chat: jsonl of {messages: [{role, content}]}. prompt_response:
     # jsonl with a prompt and a response field. preference: jsonl of {prompt, chosen, rejected}.
     # unpaired: jsonl of {prompt, completion, label} (label true: a good reply, false: a bad one; kto).
@@ -48,7 +38,7 @@ class SourceSpec(Spec):
     def _builtin_defaults(cls, data):
         """A built-in source's data comes in one format: fill it in, refuse a contradiction."""
         if isinstance(data, dict) and isinstance(data.get("builtin"), str) and data["builtin"] in BUILTINS:
-            fixed = BUILTINS[data["builtin"]]
+            fixed = BUILTINS[data["builtin"]].settings
             for key, value in fixed.items():
                 given = parse_fraction(data.get(key, value)) if key == "val_fraction" else data.get(key, value)
                 if given != value:

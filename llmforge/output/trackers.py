@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from ..store.runs import stage_results
+
 EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
@@ -109,8 +111,6 @@ class Trackers:
         """Every finished stage's final figures (final/eval.json), as one table."""
         if not self.live:
             return
-        from ..store.final import stage_results
-
         self._each("results", self.offsets.get(stage, 0) + steps, stage_results(self.run_dir))
 
     def close(self) -> None:

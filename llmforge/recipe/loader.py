@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ..data.spec import BUILTINS
+from ..data.builtins import BUILTINS
 from ..errors import RecipeError
 from ..stages import KINDS
 from .extends import read_recipe
@@ -328,7 +328,8 @@ def _format(source) -> str:
     if not isinstance(source, dict):
         return "text"
     builtin = source.get("builtin")
-    return source.get("format") or (BUILTINS.get(builtin, {}) if isinstance(builtin, str) else {}).get("format", "text")
+    fixed = BUILTINS[builtin].settings if isinstance(builtin, str) and builtin in BUILTINS else {}
+    return source.get("format") or fixed.get("format", "text")
 
 
 def _unknown_source(name, sources) -> str:

@@ -114,14 +114,3 @@ def write_final(final: Path, weights: dict, config: dict, results: dict, files: 
     durable.publish(tmp, final)
 
 
-def stage_results(run_dir: Path) -> list[dict]:
-    """Each finished stage's final eval results, as saved when it finished (final/eval.json)."""
-    out = []
-    for final in sorted((run_dir / "stages").glob("*/final")):
-        try:
-            results = json.loads((final / "eval.json").read_text())
-            config = json.loads((final / "config.json").read_text())
-        except (OSError, ValueError):
-            continue
-        out.append({"stage": config["stage"], "kind": config["kind"]} | results)
-    return out

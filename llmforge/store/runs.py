@@ -120,3 +120,16 @@ def _json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def stage_results(run_dir: Path) -> list[dict]:
+    """Each finished stage's final eval results, as saved when it finished (final/eval.json)."""
+    out = []
+    for final in sorted((run_dir / "stages").glob("*/final")):
+        try:
+            results = json.loads((final / "eval.json").read_text())
+            config = json.loads((final / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        out.append({"stage": config["stage"], "kind": config["kind"]} | results)
+    return out
