@@ -92,3 +92,32 @@ def test_shakespeare_recipe_trains_and_logs_time(tmp_path):
     evals = [r for r in records if "val_bpb" in r]
     assert [r["step"] for r in evals] == [0, 10, 20] and evals[-1]["val_bpb"] < evals[0]["val_bpb"]
     assert all(r["time"] >= records[0]["time"] for r in records)
+
+
+def test_an_optimizer_that_cannot_shard_is_refused_under_fsdp_and_auto_picks_ddp(tmp_path):
+    """Muon declares it cannot train sharded (it orthogonalizes whole matrices): the plan says so
+    under runtime.parallel: fsdp, and auto keeps it on ddp where adamw would shard to fit."""
+    from llmforge.errors import PlanError
+    from llmforge.optim import OPTIMIZERS
+    from llmforge.plan.devices import Device
+    from llmforge.plan.estimates import estimate_memory
+    from llmforge.plan.plan import SourceStats, compile_plan, model_config
+    from llmforge.recipe.loader import load_recipe
+
+    assert [name for name, o in OPTIMIZERS.items() if not o.shards] == ["muon"]
+    (tmp_path / "recipe.yaml").write_text(TINY_RECIPE.format(steps=10, every=5))
+    big = ["model.n_embd=512", "model.n_layer=8", "model.n_head=8"]
+    need = estimate_memory(model_config(load_recipe(tmp_path / "recipe.yaml", big), 320), 1, 32, "fp32", cpu=True)
+
+    def plan(*overrides):
+        recipe = load_recipe(tmp_path / "recipe.yaml", [*big, *overrides])
+        device = Device("cpu", "cpu", int(need / 0.6 * 0.85), "fp32", False, 1, None)  # ddp does not fit
+        return compile_plan(recipe, vocab_size=320, sources={"corpus": SourceStats(1, 10**6, 10**4)},
+                            device=device, world_size=2)
+
+    assert plan().parallel == "fsdp"  # adamw shards to fit
+    with pytest.raises(PlanError, match=r"stages\[0\].optimizer.name: muon orthogonalizes whole matrices, which "
+                                        "fsdp shards"):
+        plan("stages[0].optimizer.name=muon", "runtime.parallel=fsdp")
+    with pytest.raises(PlanError, match="to train even at micro-batch 1"):
+        plan("stages[0].optimizer.name=muon")  # auto keeps muon whole: on ddp it does not fit

@@ -64,3 +64,15 @@ def test_communication_bounds_a_step_on_a_slow_link():
 def test_the_documented_table_is_the_one_the_plan_uses():
     assert table() in (REPO / "docs/targets.md").read_text(), "docs/targets.md: paste llmforge.plan.devices.table()"
     assert parse_target("A100-80Gx4") == ("a100-80g", 4) and set(TARGETS) >= {"h100", "h200", "4090"}
+
+
+def test_a_detected_gpu_takes_its_peak_from_the_device_table():
+    """detect_device and --target read one table: a GPU's peak comes from the first row whose
+    name torch reports it by contains (an A10G is not an A100)."""
+    from llmforge.plan.devices import peak_flops
+
+    assert peak_flops("cuda", "NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert peak_flops("cuda", "NVIDIA A100-SXM4-40GB", "bf16") == 312e12
+    assert peak_flops("cuda", "NVIDIA A10G", "bf16") == 125e12
+    assert peak_flops("cuda", "NVIDIA A100-SXM4-40GB", "fp32") == 156e12  # TF32: about half
+    assert peak_flops("cuda", "Tesla T4", "bf16") is None and peak_flops("cpu", "CPU (2 threads)", "fp32") is None

@@ -8,20 +8,8 @@ import re
 import pytest
 
 from llmforge.data import world
-from llmforge.data.world import (
-    ATTRIBUTES,
-    FILES,
-    FILLERS,
-    NAMES,
-    PHRASINGS,
-    VALUES,
-    answer,
-    ensure_world,
-    held_out_people,
-    people,
-    qa_prompts,
-    score_reply,
-)
+from llmforge.data.world import (ATTRIBUTES, FILES, FILLERS, NAMES, PHRASINGS, VALUES, answer, ensure_world,
+                                 held_out_people, people, qa_prompts, score_reply)
 
 HELD = {p["name"] for p in held_out_people()}
 NAME_RE = re.compile(r"\b(" + "|".join(NAMES) + r")\b")

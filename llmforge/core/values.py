@@ -6,14 +6,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, Union
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    WithJsonSchema,
-)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 # Decimal suffixes for budgets ("200M" tokens), binary ones where powers of two matter
 # ("128Ki" batch tokens = 131072, which divides any power-of-two seq_len).

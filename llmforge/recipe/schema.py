@@ -12,29 +12,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import (
-    BeforeValidator,
-    Discriminator,
-    Field,
-    PrivateAttr,
-    Tag,
-    WithJsonSchema,
-    create_model,
-    model_validator,
-)
+from pydantic import (BeforeValidator, Discriminator, Field, PrivateAttr, Tag, WithJsonSchema, create_model,
+                      model_validator)
 
-from ..core.values import (
-    AutoOrPositive,
-    Count,
-    Float,
-    Fraction,
-    Int,
-    Name,
-    NumberOrPercent,
-    PositiveCount,
-    Spec,
-    StepsOrPercent,
-)
+from ..core.values import (AutoOrPositive, Count, Float, Fraction, Int, Name, NumberOrPercent, PositiveCount, Spec,
+                           StepsOrPercent)
 from ..data.spec import SourceSpec
 from ..model.families import FAMILIES, PRESETS
 from ..optim import OPTIMIZERS

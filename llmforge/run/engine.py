@@ -23,14 +23,8 @@ from ..model.weights import load_weights, set_weights
 from ..optim import build_optimizer, lr_at
 from ..plan.plan import Plan, StagePlan
 from ..stages import KINDS, Kind
-from ..store.checkpoint import (
-    by_name,
-    clean_temporary,
-    latest_checkpoint,
-    list_checkpoints,
-    save_checkpoint,
-    set_rng_state,
-)
+from ..store.checkpoint import (by_name, clean_temporary, latest_checkpoint, list_checkpoints, save_checkpoint,
+                                set_rng_state)
 from ..store.final import write_final
 from . import distributed
 from .distributed import Dist
