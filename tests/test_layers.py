@@ -88,11 +88,18 @@ def test_each_layer_imports_only_the_layers_below_it():
     assert not upward, upward
 
 
-def test_the_readme_layout_lists_the_layers_bottom_up():
+def test_the_readme_layout_lists_the_layers_bottom_up_with_what_each_imports():
     section = README.read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| `([a-z_]+)(?:/|\.py)`", section, flags=re.M)
+    rows = dict(re.findall(r"^\| `([a-z_]+)(?:/|\.py)` \|.*\| ([^|]+) \|$", section, flags=re.M))
     roof = ("cli", "reference", "__main__")
     assert [r for r in rows if r not in roof] == [layer for layer in LAYERS if layer not in roof]
+    uses: dict[str, set] = {}
+    for mod, dest, _ in _imports(_modules()):
+        if _layer(mod) != _layer(dest):
+            uses.setdefault(_layer(mod), set()).add(_layer(dest))
+    for layer, listed in rows.items():
+        actual = ", ".join(sorted(uses.get(layer, ()), key=LAYERS.index)) or "nothing of llmforge"
+        assert listed.strip() == actual, f"README.md's Layout: {layer} imports {actual}"
 
 
 def _names(node, members) -> list[str]:
