@@ -22,8 +22,10 @@ LLAMA_LAYER = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layer
 class LlamaLike(Family):
     bias = False  # biases on every linear layer, when the model has them
 
-    def __init__(self, name: str, hf_class: str, **preset):
-        self.name, self.hf_class, self.preset = name, hf_class, _ARCH | preset | {"family": name}
+    def __init__(self, name: str, hf_class: str):
+        self.name, self.hf_class = name, hf_class
+        # What the family always has is what its preset switches on.
+        self.preset = _ARCH | {k: True for k in ("qkv_bias", "qk_norm") if getattr(self, k)} | {"family": name}
 
     def problems(self, cfg: ModelConfig) -> list[tuple[str, str]]:
         out = []
@@ -170,7 +172,7 @@ class Phi3(Mistral):
 
 
 LLAMA = Llama("llama", "LlamaForCausalLM")
-QWEN2 = Qwen2("qwen2", "Qwen2ForCausalLM", qkv_bias=True)
-QWEN3 = Qwen3("qwen3", "Qwen3ForCausalLM", qk_norm=True)
+QWEN2 = Qwen2("qwen2", "Qwen2ForCausalLM")
+QWEN3 = Qwen3("qwen3", "Qwen3ForCausalLM")
 MISTRAL = Mistral("mistral", "MistralForCausalLM")
 PHI3 = Phi3("phi3", "Phi3ForCausalLM")
