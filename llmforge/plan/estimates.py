@@ -54,8 +54,13 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     return int((states + activations + 3 * logits) * 1.1)  # ~10% for allocator slack and workspaces
 
 
+# The share of a device's memory training may use: a CPU's is shared with the system, the data and
+# other processes; a GPU's caching allocator needs slack and workspaces beyond what it holds.
+_USABLE = (0.6, 0.9)  # cpu, gpu
+
+
 def memory_budget(device: Device) -> float:
-    return device.memory_bytes * (0.9 if device.type != "cpu" else 0.6)
+    return device.memory_bytes * _USABLE[device.type != "cpu"]
 
 
 def choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, device, shards: int,
@@ -82,7 +87,8 @@ def choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, devic
             return d, memory
     need = estimate_memory(cfg, 1, seq_len, device.precision, shards, **kw)
     raise PlanError(f"model: needs ~{need / 2**30:.1f} GiB to train even at micro-batch 1, more than the "
-                    f"{device.memory_bytes / 2**30:.1f} GiB this {device.type} offers",
+                    f"{budget / 2**30:.1f} GiB usable ({_USABLE[not cpu]:.0%}) of the {device.memory_bytes / 2**30:.1f} "
+                    f"GiB this {device.type} offers",
                     hint="use a smaller model or seq_len")
 
 
