@@ -141,11 +141,11 @@ def write_data(folder: Path, seed: int = 0) -> tuple[Path, Path, list[str]]:
 
 def answers(final: Path, questions: list[str]) -> list[str]:
     from llmforge.model.generate import reply
-    from llmforge.store.final import final_template as load_template
+    from llmforge.store.final import final_template
     from llmforge.store.final import load_trained
 
     model, tok = load_trained(final)
-    template = load_template(final)
+    template = final_template(final)
     return ["".join(reply(model, tok, template, [{"role": "user", "content": q}], temperature=0, max_new_tokens=60))
             for q in questions]
 

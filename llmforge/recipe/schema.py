@@ -152,13 +152,25 @@ class ModelSpec(Spec):
         return self
 
 
+def _optimizer_fields() -> dict:
+    """Each registered optimizer's own keys, with its defaults: one key, one meaning (two optimizers
+    giving one key different types or defaults would leave the spec holding only the last)."""
+    fields = {}
+    for o in OPTIMIZERS.values():
+        for key, f in o.Options.model_fields.items():
+            if key in fields and (fields[key][0], fields[key][1].default) != (f.annotation, f.default):
+                raise TypeError(f"optimizer key {key!r} differs between optimizers ({o.name} and another)")
+            fields[key] = (f.annotation, f)
+    return fields
+
+
 # The optimizer: the keys every one has, and each registered optimizer's own with its default
 # (llmforge/optim/: muon_lr is Muon's), which the others ignore.
 OptimizerSpec = create_model(
     "OptimizerSpec", __base__=Spec,
     name=(Literal[tuple(OPTIMIZERS)], "adamw"),
     lr=(Float, Field(default=3e-4, gt=0)),
-    **{key: (f.annotation, f) for o in OPTIMIZERS.values() for key, f in o.Options.model_fields.items()},
+    **_optimizer_fields(),
     betas=(tuple[Annotated[Float, Field(ge=0, lt=1)], Annotated[Float, Field(ge=0, lt=1)]], (0.9, 0.95)),
     eps=(Float, Field(default=1e-8, gt=0)),
     weight_decay=(Float, Field(default=0.1, ge=0)),

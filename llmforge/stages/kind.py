@@ -1,5 +1,6 @@
-"""What a stage kind is: the one object through which engine, plan, pipeline, evaluation and
-recipe/ reach a kind, so none of them names one (torchtitan's TrainSpec, for stage kinds).
+"""What a stage kind is: the one object through which the engine, the plan, run preparation,
+`llmforge eval` and recipe/ reach a kind, so none of them names one (torchtitan's TrainSpec, for
+stage kinds).
 
 A kind module (pretrain.py, sft.py, ...) builds one `Kind` and `stages/__init__.py` registers it.
 Its `Objective`, made per stage from the StagePlan, is what the training loop calls:
