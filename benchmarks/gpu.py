@@ -45,7 +45,7 @@ def measure(cfg: ModelConfig, seq_len: int, device: Device, steps: int, warmup: 
     model = Transformer(cfg).to(dev)
     step_model = distributed.wrap(model, "single", distributed.Dist(), dev, bf16=False, compile=device.compile)
     opt = build_optimizer(model, {"name": "adamw", "lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1})
-    micro, estimate = choose_micro_batch("benchmark", "auto", batch, seq_len, cfg, device, 1)
+    micro, estimate, _ = choose_micro_batch("benchmark", "auto", batch, seq_len, cfg, device, 1)
     amp = autocast(device)
     tokens = torch.randint(0, cfg.vocab_size, (micro, seq_len + 1), device=dev)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmforge.model import attention as A
 from llmforge.model import transformer as M
 from llmforge.model.families import PRESETS
 from llmforge.model.transformer import KVCache, ModelConfig, Transformer
@@ -178,7 +179,7 @@ def test_gqa_fallback_matches_enable_gqa(monkeypatch):
     model = build(n_kv_head=2)
     x = ids(10)
     ref = model(x)
-    monkeypatch.setattr(M, "_SDPA_HAS_GQA", not M._SDPA_HAS_GQA)
+    monkeypatch.setattr(A, "SDPA_HAS_GQA", not A.SDPA_HAS_GQA)
     torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-5)
 
 

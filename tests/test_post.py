@@ -496,6 +496,21 @@ def test_kill_9_in_every_post_training_stage_resumes_bitwise(trained):
         assert curve(copy) == curve(run), stage
 
 
+def test_activation_checkpointing_and_trimmed_rows_train_the_same_weights(trained):
+    """Every post-training kind again with each block checkpointed (recomputed in backward): the
+    same final weights, bit for bit, as the run without. Rows are trimmed to their longest in
+    both (data/rows.py trim); test_scale.py checks trimming against untrimmed rows."""
+    run, copy = trained / RUN, trained / "runs/checkpointed"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("02-sft", "03-dpo", "04-rm", "05-grpo", ".lock"))
+    result = cli("run", "recipe.yaml", "--run-dir", "runs/checkpointed", "--set",
+                 "runtime.activation_checkpointing=full", cwd=trained)
+    assert result.returncode == 0, result.stderr
+    assert "activation checkpointing full: 2 of 2 blocks recompute" in result.stdout
+    for stage in ("02-sft", "03-dpo", "04-rm", "05-grpo"):
+        assert final_weights(copy, stage) == final_weights(run, stage), stage
+
+
 # --- chat, sample --chat, eval ------------------------------------------------------------------------
 
 GREEDY = ("--temperature", "0", "--max-new-tokens", "12")

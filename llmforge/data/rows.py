@@ -29,6 +29,28 @@ from .sampler import permute, seed_hash, windows_per_epoch
 IGNORE = -1  # target id of a position that is not learned
 
 
+TRIM_MULTIPLE = 64  # trimmed rows keep a multiple of this many positions: few distinct shapes
+
+
+def trim(batch: dict, multiple: int = TRIM_MULTIPLE) -> dict:
+    """A micro-batch cut after the last position any of its rows learns from (+1, where a reward
+    model reads its score), rounded up to `multiple`. Causal attention means a position never
+    changes what comes before it, so the cut changes no result, only the work: short replies in
+    rows of seq_len no longer pay for seq_len. Rows that say what they learn (`targets`,
+    `*learned`) are trimmed, with every array as wide as them (tokens: one wider); windows of a
+    token stream (pretrain) learn everywhere and stay whole."""
+    masks = [v != IGNORE if k == "targets" else v for k, v in batch.items() if k == "targets" or k.endswith("learned")]
+    if not masks:
+        return batch
+    T = masks[0].shape[1]
+    used = np.flatnonzero(np.logical_or.reduce([m.any(axis=0) for m in masks]))
+    width = min(T, -(-(int(used[-1]) + 2 if len(used) else 1) // multiple) * multiple)
+    if width == T:
+        return batch
+    return {k: v[:, :width + v.shape[1] - T] if v.ndim == 2 and v.shape[1] in (T, T + 1) else v
+            for k, v in batch.items()}
+
+
 class WindowRows:
     def __init__(self, tokens: np.ndarray, seq_len: int):
         self.tokens, self.seq_len = tokens, seq_len

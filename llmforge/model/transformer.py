@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+from . import attention
+from .attention import DocLayout, KVCache
+from .loss import target_logprobs
 from .rope import apply_rope, rope_tables
-
-# SDPA's `enable_gqa` arrived in torch 2.5; before that we repeat K/V heads ourselves. The builtin
-# has no inspectable signature, so compare versions (TorchVersion compares semantically).
-_SDPA_HAS_GQA = torch.__version__ >= (2, 5)
 
 NORMS, POSITIONS, MLPS = ("rmsnorm", "layernorm"), ("rope", "learned"), ("swiglu", "gelu")
 
@@ -148,23 +148,6 @@ class ModelConfig:
         return cls(**d)
 
 
-class KVCache:
-    """Per-layer keys/values [B, kv_heads, pos, head_dim] of the tokens seen so far (kv_heads, not
-    n_head: GQA's memory saving). Grows by concatenation: simple, and cheap at the lengths generate()
-    sees. `pos` is advanced by Transformer.forward once all layers ran."""
-
-    def __init__(self, n_layer: int):
-        self.k: list[torch.Tensor | None] = [None] * n_layer
-        self.v: list[torch.Tensor | None] = [None] * n_layer
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if self.k[layer] is not None:
-            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
-
-
 class RMSNorm(nn.Module):
     """x / rms(x) * weight (Zhang & Sennrich 2019): LayerNorm without centering or bias."""
 
@@ -200,7 +183,7 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, cache: KVCache | None, docs: torch.Tensor | None = None):
+    def forward(self, x, rope, cache: KVCache | None, docs: DocLayout | torch.Tensor | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
@@ -213,25 +196,14 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         S = k.shape[2]  # keys visible to these T queries: cached + new
-        # Training/prefill (S == T): plain causal. One decode query (T == 1) may see every cached
-        # key: no mask. A chunk on top of a cache sits at positions S-T..S-1; SDPA's is_causal
-        # aligns its mask top-left, wrong when S > T, so spell out "key pos <= query pos".
-        mask = None
-        if S != T and T > 1:
-            mask = torch.arange(S, device=x.device) <= torch.arange(S - T, S, device=x.device)[:, None]
-        if docs is not None:  # packed sequences: a token sees only earlier tokens of its own document
-            mask = docs[:, None, -T:, None] == docs[:, None, None, :]
-            mask &= torch.arange(S, device=x.device) <= torch.arange(S - T, S, device=x.device)[:, None]
-        if self.window is not None and S > self.window:  # keys less than `window` positions back
-            q_pos, k_pos = torch.arange(S - T, S, device=x.device)[:, None], torch.arange(S, device=x.device)
-            band = (k_pos <= q_pos) & (k_pos > q_pos - self.window)
-            mask = band if mask is None else mask & band
-        gqa = self.n_kv != self.n_head
-        if gqa and not _SDPA_HAS_GQA:  # enable_gqa's grouping: query head h reads kv head h // (n_head/n_kv)
-            k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))
-        extra = {"enable_gqa": True} if gqa and _SDPA_HAS_GQA else {}
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == T and mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0, **extra)
+        dropout = self.dropout if self.training else 0.0
+        if isinstance(docs, DocLayout):  # packed documents (training, or a batch's prefill)
+            y = attention.packed(q, k, v, docs, window=self.window, dropout=dropout)
+        elif S == T and docs is None:  # training or prefill of one document a row
+            y = attention.causal(q, k, v, window=self.window, dropout=dropout)
+        else:  # decoding on a cache: a [T, S] mask, S the keys so far
+            mask = attention.windowed(attention.cached_mask(T, S, docs, x.device), T, S, self.window, x.device)
+            y = attention.sdpa(q, k, v, mask=mask, dropout=dropout)
         return self.resid_drop(self.o_proj(y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)))
 
 
@@ -255,7 +227,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). A checkpointed block
+    keeps only its input for backward and runs its forward again there (activation
+    checkpointing; set by the run, see checkpoint_blocks)."""
+    checkpointed = False
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -263,8 +238,20 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
 
     def forward(self, x, rope, cache, docs=None):
+        if self.checkpointed and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, rope, cache, docs, use_reentrant=False)
+        return self._forward(x, rope, cache, docs)
+
+    def _forward(self, x, rope, cache, docs):
         x = x + self.attn(self.attn_norm(x), rope, cache, docs)
         return x + self.mlp(self.mlp_norm(x))
+
+
+def checkpoint_blocks(model: nn.Module, mode: str) -> None:
+    """Activation checkpointing: "full" every block, "selective" every other one (torchtitan's
+    layer-selective AC: half the saving for half the recompute), "none" no block."""
+    for i, block in enumerate(model.blocks):
+        block.checkpointed = mode == "full" or (mode == "selective" and i % 2 == 0)
 
 
 class Transformer(nn.Module):
@@ -295,35 +282,49 @@ class Transformer(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, docs: torch.Tensor | None = None,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, docs: DocLayout | torch.Tensor | None = None,
+                keep: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                temperature: float = 1.0) -> torch.Tensor:
         """idx [B, T] token ids -> logits [B, T, vocab]. With a cache, idx continues what it holds.
 
         keep [B, T] bool: logits only where True, as [N, vocab]. Fine-tuning learns a fraction of
         the tokens; the vocab-wide lm_head and softmax on the rest would be work thrown away.
 
-        docs [B, T] (packed training sequences): which document each token belongs to, as
-        non-decreasing ids. Attention stays inside a document and positions restart at 0 with
-        each one, so a packed document is computed exactly as it would be alone. With a cache,
-        docs covers every position so far [B, cache.pos + T]: left-padded prompts generate as a
-        batch (padding is document 0, the text document 1).
+        targets [B, T] ids: instead of logits, the log-probability of each target under
+        softmax(logits / temperature), [B, T] (with keep: [N]), computed a chunk of rows at a
+        time so the logits never exist whole (loss.py). Training and evals take this path.
+
+        docs (packed training sequences): which document each token belongs to, as [B, T]
+        non-decreasing ids or as the DocLayout made from them on the host. Attention stays inside
+        a document and positions restart at 0 with each one, so a packed document is computed
+        exactly as it would be alone. With a cache, docs covers every position so far [B,
+        cache.pos + T]: left-padded prompts generate as a batch (padding is document 0, the text
+        document 1).
         """
         x = self.hidden_states(idx, cache, docs)
-        return self.lm_head(self.norm(x if keep is None else x[keep]))
+        x = self.norm(x if keep is None else x[keep])
+        if targets is None:
+            return self.lm_head(x)
+        chosen = targets if keep is None else targets[keep]
+        logp = target_logprobs(x.flatten(0, -2), self.lm_head.weight, chosen.flatten(), temperature)
+        return logp.view(chosen.shape)
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
-                      docs: torch.Tensor | None = None) -> torch.Tensor:
+                      docs: DocLayout | torch.Tensor | None = None) -> torch.Tensor:
         """[B, T, n_embd]: the residual stream after the last block, before the final norm."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds seq_len {self.config.seq_len}")
-        if docs is not None:
+        if isinstance(docs, torch.Tensor) and docs.shape[1] == T:  # no cache before: one host copy
+            docs = DocLayout.from_docs(docs).to(idx.device)
+        if isinstance(docs, DocLayout):
+            pos = docs.positions
+        elif docs is not None:  # decoding: the new tokens' offsets from their document's start
             pos = torch.arange(docs.shape[1], device=idx.device).expand(B, -1)
             first = torch.ones_like(docs, dtype=torch.bool)
             first[:, 1:] = docs[:, 1:] != docs[:, :-1]
-            pos = pos - torch.where(first, pos, 0).cummax(dim=1).values  # offset from the document's start
-            pos = pos[:, -T:]
+            pos = (pos - torch.where(first, pos, 0).cummax(dim=1).values)[:, -T:]
         else:
             pos = torch.arange(start, start + T, device=idx.device)
         x, rope = self.tok_emb(idx), None

@@ -256,7 +256,7 @@ def render_plan(plan, console: Console) -> None:
             f"[bold]stage {sp.dir_name}[/] ({sp.kind}): {sp.steps} steps x {sp.batch_tokens:,} tokens = "
             f"{si(sp.tokens)} tokens\n"
             f"  batch {sp.global_batch} x {sp.seq_len} = micro {sp.micro_batch} x accum {sp.grad_accum} "
-            f"x world {sp.world_size}\n"
+            f"x world {sp.world_size}{_checkpointing(sp, plan)}\n"
             f"  {sp.optimizer['name']} lr {sp.lr:.3g}"
             f"{own}, warmup {sp.warmup_steps} steps, {sp.decay} decay to "
             f"{sp.min_lr:.3g} over {sp.steps - sp.warmup_steps} steps, "
@@ -286,6 +286,16 @@ def render_plan(plan, console: Console) -> None:
     if any(s.estimated for sp in plan.stages for s in sp.mix):
         console.print("~ estimated from file sizes; exact once `llmforge run` has tokenized the data", highlight=False)
 
+
+
+def _checkpointing(sp, plan) -> str:
+    """What activation checkpointing the stage runs with, and its cost."""
+    mode = sp.activation_checkpointing
+    if mode == "none":
+        return ""
+    blocks = plan.model.n_layer if mode == "full" else (plan.model.n_layer + 1) // 2
+    return (f"; activation checkpointing {mode}: {blocks} of {plan.model.n_layer} blocks recompute their forward "
+            f"in backward, ~{blocks / (3 * plan.model.n_layer):.0%} more compute")
 
 
 def _adapter_line(sp, plan) -> str:

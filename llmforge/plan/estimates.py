@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import PlanError
+from ..model.loss import chunk_rows
 from ..model.transformer import ModelConfig
 
 if TYPE_CHECKING:
@@ -17,22 +18,25 @@ if TYPE_CHECKING:
 
 def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, shards: int = 1,
                     accumulating: bool = False, cpu: bool = False, logit_share: float = 1.0,
-                    trainable: int | None = None, frozen_bytes: float | None = None) -> int:
+                    trainable: int | None = None, frozen_bytes: float | None = None,
+                    checkpointing: str = "none") -> int:
     """Peak training memory per device in bytes: weights + grads + AdamW moments + activations
-    + logits.
+    + one chunk of logits.
 
     fp32 master weights and grads (4 + 4 bytes/param) and two AdamW moments (8 bytes/param).
     Activations: per token per layer, the tensors autograd keeps for backward — about 8 x n_embd
     (norm inputs/outputs, q/k/v, attention output, residuals) + 4 x mlp hidden — at 4 bytes, or
-    2 under bf16/fp16 autocast. SDPA's fused kernels keep no T x T attention matrix. Logits:
-    autograd keeps the log-softmax (tokens x vocab x 4 bytes); the logits and their gradient are
-    transient, so a GPU's caching allocator peaks near 3 such copies. sft and dpo compute logits
-    for learned targets alone: logit_share is the largest share of a row's positions they are.
+    2 under bf16/fp16 autocast. Attention keeps no T x T anything (model/attention.py). A
+    checkpointed block keeps only its fp32 input (4 x n_embd), and backward holds one block's
+    full activations at a time while it recomputes it. Logits: the head runs a chunk of rows at
+    a time (model/loss.py), so only one chunk's logits, log-softmax and gradient exist at once;
+    sft and dpo compute them for learned targets alone (logit_share: the largest share of a row's
+    positions they are).
     On a CPU the process's resident memory is what counts. Fitted to its measured growth (models
     of 4-32 layers, 128-576 wide, benchmarks/estimates.py and real_model.py): ~1.4x the saved
     activations counted here (autograd also keeps rotated q/k, the SiLU output, ...), plus about
     one layer's worth that glibc's heap keeps of the freed temporaries, plus ~2.8 copies of the
-    logits (logits, log-softmax, their gradient).
+    logits chunk.
     With `trainable` (an adapter's parameter count) the model's weights are frozen: 4 bytes each,
     and the 16 only for the adapter (qlora: `frozen_bytes`, its layers at ~0.5 a weight); the
     activations backward needs are the same.
@@ -40,8 +44,11 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     tokens = micro_batch * seq_len
     act_bytes = 4 if precision == "fp32" else 2
     per_token_layer = (8 * cfg.n_embd + 2 * cfg.kv_heads * cfg.head_dim + 4 * cfg.hidden) * act_bytes
-    activations = cfg.n_layer * tokens * per_token_layer + 2 * tokens * cfg.n_embd * 4
-    logits = tokens * logit_share * cfg.vocab_size * 4  # sft/dpo: for the learned targets alone
+    checkpointed = checkpointed_blocks(cfg.n_layer, checkpointing)
+    saved = (cfg.n_layer - checkpointed) * per_token_layer + checkpointed * 4 * cfg.n_embd
+    recompute = per_token_layer if checkpointed else 0  # the block backward is working through
+    activations = tokens * (saved + recompute) + 2 * tokens * cfg.n_embd * 4
+    logits = min(tokens * logit_share, chunk_rows(cfg.vocab_size)) * cfg.vocab_size * 4
     frozen = cfg.num_params() * 4 if frozen_bytes is None else frozen_bytes
     states = cfg.num_params() * 16 / shards if trainable is None else frozen + trainable * 16
     if shards > 1:  # FSDP: a shard of the states, plus the unsharded weights and grads in flight
@@ -50,13 +57,21 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
         if accumulating:  # unsynchronized micro-batches keep whole fp32 gradients until the last
             states += cfg.num_params() * 4
     if cpu:  # a fit: no slack added
-        return int(states + 1.4 * activations + 1.3 * activations / cfg.n_layer + 2.8 * logits)
+        return int(states + 1.4 * activations + 1.3 * tokens * per_token_layer + 2.8 * logits)
     return int((states + activations + 3 * logits) * 1.1)  # ~10% for allocator slack and workspaces
+
+
+def checkpointed_blocks(n_layer: int, mode: str) -> int:
+    """Blocks activation checkpointing recomputes (model/transformer.py checkpoint_blocks)."""
+    return {"full": n_layer, "selective": (n_layer + 1) // 2}.get(mode, 0)
 
 
 # The share of a device's memory training may use: a CPU's is shared with the system, the data and
 # other processes; a GPU's caching allocator needs slack and workspaces beyond what it holds.
 _USABLE = (0.6, 0.9)  # cpu, gpu
+# Tokens per forward pass worth having: CPUs gain little past it, and a GPU at 16k tokens a
+# forward is busy enough that recomputing activations to fit more would cost more than it gains.
+WANTED_TOKENS = 16384
 
 
 def memory_budget(device: Device) -> float:
@@ -65,16 +80,41 @@ def memory_budget(device: Device) -> float:
 
 def choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, device, shards: int,
                        logit_share: float = 1.0, trainable: int | None = None,
-                       frozen_bytes: float | None = None) -> tuple[int, int]:
+                       frozen_bytes: float | None = None, checkpointing: str = "none") -> tuple[int, int, str]:
+    """(micro-batch, its estimated peak memory, activation checkpointing). Under checkpointing
+    auto: none, unless selective or full is what lets a larger micro-batch fit, up to the one
+    wanted (WANTED_TOKENS per forward, or the whole per-device batch)."""
+    kw = {"logit_share": logit_share, "trainable": trainable, "frozen_bytes": frozen_bytes}
+    if checkpointing != "auto":
+        return (*_micro_batch(where, requested, per_rank, seq_len, cfg, device, shards, checkpointing, kw),
+                checkpointing)
+    wanted = max(1, min(per_rank, WANTED_TOKENS // seq_len))
+    best, problem = None, None
+    for mode in ("none", "selective", "full"):
+        try:
+            micro, memory = _micro_batch(where, requested, per_rank, seq_len, cfg, device, shards, mode, kw)
+        except PlanError as e:
+            problem = e  # the last: full checkpointing's, the least any mode needs
+            continue
+        if best is None or micro > best[0]:
+            best = (micro, memory, mode)
+        if micro >= wanted:
+            break
+    if best is None:
+        raise problem
+    return best
+
+
+def _micro_batch(where, requested, per_rank, seq_len, cfg, device, shards, checkpointing, kw) -> tuple[int, int]:
     budget, cpu = memory_budget(device), device.type == "cpu"
-    kw = {"cpu": cpu, "logit_share": logit_share, "trainable": trainable, "frozen_bytes": frozen_bytes}
+    kw = kw | {"cpu": cpu, "checkpointing": checkpointing}
     if requested != "auto":
         if per_rank % requested:
             raise PlanError(f"runtime.micro_batch: {requested} does not divide the {per_rank} sequences "
                             f"per step and device of {where}", hint="use a divisor, or auto")
         return requested, estimate_memory(cfg, requested, seq_len, device.precision, shards, requested < per_rank, **kw)
-    # CPUs gain little past ~16k tokens per forward; GPUs take the largest micro-batch that fits.
-    cap = 16384 if cpu else 1 << 30
+    # CPUs gain little past WANTED_TOKENS per forward; GPUs take the largest micro-batch that fits.
+    cap = WANTED_TOKENS if cpu else 1 << 30
     # Memory grows linearly with the micro-batch: only divisors up to what could fit are tried,
     # so a huge batch is answered at once rather than by counting down from it.
     one, two = (estimate_memory(cfg, d, seq_len, device.precision, shards, **kw) for d in (1, 2))
@@ -86,10 +126,11 @@ def choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, devic
         if (d * seq_len <= cap or d == 1) and memory <= budget:
             return d, memory
     need = estimate_memory(cfg, 1, seq_len, device.precision, shards, **kw)
+    ac = "" if checkpointing == "full" else " (runtime.activation_checkpointing: full would need less)"
     raise PlanError(f"model: needs ~{need / 2**30:.1f} GiB to train even at micro-batch 1, more than the "
                     f"{budget / 2**30:.1f} GiB usable ({_USABLE[not cpu]:.0%}) of the {device.memory_bytes / 2**30:.1f} "
-                    f"GiB this {device.type} offers",
-                    hint="use a smaller model or seq_len")
+                    f"GiB this {device.type} offers{ac}",
+                    hint="use a smaller model or seq_len, or an adapter (adapter: {kind: lora})")
 
 
 def estimate_time(flops: float, cfg: ModelConfig, micro: int, seq_len: int, device: Device, *, steps: int = 1,

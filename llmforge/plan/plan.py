@@ -23,7 +23,7 @@ from ..recipe.schema import Recipe
 from ..stages import KINDS
 from .adapter import plan_adapter
 from .devices import Device
-from .estimates import choose_micro_batch, disk_warnings, estimate_memory, estimate_time, memory_budget
+from .estimates import checkpointed_blocks, choose_micro_batch, disk_warnings, estimate_memory, estimate_time, memory_budget
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ class StagePlan:
     on_nonfinite: str = "stop"  # runtime.on_nonfinite: stop | skip
     max_nonfinite: int = 10
     trainable_params: int = 0  # what the optimizer steps (an adapter's alone, or every weight)
+    activation_checkpointing: str = "none"  # none | selective | full (runtime's, or the plan's under auto)
 
     def math_hash(self) -> str:
         """What decides this stage's numbers on a given machine; stored in every checkpoint."""
@@ -229,9 +230,10 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
     tokens = steps * batch_tokens
     adapter, trainable, frozen_bytes = plan_adapter(where, recipe, spec, cfg, device, shards,
                                                     stage_init(recipe, i))
-    micro, memory = choose_micro_batch(where, recipe.runtime.micro_batch, global_batch // world_size,
-                                        per_row, cfg, device, shards, max(r[3] for r in rows.values()),
-                                        trainable if adapter else None, frozen_bytes)
+    micro, memory, checkpointing = choose_micro_batch(
+        where, recipe.runtime.micro_batch, global_batch // world_size, per_row, cfg, device, shards,
+        max(r[3] for r in rows.values()), trainable if adapter else None, frozen_bytes,
+        recipe.runtime.activation_checkpointing)
     mix = _plan_mix(where, spec.mix, sources, recipe.data, rows, steps * global_batch, per_row)
     warmup = round(resolve_percent(spec.schedule.warmup, steps))
     if warmup >= steps and steps > 1:
@@ -245,6 +247,8 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
     flops = float(cfg.flops_per_token(seq_len)) * tokens
     if adapter:  # a frozen weight needs no weight gradient: forward + input gradients, ~2/3 of it
         flops *= 2 / 3
+    # what the device does: a recomputed block's forward again (a third of its training FLOPs)
+    recompute = 1 + checkpointed_blocks(cfg.n_layer, checkpointing) / (3 * cfg.n_layer)
     return StagePlan(
         index=i, name=spec.name, kind=spec.kind, dir_name=f"{i + 1:02d}-{spec.name}", init=stage_init(recipe, i),
         options=options,
@@ -256,7 +260,8 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
         eval_every=spec.eval.every, eval_tokens=spec.eval.tokens, checkpoint_every=spec.checkpoint.every,
         checkpoint_keep=spec.checkpoint.keep, log_every=recipe.runtime.log_every, tasks=tuple(spec.eval.tasks),
         mix=mix, flops=flops, est_peak_memory_bytes=memory,
-        est_time_s=estimate_time(flops / world_size, cfg, micro * per_row // seq_len, seq_len, device,
+        activation_checkpointing=checkpointing,
+        est_time_s=estimate_time(recompute * flops / world_size, cfg, micro * per_row // seq_len, seq_len, device,
                                  steps=steps, world_size=world_size, synced_bytes=_synced_bytes(
                                      cfg, trainable if adapter else cfg.num_params(), shards > 1)),
         adapter=adapter, trainable_params=trainable, on_nonfinite=recipe.runtime.on_nonfinite,

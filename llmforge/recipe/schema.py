@@ -285,6 +285,10 @@ class RuntimeSpec(Spec):
     compile: Annotated[Literal["auto", "on", "off"], BeforeValidator(lambda v: {True: "on", False: "off"}.get(v, v)
                                                                      if isinstance(v, bool) else v)] = "auto"
     micro_batch: AutoOrPositive = "auto"  # sequences per forward
+    # Keep only each block's input for backward and recompute the block there: every block (full),
+    # every other one (selective), none; auto: the plan's choice, on only when it is what lets the
+    # micro-batch it wants fit.
+    activation_checkpointing: Literal["auto", "none", "selective", "full"] = "auto"
     threads: AutoOrPositive = "auto"  # CPU threads for torch
     log_every: Int = Field(default=10, gt=0)  # steps between progress/metrics lines
     data_workers: AutoOrPositive = "auto"  # processes tokenizing data; auto: one per CPU core

@@ -19,6 +19,7 @@ from ..core import durable, faults
 from ..data.sampler import Sampler
 from ..errors import CheckpointError, Interrupted
 from ..model import adapters
+from ..model.transformer import checkpoint_blocks
 from ..model.weights import load_weights, set_weights
 from ..optim import build_optimizer, lr_at
 from ..plan.plan import Plan, StagePlan
@@ -123,6 +124,7 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
     evals = eval_batches(stage.evals)
     sampler = Sampler([(stage.train[s.name], s.weight) for s in sp.mix], sp.global_batch, plan.seed, sp.index)
     names = adapters.saved_names(model, sp.adapter)  # before wrapping: a tied tensor's name; an adapter's alone
+    checkpoint_blocks(model, sp.activation_checkpointing)
     step_model = distributed.wrap(model, plan.parallel, d, device, compile=plan.device.compile,
                                   bf16=device.type == "cuda" and plan.device.precision == "bf16")
     optimizer = build_optimizer(model, sp.optimizer | {"lr": sp.lr})

@@ -177,14 +177,14 @@ class Objective(kind.Objective):
         device = next(model.parameters()).device
         for idx in kind.split_rows(len(out), self.sp.micro_batch * self.o.group):
             batch = kind.to_device({k: rows[k][idx] for k in ("tokens", "learned")}, device)
-            out[idx] = spread(self.token_logps(model, batch), batch["learned"]).cpu().numpy()
+            got = spread(self.token_logps(model, batch), batch["learned"]).cpu().numpy()
+            out[idx, :got.shape[1]] = got  # the micro-batch was trimmed to its longest reply
         return out
 
     def token_logps(self, model, batch) -> torch.Tensor:
         """[N] log-probabilities of the learned targets, in row order."""
-        learned = batch["learned"]
-        logits = model(batch["tokens"][:, :-1], keep=learned).float() / self.o.temperature
-        return torch.log_softmax(logits, dim=-1).gather(1, batch["tokens"][:, 1:][learned][:, None])[:, 0]
+        return model(batch["tokens"][:, :-1], keep=batch["learned"], targets=batch["tokens"][:, 1:],
+                     temperature=self.o.temperature)
 
     def loss(self, model, batch):
         o, learned = self.o, batch["learned"]

@@ -24,7 +24,8 @@ import torch
 
 from ..core.values import Spec
 from ..data.formats import FORMATS
-from ..data.rows import PairRows
+from ..data.rows import PairRows, trim
+from ..model.attention import DocLayout
 from ..model.transformer import Transformer
 
 
@@ -146,10 +147,17 @@ class PairKind(Kind):
 
 
 def to_device(batch: dict, device) -> dict:
-    """A numpy batch as tensors on the device; to a GPU from pinned memory, so the copy overlaps."""
+    """A numpy batch as tensors on the device, trimmed to its longest row (data/rows.py trim); to a
+    GPU from pinned memory, so the copy overlaps. Packed rows' document ids become the attention
+    layout the model takes (model/attention.py), worked out here on the host so the forward never
+    waits for the device."""
+    batch = trim(batch)
+    out = {k: torch.from_numpy(v) for k, v in batch.items() if k != "docs"}
     if device.type == "cuda":
-        return {k: torch.from_numpy(v).pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-    return {k: torch.from_numpy(v) for k, v in batch.items()}
+        out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
+    if "docs" in batch:
+        out["docs"] = DocLayout.from_docs(batch["docs"]).to(device)
+    return out
 
 
 def split_rows(n: int, size: int) -> list[np.ndarray]:

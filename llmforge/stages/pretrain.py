@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data.rows import WindowRows
 from ..data.sampler import eval_windows
@@ -16,12 +15,8 @@ from . import kind
 def token_losses(model, batch: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T+1] token windows -> [B, T] loss in nats for predicting each next token; with keep
     [B, T] bool, only those targets' logits are computed and the rest are 0."""
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model(inputs, keep=keep)
-    # fp32 log-softmax even under autocast: bf16 loses ~2 digits on a 50k-way softmax.
-    if keep is None:
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-    return spread(F.cross_entropy(logits.float(), targets[keep], reduction="none"), keep)
+    logp = model(batch[:, :-1], keep=keep, targets=batch[:, 1:])  # in fp32, a chunk of rows at a time
+    return -logp if keep is None else spread(-logp, keep)
 
 
 def spread(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data.rows import IGNORE, PackedRows
 from . import kind
@@ -24,8 +23,7 @@ class Options(kind.ExampleOptions):
 def learned_losses(model, batch: dict) -> torch.Tensor:
     """[N] nats of each learned target, in row order (logits are computed for those alone)."""
     learned = batch["targets"] != IGNORE
-    logits = model(batch["inputs"], docs=batch.get("docs"), keep=learned)
-    return F.cross_entropy(logits.float(), batch["targets"][learned], reduction="none")
+    return -model(batch["inputs"], docs=batch.get("docs"), keep=learned, targets=batch["targets"])
 
 
 def target_losses(model, batch: dict) -> torch.Tensor:
