@@ -162,20 +162,25 @@ def test_grpo_loss_by_hand():
     ref[learned] = torch.tensor([-2.9, -3.0, -2.9, -2.7, -3.0])
     batch = {"tokens": tokens, "learned": learned, "old": old, "ref": ref, "advantage": torch.tensor([0.7, -0.7])}
     sums = objective.loss(model, batch)
-    with torch.no_grad():  # by hand, token by token
-        logp = torch.log_softmax(model(tokens[:, :-1]), -1).gather(2, tokens[:, 1:, None])[..., 0]
-    expected, kl_sum = 0.0, 0.0
+    # by hand, token by token: pi_old is this forward's own log-prob (one update per rollout), so
+    # the ratio is 1 whatever the sampler's log-probs (`old`, far off here, as bf16 kernels can be)
+    logp = torch.log_softmax(model(tokens[:, :-1]), -1).gather(2, tokens[:, 1:, None])[..., 0]
+    expected, kl_sum, gap = 0.0, 0.0, 0.0
     for r, adv in ((0, 0.7), (1, -0.7)):
         positions = learned[r].nonzero()[:, 0].tolist()
         for t in positions:
-            ratio = math.exp(logp[r, t] - old[r, t])
-            surrogate = min(ratio * adv, min(max(ratio, 0.8), 1.2) * adv)
-            kl = math.exp(ref[r, t] - logp[r, t]) - (ref[r, t] - logp[r, t]) - 1
-            expected += (0.1 * kl - surrogate) / len(positions)
-            kl_sum += kl / len(positions)
-    assert sums["loss"].item() == pytest.approx(float(expected), rel=1e-5)
-    assert sums["kl"].item() == pytest.approx(float(kl_sum), rel=1e-5)
-    assert 0 <= sums["clip_frac"].item() <= 2
+            ratio = torch.exp(logp[r, t] - logp[r, t].detach())
+            kl = torch.exp(ref[r, t] - logp[r, t]) - (ref[r, t] - logp[r, t]) - 1
+            expected = expected + (0.1 * kl - ratio * adv) / len(positions)
+            kl_sum += kl.item() / len(positions)
+            gap += abs(logp[r, t].item() - old[r, t].item()) / len(positions)
+    assert sums["loss"].item() == pytest.approx(float(expected), abs=1e-6)
+    assert sums["kl"].item() == pytest.approx(kl_sum, rel=1e-5)
+    assert sums["clip_frac"].item() == 0 and sums["sampler_gap"].item() == pytest.approx(gap, rel=1e-5)
+    # its gradient is the policy gradient: -A grad log pi (+ the KL's)
+    for a, b in zip(torch.autograd.grad(sums["loss"], list(model.parameters())),
+                    torch.autograd.grad(expected, list(model.parameters()))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def _pair_batch():

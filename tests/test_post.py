@@ -511,6 +511,18 @@ def test_activation_checkpointing_and_trimmed_rows_train_the_same_weights(traine
         assert final_weights(copy, stage) == final_weights(run, stage), stage
 
 
+def test_grpo_is_refused_under_fsdp_and_auto_keeps_it_on_ddp(trained):
+    """grpo decodes until each rank's own replies end: under FSDP2 the ranks' per-token weight
+    all-gathers would stop pairing up, so the plan refuses the combination, naming both keys."""
+    fsdp = cli("plan", "recipe.yaml", "--nproc-per-node", "2", "--set", "runtime.parallel=fsdp", cwd=trained)
+    assert fsdp.returncode == 2 and "Traceback" not in fsdp.stderr
+    assert "stages[4].kind: grpo's rollout runs a forward per generated token" in fsdp.stderr
+    assert "runtime.parallel: fsdp" in fsdp.stderr
+    auto = cli("plan", "recipe.yaml", "--nproc-per-node", "2", cwd=trained)
+    assert auto.returncode == 0, auto.stderr
+    assert "parallel: ddp over 2 processes" in auto.stdout
+
+
 # --- chat, sample --chat, eval ------------------------------------------------------------------------
 
 GREEDY = ("--temperature", "0", "--max-new-tokens", "12")

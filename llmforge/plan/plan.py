@@ -191,6 +191,11 @@ def _choose_parallel(recipe: Recipe, cfg: ModelConfig, device: Device, world_siz
         sharding = ", ".join(name for name, o in OPTIMIZERS.items() if o.shards)
         raise PlanError(f"stages[{unsharded[0]}].optimizer.name: {unsharded[1].unsharded}",
                         hint=f"use runtime.parallel: ddp, or optimizer {sharding}")
+    kind = next(((i, KINDS[s.kind]) for i, s in enumerate(recipe.stages) if KINDS[s.kind].unsharded), None)
+    if kind is not None and recipe.runtime.parallel == "fsdp":
+        raise PlanError(f"stages[{kind[0]}].kind: {kind[1].unsharded}; it cannot run with runtime.parallel: fsdp",
+                        hint="use runtime.parallel: ddp (or auto, which picks it for such a recipe)")
+    unsharded = unsharded or kind
     if recipe.runtime.parallel != "auto":
         return recipe.runtime.parallel
     if unsharded is not None:

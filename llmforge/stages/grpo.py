@@ -12,9 +12,12 @@ starting weights:
 
 (the KL term is DeepSeekMath's k3 estimator), averaged over each reply's tokens and then over
 the replies (loss_mean: sequence, GRPO), or summed over tokens / max_new_tokens (constant,
-Dr. GRPO). pi_old is the policy that sampled the replies: one update per batch of rollouts,
-so the ratio starts at 1 (as TRL with num_iterations 1) and clipping bounds only what numerics
-move. The sampling RNG is a function of (seed, stage, step, rank): a resumed stage draws the
+Dr. GRPO). pi_old is the policy that sampled the replies: one update per batch of rollouts, so
+pi_old is pi itself, taken from the update's own forward pass (detached), as TRL does with
+num_iterations 1: the ratio is exactly 1 and its gradient the policy gradient. The sampler's own
+log-probs come from another path (an incremental KV-cached decode; on a GPU in bf16 other
+kernels), so using them as pi_old would make the ratio start off 1 by numerical noise and clip on
+it; their gap to the update's is logged as `sampler_gap` instead. The sampling RNG is a function of (seed, stage, step, rank): a resumed stage draws the
 same replies.
 """
 
@@ -189,7 +192,7 @@ class Objective(kind.Objective):
     def loss(self, model, batch):
         o, learned = self.o, batch["learned"]
         logp = self.token_logps(model, batch)
-        old, ref = batch["old"][learned], batch["ref"][learned]
+        old, ref = logp.detach(), batch["ref"][learned]  # pi_old: this very forward (see the docstring)
         advantage = batch["advantage"][:, None].expand_as(learned)[learned]
         ratio = torch.exp(logp - old)
         low, high = 1 - o.clip, 1 + (o.clip_high if o.clip_high is not None else o.clip)
@@ -200,8 +203,9 @@ class Objective(kind.Objective):
         weight = 1 / tokens.clamp(min=1)[row] if o.loss_mean == "sequence" else \
             torch.full_like(logp, 1 / o.max_new_tokens)
         clipped = ((ratio < low) & (advantage < 0)) | ((ratio > high) & (advantage > 0))
+        gap = (old - batch["old"][learned]).abs()  # the sampler's log-probs against the update's
         return {"loss": ((o.kl * kl - surrogate) * weight).sum(), "kl": (kl.detach() * weight).sum(),
-                "clip_frac": (clipped.float() * weight).sum()}
+                "clip_frac": (clipped.float() * weight).sum(), "sampler_gap": (gap * weight).sum()}
 
     def eval_sums(self, model, batch):
         """Held-out prompts, one greedy reply each, scored by the stage's rewards."""
@@ -221,6 +225,10 @@ class Objective(kind.Objective):
 class Grpo(kind.Kind):
     name, formats, Options = "grpo", ("prompt",), Options
     learns = "room for a reply"
+    # Each rank decodes until its own replies end, one forward a token: under FSDP every forward
+    # all-gathers the weights, and ranks that stop at different steps stop pairing their collectives.
+    unsharded = ("grpo's rollout runs a forward per generated token until this rank's replies end, so under fsdp "
+                 "the ranks' weight all-gathers stop pairing up (a hang)")
 
     def sequences(self, options, data_format=None):
         return options.group  # a row is a prompt; its step holds `group` replies to it

@@ -65,6 +65,7 @@ class Kind:
     learns: str = "learned token"  # what an example must keep within seq_len+1 to teach anything
     generates: bool = True  # its model writes text (a reward model scores it)
     fresh: tuple[str, ...] = ()  # weights its model adds to a language model's, new when it starts from one
+    unsharded: str = ""  # why it cannot train under FSDP, if it cannot (the plan's error)
 
     def build_model(self, cfg) -> torch.nn.Module:
         return Transformer(cfg)
