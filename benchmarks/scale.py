@@ -10,14 +10,14 @@ tokenizer and a ChatML template (nothing is downloaded; the 151,936-row head is 
 the tokenizer). The conversations are written here: 100 to 1,500 tokens each, so packed rows of
 2,048 and 4,096 tokens hold several. Every token is learned (train_on: all), as TRL's default.
 
-Each row of the table is one training step in its own process (fp32): llmforge through its CLI
+Each row of the table is two training steps in their own process (fp32): llmforge through its CLI
 (`llmforge run`, an explicit runtime.micro_batch so the plan never refuses a row), the `before`
 tree (a git worktree of REV, default the commit before the scale work) the same way, TRL's
 SFTTrainer with packing (its padding-free "bfd" packing, position_ids marking the documents) and
 gradient_checkpointing on or off. The parent samples the child's resident memory every 20 ms
-until the step ends: peak, and peak minus the model's own state (weights, gradients and AdamW's
-two moments: 16 bytes a parameter). Step time is the first (only) step's, so tokens/s includes
-no compile or warm-up beyond the first step's allocation on both sides. The CPU's fp32 matmul
+until the second step ends (the first has no AdamW moments yet while its activations peak):
+peak, and peak minus the model's own state (weights, gradients and AdamW's two moments: 16
+bytes a parameter). Step time is the second step's. The CPU's fp32 matmul
 peak (a 4096^3 torch.mm, best of 5) turns each row's model FLOP/s (6N + attention per token, the
 same formula for all) into a share of what this CPU can do.
 
@@ -100,7 +100,7 @@ stages:
   - name: sft
     kind: sft
     mix: {{chat: 1.0}}
-    steps: 1
+    steps: 2
     batch_size: {micro}
     seq_len: {seq_len}
     train_on: all
@@ -144,18 +144,22 @@ def run_llmforge(name: str, tree: Path, T: int, micro: int, ac: str, work: Path)
     (work / "recipe.yaml").write_text(RECIPE.format(folder=build_folder(), micro=micro, seq_len=T, extra=extra))
     metrics = run / "stages/01-sft/metrics.jsonl"
 
+    def steps():
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        return [json.loads(line) for line in lines if '"loss"' in line]
+
     def done():
-        return metrics.exists() and any('"loss"' in line for line in metrics.read_text().splitlines())
+        return len(steps()) == 2
 
     env = dict(os.environ, PYTHONPATH=str(tree))
     peak, code, tail = watch([sys.executable, "-m", "llmforge", "run", "recipe.yaml", "--run-dir", str(run)],
                              work, env, done)
     if code != 0 or not done():
         return {"error": tail}
-    step = next(json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line)
+    second = steps()[1]
     plan = json.loads((run / "plan.json").read_text())["stages"][0]
-    return {"peak": peak, "step_s": step["first_step_s"], "tokens": micro * T, "estimate": plan["est_peak_memory_bytes"],
-            "micro": plan["micro_batch"], "loss": step["loss"]}
+    return {"peak": peak, "step_s": micro * T / second["tokens_per_s"], "tokens": micro * T,
+            "estimate": plan["est_peak_memory_bytes"], "micro": plan["micro_batch"], "loss": second["loss"]}
 
 
 TRL_CHILD = """
@@ -170,11 +174,12 @@ tok = transformers.AutoTokenizer.from_pretrained(folder)
 times = {}
 class Clock(transformers.TrainerCallback):
     def on_step_begin(self, *a, **k): times["begin"] = time.perf_counter()
-    def on_step_end(self, *a, **k):
+    def on_step_end(self, args, state, *a, **k):
         times["step_s"] = time.perf_counter() - times["begin"]
-        open(out, "w").write(json.dumps(times))
+        if state.global_step == 2:
+            open(out, "w").write(json.dumps(times))
 args = SFTConfig(output_dir=out + ".d", max_length=T, packing=True, per_device_train_batch_size=micro,
-                 gradient_accumulation_steps=1, max_steps=1, gradient_checkpointing=gc, use_cpu=True, bf16=False,
+                 gradient_accumulation_steps=1, max_steps=2, gradient_checkpointing=gc, use_cpu=True, bf16=False,
                  report_to=[], save_strategy="no", logging_steps=1, learning_rate=1e-5, dataloader_num_workers=0)
 SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
            callbacks=[Clock()]).train()

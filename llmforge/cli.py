@@ -227,20 +227,24 @@ def sample(run_dir: Path = RunDirArgument,
     with user_errors():
         from .model.generate import reply
         from .model.generate import sample as generate
+        from .run.evaluation import generation_device
         from .store.final import chat_template, final_template, find_stage, load_trained
 
         final = find_stage(run_dir, stage)
-        model, tokenizer = load_trained(final)
+        device, amp = generation_device()
+        model, tokenizer = load_trained(final, device)
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
         if chat_mode:
             pieces = reply(model, tokenizer, chat_template(final), [{"role": "user", "content": prompt}], **options)
         else:
             sys.stdout.write(prompt)
             pieces = generate(model, tokenizer, prompt, final_template(final), **options)
-        for piece in pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        with amp:
+            for piece in pieces:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
         sys.stdout.write("\n")
+
 
 
 @app.command()
@@ -252,10 +256,12 @@ def chat(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
     /quit (or end of input) leaves. Reads stdin, so it can be scripted: echo hi | llmforge chat RUN."""
     with user_errors():
         from .model.generate import reply
+        from .run.evaluation import generation_device
         from .store.final import chat_template, find_stage, load_trained
 
         final = find_stage(run_dir, stage)
-        model, tokenizer = load_trained(final)
+        device, amp = generation_device()
+        model, tokenizer = load_trained(final, device)
         template = chat_template(final)
         start = [{"role": "system", "content": system}] if system else []
         messages = list(start)
@@ -279,11 +285,12 @@ def chat(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
             messages.append({"role": "user", "content": line})
             sys.stdout.write("assistant> " if tty else "")
             text = ""
-            for piece in reply(model, tokenizer, template, messages, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_k=top_k, seed=seed + turn):
-                text += piece
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            with amp:
+                for piece in reply(model, tokenizer, template, messages, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_k=top_k, seed=seed + turn):
+                    text += piece
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
             sys.stdout.write("\n")
             messages.append({"role": "assistant", "content": text.strip() or "..."})
             turn += 1

@@ -528,6 +528,24 @@ def test_grpo_is_refused_under_fsdp_and_auto_keeps_it_on_ddp(trained):
 GREEDY = ("--temperature", "0", "--max-new-tokens", "12")
 
 
+def test_sample_generates_on_the_device_and_precision_a_run_would_train_with(trained, monkeypatch):
+    """`sample` (and `chat`) take the device a run would: here a CPU said to compute in bf16 (as a
+    GPU would), so every forward runs under bf16 autocast."""
+    from llmforge.model.transformer import Transformer
+    from llmforge.plan.devices import Device
+    from llmforge.run import evaluation
+
+    from .conftest import in_process
+
+    monkeypatch.setattr(evaluation, "detect_device", lambda runtime: Device("cpu", "cpu", 2**34, "bf16", False, 1, None))
+    seen, forward = [], Transformer.forward
+    monkeypatch.setattr(Transformer, "forward", lambda self, *a, **k: seen.append(
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")) or forward(self, *a, **k))
+    result = in_process("sample", trained / RUN, "--chat", "--prompt", "Where is Kalo?", "--stage", "sft", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    assert seen and set(seen) == {torch.bfloat16}
+
+
 def test_chat_through_stdin(trained):
     result = subprocess.run([sys.executable, "-m", "llmforge", "chat", str(RUN), "--stage", "sft", *GREEDY],
                             cwd=trained, input="Where is Kalo?\n/reset\nhello\n/quit\nnever read\n",

@@ -124,3 +124,67 @@ def test_the_plan_turns_checkpointing_on_when_the_micro_batch_does_not_fit_witho
     assert chose == {"none": (2, ""), "auto": (4, "selective"), "full": (4, "full")}
     assert "activation checkpointing full: 32 of 32 blocks recompute their forward in backward, ~33% more " \
            "compute" in result.stdout
+
+
+def test_cuda_rng_states_saved_on_more_devices_restore_onto_fewer(monkeypatch):
+    """A checkpoint written where 4 GPUs were visible resumes where 2 are: the first two states
+    go to the two devices, none to a device that is not there."""
+    from llmforge.store import checkpoint
+
+    cpu = checkpoint.rng_state()["torch"]  # any state bytes: only where they go is checked
+    saved = {"torch": cpu, "cuda": [cpu] * 4}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((device, len(s))))
+    checkpoint.set_rng_state(saved)
+    assert [d for d, _ in restored] == [0, 1]
+
+
+def test_compile_is_per_block_and_evals_and_generation_run_eager():
+    """runtime.compile compiles each block in place (the module trained is the model itself, so
+    checkpoints and FSDP see the same names); evals and generation never compile a graph."""
+    from llmforge.model.generate import generate_batch
+    from llmforge.run import distributed
+    from llmforge.run.distributed import Dist
+    from llmforge.run.step import evaluate
+
+    torch._dynamo.reset()
+    m = model()
+    assert distributed.wrap(m, "single", Dist(), torch.device("cpu"), bf16=False, compile=True) is m
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in m.blocks)
+    objective = sft.Objective(None, np.ones(80, dtype=np.int64))
+    before = dict(torch._dynamo.utils.counters["stats"])
+    evaluate(m, objective, {"chat": sft_rows()}, 2, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    generate_batch(m, torch.ones(2, 4, dtype=torch.long), torch.tensor([4, 2]), 3, temperature=0.0, top_k=None,
+                   generator=None, stop_ids=(), vocab_limit=80)
+    assert dict(torch._dynamo.utils.counters["stats"]) == before  # nothing was traced or compiled
+
+
+def test_qlora_computes_in_its_weights_dtype_whatever_the_input(monkeypatch):
+    """bitsandbytes' 4-bit matmul is not autocast-aware, and its fused kernel refuses a bias of
+    another dtype than the input (\"bias dtype must match A dtype\"): a QLoRA layer hands it
+    input and bias in the dtype the weight was quantized from. A stand-in for bitsandbytes (it
+    needs CUDA) checks what it is given, as the real kernel does."""
+    import sys
+    import types
+
+    from llmforge.model.adapters import LoRALinear
+
+    seen = []
+
+    def matmul_4bit(A, B, bias=None, quant_state=None):
+        if bias is not None and bias.dtype != A.dtype:
+            raise RuntimeError(f"bias dtype ({bias.dtype}) must match A dtype ({A.dtype})")
+        seen.append(A.dtype)
+        return torch.nn.functional.linear(A, B.t().to(A.dtype), bias)
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.SimpleNamespace(matmul_4bit=matmul_4bit))
+    layer = torch.nn.Linear(16, 8, bias=True)
+    layer.__class__ = LoRALinear
+    layer.lora_A, layer.lora_B = torch.nn.Parameter(torch.randn(4, 16)), torch.nn.Parameter(torch.zeros(8, 4))
+    layer.scale, layer.lora_dropout = 1.0, 0.0
+    layer.register_buffer("weight_4bit", layer.weight.data.to(torch.bfloat16))  # stands for the NF4 bytes
+    layer.quant_state = types.SimpleNamespace(dtype=torch.bfloat16)
+    out = layer(torch.randn(3, 16))  # fp32 in, as a norm's output reaches q_proj
+    assert seen == [torch.bfloat16] and out.shape == (3, 8)

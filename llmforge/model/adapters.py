@@ -45,7 +45,13 @@ class LoRALinear(nn.Linear):
         if hasattr(self, "quant_state"):  # qlora: the frozen weight in NF4
             import bitsandbytes as bnb
 
-            out = bnb.matmul_4bit(x, self.weight_4bit.t(), bias=self.bias, quant_state=self.quant_state)
+            # bitsandbytes' 4-bit matmul is not autocast-aware: an fp32 input (a norm's output, the
+            # fp32 residual stream) would run the dequantized GEMM in fp32, and its fused kernel
+            # refuses a bias of another dtype than the input. Compute in the weight's dtype, as
+            # bnb's own Linear4bit does.
+            dtype = self.quant_state.dtype
+            bias = None if self.bias is None else self.bias.to(dtype)
+            out = bnb.matmul_4bit(x.to(dtype), self.weight_4bit.t(), bias=bias, quant_state=self.quant_state)
         else:
             out = F.linear(x, self.weight, self.bias)
         h = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x

@@ -3,6 +3,8 @@ and the bare module under torch.compile's and DDP's wrappers."""
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import torch
@@ -51,3 +53,11 @@ def unwrap(model):
     model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+def eager():
+    """Compiled blocks run eagerly inside: evals and generation are forwards without gradients
+    in shapes training never sees (a decode step per token), not worth graphs of their own
+    (torch >= 2.6; before it they go through the compiled blocks)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance else contextlib.nullcontext()

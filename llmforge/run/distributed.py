@@ -181,12 +181,18 @@ def _die_with_parent() -> None:
 def wrap(model, mode: str, d: Dist, device, bf16: bool, compile: bool):
     """The module the training step calls: the model itself alone, DDP (every rank holds all
     weights, gradients all-reduced), or FSDP2 (weights, gradients and optimizer state sharded;
-    each block's weights gathered just for its forward and backward); torch.compile'd if asked
-    (under FSDP2 block by block, in place, as its hooks sit between blocks)."""
+    each block's weights gathered just for its forward and backward). torch.compile, if asked,
+    compiles each block in place, as torchtitan does: one small graph all blocks share (a block
+    is a block), compiled in seconds, with FSDP2's hooks between blocks; the embeddings, head
+    and chunked loss stay eager, and evals run eager (step.evaluate), so no second graph is
+    compiled for them."""
     import torch
 
+    if compile:
+        for block in model.blocks:
+            block.compile()
     if d.world == 1 or mode == "single":
-        return torch.compile(model) if compile else model
+        return model
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -194,8 +200,7 @@ def wrap(model, mode: str, d: Dist, device, bf16: bool, compile: bool):
         # The buffers (rope tables) are derived from the config, the same everywhere: no syncing.
         quiet = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
             else {"broadcast_buffers": False}  # torch < 2.13
-        wrapped = DDP(model, device_ids=ids, **quiet)
-        return torch.compile(wrapped) if compile else wrapped
+        return DDP(model, device_ids=ids, **quiet)
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:  # torch < 2.6
@@ -210,8 +215,6 @@ def wrap(model, mode: str, d: Dist, device, bf16: bool, compile: bool):
         if bf16 else MixedPrecisionPolicy()
     mesh = init_device_mesh(device.type, (d.world,))  # the run's device, even on a GPU machine
     for block in model.blocks:
-        if compile:
-            block.compile()
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)  # the rest: embeddings, final norm, head
     return model

@@ -125,6 +125,8 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
     sampler = Sampler([(stage.train[s.name], s.weight) for s in sp.mix], sp.global_batch, plan.seed, sp.index)
     names = adapters.saved_names(model, sp.adapter)  # before wrapping: a tied tensor's name; an adapter's alone
     checkpoint_blocks(model, sp.activation_checkpointing)
+    if plan.device.compile:  # each stage compiles afresh: graphs piling up over the stages of one run
+        torch._dynamo.reset()  # would reach dynamo's recompile limit, past which it silently runs eager
     step_model = distributed.wrap(model, plan.parallel, d, device, compile=plan.device.compile,
                                   bf16=device.type == "cuda" and plan.device.precision == "bf16")
     optimizer = build_optimizer(model, sp.optimizer | {"lr": sp.lr})
@@ -234,7 +236,8 @@ def _finish(ctx: Context, sp: StagePlan, root: Path, model, weights: dict, last_
             model = KINDS[sp.kind].build_model(ctx.plan.model)
             set_weights(model, weights, root / "final")
             model.to(ctx.plan.device.type)
-        scores = run_tasks(sp.tasks, model.eval(), ctx.tokenizer, ctx.template)
+        with autocast(ctx.plan.device):  # the run's device and precision, as its training
+            scores = run_tasks(sp.tasks, model.eval(), ctx.tokenizer, ctx.template)
         ctx.reporter.log_eval(sp.steps, scores)
         results |= scores
     config = {"model": ctx.plan.model.to_dict(), "stage": sp.name, "kind": sp.kind,

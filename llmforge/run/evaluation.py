@@ -20,13 +20,14 @@ from ..errors import CheckpointError, RecipeError
 from ..plan.devices import detect_device
 from ..plan.plan import plan_stage
 from ..recipe.loader import validate_recipe
+from ..recipe.schema import RuntimeSpec
 from ..store.final import check_language_model, find_stage, load_model
 from ..tasks import TASKS, run_tasks
 from ..text.templates import template_from_spec
 from ..text.tokenizer_json import load_tokenizer
 from .engine import build_stage, eval_batches, stage_inputs
 from .prepare import source_stats
-from .step import evaluate
+from .step import autocast, evaluate
 
 
 def load_run_recipe(run_dir: Path):
@@ -71,10 +72,17 @@ def evaluate_stage(run_dir: Path, stage: str | None, tasks: list[str] | None = N
     if names:
         check_language_model(final)  # task evals generate replies
 
-        with _task(reporter, f"task evals: {', '.join(names)}"):
+        with _task(reporter, f"task evals: {', '.join(names)}"), stage.amp:
             results |= run_tasks(names, model, tokenizer, template)
     return results
 
 
 def _task(reporter, description: str):
     return reporter.task(description, None) if reporter else contextlib.nullcontext()
+
+
+def generation_device():
+    """(device type, autocast context) that `chat` and `sample` generate on: the GPU (in bf16
+    where it has it) when there is one, as a run trains there; else the CPU in fp32."""
+    device = detect_device(RuntimeSpec())
+    return device.type, autocast(device)

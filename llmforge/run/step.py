@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import TrainingError
-from ..model.weights import unwrap
+from ..model.weights import eager, unwrap
 from ..stages.kind import to_device
 from . import distributed
 from .distributed import Dist
@@ -79,7 +79,7 @@ def evaluate(model, objective, batches: dict[str, dict], micro_batch: int, devic
     for name, batch in batches.items():
         sums: dict = {}
         for micro in _split(batch, micro_batch) if len(next(iter(batch.values()))) else []:
-            with amp:
+            with amp, eager():
                 for k, v in objective.eval_sums(model, to_device(micro, device)).items():
                     sums[k] = sums.get(k, 0) + v
         out |= {f"val/{name}/{k}": v for k, v in objective.summarize(sums).items()}

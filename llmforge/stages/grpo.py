@@ -116,7 +116,8 @@ class Objective(kind.Objective):
             replies = self._sample(model, prompts, device, o.temperature, generator)
         model.train(was_training)
         rows = self._rows(prompts, replies)
-        rewards, terms = self._score(prompts, replies, rows, device)
+        with amp:  # reward models score under the run's precision
+            rewards, terms = self._score(prompts, replies, rows, device)
         groups = rewards.view(B, o.group)
         advantages = groups - groups.mean(dim=1, keepdim=True)
         if o.scale_rewards:

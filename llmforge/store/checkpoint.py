@@ -85,7 +85,10 @@ def set_rng_state(state: dict) -> None:
         return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
     torch.set_rng_state(decode(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
+        # A checkpoint saved where 8 GPUs were visible resumes on 4, or on 1: restore the devices
+        # there are (set_rng_state_all would ask for device 4 and fail).
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(decode(s), i)
 
 
 def save_checkpoint(root: Path, step: int, weights: dict, optimizer_state: dict, state: dict, keep: int) -> Path:
