@@ -163,9 +163,9 @@ def build_tokenizer(specials: list[str], extra: list[str] = ()):
     return tok
 
 
-def build_folder(folder: Path, family: str, pad: int = 12, max_len: int = 128):
+def build_folder(folder: Path, family: str, pad: int = 12, max_len: int = 128, shape: dict | None = None):
     """The family's folder; returns the transformers model (eval mode). The embedding has `pad`
-    rows past the tokenizer's vocab, as real models often have."""
+    rows past the tokenizer's vocab, as real models often have; `shape` replaces the tiny one."""
     import transformers
 
     cls, options, template, specials, tokens, eos = FAMILIES[family]
@@ -176,7 +176,7 @@ def build_folder(folder: Path, family: str, pad: int = 12, max_len: int = 128):
               "clean_up_tokenization_spaces": False, "model_max_length": 128, **tokens}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     torch.manual_seed(0)
-    shape = _SHAPE | {"vocab_size": tok.get_vocab_size() + pad, "max_position_embeddings": max_len}
+    shape = (shape or _SHAPE) | {"vocab_size": tok.get_vocab_size() + pad, "max_position_embeddings": max_len}
     hf_config = getattr(transformers, cls)(**(shape | options))
     hf = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
     with torch.no_grad():  # norms and biases away from their 1/0 init, so a misplaced one shows

@@ -188,3 +188,28 @@ def test_qlora_computes_in_its_weights_dtype_whatever_the_input(monkeypatch):
     layer.quant_state = types.SimpleNamespace(dtype=torch.bfloat16)
     out = layer(torch.randn(3, 16))  # fp32 in, as a norm's output reaches q_proj
     assert seen == [torch.bfloat16] and out.shape == (3, 8)
+
+
+SMOLLM2_360M = dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                    num_key_value_heads=5)
+
+
+def test_init_finetune_on_a_360m_model_folder_plans_and_trains_on_this_machine(tmp_path):
+    """`llmforge init --template finetune --model` on a random model of SmolLM2-360M's shape (its
+    context 8,192 tokens): the recipe plans as written on a 24 GiB machine, each stage's seq_len
+    derived from its data (not the context), and its sft stage trains (one short step here)."""
+    from .hf_families import build_folder
+
+    build_folder(tmp_path / "smol360", "llama", max_len=8192, shape=SMOLLM2_360M)
+    assert cli("init", "mine", "--template", "finetune", "--model", "smol360", cwd=tmp_path).returncode == 0
+    plan = cli("plan", "mine.yaml", "--target", "4090", cwd=tmp_path)  # 24 GB, whatever this machine is
+    assert plan.returncode == 0, plan.stderr
+    assert "seq_len 256: from its data: the longest example is 236 tokens (the model's context: 8,192)" in plan.stdout
+    assert "seq_len 192: from its data: the longest example is 159 tokens" in plan.stdout
+    recipe = (tmp_path / "mine.yaml").read_text()
+    sft = recipe[:recipe.index("  - name: dpo")].replace("epochs: 2", "steps: 1", 1)  # the sft stage, one step
+    (tmp_path / "sft.yaml").write_text(sft)
+    run = cli("run", "sft.yaml", "--set", "stages[0].batch_size=2", "--set", "stages[0].eval.tokens=256",
+              cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "runs/mine/stages/01-sft/final/model.safetensors").is_file()

@@ -110,17 +110,20 @@ def causal(q, k, v, *, window: int | None = None, dropout: float = 0.0):
     B, H, _, hd = q.shape
     W, nb = window, -(-T // window)
     pad = nb * W - T
-    q = F.pad(q, (0, 0, 0, pad)).view(B, H, nb, W, hd).transpose(1, 2)  # [B, nb, H, W, hd]
+    # [B * nb, H, W, hd]: 4-D, as SDPA's fused kernels take nothing else
+    q = F.pad(q, (0, 0, 0, pad)).view(B, H, nb, W, hd).transpose(1, 2).reshape(B * nb, H, W, hd)
     # keys of block i: positions (i-1)W .. (i+1)W-1, with W zeros in front for block 0
-    k, v = (F.pad(t, (0, 0, W, pad)).unfold(2, 2 * W, W).permute(0, 2, 1, 4, 3) for t in (k, v))
+    k, v = (F.pad(t, (0, 0, W, pad)).unfold(2, 2 * W, W).permute(0, 2, 1, 4, 3).reshape(B * nb, t.shape[1], 2 * W, hd)
+            for t in (k, v))
     j, m = torch.arange(W, device=q.device)[:, None], torch.arange(2 * W, device=q.device)
     band = (m > j) & (m <= j + W)  # key (i-1)W+m of query iW+j: at most W-1 back, not ahead
-    mask = band.expand(nb, W, 2 * W).clone()
-    mask[0, :, :W] = False  # block 0's front keys are the padding
-    y = sdpa(q, k, v, mask=mask[None, :, None], dropout=dropout)  # [B, nb, H, W, hd]
-    return y.transpose(1, 2).reshape(B, H, nb * W, hd)[:, :, :T]
+    mask = band.expand(B, nb, 1, W, 2 * W).clone()
+    mask[:, 0, :, :, :W] = False  # block 0's front keys are the padding
+    y = sdpa(q, k, v, mask=mask.view(B * nb, 1, W, 2 * W), dropout=dropout)  # [B * nb, H, W, hd]
+    return y.view(B, nb, H, W, hd).transpose(1, 2).reshape(B, H, nb * W, hd)[:, :, :T]
 
 
+@torch.compiler.disable  # a layout's groups are Python ints: compiled, each new layout would be a new graph
 def packed(q, k, v, layout: DocLayout, *, window: int | None = None, dropout: float = 0.0):
     """Causal attention inside each document of a packed [B, H, T, hd] batch (see DocLayout)."""
     B, H, T, hd = q.shape

@@ -257,6 +257,7 @@ def render_plan(plan, console: Console) -> None:
             f"{si(sp.tokens)} tokens\n"
             f"  batch {sp.global_batch} x {sp.seq_len} = micro {sp.micro_batch} x accum {sp.grad_accum} "
             f"x world {sp.world_size}{_checkpointing(sp, plan)}\n"
+            f"{f'  seq_len {sp.seq_len}: {sp.seq_len_from}{chr(10)}' if sp.seq_len_from else ''}"
             f"  {sp.optimizer['name']} lr {sp.lr:.3g}"
             f"{own}, warmup {sp.warmup_steps} steps, {sp.decay} decay to "
             f"{sp.min_lr:.3g} over {sp.steps - sp.warmup_steps} steps, "

@@ -80,6 +80,7 @@ class StagePlan:
     max_nonfinite: int = 10
     trainable_params: int = 0  # what the optimizer steps (an adapter's alone, or every weight)
     activation_checkpointing: str = "none"  # none | selective | full (runtime's, or the plan's under auto)
+    seq_len_from: str = ""  # how seq_len was chosen when the recipe does not say it (stage_seq_len)
 
     def math_hash(self) -> str:
         """What decides this stage's numbers on a given machine; stored in every checkpoint."""
@@ -151,13 +152,14 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
     warning when its disk cannot hold what the stages will keep (none for another machine's disk)."""
     cfg = model_config(recipe, vocab_size)
     params = cfg.num_params()
-    parallel = _choose_parallel(recipe, cfg, device, world_size)
+    seq_lens = [stage_seq_len(recipe, i, cfg, sources) for i in range(len(recipe.stages))]
+    parallel = _choose_parallel(recipe, cfg, device, world_size, [n for n, _ in seq_lens])
     shards = world_size if parallel == "fsdp" else 1
     stages, problems = [], []
     for i, spec in enumerate(recipe.stages):
         try:
             stages.append(_plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards,
-                                      tokenizer_fingerprint))
+                                      tokenizer_fingerprint, seq_lens[i]))
         except PlanError as e:
             problems.append(e)
     if problems:
@@ -177,10 +179,29 @@ def plan_stage(recipe: Recipe, index: int, *, vocab_size: int, sources: dict[str
     """Stage `index` of the recipe alone, in one process (`llmforge eval`: only its sources are
     prepared; it keeps its place, init and references among the recipe's stages)."""
     cfg = model_config(recipe, vocab_size)
-    return _plan_stage(index, recipe.stages[index], recipe, cfg, sources, device, 1, 1, tokenizer_fingerprint)
+    return _plan_stage(index, recipe.stages[index], recipe, cfg, sources, device, 1, 1, tokenizer_fingerprint,
+                       stage_seq_len(recipe, index, cfg, sources))
 
 
-def _choose_parallel(recipe: Recipe, cfg: ModelConfig, device: Device, world_size: int) -> str:
+def stage_seq_len(recipe: Recipe, i: int, cfg: ModelConfig, sources: dict[str, SourceStats]) -> tuple[int, str]:
+    """(the stage's seq_len, how it was chosen): its own, else the model's; but a model folder's
+    context (model.init.hf: 8,192 tokens for SmolLM2, 32,768 for Qwen2.5) is no row length
+    anyone means, so there a stage of examples takes the longest row its data makes, rounded up
+    to 64, capped at the context. Before the data is tokenized (a `plan` of data not at hand),
+    the context stands."""
+    spec, kind = recipe.stages[i], KINDS[recipe.stages[i].kind]
+    if spec.seq_len or recipe.model.init is None:
+        return spec.seq_len or cfg.seq_len, ""
+    known = [kind.longest(sources[name].examples, spec.options) for name in spec.mix
+             if sources[name].examples is not None]
+    if not known or len(known) < len(spec.mix):
+        return cfg.seq_len, "the model's context: its data's lengths are not known until it is tokenized"
+    longest = max(known)
+    derived = min(cfg.seq_len, max(64, -(-(longest - 1) // 64) * 64))
+    return derived, f"from its data: the longest example is {longest:,} tokens (the model's context: {cfg.seq_len:,})"
+
+
+def _choose_parallel(recipe: Recipe, cfg: ModelConfig, device: Device, world_size: int, seq_lens: list[int]) -> str:
     """single alone; else the recipe's choice, or under auto DDP when the whole model's training
     state and one sequence's activations fit one device (by estimate_memory), FSDP otherwise."""
     if world_size == 1:
@@ -200,14 +221,14 @@ def _choose_parallel(recipe: Recipe, cfg: ModelConfig, device: Device, world_siz
         return recipe.runtime.parallel
     if unsharded is not None:
         return "ddp"
-    longest = max(recipe.stage_seq_len(s) * KINDS[s.kind].sequences(s.options, _format(recipe, s)) for s in recipe.stages)
+    longest = max(n * KINDS[s.kind].sequences(s.options, _format(recipe, s)) for n, s in zip(seq_lens, recipe.stages))
     return "ddp" if estimate_memory(cfg, 1, longest, device.precision, cpu=device.type == "cpu") <= memory_budget(device) \
         else "fsdp"
 
 
-def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, fingerprint) -> StagePlan:
+def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, fingerprint, seq_len) -> StagePlan:
     where, kind = f"stages[{i}]", KINDS[spec.kind]
-    seq_len, options = recipe.stage_seq_len(spec), kind.plan_options(spec, recipe)
+    (seq_len, seq_len_from), options = seq_len, kind.plan_options(spec, recipe)
     if problems := kind.check(where, i, options, recipe, sources, fingerprint):
         raise PlanError("\n".join(problems), hint=f"see docs/recipe.md, stage kind {spec.kind}")
     n_seq = kind.sequences(options, _format(recipe, spec))  # a dpo row is a pair: two sequences
@@ -265,7 +286,7 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
         eval_every=spec.eval.every, eval_tokens=spec.eval.tokens, checkpoint_every=spec.checkpoint.every,
         checkpoint_keep=spec.checkpoint.keep, log_every=recipe.runtime.log_every, tasks=tuple(spec.eval.tasks),
         mix=mix, flops=flops, est_peak_memory_bytes=memory,
-        activation_checkpointing=checkpointing,
+        activation_checkpointing=checkpointing, seq_len_from=seq_len_from,
         est_time_s=estimate_time(recompute * flops / world_size, cfg, micro * per_row // seq_len, seq_len, device,
                                  steps=steps, world_size=world_size, synced_bytes=_synced_bytes(
                                      cfg, trainable if adapter else cfg.num_params(), shards > 1)),

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from ..data.cache import find_source, prepare_source
+from ..data.formats import FORMATS
 from ..data.sources import iter_documents, list_files
 from ..errors import RecipeError, TokenizerError
 from ..plan.devices import Device, detect_device
@@ -104,6 +105,9 @@ def clear_run_dir(run_dir: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+PLAN_TOKENIZES = 64 * 2**20  # conversation sources up to this size are tokenized by `plan` itself
+
+
 def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1, processes: int = 1,
                   device: Device | None = None) -> Plan:
     """The plan without training anything: exact token counts where the run directory's tokenizer
@@ -124,6 +128,11 @@ def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1, processes:
         spec = recipe.data[name]
         if tokenizer and (src := find_source(name, spec, recipe.base_dir, tokenizer, template)):
             stats[name] = source_stats(src)
+        elif tokenizer and template and FORMATS[spec.format].conversations and \
+                _source_bytes(recipe, name) <= PLAN_TOKENIZES:
+            # Small conversation data is tokenized now (into the cache `run` reads): the plan then
+            # knows each example's length, which derives seq_len and says what is dropped or cut.
+            stats[name] = source_stats(prepare_source(name, spec, recipe.base_dir, tokenizer, template=template))
         else:
             files = list_files(name, spec, recipe.base_dir)
             size = _source_bytes(recipe, name, files)

@@ -237,6 +237,9 @@ class Grpo(kind.Kind):
     def rows(self, examples, seq_len, options, seed, overlong=None):
         return PromptRows(examples, seq_len, room=options.max_new_tokens, seed=seed)
 
+    def longest(self, examples, options):
+        return super().longest(examples, options) + options.max_new_tokens + 1  # prompt + reply fit seq_len
+
     def preview(self, template, example, options):
         messages, answer = example
         return template.prompt_segments(messages) + ([(f"  answer: {answer}", True, False)] if answer else [])

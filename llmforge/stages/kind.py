@@ -90,6 +90,11 @@ class Kind:
         per_row = self.sequences(options, getattr(source, "format", None))
         return val, min(val.n_rows, max(1, tokens // (per_row * seq_len)))
 
+    def longest(self, examples, options) -> int:
+        """Tokens of the longest row one of these examples makes (a sequence; grpo: a prompt
+        and its reply's room), for a seq_len derived from the data (0: no examples)."""
+        return int(examples.lengths().max()) if len(examples) else 0
+
     def logit_share(self, source) -> float:
         """The largest share of a row's positions whose logits a step computes (for the memory
         estimate)."""
