@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -67,10 +68,10 @@ def user_errors(rank: int = 0, world: int = 1):
                       "run the same command again to resume.")
         raise typer.Exit(128 + signal.SIGINT)
     except Exception as e:
-        from .run.distributed import peer_failure
+        from .run.distributed import PEER_LOST, peer_failure
 
-        if world > 1 and peer_failure(e):  # another rank died; its message is the one to read
-            raise typer.Exit(1)
+        if world > 1 and peer_failure(e):  # another rank died; its message (or the launcher's) is the one to read
+            raise typer.Exit(PEER_LOST)
         raise
 
 
@@ -82,11 +83,18 @@ def run(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No plan, steps or evals: notes, warnings and the results."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Every figure of every step and eval line."),
         nproc: int = typer.Option(1, "--nproc-per-node", min=1, help="Train with N processes on this machine, "
-                                  "launched by torch.distributed.run (one per GPU; on CPU, gloo).")):
+                                  "launched by torch.distributed.run (one per GPU; on CPU, gloo)."),
+        nnodes: int = typer.Option(1, "--nnodes", min=1, help="... on this many machines, each running this same "
+                                   "command (docs/distributed.md)."),
+        endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="With --nnodes: host:port of one of the "
+                                               "machines, where they meet (torchrun's c10d rendezvous).")):
     """Prepare the tokenizer and data, print the plan, and train every stage (resuming if possible)."""
     from .run.distributed import close, init, launched
 
-    if nproc > 1 and not launched():
+    if (nproc > 1 or nnodes > 1) and not launched():
+        # Read once, as torch loads: the agent's c10d warnings (a C++ stack each, when a machine is
+        # lost with the rendezvous store it hosted) would only repeat the one line it reports.
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         with user_errors():
             from .recipe.loader import load_recipe
 
@@ -96,7 +104,9 @@ def run(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
         args = ["run", str(recipe), *(["--run-dir", str(run_dir)] if run_dir else []),
                 *[a for o in overrides or [] for a in ("--set", o)], *(["--restart"] if restart else []),
                 *(["--quiet"] if quiet else []), *(["--verbose"] if verbose else [])]
-        raise typer.Exit(launch(nproc, args))
+        with user_errors():  # another machine lost is an error: one line, exit 2
+            code = launch(nproc, args, nnodes, endpoint)
+        raise typer.Exit(code)
     d = init()  # joins torchrun's process group, if this process is one of its workers
     try:
         with user_errors(d.rank, d.world):

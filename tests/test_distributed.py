@@ -121,24 +121,6 @@ def test_torchrun_itself_runs_the_same_command(single, tmp_path):
     assert_same_run(folder, single)
 
 
-def test_two_nodes_meet_through_the_rendezvous(single, tmp_path):
-    """Two launchers (two "machines" on one host, sharing the run directory) with c10d rendezvous."""
-    import socket
-
-    folder = write_recipe(tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    common = ("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "llmforge-test")
-    nodes = [torchrun(folder, *common) for _ in range(2)]
-    results = [node.communicate(timeout=300) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], results
-    assert sum(out.count("stage dpo: done") for out, _ in results) == 1  # one rank 0 between them
-    assert json.loads((folder / RUN / "plan.json").read_text())["world_size"] == 2
-    assert_same_run(folder, single)
-
-
 def wait_for(folder: Path, proc: subprocess.Popen, stage: str, step: int) -> None:
     wait_for_step(folder, proc, step, metrics=str(RUN / "stages" / stage / "metrics.jsonl"))
 

@@ -8,7 +8,8 @@ checkpoint. A single process is world size 1: the same calls, doing nothing.
 
 Errors: rank 0 reports; a failure everyone shares (a bad checkpoint, say) is reported once by
 rank 0, and a failure only one rank has reaches the user as "rank N: ...". A rank whose peer
-died stops quietly: the peer's own message is the one that matters.
+died stops quietly: the peer's own message is the one that matters (or, when the peer was on
+another machine, its launcher's: that machine was lost).
 """
 
 from __future__ import annotations
@@ -152,6 +153,12 @@ def close(d: Dist) -> None:
             dist.destroy_process_group()  # without it, gloo's threads abort the exiting process
 
 
+# A worker's exit code when it stops because another rank went away (sysexits' EX_TEMPFAIL: the
+# same command will resume). It prints nothing: its launcher names the cause, a rank of its own
+# that failed, or, when every failure it saw is this one, another machine.
+PEER_LOST = 75
+
+
 def peer_failure(e: BaseException) -> bool:
     """An error that only says another rank went away (its own error is what the user needs)."""
     import torch.distributed as dist
@@ -253,11 +260,14 @@ def load_optimizer(model, optimizer, state: dict) -> None:
 
 # -- the launcher ------------------------------------------------------------------------------
 
-def launch(nproc: int, worker_args: list[str]) -> int:
-    """`llmforge run ... --nproc-per-node N`: become torchrun's elastic agent for N local
-    workers running `python .../llmforge/__main__.py <worker_args>`; return the exit code."""
+def launch(nproc: int, worker_args: list[str], nnodes: int = 1, endpoint: str | None = None) -> int:
+    """`llmforge run ... --nproc-per-node N [--nnodes M --rdzv-endpoint host:port]`: become
+    torchrun's elastic agent for N local workers running `python .../llmforge/__main__.py
+    <worker_args>` (on each of M machines, which meet at the endpoint); return the exit code.
+    Another machine lost is an LlmforgeError: one line, exit 2, and the user reruns."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
     from torch.distributed.run import get_args_parser, run
 
     # Share the cores: torchrun would otherwise pin each worker to 1 thread, with a banner.
@@ -267,12 +277,25 @@ def launch(nproc: int, worker_args: list[str]) -> int:
     # The workers report their own errors; the agent's log lines and summary table repeat them.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed.run").setLevel(logging.CRITICAL)
+    if nnodes > 1 and not endpoint:
+        raise LlmforgeError(f"--nnodes {nnodes} needs --rdzv-endpoint",
+                            hint="the same host:port on every machine, one of theirs: e.g. --rdzv-endpoint node0:29500")
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "__main__.py")  # llmforge/
-    args = get_args_parser().parse_args(["--nproc-per-node", str(nproc), "--standalone", script, *worker_args])
+    meet = ["--standalone"] if nnodes == 1 else \
+        ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "llmforge"]
+    args = get_args_parser().parse_args(["--nproc-per-node", str(nproc), *meet, script, *worker_args])
+    # Whichever notices first (this machine's ranks, or its agent), the news is the same.
+    lost = LlmforgeError("lost contact with another machine of this run: it stopped or cannot be reached",
+                         hint="its own output says why, if it could; run the same command again on every machine: "
+                              "it resumes from the last complete checkpoint")
     try:
         run(args)
     except ChildFailedError as e:
-        failures = sorted(e.failures.items(), key=lambda kv: kv[1].timestamp)
+        # Ranks that only lost a peer say nothing of the cause: look past them.
+        failures = sorted(((r, f) for r, f in e.failures.items() if f.exitcode != PEER_LOST),
+                          key=lambda kv: kv[1].timestamp)
+        if not failures:  # the cause is on another machine, which reports it if it still can
+            raise lost from None
         codes = [f.exitcode for _, f in failures]
         if 2 in codes:  # a user error, printed by the rank that had it
             return 2
@@ -286,4 +309,9 @@ def launch(nproc: int, worker_args: list[str]) -> int:
         return 1  # a bug: the rank printed its traceback
     except SignalException as e:  # the launcher was stopped; the workers saved (or were killed)
         return 128 + e.sigval
+    except RendezvousTimeoutError:
+        raise LlmforgeError(f"--nnodes {nnodes}: not every machine came to the rendezvous at {endpoint} in time",
+                            hint="start the same command on every machine, with the same --rdzv-endpoint") from None
+    except RendezvousError:  # the store the agents meet at went with the machine that hosted it
+        raise lost from None
     return 0
