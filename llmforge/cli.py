@@ -256,7 +256,6 @@ def sample(run_dir: Path = RunDirArgument,
         sys.stdout.write("\n")
 
 
-
 @app.command()
 def chat(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
          system: Optional[str] = typer.Option(None, "--system", help="A system message to start with."),
