@@ -132,3 +132,20 @@ def test_the_model_returns_target_logprobs_equal_to_its_logits(monkeypatch):
         torch.testing.assert_close(x, y, **TOL)
     full = model(ids[:, :-1], targets=ids[:, 1:])
     assert full.shape == (2, 20)
+
+
+def test_chunked_logprobs_under_bf16_autocast_stay_close_to_fp32(monkeypatch):
+    """Under autocast the head's matmuls run in bf16 (forward, and the recompute in backward);
+    the softmax and the sums stay fp32."""
+    monkeypatch.setattr(L, "CHUNK_LOGITS", 50 * 16)
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(100, 24, generator=g, requires_grad=True)
+    w = torch.randn(50, 24, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (100,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = L.target_logprobs(h, w, t)
+    assert got.dtype == torch.float32
+    want = torch.log_softmax(h @ w.T, -1).gather(1, t[:, None])[:, 0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0.25)  # bf16 logits of size ~5: ~2 digits
+    for a, b in zip(torch.autograd.grad(got.sum(), (h, w)), torch.autograd.grad(want.sum(), (h, w))):
+        assert (a - b).norm() / b.norm() < 0.05

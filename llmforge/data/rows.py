@@ -51,6 +51,32 @@ def trim(batch: dict, multiple: int = TRIM_MULTIPLE) -> dict:
             for k, v in batch.items()}
 
 
+_SEQUENCES = {"inputs": 0, "tokens": 1, "chosen": 1, "rejected": 1, "reply": 1}  # token arrays: extra columns
+_LEARNS = {"targets": "inputs", "learned": "tokens", "chosen_learned": "chosen", "rejected_learned": "rejected",
+           "reply_learned": "reply"}  # what each row's learned flags belong to
+
+
+def work(batch: dict) -> np.ndarray:
+    """What a forward pass over a (trimmed) micro-batch computes, for tokens/s and MFU:
+    [real tokens (a row's positions up to its last learned target), positions (rows x width),
+    attention (the sum over documents, or rows, of their length squared), logits (learned
+    targets, where the output head runs)]. Windows of a token stream learn at every position."""
+    out = np.zeros(4, dtype=np.float64)
+    for key, extra in _SEQUENCES.items():
+        if key not in batch:
+            continue
+        n, width = batch[key].shape[0], batch[key].shape[1] - extra
+        flags = next((batch[m] != IGNORE if m == "targets" else batch[m] for m, k in _LEARNS.items()
+                      if k == key and m in batch), np.ones((n, width), dtype=bool))
+        used = np.where(flags.any(axis=1), width - np.argmax(flags[:, ::-1], axis=1), 0)  # up to the last learned
+        if "docs" in batch and key == "inputs":  # packed: each document attends within itself
+            lengths = np.concatenate([np.unique(row[:u], return_counts=True)[1] for row, u in zip(batch["docs"], used)])
+        else:
+            lengths = used
+        out += (used.sum(), n * width, (lengths.astype(np.float64) ** 2).sum(), flags.sum())
+    return out
+
+
 class WindowRows:
     def __init__(self, tokens: np.ndarray, seq_len: int):
         self.tokens, self.seq_len = tokens, seq_len

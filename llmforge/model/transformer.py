@@ -134,6 +134,17 @@ class ModelConfig:
         t = min(t, self.sliding_window or t)
         return 6 * self._matmul_weights() + 12 * self.n_layer * self.q_dim * t
 
+    def step_flops(self, positions: float, attention: float, logits: float, frozen: bool = False) -> float:
+        """Training FLOPs of what a step really computed (as flops_per_token, per position):
+        `positions` through the blocks, `attention` query-key pairs (the sum of each sequence's
+        length squared), `logits` rows through the head. Frozen weights (an adapter's base) need
+        no weight gradient: 4 FLOPs a weight and position, not 6; attention keeps its backward
+        (uncapped by a sliding window: an upper bound there)."""
+        per_weight = 4 if frozen else 6
+        head = self.vocab_size * self.n_embd
+        return per_weight * ((self._matmul_weights() - head) * positions + head * logits) \
+            + 12 * self.n_layer * self.q_dim * attention
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

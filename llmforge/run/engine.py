@@ -150,7 +150,9 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
         return weights
 
     ctx.reporter.stage_start(sp, start, root / "metrics.jsonl")
-    timer = Timer(start, sp, plan.model.flops_per_token(sp.seq_len), plan.device.peak_flops, d.world)
+    head = KINDS[sp.kind].generates  # a reward model never runs the output head
+    timer = Timer(start, sp, lambda pos, att, logits: plan.model.step_flops(pos, att, logits * head, bool(sp.adapter)),
+                  plan.device.peak_flops, d.world)
     for step in range(start, sp.steps + 1):
         if signum := d.stop_requested(ctx.stop.signum):  # every rank stops at the same step
             save(step)
@@ -167,7 +169,7 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_ratio", 1.0)  # muon: its matrices' own peak
         pending.append(train_step(step_model, optimizer, objective, sampler.next_batch(), sp, amp, device, d, step))
-        timer.step_done(step + 1)
+        timer.step_done(step + 1, pending[-1].pop("work"))
         faults.reached("step", sp.dir_name, step + 1)
         if (step + 1) % sp.log_every == 0 or step + 1 == sp.steps:
             means = {k: torch.stack([m[k] for m in pending]).mean().item() for k in pending[0]}  # one sync per log

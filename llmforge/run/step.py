@@ -11,6 +11,7 @@ import torch
 
 from ..errors import TrainingError
 from ..model.weights import eager, unwrap
+from ..data.rows import trim, work
 from ..stages.kind import to_device
 from . import distributed
 from .distributed import Dist
@@ -36,6 +37,7 @@ def train_step(model, optimizer, objective, batch: dict, sp: StagePlan, amp, dev
     per_micro = sp.micro_batch * _count(rows) // max(1, _count(mine))  # grpo: a prompt's row became G replies
     micros = _split(rows, per_micro)
     totals: dict = {}
+    done = sum(work(trim(m)) for m in micros)  # what the forwards compute, for tokens/s and MFU
     for i, micro in enumerate(micros):
         with distributed.grad_sync(model, i == len(micros) - 1):
             with amp:
@@ -65,9 +67,12 @@ def train_step(model, optimizer, objective, batch: dict, sp: StagePlan, amp, dev
     if "rollout_s" in figures:
         figures["update_s"] = time.perf_counter() - t
     keys = list(totals) + list(figures)
-    values = [totals[k].float() for k in totals] + [torch.as_tensor(float(v), device=device) for v in figures.values()]
-    reduced = d.all_sum(torch.stack(values))  # one small all-reduce
-    return {k: v / (units if k in totals else d.world) for k, v in zip(keys, reduced)}
+    host = torch.tensor([*figures.values(), *done], dtype=torch.float32)  # figures and work: known on the host
+    if device.type == "cuda":  # copied without waiting for the step to finish
+        host = host.pin_memory().to(device, non_blocking=True)
+    reduced = d.all_sum(torch.cat([torch.stack([totals[k].float() for k in totals]), host]))  # one all-reduce
+    out = {k: v / (units if k in totals else d.world) for k, v in zip(keys, reduced)}
+    return out | {"work": reduced[len(keys):]}  # summed over ranks
 
 
 @torch.no_grad()

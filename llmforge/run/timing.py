@@ -12,9 +12,14 @@ import time
 
 
 class Timer:
-    def __init__(self, step: int, sp, flops_per_token: float, peak_flops: float | None, devices: int):
-        self.sp = sp
-        self.flop_rate = flops_per_token / (peak_flops * devices) if peak_flops else None
+    """Rates from what the steps really computed (data/rows.py work: real tokens, not padding;
+    model FLOPs of the positions, attention and logits done, frozen weights at 4 FLOPs, not 6),
+    summed on the device and read at the log cadence only."""
+
+    def __init__(self, step: int, sp, flops, peak_flops: float | None, devices: int):
+        self.sp, self.flops = sp, flops  # flops(positions, attention, logits) -> FLOPs
+        self.peak = peak_flops * devices if peak_flops else None
+        self.work = self.first_work = None  # [tokens, positions, attention, logits] since the last log line
         self.first_step_s: float | None = None  # the first step's time (compilation, warm-up)
         self.mark_step, self.mark = step, time.perf_counter()  # the current log interval
         self.train_s, self.train_steps = 0.0, 0  # since the first step: the ETA's rate
@@ -28,12 +33,14 @@ class Timer:
         self.evals_s.append(time.perf_counter() - start)
         self.paused_s += self.evals_s[-1]
 
-    def step_done(self, step: int) -> None:
-        """Call after each optimizer step (1-based count of steps done)."""
+    def step_done(self, step: int, work) -> None:
+        """Call after each optimizer step (1-based count of steps done) with what it computed."""
         if self.first_step_s is None:
             now = time.perf_counter()
-            self.first_step_s = now - self.mark - self.paused_s
+            self.first_step_s, self.first_work = now - self.mark - self.paused_s, work
             self.mark_step, self.mark, self.paused_s = step, now, 0.0
+        else:
+            self.work = work if self.work is None else self.work + work
 
     def rates(self, step: int) -> dict:
         now = time.perf_counter()
@@ -41,12 +48,14 @@ class Timer:
         self.mark_step, self.mark, self.paused_s = step, now, 0.0
         out = {}
         if done == 0 and self.first_step_s:  # a log line right after the first step
-            out["tokens_per_s"] = self.sp.batch_tokens / self.first_step_s
+            out["tokens_per_s"] = float(self.first_work[0]) / self.first_step_s
         if done > 0:
             self.train_s, self.train_steps = self.train_s + elapsed, self.train_steps + done
-            out["tokens_per_s"] = done * self.sp.batch_tokens / max(elapsed, 1e-9)
-            if self.flop_rate:
-                out["mfu"] = out["tokens_per_s"] * self.flop_rate
+            tokens, positions, attention, logits = (float(x) for x in self.work.tolist())  # one sync a log line
+            self.work = None
+            out["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+            if self.peak:
+                out["mfu"] = self.flops(positions, attention, logits) / max(elapsed, 1e-9) / self.peak
         if self.train_steps:
             remaining = self.sp.steps - step
             every = self.sp.eval_every
