@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,21 @@ def test_a_detected_gpu_takes_its_peak_from_the_device_table():
     assert peak_flops("cuda", "NVIDIA A10G", "bf16") == 125e12
     assert peak_flops("cuda", "NVIDIA A100-SXM4-40GB", "fp32") == 156e12  # TF32: about half
     assert peak_flops("cuda", "Tesla T4", "bf16") is None and peak_flops("cpu", "CPU (2 threads)", "fp32") is None
+
+
+def test_a_plan_for_hardware_you_do_not_have_needs_no_data(tmp_path):
+    """Sizing a run comes before downloading 10B tokens: README's own lines, in a folder with the
+    shipped recipes and no data, plan from the recipes' budgets and warn of what is missing; a
+    stage whose budget counts epochs of the missing data says its steps are unknown."""
+    shutil.copytree(REPO / "recipes", tmp_path / "recipes")
+    gpt2 = cli("plan", "recipes/gpt2-124m.yaml", "--target", "h100x8", cwd=tmp_path)
+    assert gpt2.returncode == 0, gpt2.stderr
+    assert "19074 steps x 524,288 tokens = 10.0B tokens" in gpt2.stdout
+    assert "warning: data.web.path: '../data/fineweb-edu/sample/10BT/*.parquet' matches no files" in gpt2.stdout
+    assert "planned from the stages' budgets without it" in gpt2.stdout
+    llama = cli("plan", "recipes/llama-1b-pipeline.yaml", "--target", "a100-80gx8", cwd=tmp_path)
+    assert llama.returncode == 0, llama.stderr
+    assert "stage 02-sft (sft): ? steps (its data is not at hand)" in llama.stdout
+    assert "the steps of sft count its examples: unknown until then" in llama.stdout
+    run = cli("run", "recipes/gpt2-124m.yaml", cwd=tmp_path)  # training does need it
+    assert run.returncode == 2 and "matches no files" in run.stderr

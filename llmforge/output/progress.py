@@ -252,20 +252,23 @@ def render_plan(plan, console: Console) -> None:
     for sp in plan.stages:
         eta = f", ~{duration(sp.est_time_s)}" if sp.est_time_s else ""
         own = OPTIMIZERS[sp.optimizer["name"]].describe(sp.optimizer)
+        # steps 0: an epochs budget over data not at hand (`plan` before the download)
+        steps = f"{sp.steps} steps x {sp.batch_tokens:,} tokens = {si(sp.tokens)}" if sp.steps else \
+            f"? steps (its data is not at hand) x {sp.batch_tokens:,}"
+        schedule = f"warmup {sp.warmup_steps} steps, {sp.decay} decay to {sp.min_lr:.3g} over " \
+                   f"{sp.steps - sp.warmup_steps} steps" if sp.steps else f"warmup, then {sp.decay} decay to {sp.min_lr:.3g}"
         console.print(
-            f"[bold]stage {sp.dir_name}[/] ({sp.kind}): {sp.steps} steps x {sp.batch_tokens:,} tokens = "
-            f"{si(sp.tokens)} tokens\n"
+            f"[bold]stage {sp.dir_name}[/] ({sp.kind}): {steps} tokens\n"
             f"  batch {sp.global_batch} x {sp.seq_len} = micro {sp.micro_batch} x accum {sp.grad_accum} "
             f"x world {sp.world_size}{_checkpointing(sp, plan)}\n"
             f"{f'  seq_len {sp.seq_len}: {sp.seq_len_from}{chr(10)}' if sp.seq_len_from else ''}"
-            f"  {sp.optimizer['name']} lr {sp.lr:.3g}"
-            f"{own}, warmup {sp.warmup_steps} steps, {sp.decay} decay to "
-            f"{sp.min_lr:.3g} over {sp.steps - sp.warmup_steps} steps, "
+            f"  {sp.optimizer['name']} lr {sp.lr:.3g}{own}, {schedule}, "
             f"weight decay {sp.optimizer['weight_decay']}, clip {sp.optimizer['grad_clip']}\n"
             f"{_adapter_line(sp, plan)}"
             f"  eval every {sp.eval_every or 'end'} on {sp.eval_tokens:,} tokens; checkpoint every "
             f"{sp.checkpoint_every or 'end'}, keep {sp.checkpoint_keep}\n"
-            f"  {sp.flops:.2e} FLOPs, est. peak memory {sp.est_peak_memory_bytes / 2**30:.2f} GiB{eta}",
+            f"  {f'{sp.flops:.2e}' if sp.steps else '?'} FLOPs, est. peak memory "
+            f"{sp.est_peak_memory_bytes / 2**30:.2f} GiB{eta}",
             highlight=False)
         table = Table(box=None, padding=(0, 2), show_edge=False)
         dropped = any(s.skipped or s.filtered for s in sp.mix)
@@ -274,17 +277,17 @@ def render_plan(plan, console: Console) -> None:
                 (("skipped", "filtered") if dropped else ()) + (("too long: dropped", "truncated") if overlong else ()):
             table.add_column(col, justify="left" if col == "source" else "right")
         for s in sp.mix:
-            approx = "~" if s.estimated else ""
+            approx, gone = "~" if s.estimated else "", "missing" if s.missing else None
             table.add_row(s.name, f"{s.weight:.2f}", f"{s.documents:,}" if s.documents is not None else "?",
-                          f"{approx}{s.train_tokens:,}", f"{approx}{s.val_tokens:,}", f"{s.take_tokens:,}",
-                          f"{approx}{s.epochs:.2f}", *((f"{s.skipped:,}", f"{s.filtered:,}") if dropped else ()),
+                          gone or f"{approx}{s.train_tokens:,}", gone or f"{approx}{s.val_tokens:,}",
+                          f"{s.take_tokens:,}" if sp.steps else "?", "?" if s.missing else f"{approx}{s.epochs:.2f}", *((f"{s.skipped:,}", f"{s.filtered:,}") if dropped else ()),
                           *((f"{s.dropped:,}", f"{s.truncated:,}") if overlong else ()))
         console.print(table)
         if sp.name in plan.previews:
             render_preview(plan.previews[sp.name], console)
     for warning in plan.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
-    if any(s.estimated for sp in plan.stages for s in sp.mix):
+    if any(s.estimated and not s.missing for sp in plan.stages for s in sp.mix):
         console.print("~ estimated from file sizes; exact once `llmforge run` has tokenized the data", highlight=False)
 
 

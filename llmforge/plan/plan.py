@@ -41,6 +41,7 @@ class SourcePlan:
     rows: int = 0  # rows per epoch: windows (pretrain), packed sequences (sft), pairs (dpo)
     dropped: int = 0  # examples longer than seq_len+1 left out (overlong: drop)
     truncated: int = 0  # examples cut to seq_len+1 tokens (overlong: truncate)
+    missing: bool = False  # `plan` of data not at hand
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class SourceStats:
     filtered: int = 0  # documents outside min_chars..max_chars
     examples: object = None  # conversation sources: the training split's Examples (data/rows.py)
     val_examples: object = None  # ... and the held-out split's
+    missing: str = ""  # `plan` only: why the source's files are not at hand (planned without them)
 
 
 def model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:
@@ -164,9 +166,14 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
             problems.append(e)
     if problems:
         raise PlanError("\n".join(p.message for p in problems), hint=problems[0].hint)
-    warnings = [f"data.{s.name}: no held-out {what} of seq_len+1 = {sp.seq_len + 1} tokens; "
-                f"stage {sp.name} cannot eval on it"
-                for sp in stages for s in sp.mix for what in [_held_out_fits(sp, sources[s.name], recipe.seed)] if what]
+    warnings = [f"{st.missing}; planned from the stages' budgets without it (`llmforge run` needs it"
+                + (f"; the steps of {', '.join(unknown)} count its examples: unknown until then)" if unknown else ")")
+                for name, st in sources.items() if st.missing
+                for unknown in [[sp.name for sp in stages if not sp.steps and name in [s.name for s in sp.mix]]]]
+    warnings += [f"data.{s.name}: no held-out {what} of seq_len+1 = {sp.seq_len + 1} tokens; "
+                 f"stage {sp.name} cannot eval on it"
+                 for sp in stages for s in sp.mix if not sources[s.name].missing
+                 for what in [_held_out_fits(sp, sources[s.name], recipe.seed)] if what]
     if run_dir is not None:
         warnings += disk_warnings(stages, params, run_dir)
     return Plan(recipe.name, recipe.seed, device, cfg, params, cfg.num_params(exclude_embeddings=True),
@@ -249,7 +256,9 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
                             hint=f"use a multiple of {world_size}")
     batch_tokens = global_batch * per_row
     rows = {name: _rows(where, spec, name, sources[name], seq_len, options, recipe.seed) for name in spec.mix}
-    if spec.epochs is not None:
+    if spec.epochs is not None and any(sources[name].missing for name in spec.mix):
+        steps = 0  # epochs of data not at hand: unknown (the plan warns)
+    elif spec.epochs is not None:
         steps = max(1, math.ceil(spec.epochs * sum(r[0] for r in rows.values()) / global_batch))
     else:
         steps = spec.steps or math.ceil(spec.tokens / batch_tokens)
@@ -330,6 +339,8 @@ def _rows(where, spec, name, st: SourceStats, seq_len: int, options, seed: int) 
     """(rows per epoch, dropped, truncated, logit share) of a source in this stage; examples that
     would teach nothing are an error here, before any compute is spent."""
     kind = KINDS[spec.kind]
+    if st.missing:  # not at hand (`plan` before the data is downloaded): nothing to count
+        return 0, 0, 0, 1.0
     source = None if st.examples is None else kind.rows(st.examples, seq_len, options, seed)
     if source is None:  # windows of a token stream, or examples not tokenized yet: estimate
         if st.train_tokens < seq_len + 1:
@@ -356,7 +367,7 @@ def _plan_mix(where, mix: dict, sources: dict, specs: dict, rows: dict, total_ro
     for name, weight in mix.items():
         st, (n_rows, dropped, truncated, _) = sources[name], rows[name]
         take = round(total_rows * weight / total)
-        epochs = take / n_rows  # as the sampler walks it
+        epochs = take / n_rows if n_rows else float("nan")  # as the sampler walks it (nan: not at hand)
         cap = specs[name].epochs
         if cap is not None and epochs > cap and not st.estimated:
             raise PlanError(f"{where}.mix.{name}: the stage takes {take * per_row:,} tokens from {name!r}, "
@@ -364,5 +375,6 @@ def _plan_mix(where, mix: dict, sources: dict, specs: dict, rows: dict, total_ro
                             f"data.{name}.epochs allows {cap:g}",
                             hint=f"add data, lower its weight or the stage's budget, or raise data.{name}.epochs")
         out.append(SourcePlan(name, weight / total, st.documents, st.train_tokens, st.val_tokens, take * per_row,
-                              epochs, st.estimated, st.skipped, st.filtered, n_rows, dropped, truncated))
+                              epochs, st.estimated, st.skipped, st.filtered, n_rows, dropped, truncated,
+                              bool(st.missing)))
     return tuple(out)

@@ -15,7 +15,7 @@ import yaml
 from ..data.cache import find_source, prepare_source
 from ..data.formats import FORMATS
 from ..data.sources import iter_documents, list_files
-from ..errors import RecipeError, TokenizerError
+from ..errors import DataError, RecipeError, TokenizerError
 from ..plan.devices import Device, detect_device
 from ..plan.plan import Plan, SourceStats, compile_plan
 from ..recipe.loader import diff_recipes
@@ -134,7 +134,11 @@ def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1, processes:
             # knows each example's length, which derives seq_len and says what is dropped or cut.
             stats[name] = source_stats(prepare_source(name, spec, recipe.base_dir, tokenizer, template=template))
         else:
-            files = list_files(name, spec, recipe.base_dir)
+            try:
+                files = list_files(name, spec, recipe.base_dir)
+            except DataError as e:  # sizing a run comes before downloading its data: plan without it
+                stats[name] = SourceStats(None, 0, 0, estimated=True, missing=e.message)
+                continue
             size = _source_bytes(recipe, name, files)
             # ~3.5 bytes per token for a subword vocab of a few thousand on English or code; 1 for chars.
             tokens = int(size / (1.0 if recipe.tokenizer.type == "char" and not recipe.tokenizer.path else 3.5))
@@ -160,7 +164,11 @@ def previews(recipe: Recipe) -> dict:
         name = next(iter(stage.mix))
         spec = recipe.data[name]
         example = None
-        for path in list_files(name, spec, recipe.base_dir):
+        try:
+            files = list_files(name, spec, recipe.base_dir)
+        except DataError:  # not at hand yet: the plan says so
+            continue
+        for path in files:
             example = next(iter(read_examples(path, spec, SourceReport(name, spec, Skips()))), None)
             if example:
                 break
