@@ -33,10 +33,11 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     sft and dpo compute them for learned targets alone (logit_share: the largest share of a row's
     positions they are).
     On a CPU the process's resident memory is what counts. Fitted to its measured growth (models
-    of 4-32 layers, 128-576 wide, benchmarks/estimates.py and real_model.py): ~1.4x the saved
-    activations counted here (autograd also keeps rotated q/k, the SiLU output, ...), plus about
-    one layer's worth that glibc's heap keeps of the freed temporaries, plus ~2.8 copies of the
-    logits chunk.
+    of 4-32 layers, 128-576 wide, benchmarks/estimates.py and real_model.py; Qwen2.5-0.5B's shape
+    at 2,048 tokens with and without checkpointing, benchmarks/scale.py): the saved activations
+    counted here, plus about one layer's worth that glibc's heap keeps of the freed temporaries,
+    ~2.8 copies of the logits chunk, three [vocab, n_embd] gradients and ~48 MiB that any training
+    process grows by (autograd's and the allocator's own; most of a tiny model's growth).
     With `trainable` (an adapter's parameter count) the model's weights are frozen: 4 bytes each,
     and the 16 only for the adapter (qlora: `frozen_bytes`, its layers at ~0.5 a weight); the
     activations backward needs are the same.
@@ -46,7 +47,10 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     per_token_layer = (8 * cfg.n_embd + 2 * cfg.kv_heads * cfg.head_dim + 4 * cfg.hidden) * act_bytes
     checkpointed = checkpointed_blocks(cfg.n_layer, checkpointing)
     saved = (cfg.n_layer - checkpointed) * per_token_layer + checkpointed * 4 * cfg.n_embd
-    recompute = per_token_layer if checkpointed else 0  # the block backward is working through
+    # While backward recomputes a block, more than that block's activations are held: its gradients'
+    # temporaries, and what the heap keeps of the recomputes before it. Measured on Qwen2.5-0.5B's
+    # shape (benchmarks/scale.py, 2,048 and 4,096 tokens): about five blocks' worth.
+    recompute = 5 * per_token_layer if checkpointed else 0
     activations = tokens * (saved + recompute) + 2 * tokens * cfg.n_embd * 4
     logits = min(tokens * logit_share, chunk_rows(cfg.vocab_size)) * cfg.vocab_size * 4
     frozen = cfg.num_params() * 4 if frozen_bytes is None else frozen_bytes
@@ -56,9 +60,12 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
         states += (embeddings + 2 * cfg.num_params(exclude_embeddings=True) / cfg.n_layer) * 8
         if accumulating:  # unsynchronized micro-batches keep whole fp32 gradients until the last
             states += cfg.num_params() * 4
-    if cpu:  # a fit: no slack added
-        return int(states + 1.4 * activations + 1.3 * tokens * per_token_layer + 2.8 * logits)
-    return int((states + activations + 3 * logits) * 1.1)  # ~10% for allocator slack and workspaces
+    # The output head's and the embedding's [vocab, n_embd] gradients exist beside the weights' own
+    # at the end of backward (the embedding's is dense): at Qwen2.5's vocabulary 0.5 GB each.
+    head = cfg.vocab_size * cfg.n_embd * 4
+    if cpu:  # a fit: no slack added; ~48 MiB a training process grows by whatever its size
+        return int(states + activations + 1.3 * tokens * per_token_layer + 2.8 * logits + 3 * head + 48 * 2**20)
+    return int((states + activations + 3 * logits + head) * 1.1)  # ~10% for allocator slack and workspaces
 
 
 def checkpointed_blocks(n_layer: int, mode: str) -> int:
