@@ -9,7 +9,7 @@ import torch
 from ..text.chat import ChatTemplate
 from ..text.tokenizer import Tokenizer
 from .transformer import KVCache, Transformer
-from .weights import eager
+from .weights import run_eager
 
 
 def sample(model: Transformer, tokenizer: Tokenizer, prompt: str, template: ChatTemplate | None = None,
@@ -57,7 +57,7 @@ def stream(model: Transformer, tokenizer: Tokenizer, ids: list[int], stop_ids: t
 
 
 @torch.no_grad()
-@eager()
+@run_eager
 def generate_batch(model, prompts: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int, *,
                    temperature: float, top_k: int | None, generator: torch.Generator | None,
                    stop_ids: tuple[int, ...], vocab_limit: int) -> dict:

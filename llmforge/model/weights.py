@@ -4,6 +4,7 @@ and the bare module under torch.compile's and DDP's wrappers."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 from pathlib import Path
 
@@ -61,3 +62,12 @@ def eager():
     (torch >= 2.6; before it they go through the compiled blocks)."""
     stance = getattr(torch.compiler, "set_stance", None)
     return stance("force_eager") if stance else contextlib.nullcontext()
+
+
+def run_eager(fn):
+    """fn, its calls inside eager()."""
+    @functools.wraps(fn)
+    def eagerly(*args, **kwargs):
+        with eager():
+            return fn(*args, **kwargs)
+    return eagerly
