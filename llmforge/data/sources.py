@@ -20,6 +20,10 @@ from .formats import FORMATS
 from .spec import SourceSpec
 
 
+class NoFiles(DataError):
+    """A source's path matches nothing (yet): `plan` goes on without it, `run` stops."""
+
+
 def list_files(name: str, spec: SourceSpec, base_dir: Path) -> list[Path]:
     """The source's files, in the order their documents are read."""
     if spec.builtin:
@@ -51,8 +55,8 @@ def _matching(name: str, spec: SourceSpec, pattern: Path) -> list[Path]:
     if not files:
         kinds = "/".join(FORMATS[spec.format].suffixes)
         what = f"a folder with no {kinds + ' ' if kinds else ''}files" if pattern.is_dir() else "no files"
-        raise DataError(f"data.{name}.path: {spec.path!r} matches {what} (looked in {pattern})",
-                        hint="check the path; relative paths are resolved against the recipe's folder")
+        raise NoFiles(f"data.{name}.path: {spec.path!r} matches {what} (looked in {pattern})",
+                      hint="check the path; relative paths are resolved against the recipe's folder")
     return _shuffled(files, root)
 
 

@@ -14,8 +14,8 @@ import yaml
 
 from ..data.cache import find_source, prepare_source
 from ..data.formats import FORMATS
-from ..data.sources import iter_documents, list_files
-from ..errors import DataError, RecipeError, TokenizerError
+from ..data.sources import NoFiles, iter_documents, list_files
+from ..errors import RecipeError, TokenizerError
 from ..plan.devices import Device, detect_device
 from ..plan.plan import Plan, SourceStats, compile_plan
 from ..recipe.loader import diff_recipes
@@ -136,7 +136,7 @@ def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1, processes:
         else:
             try:
                 files = list_files(name, spec, recipe.base_dir)
-            except DataError as e:  # sizing a run comes before downloading its data: plan without it
+            except NoFiles as e:  # sizing a run comes before downloading its data: plan without it
                 stats[name] = SourceStats(None, 0, 0, estimated=True, missing=e.message)
                 continue
             size = _source_bytes(recipe, name, files)
@@ -166,7 +166,7 @@ def previews(recipe: Recipe) -> dict:
         example = None
         try:
             files = list_files(name, spec, recipe.base_dir)
-        except DataError:  # not at hand yet: the plan says so
+        except NoFiles:  # not at hand yet: the plan says so
             continue
         for path in files:
             example = next(iter(read_examples(path, spec, SourceReport(name, spec, Skips()))), None)
