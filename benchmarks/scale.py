@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -158,6 +159,7 @@ def run_llmforge(name: str, tree: Path, T: int, micro: int, ac: str, work: Path)
         return {"error": tail}
     second = steps()[1]
     plan = json.loads((run / "plan.json").read_text())["stages"][0]
+    shutil.rmtree(run)  # its final weights: 2 GB a row
     return {"peak": peak, "step_s": micro * T / second["tokens_per_s"], "tokens": micro * T,
             "estimate": plan["est_peak_memory_bytes"], "micro": plan["micro_batch"], "loss": second["loss"]}
 
@@ -218,17 +220,22 @@ def matmul_peak() -> float:
     return 2 * 4096 ** 3 / best
 
 
-def model_figures() -> tuple[int, int]:
-    """(parameters, training FLOPs per token at seq 2048 and 4096) from llmforge's config of the folder."""
+def model_figures() -> tuple:
+    """(parameters, training FLOPs per token at seq 2048 and 4096, the plan's memory estimate as
+    this checkout computes it) from llmforge's config of the folder."""
     sys.path.insert(0, str(REPO))
     from llmforge.model.hf import hf_config
+    from llmforge.plan.estimates import estimate_memory
 
     cfg = hf_config(build_folder())
-    return cfg.num_params(), {T: cfg.flops_per_token(T) for T in (2048, 4096)}
+
+    def estimate(T, micro, ac):  # packed rows of `train_on: all`: every position's logits
+        return estimate_memory(cfg, micro, T, "fp32", cpu=True, checkpointing=ac)
+    return cfg.num_params(), {T: cfg.flops_per_token(T) for T in (2048, 4096)}, estimate
 
 
 def table(results: dict, peak_flops: float) -> str:
-    params, flops = model_figures()
+    params, flops, estimate = model_figures()
     state = 16 * params
     lines = [f"model: {params / 1e6:.0f}M parameters, own state (weights, grads, AdamW) {state / 2**30:.2f} GiB; "
              f"this CPU's fp32 matmul peak {peak_flops / 1e9:.0f} GFLOP/s",
@@ -241,8 +248,10 @@ def table(results: dict, peak_flops: float) -> str:
         if "error" in r:
             lines.append(f"| {name} | failed: {r['error'].strip().splitlines()[-1][:80]} |||||")
             continue
-        T = ROWS[name][1]
+        tool, T, micro, ac = ROWS[name]
         tps = r["tokens"] / r["step_s"]
+        if tool == "after":  # this checkout's estimate (the run's own plan may be older)
+            r = r | {"estimate": estimate(T, micro, ac)}
         est = f"{r['estimate'] / 2**30:.2f} ({r['estimate'] / r['peak']:.2f})" if "estimate" in r else "-"
         lines.append(f"| {name} | {r['peak'] / 2**30:.2f} | {(r['peak'] - state) / 2**30:.2f} | {est} | "
                      f"{r['step_s']:.1f} | {tps:.0f} | {tps * flops[T] / peak_flops:.0%} |")
