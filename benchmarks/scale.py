@@ -156,7 +156,7 @@ def run_llmforge(name: str, tree: Path, T: int, micro: int, ac: str, work: Path)
     peak, code, tail = watch([sys.executable, "-m", "llmforge", "run", "recipe.yaml", "--run-dir", str(run)],
                              work, env, done)
     if code != 0 or not done():
-        return {"error": tail}
+        return {"error": tail, "code": code, "peak": peak}
     second = steps()[1]
     plan = json.loads((run / "plan.json").read_text())["stages"][0]
     shutil.rmtree(run)  # its final weights: 2 GB a row
@@ -195,7 +195,7 @@ def run_trl(name: str, T: int, micro: int, ac: str, work: Path, chat: Path) -> d
     peak, code, tail = watch([sys.executable, "-c", TRL_CHILD, str(build_folder()), str(chat), str(T), str(micro),
                               ac, str(out)], work, dict(os.environ), out.exists)
     if not out.exists():
-        return {"error": tail}
+        return {"error": tail, "code": code, "peak": peak}
     return {"peak": peak, "step_s": json.loads(out.read_text())["step_s"], "tokens": micro * T}
 
 
@@ -244,6 +244,9 @@ def table(results: dict, peak_flops: float) -> str:
     for name in ROWS:
         r = results.get(name)
         if r is None:
+            continue
+        if "error" in r and r.get("code") == -9:  # SIGKILL: the kernel's out-of-memory killer, here
+            lines.append(f"| {name} | killed (out of memory) at {r['peak'] / 2**30:.1f} |||||")
             continue
         if "error" in r:
             lines.append(f"| {name} | failed: {r['error'].strip().splitlines()[-1][:80]} |||||")
