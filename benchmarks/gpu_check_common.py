@@ -161,6 +161,16 @@ def train(ctx: Ctx, step_model, optimizer, objective, batch: dict, micro: int, s
     return times, float(out["loss"])
 
 
+def measure_steps(ctx: Ctx, step_model, optimizer, objective, batch: dict, micro: int,
+                  steps: int) -> tuple[float, list, float, int | None]:
+    """(the first step's seconds, each later step's, the last loss, peak bytes allocated): one
+    step apart (compilation, autotuning, the allocator's warm-up), then `steps` timed."""
+    reset_peak(ctx)
+    first, _ = train(ctx, step_model, optimizer, objective, batch, micro, 1)
+    times, loss = train(ctx, step_model, optimizer, objective, batch, micro, steps)
+    return first[0], times, loss, peak(ctx)
+
+
 def token_rows(rng, rows: int, seq_len: int, vocab: int) -> np.ndarray:
     """[rows, seq_len + 1] random ids: pretraining windows (the data pipeline is not measured)."""
     return rng.integers(0, vocab, (rows, seq_len + 1), dtype=np.int64)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpu_check_common import (ADAMW, Ctx, attempt, config, error_text, fresh_dynamo, gib, peak, report, reset_peak,
-                              sync, token_rows, train)
+from gpu_check_common import (ADAMW, Ctx, attempt, config, error_text, fresh_dynamo, gib, measure_steps, peak, report,
+                              reset_peak, sync, token_rows, train)
 from llmforge.model import adapters
 from llmforge.model.families import PRESETS
 from llmforge.model.generate import generate_batch
@@ -81,11 +81,8 @@ def adapter_run(ctx: Ctx, case: str, cfg: ModelConfig, kind: str, compiled: bool
     step_model = distributed.wrap(model, "single", Dist(), ctx.dev, bf16=ctx.cuda, compile=compiled)
     optimizer = build_optimizer(model, ADAMW)
     objective = pretrain.Objective(None, np.ones(cfg.vocab_size, dtype=np.int64))
-    reset_peak(ctx)
-    first, _ = train(ctx, step_model, optimizer, objective, batch, micro, 1)
-    times, loss = train(ctx, step_model, optimizer, objective, batch, micro, 2)
-    used = peak(ctx)
-    out = {"micro": micro, "trainable": adapters.count(model)[0], "first_step_s": first[0],
+    first, times, loss, used = measure_steps(ctx, step_model, optimizer, objective, batch, micro, 2)
+    out = {"micro": micro, "trainable": adapters.count(model)[0], "first_step_s": first,
            "tok_s": rows * cfg.seq_len * len(times) / sum(times), "peak_gib": gib(used),
            "estimate_gib": gib(estimate), "loss": loss, **dtypes}
     # Merging: give B a real size first (3 steps leave it near its zero start), then compare the

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpu_check_common import (ADAMW, Ctx, attempt, config, dynamo_stats, error_text, free, fresh_dynamo, gib, mib,
-                              packed_rows, peak, random_docs, report, reset_peak, setup, sync, token_rows, train)
+                              measure_steps, packed_rows, peak, random_docs, report, reset_peak, setup, sync, token_rows,
+                              train)
 from llmforge.model import attention
 from llmforge.model.attention import DocLayout
 from llmforge.model.transformer import Transformer, checkpoint_blocks
@@ -280,12 +281,9 @@ def pretrain_run(ctx, cfg, batch, objective, micro, ac, estimate, compiled) -> N
     checkpoint_blocks(model, ac)  # as the engine: before wrapping
     step_model = distributed.wrap(model, "single", Dist(), ctx.dev, bf16=ctx.cuda, compile=compiled)
     optimizer = build_optimizer(model, ADAMW)
-    reset_peak(ctx)
-    first, _ = train(ctx, step_model, optimizer, objective, batch, micro, 1)  # compile, autotune, allocator
-    times, loss = train(ctx, step_model, optimizer, objective, batch, micro, 2 if ctx.dry else 5)
+    first, times, loss, used = measure_steps(ctx, step_model, optimizer, objective, batch, micro, 2 if ctx.dry else 5)
     tok_s = rows * T * len(times) / sum(times)
-    used = peak(ctx)
-    report(case, first_step_s=first[0], step_s=float(np.median(times)), tok_s=tok_s,
+    report(case, first_step_s=first, step_s=float(np.median(times)), tok_s=tok_s,
            mfu=tok_s * cfg.flops_per_token(T) / ctx.device.peak_flops if ctx.device.peak_flops else None,
            peak_gib=gib(used), reserved_gib=gib(torch.cuda.max_memory_reserved()) if ctx.cuda else None,
            peak_over_estimate=used / estimate if used else None, loss=loss, **(dynamo_stats() if compiled else {}))
@@ -350,11 +348,8 @@ def sft_run(ctx, name, cfg, batch, micro, ac, estimate) -> None:
     step_model = distributed.wrap(model, "single", Dist(), ctx.dev, bf16=ctx.cuda, compile=False)
     optimizer = build_optimizer(model, ADAMW)
     objective = sft.Objective(None, np.ones(cfg.vocab_size, dtype=np.int64))
-    reset_peak(ctx)
-    first, _ = train(ctx, step_model, optimizer, objective, batch, micro, 1)
-    times, loss = train(ctx, step_model, optimizer, objective, batch, micro, 2)
-    used = peak(ctx)
-    report(name, micro=micro, checkpointing=ac, kv_heads=cfg.kv_heads, first_step_s=first[0],
+    first, times, loss, used = measure_steps(ctx, step_model, optimizer, objective, batch, micro, 2)
+    report(name, micro=micro, checkpointing=ac, kv_heads=cfg.kv_heads, first_step_s=first,
            tok_s=batch["inputs"].size * len(times) / sum(times), peak_gib=gib(used),
            estimate_gib=gib(estimate), peak_over_estimate=used / estimate if used and estimate else None, loss=loss)
 

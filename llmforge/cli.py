@@ -95,16 +95,14 @@ def run(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
         # Read once, as torch loads: the agent's c10d warnings (a C++ stack each, when a machine is
         # lost with the rendezvous store it hosted) would only repeat the one line it reports.
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-        with user_errors():
+        with user_errors():  # recipe errors once, before any process starts; a machine lost: one line, exit 2
             from .recipe.loader import load_recipe
+            from .run.distributed import launch
 
-            load_recipe(recipe, overrides or [])  # recipe errors once, before any process starts
-        from .run.distributed import launch
-
-        args = ["run", str(recipe), *(["--run-dir", str(run_dir)] if run_dir else []),
-                *[a for o in overrides or [] for a in ("--set", o)], *(["--restart"] if restart else []),
-                *(["--quiet"] if quiet else []), *(["--verbose"] if verbose else [])]
-        with user_errors():  # another machine lost is an error: one line, exit 2
+            load_recipe(recipe, overrides or [])
+            args = ["run", str(recipe), *(["--run-dir", str(run_dir)] if run_dir else []),
+                    *[a for o in overrides or [] for a in ("--set", o)], *(["--restart"] if restart else []),
+                    *(["--quiet"] if quiet else []), *(["--verbose"] if verbose else [])]
             code = launch(nproc, args, nnodes, endpoint)
         raise typer.Exit(code)
     d = init()  # joins torchrun's process group, if this process is one of its workers
@@ -237,12 +235,11 @@ def sample(run_dir: Path = RunDirArgument,
     with user_errors():
         from .model.generate import reply
         from .model.generate import sample as generate
-        from .run.evaluation import generation_device
-        from .store.final import chat_template, final_template, find_stage, load_trained
+        from .run.evaluation import load_for_generation
+        from .store.final import chat_template, final_template, find_stage
 
         final = find_stage(run_dir, stage)
-        device, amp = generation_device()
-        model, tokenizer = load_trained(final, device)
+        model, tokenizer, amp = load_for_generation(final)
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
         if chat_mode:
             pieces = reply(model, tokenizer, chat_template(final), [{"role": "user", "content": prompt}], **options)
@@ -265,12 +262,11 @@ def chat(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
     /quit (or end of input) leaves. Reads stdin, so it can be scripted: echo hi | llmforge chat RUN."""
     with user_errors():
         from .model.generate import reply
-        from .run.evaluation import generation_device
-        from .store.final import chat_template, find_stage, load_trained
+        from .run.evaluation import load_for_generation
+        from .store.final import chat_template, find_stage
 
         final = find_stage(run_dir, stage)
-        device, amp = generation_device()
-        model, tokenizer = load_trained(final, device)
+        model, tokenizer, amp = load_for_generation(final)
         template = chat_template(final)
         start = [{"role": "system", "content": system}] if system else []
         messages = list(start)

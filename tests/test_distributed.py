@@ -76,13 +76,17 @@ def assert_same_run(ours: Path, reference: Path) -> None:
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5, stage
 
 
+def trained(folder: Path, nproc: int) -> Path:
+    """folder with the recipe, trained by nproc processes on this machine."""
+    result = run(write_recipe(folder), nproc)
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Path:
     """The recipe trained by one process: what every distributed run must reproduce."""
-    folder = write_recipe(tmp_path_factory.mktemp("single"))
-    result = run(folder, 1)
-    assert result.returncode == 0, result.stderr
-    return folder
+    return trained(tmp_path_factory.mktemp("single"), 1)
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])

@@ -19,16 +19,13 @@ import pytest
 import torch
 
 from .conftest import cli
-from .test_distributed import RUN, STAGES, losses, run, wait_for, weights, write_recipe
+from .test_distributed import RUN, STAGES, losses, trained, wait_for, weights, write_recipe
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> Path:
     """The recipe trained by one machine of two processes: what two machines must reproduce."""
-    folder = write_recipe(tmp_path_factory.mktemp("pair"))
-    result = run(folder, 2)
-    assert result.returncode == 0, result.stderr
-    return folder
+    return trained(tmp_path_factory.mktemp("pair"), 2)
 
 
 def assert_bitwise_same_run(ours: Path, reference: Path) -> None:

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from llmforge.data import rows as R
 from llmforge.data.rows import IGNORE, trim
 from llmforge.model.transformer import ModelConfig, Transformer, checkpoint_blocks
 from llmforge.stages import dpo, kind, reward, sft

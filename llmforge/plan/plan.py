@@ -166,10 +166,8 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
             problems.append(e)
     if problems:
         raise PlanError("\n".join(p.message for p in problems), hint=problems[0].hint)
-    warnings = [f"{st.missing}; planned from the stages' budgets without it (`llmforge run` needs it"
-                + (f"; the steps of {', '.join(unknown)} count its examples: unknown until then)" if unknown else ")")
-                for name, st in sources.items() if st.missing
-                for unknown in [[sp.name for sp in stages if not sp.steps and name in [s.name for s in sp.mix]]]]
+    warnings = [_missing(st.missing, [sp.name for sp in stages if not sp.steps and name in [s.name for s in sp.mix]])
+                for name, st in sources.items() if st.missing]
     warnings += [f"data.{s.name}: no held-out {what} of seq_len+1 = {sp.seq_len + 1} tokens; "
                  f"stage {sp.name} cannot eval on it"
                  for sp in stages for s in sp.mix if not sources[s.name].missing
@@ -179,6 +177,12 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
     return Plan(recipe.name, recipe.seed, device, cfg, params, cfg.num_params(exclude_embeddings=True),
                 cfg.flops_per_token(), tuple(stages), world_size, parallel, tuple(dict.fromkeys(warnings)),
                 model_init=recipe.model.init.hf if recipe.model.init else None, previews=previews or {})
+
+
+def _missing(why: str, unknown: list[str]) -> str:
+    """The warning for a source not at hand; `unknown`: the stages whose steps count its examples."""
+    steps = f"; the steps of {', '.join(unknown)} count its examples: unknown until then" if unknown else ""
+    return f"{why}; planned from the stages' budgets without it (`llmforge run` needs it{steps})"
 
 
 def plan_stage(recipe: Recipe, index: int, *, vocab_size: int, sources: dict[str, SourceStats], device: Device,

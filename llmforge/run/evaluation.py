@@ -21,7 +21,7 @@ from ..plan.devices import detect_device
 from ..plan.plan import plan_stage
 from ..recipe.loader import validate_recipe
 from ..recipe.schema import RuntimeSpec
-from ..store.final import check_language_model, find_stage, load_model
+from ..store.final import check_language_model, find_stage, load_model, load_trained
 from ..tasks import TASKS, run_tasks
 from ..text.templates import template_from_spec
 from ..text.tokenizer_json import load_tokenizer
@@ -81,8 +81,8 @@ def _task(reporter, description: str):
     return reporter.task(description, None) if reporter else contextlib.nullcontext()
 
 
-def generation_device():
-    """(device type, autocast context) that `chat` and `sample` generate on: the GPU (in bf16
-    where it has it) when there is one, as a run trains there; else the CPU in fp32."""
+def load_for_generation(final: Path):
+    """(model, tokenizer, autocast context) for `chat` and `sample`: on the GPU (in bf16 where it
+    has it) when there is one, as a run trains there; else on the CPU in fp32."""
     device = detect_device(RuntimeSpec())
-    return device.type, autocast(device)
+    return *load_trained(final, device.type), autocast(device)

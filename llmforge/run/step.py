@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..data.rows import trim, work
 from ..errors import TrainingError
 from ..model.weights import eager, unwrap
-from ..data.rows import trim, work
 from ..stages.kind import to_device
 from . import distributed
 from .distributed import Dist
