@@ -62,7 +62,7 @@ def test_the_reward_is_read_at_each_rows_last_token():
     learned = torch.tensor([[False, True, True, False, False],   # tokens 2, 3 learned: read at 3
                             [False, False, False, True, True],   # cut at seq_len+1: the last input
                             [True, False, False, False, False]])
-    assert reward.last_token(learned).nonzero().tolist() == [[0, 3], [1, 4], [2, 1]]
+    assert reward.last_token(learned).mask.nonzero().tolist() == [[0, 3], [1, 4], [2, 1]]
 
 
 def test_bradley_terry_loss_by_hand():

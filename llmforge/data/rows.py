@@ -39,7 +39,7 @@ def trim(batch: dict, multiple: int = TRIM_MULTIPLE) -> dict:
     rows of seq_len no longer pay for seq_len. Rows that say what they learn (`targets`,
     `*learned`) are trimmed, with every array as wide as them (tokens: one wider); windows of a
     token stream (pretrain) learn everywhere and stay whole."""
-    masks = [v != IGNORE if k == "targets" else v for k, v in batch.items() if k == "targets" or k.endswith("learned")]
+    masks = list(learned_flags(batch).values())
     if not masks:
         return batch
     T = masks[0].shape[1]
@@ -51,9 +51,16 @@ def trim(batch: dict, multiple: int = TRIM_MULTIPLE) -> dict:
             for k, v in batch.items()}
 
 
-_SEQUENCES = {"inputs": 0, "tokens": 1, "chosen": 1, "rejected": 1, "reply": 1}  # token arrays: extra columns
-_LEARNS = {"targets": "inputs", "learned": "tokens", "chosen_learned": "chosen", "rejected_learned": "rejected",
-           "reply_learned": "reply"}  # what each row's learned flags belong to
+# Each token array: its columns beyond the targets', and the key of its learned flags.
+_SEQUENCES = {"inputs": (0, "learned"), "tokens": (1, "learned"), "chosen": (1, "chosen_learned"),
+              "rejected": (1, "rejected_learned"), "reply": (1, "reply_learned")}
+
+
+def learned_flags(batch: dict) -> dict[str, np.ndarray]:
+    """[n, T] bool arrays of the targets each row learns, by key: `*learned`, and sft's targets
+    other than IGNORE as `learned`."""
+    out = {k: v for k, v in batch.items() if k.endswith("learned")}
+    return out | ({"learned": batch["targets"] != IGNORE} if "targets" in batch else {})
 
 
 def work(batch: dict) -> np.ndarray:
@@ -62,12 +69,12 @@ def work(batch: dict) -> np.ndarray:
     attention (the sum over documents, or rows, of their length squared), logits (learned
     targets, where the output head runs)]. Windows of a token stream learn at every position."""
     out = np.zeros(4, dtype=np.float64)
-    for key, extra in _SEQUENCES.items():
+    learned = learned_flags(batch)
+    for key, (extra, flags_key) in _SEQUENCES.items():
         if key not in batch:
             continue
         n, width = batch[key].shape[0], batch[key].shape[1] - extra
-        flags = next((batch[m] != IGNORE if m == "targets" else batch[m] for m, k in _LEARNS.items()
-                      if k == key and m in batch), np.ones((n, width), dtype=bool))
+        flags = learned.get(flags_key, np.ones((n, width), dtype=bool))
         used = np.where(flags.any(axis=1), width - np.argmax(flags[:, ::-1], axis=1), 0)  # up to the last learned
         if "docs" in batch and key == "inputs":  # packed: each document attends within itself
             lengths = np.concatenate([np.unique(row[:u], return_counts=True)[1] for row, u in zip(batch["docs"], used)])

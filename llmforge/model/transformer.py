@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import attention
 from .attention import DocLayout, KVCache
+from .kept import Kept
 from .loss import target_logprobs
 from .rope import apply_rope, rope_tables
 
@@ -294,12 +295,12 @@ class Transformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, docs: DocLayout | torch.Tensor | None = None,
-                keep: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                keep: Kept | torch.Tensor | None = None, targets: torch.Tensor | None = None,
                 temperature: float = 1.0) -> torch.Tensor:
         """idx [B, T] token ids -> logits [B, T, vocab]. With a cache, idx continues what it holds.
 
-        keep [B, T] bool: logits only where True, as [N, vocab]. Fine-tuning learns a fraction of
-        the tokens; the vocab-wide lm_head and softmax on the rest would be work thrown away.
+        keep (a Kept, or [B, T] bool): logits only there, as [N, vocab]. Fine-tuning learns a
+        fraction of the tokens; the vocab-wide head and softmax on the rest would be wasted.
 
         targets [B, T] ids: instead of logits, the log-probability of each target under
         softmax(logits / temperature), [B, T] (with keep: [N]), computed a chunk of rows at a
@@ -312,11 +313,11 @@ class Transformer(nn.Module):
         cache.pos + T]: left-padded prompts generate as a batch (padding is document 0, the text
         document 1).
         """
-        x = self.hidden_states(idx, cache, docs)
-        x = self.norm(x if keep is None else x[keep])
+        keep, x = None if keep is None else Kept.of(keep), self.hidden_states(idx, cache, docs)
+        x = self.norm(x if keep is None else keep.take(x))
         if targets is None:
             return self.lm_head(x)
-        chosen = targets if keep is None else targets[keep]
+        chosen = targets if keep is None else keep.take(targets)
         logp = target_logprobs(x.flatten(0, -2), self.lm_head.weight, chosen.flatten(), temperature)
         return logp.view(chosen.shape)
 

@@ -12,12 +12,11 @@ class AdamW(Optimizer):
 
     def build(self, model, settings: dict):
         groups, _ = param_groups(model, settings["weight_decay"])
-        params = [p for g in groups for p in g["params"]]
-        # One fused kernel for plain tensors (DDP or one device) on a GPU or CPU: on 2 CPU cores it
-        # steps 135M parameters in ~0.15 s against foreach's ~0.7 s. foreach for FSDP's DTensors.
-        fused = all(p.device.type in ("cuda", "cpu") and type(p.data) is torch.Tensor for p in params)
+        # One fused kernel, on a GPU or CPU and for FSDP's DTensors: on 2 CPU cores it steps 135M
+        # parameters in ~0.15 s against foreach's ~0.7 s, and it skips a non-finite step on the device
+        # (found_inf), so the training step never waits for the device to learn whether to (run/step.py).
         return torch.optim.AdamW(groups, lr=settings["lr"], betas=tuple(settings["betas"]), eps=settings["eps"],
-                                 **({"fused": True} if fused else {"foreach": True}))
+                                 fused=True)
 
 
 OPTIMIZER = AdamW()

@@ -16,6 +16,7 @@ class Options(Spec):
 class MuonOptimizer(Optimizer):
     name, Options = "muon", Options
     shards, unsharded = False, "muon orthogonalizes whole matrices, which fsdp shards"
+    skips_on_device = False
 
     def build(self, model, settings: dict):
         """The blocks' matrices take Muon steps at muon_lr, the rest AdamW at lr."""

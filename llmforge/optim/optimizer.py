@@ -16,6 +16,7 @@ class Optimizer:
     Options: type[Spec] = NoOptions  # its own keys (and defaults): optimizer.<key> in a recipe
     shards: bool = True  # trains under FSDP, whose parameters are shards of the model's
     unsharded: str = ""  # why it cannot, where it cannot (the plan's error)
+    skips_on_device: bool = True  # drops a non-finite step without the host reading a flag (run/step.py)
 
     def build(self, model, settings: dict):
         """A torch optimizer over the model's trainable parameters. settings: name, lr, betas, eps,

@@ -172,6 +172,9 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
                  f"stage {sp.name} cannot eval on it"
                  for sp in stages for s in sp.mix if not sources[s.name].missing
                  for what in [_held_out_fits(sp, sources[s.name], recipe.seed)] if what]
+    warnings += [f"stage {sp.name}: runtime.on_nonfinite: skip with optimizer.name: {sp.optimizer['name']} reads one "
+                 "flag from the device every step (adamw skips on the device, without waiting)"
+                 for sp in stages if sp.on_nonfinite == "skip" and not OPTIMIZERS[sp.optimizer["name"]].skips_on_device]
     if run_dir is not None:
         warnings += disk_warnings(stages, params, run_dir)
     return Plan(recipe.name, recipe.seed, device, cfg, params, cfg.num_params(exclude_embeddings=True),

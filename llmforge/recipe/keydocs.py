@@ -236,8 +236,10 @@ MEANINGS = {
         "when the plan's memory estimate fits one device, else fsdp. See [distributed.md](distributed.md)",
     "runtime.on_nonfinite":
         "a step whose gradients are not finite (inf or nan, after the ranks' reduction, so all ranks agree): "
-        "`stop` ends the run with exit 2 naming stage and step, before updating (every checkpoint stays "
-        "intact); `skip` drops that update and logs `skipped: 1` for the step",
+        "`stop` ends the run with exit 2 naming stage and step, at the next progress line or checkpoint, before "
+        "writing anything (every checkpoint stays intact; the step never waits for the device to decide); `skip` "
+        "drops that update and logs `skipped: 1` for the step. AdamW drops it on the device; `muon` under `skip` "
+        "reads one flag from the device each step",
     "runtime.max_nonfinite": "with `skip`: this many such steps in a row (in one process) end the run with exit 2",
     "runtime.trackers":
         "also log to `tensorboard` (event files in `RUN_DIR/tensorboard/`: `tensorboard --logdir runs`) and/or "

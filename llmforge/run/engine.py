@@ -29,7 +29,7 @@ from ..store.checkpoint import (by_name, clean_temporary, latest_checkpoint, lis
 from ..store.final import write_final
 from . import distributed
 from .distributed import Dist
-from .step import autocast, evaluate, train_step
+from .step import autocast, evaluate, settle, train_step
 from .timing import Timer
 
 
@@ -142,6 +142,8 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
         weights, optimizer_state = distributed.full_state(model, optimizer)
         weights = {k: v for k, v in weights.items() if k in names}
         if step != start:
+            if pending:  # a non-finite step since the last log line ends the run here, before writing
+                settle(pending, step, sp, bad_run)
             state = identity | {"stage": sp.name, "sampler": sampler.state_dict(),
                                 "pending": [{k: v.item() for k, v in m.items()} for m in pending], "last_eval": last_eval}
             with ctx.reporter.busy(f"writing checkpoint {step}"):
@@ -153,6 +155,7 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
     head = KINDS[sp.kind].generates  # a reward model never runs the output head
     timer = Timer(start, sp, lambda pos, att, logits: plan.model.step_flops(pos, att, logits * head, bool(sp.adapter)),
                   plan.device.peak_flops, d.world)
+    bad_run = 0  # steps in a row whose gradients were not finite, as of the last log line
     for step in range(start, sp.steps + 1):
         if signum := d.stop_requested(ctx.stop.signum):  # every rank stops at the same step
             save(step)
@@ -172,7 +175,7 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
         timer.step_done(step + 1, pending[-1].pop("work"))
         faults.reached("step", sp.dir_name, step + 1)
         if (step + 1) % sp.log_every == 0 or step + 1 == sp.steps:
-            means = {k: torch.stack([m[k] for m in pending]).mean().item() for k in pending[0]}  # one sync per log
+            means, bad_run = settle(pending, step + 1, sp, bad_run)  # one sync per log line
             ctx.reporter.log(step + 1, means | {"lr": lr, **timer.rates(step + 1)})
             pending.clear()
     weights = save(sp.steps)

@@ -45,34 +45,50 @@ def train_step(model, optimizer, objective, batch: dict, sp: StagePlan, amp, dev
             (sums["loss"] / (units / d.world)).backward()
         for k, v in sums.items():
             totals[k] = totals.get(k, 0) + v.detach()
-    # The norm is of the reduced gradients, so every rank takes the same branch below.
+    # The norm is of the reduced gradients, so every rank agrees on it. Reading it here would make
+    # the host wait for the device every step: fused AdamW skips a non-finite step on the device
+    # (found_inf, as under torch's GradScaler), and the host acts on it at the next log line (settle).
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), sp.optimizer["grad_clip"] or float("inf"))
-    finite = bool(torch.isfinite(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))  # one sync
-    if not finite and sp.on_nonfinite == "stop":
-        loss = (totals["loss"] / units).item()
-        raise TrainingError(f"stage {sp.name}, step {step}: the gradients are not finite (loss {loss:.4g}); "
-                            "stopped before updating, so every checkpoint saved so far is intact",
-                            hint="lower optimizer.lr or raise schedule.warmup and run again (it resumes from "
-                                 "the last checkpoint), or set runtime.on_nonfinite: skip to drop such steps")
-    if finite:
+    bad = (~torch.isfinite(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)).float()
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = bad
         optimizer.step()
-    # skip: the update is dropped; so many in a row that training is not recovering is the stop above.
-    optimizer.nonfinite_run = 0 if finite else getattr(optimizer, "nonfinite_run", 0) + 1
-    if optimizer.nonfinite_run > sp.max_nonfinite:
-        raise TrainingError(f"stage {sp.name}, step {step}: the gradients were not finite {optimizer.nonfinite_run} "
-                            f"steps in a row (runtime.max_nonfinite: {sp.max_nonfinite}); stopped, every checkpoint "
-                            "saved so far is intact", hint="lower optimizer.lr or raise schedule.warmup and run again")
+    elif sp.on_nonfinite == "stop" or not bool(bad):  # skip without fused: one sync a step (the plan says so)
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    figures["skipped"] = 0.0 if finite else 1.0  # on_nonfinite: skip, the update dropped
     if "rollout_s" in figures:
         figures["update_s"] = time.perf_counter() - t
-    keys = list(totals) + list(figures)
+    keys = list(totals) + ["skipped"] + list(figures)  # skipped: not finite, so not updated (or stopping)
     host = torch.tensor([*figures.values(), *done], dtype=torch.float32)  # figures and work: known on the host
     if device.type == "cuda":  # copied without waiting for the step to finish
         host = host.pin_memory().to(device, non_blocking=True)
-    reduced = d.all_sum(torch.cat([torch.stack([totals[k].float() for k in totals]), host]))  # one all-reduce
+    reduced = d.all_sum(torch.cat([torch.stack([*(totals[k].float() for k in totals), bad]), host]))  # one all-reduce
     out = {k: v / (units if k in totals else d.world) for k, v in zip(keys, reduced)}
     return out | {"work": reduced[len(keys):]}  # summed over ranks
+
+
+def settle(pending: list[dict], end: int, sp: StagePlan, bad_run: int) -> tuple[dict, int]:
+    """The means of the figures of steps end - len(pending) .. end - 1, read from the device at
+    once (the one sync of a log line), and the run of non-finite steps so far (from bad_run, the
+    run before them). A non-finite step is acted on here rather than when it ran: under
+    on_nonfinite: stop it ends the run (exit 2) before any later checkpoint is written; under
+    skip, more than max_nonfinite in a row do."""
+    keys = list(pending[0])
+    table = torch.stack([torch.stack([m[k] for k in keys]) for m in pending])
+    *rows, means = torch.cat([table, table.mean(dim=0, keepdim=True)]).tolist()
+    for i, row in enumerate(dict(zip(keys, r)) for r in rows):
+        step = end - len(rows) + i
+        bad_run = bad_run + 1 if row["skipped"] else 0
+        if bad_run and sp.on_nonfinite == "stop":
+            raise TrainingError(f"stage {sp.name}, step {step}: the gradients are not finite (loss {row['loss']:.4g}); "
+                                "stopped, and every checkpoint saved so far is intact",
+                                hint="lower optimizer.lr or raise schedule.warmup and run again (it resumes from "
+                                     "the last checkpoint), or set runtime.on_nonfinite: skip to drop such steps")
+        if bad_run > sp.max_nonfinite:
+            raise TrainingError(f"stage {sp.name}, step {step}: the gradients were not finite {bad_run} steps in a row "
+                                f"(runtime.max_nonfinite: {sp.max_nonfinite}); stopped, every checkpoint saved so "
+                                "far is intact", hint="lower optimizer.lr or raise schedule.warmup and run again")
+    return dict(zip(keys, means)), bad_run
 
 
 @torch.no_grad()

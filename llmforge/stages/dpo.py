@@ -26,6 +26,7 @@ from pydantic import Field
 from ..core import faults
 from ..core.values import Float
 from ..errors import CheckpointError
+from ..model.kept import Kept
 from . import kind
 from .pretrain import token_losses
 
@@ -41,7 +42,7 @@ class Options(kind.ExampleOptions):
     rpo_alpha: Float = Field(default=0.0, ge=0)
 
 
-def sequence_logps(model, tokens: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
+def sequence_logps(model, tokens: torch.Tensor, learned: Kept | torch.Tensor) -> torch.Tensor:
     """[n, T+1] rows, [n, T] learned targets -> [n] summed log-probability of the learned tokens."""
     return -token_losses(model, tokens, keep=learned).sum(dim=1)
 
@@ -50,8 +51,13 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected in one forward pass."""
     n = len(batch["chosen"])
     both = sequence_logps(model, torch.cat([batch["chosen"], batch["rejected"]]),
-                          torch.cat([batch["chosen_learned"], batch["rejected_learned"]]))
+                          Kept.cat(batch["chosen_learned"], batch["rejected_learned"]))
     return both[:n], both[n:]
+
+
+def lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learned tokens of each chosen and each rejected reply, [n] each."""
+    return Kept.of(batch["chosen_learned"]).counts(), Kept.of(batch["rejected_learned"]).counts()
 
 
 def dpo_terms(chosen, rejected, ref_chosen, ref_rejected, *, beta: float, label_smoothing: float = 0.0,
@@ -79,7 +85,7 @@ class Objective(kind.PairObjective):
         margin = t["reward_chosen"] - t["reward_rejected"]
         loss = t["loss"].sum()
         if self.rpo_alpha:  # + alpha x the chosen response's mean NLL per token
-            loss = loss - self.rpo_alpha * (chosen / batch["chosen_learned"].sum(dim=1).clamp(min=1)).sum()
+            loss = loss - self.rpo_alpha * (chosen / Kept.of(batch["chosen_learned"]).counts().clamp(min=1)).sum()
         return {"loss": loss, "reward_acc": (margin > 0).float().sum(), "reward_margin": margin.sum(),
                 "logp_chosen": chosen.detach().sum(), "logp_rejected": rejected.detach().sum()}
 

@@ -36,9 +36,9 @@ from pydantic import BeforeValidator, Field, model_validator
 from ..core.values import Float, Int, Name, Spec
 from ..data.rows import PromptRows
 from ..model.generate import generate_batch, reply_texts
+from ..model.kept import Kept
 from ..model.weights import unwrap
 from . import kind, reward
-from .pretrain import spread
 from .verifiers import NEEDS_ANSWER, VERIFIERS, regex_problem, verify
 
 
@@ -125,7 +125,7 @@ class Objective(kind.Objective):
         # The sampler's log-prob of each reply token, at its target position (replies fill their rows' learned
         # positions in order).
         sampled = torch.arange(replies["logps"].shape[1], device=replies["n"].device) < replies["n"][:, None]
-        rows["old"] = spread(replies["logps"][sampled].cpu(), torch.from_numpy(rows["learned"])).numpy()
+        rows["old"] = Kept.of(rows["learned"]).spread(replies["logps"][sampled].cpu()).numpy()
         with amp:
             rows["ref"] = self._logps(self.reference, rows)
         rows["advantage"] = advantages.flatten().cpu().numpy().astype(np.float32)
@@ -181,7 +181,7 @@ class Objective(kind.Objective):
         device = next(model.parameters()).device
         for idx in kind.split_rows(len(out), self.sp.micro_batch * self.o.group):
             batch = kind.to_device({k: rows[k][idx] for k in ("tokens", "learned")}, device)
-            got = spread(self.token_logps(model, batch), batch["learned"]).cpu().numpy()
+            got = batch["learned"].spread(self.token_logps(model, batch)).cpu().numpy()
             out[idx, :got.shape[1]] = got  # the micro-batch was trimmed to its longest reply
         return out
 
@@ -191,20 +191,19 @@ class Objective(kind.Objective):
                      temperature=self.o.temperature)
 
     def loss(self, model, batch):
+        batch = batch | {"learned": Kept.of(batch["learned"])}  # found on the host by to_device
         o, learned = self.o, batch["learned"]
         logp = self.token_logps(model, batch)
-        old, ref = logp.detach(), batch["ref"][learned]  # pi_old: this very forward (see the docstring)
-        advantage = batch["advantage"][:, None].expand_as(learned)[learned]
+        old, ref = logp.detach(), learned.take(batch["ref"])  # pi_old: this very forward (see the docstring)
+        advantage = batch["advantage"][learned.rows]
         ratio = torch.exp(logp - old)
         low, high = 1 - o.clip, 1 + (o.clip_high if o.clip_high is not None else o.clip)
         surrogate = torch.minimum(ratio * advantage, ratio.clamp(low, high) * advantage)
         kl = torch.exp(ref - logp) - (ref - logp) - 1
-        tokens = learned.sum(dim=1)
-        row = learned.nonzero()[:, 0]
-        weight = 1 / tokens.clamp(min=1)[row] if o.loss_mean == "sequence" else \
+        weight = 1 / learned.counts().clamp(min=1)[learned.rows] if o.loss_mean == "sequence" else \
             torch.full_like(logp, 1 / o.max_new_tokens)
         clipped = ((ratio < low) & (advantage < 0)) | ((ratio > high) & (advantage > 0))
-        gap = (old - batch["old"][learned]).abs()  # the sampler's log-probs against the update's
+        gap = (old - learned.take(batch["old"])).abs()  # the sampler's log-probs against the update's
         return {"loss": ((o.kl * kl - surrogate) * weight).sum(), "kl": (kl.detach() * weight).sum(),
                 "clip_frac": (clipped.float() * weight).sum(), "sampler_gap": (gap * weight).sum()}
 

@@ -24,8 +24,9 @@ import torch
 
 from ..core.values import Spec
 from ..data.formats import FORMATS
-from ..data.rows import PairRows, trim
+from ..data.rows import PairRows, learned_flags, trim
 from ..model.attention import DocLayout
+from ..model.kept import Kept
 from ..model.transformer import Transformer
 
 
@@ -156,9 +157,11 @@ def to_device(batch: dict, device) -> dict:
     """A numpy batch as tensors on the device, trimmed to its longest row (data/rows.py trim); to a
     GPU from pinned memory, so the copy overlaps. Packed rows' document ids become the attention
     layout the model takes (model/attention.py), worked out here on the host so the forward never
-    waits for the device."""
+    waits for the device; so are the positions each row learns (learned, *_learned; sft's targets
+    as `learned`), as Kepts (model/kept.py)."""
     batch = trim(batch)
-    out = {k: torch.from_numpy(v) for k, v in batch.items() if k != "docs"}
+    out = {k: torch.from_numpy(v) for k, v in batch.items() if k != "docs"} \
+        | {k: Kept.of(v) for k, v in learned_flags(batch).items()}
     if device.type == "cuda":
         out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
     if "docs" in batch:

@@ -78,7 +78,8 @@ class Objective(dpo.Objective):
         n, goods = len(logps), good.sum().clamp(min=1)
         bads = (~good).sum().clamp(min=1)
         return {"loss": t["loss"].sum(), "kl": t["z0"] * n, "logp": logps.detach().sum(),
-                "reward_good": t["reward"][good].sum() / goods * n, "reward_bad": t["reward"][~good].sum() / bads * n}
+                "reward_good": torch.where(good, t["reward"], 0).sum() / goods * n,
+                "reward_bad": torch.where(good, 0, t["reward"]).sum() / bads * n}
 
     @torch.no_grad()
     def reference(self, model, batch: dict) -> np.ndarray:

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from ..core.values import Float
 from . import kind
-from .dpo import pair_logps
+from .dpo import lengths, pair_logps
 
 
 class Options(kind.ExampleOptions):
@@ -35,7 +35,7 @@ class Objective(kind.PairObjective):
 
     def loss(self, model, batch):
         chosen, rejected = pair_logps(model, batch)
-        t = orpo_terms(chosen, rejected, batch["chosen_learned"].sum(dim=1), batch["rejected_learned"].sum(dim=1),
+        t = orpo_terms(chosen, rejected, *lengths(batch),
                        beta=self.beta)
         return {"loss": t["loss"].sum(), "nll": t["nll"].sum(), "log_odds": t["log_odds"].sum(),
                 "reward_acc": (t["log_odds"] > 0).float().sum(), "logp_chosen": chosen.detach().sum(),

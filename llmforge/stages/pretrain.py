@@ -9,21 +9,16 @@ import torch
 
 from ..data.rows import WindowRows
 from ..data.sampler import eval_windows
+from ..model.kept import Kept
 from . import kind
 
 
-def token_losses(model, batch: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+def token_losses(model, batch: torch.Tensor, keep: Kept | torch.Tensor | None = None) -> torch.Tensor:
     """[B, T+1] token windows -> [B, T] loss in nats for predicting each next token; with keep
-    [B, T] bool, only those targets' logits are computed and the rest are 0."""
+    (a Kept or [B, T] bool), only those targets' logits are computed and the rest are 0."""
+    keep = None if keep is None else Kept.of(keep)
     logp = model(batch[:, :-1], keep=keep, targets=batch[:, 1:])  # in fp32, a chunk of rows at a time
-    return -logp if keep is None else spread(-logp, keep)
-
-
-def spread(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """[N] values of keep's True positions -> keep's shape, 0 elsewhere."""
-    out = torch.zeros(keep.shape, dtype=values.dtype, device=values.device)
-    out[keep] = values
-    return out
+    return -logp if keep is None else keep.spread(-logp)
 
 
 def summarize_lm(sums: dict) -> dict:

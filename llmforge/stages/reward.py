@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.kept import Kept
 from ..model.transformer import Transformer
 from ..store.final import load_model
 from . import kind
@@ -33,24 +34,23 @@ class RewardModel(Transformer):
     def forward(self, idx, cache=None, docs=None, keep=None):
         """[N] rewards read at keep's positions (one per row: its last token)."""
         x = self.hidden_states(idx, cache, docs)
-        return self.score(self.norm(x if keep is None else x[keep])).squeeze(-1).float()
+        return self.score(self.norm(x if keep is None else Kept.of(keep).take(x))).squeeze(-1).float()
 
 
-def last_token(learned: torch.Tensor) -> torch.Tensor:
-    """[n, T] learned targets -> [n, T] bool, True at each row's last token (the reply's end;
-    the last input position if the row was cut to seq_len+1 tokens)."""
-    T = learned.shape[1]
-    idx = torch.arange(T, device=learned.device)
-    last = torch.where(learned, idx, -1).max(dim=1).values  # target j is token j+1
-    return idx == (last + 1).clamp(max=T - 1).unsqueeze(1)
+def last_token(learned: Kept | torch.Tensor) -> Kept:
+    """[n, T] learned targets -> each row's last token (the reply's end; the last input position
+    if the row was cut to seq_len+1 tokens)."""
+    mask = Kept.of(learned).mask
+    T = mask.shape[1]
+    last = torch.where(mask, torch.arange(T, device=mask.device), -1).max(dim=1).values  # target j is token j+1
+    return Kept.at((last + 1).clamp(max=T - 1), T)
 
 
 def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected rewards, [n] each, in one forward pass."""
     n = len(batch["chosen"])
     tokens = torch.cat([batch["chosen"], batch["rejected"]])[:, :-1]
-    learned = torch.cat([batch["chosen_learned"], batch["rejected_learned"]])
-    both = model(tokens, keep=last_token(learned))
+    both = model(tokens, keep=last_token(Kept.cat(batch["chosen_learned"], batch["rejected_learned"])))
     return both[:n], both[n:]
 
 
@@ -64,9 +64,7 @@ class RewardScorer:
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] right-padded, lengths [B] -> [B] rewards."""
-        T = tokens.shape[1]
-        last = torch.arange(T, device=tokens.device) == (lengths - 1).clamp(max=T - 1)[:, None]
-        return self.model(tokens, keep=last)
+        return self.model(tokens, keep=Kept.at((lengths - 1).clamp(max=tokens.shape[1] - 1), tokens.shape[1]))
 
 
 class Objective(kind.PairObjective):

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from ..data.rows import IGNORE, PackedRows
+from ..model.kept import Kept
 from . import kind
-from .pretrain import spread, summarize_lm
+from .pretrain import summarize_lm
 
 
 class Options(kind.ExampleOptions):
@@ -20,15 +21,19 @@ class Options(kind.ExampleOptions):
     packing: bool = True
 
 
+def learned(batch: dict) -> Kept:
+    """The learned targets' positions (to_device finds them on the host as `learned`)."""
+    return Kept.of(batch["learned"] if "learned" in batch else batch["targets"] != IGNORE)
+
+
 def learned_losses(model, batch: dict) -> torch.Tensor:
     """[N] nats of each learned target, in row order (logits are computed for those alone)."""
-    learned = batch["targets"] != IGNORE
-    return -model(batch["inputs"], docs=batch.get("docs"), keep=learned, targets=batch["targets"])
+    return -model(batch["inputs"], docs=batch.get("docs"), keep=learned(batch), targets=batch["targets"])
 
 
 def target_losses(model, batch: dict) -> torch.Tensor:
     """[B, T] nats of each target; 0 where nothing is learned (IGNORE)."""
-    return spread(learned_losses(model, batch), batch["targets"] != IGNORE)
+    return learned(batch).spread(learned_losses(model, batch))
 
 
 class Objective(kind.Objective):

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from ..core.values import Float
 from . import kind
-from .dpo import pair_logps
+from .dpo import lengths, pair_logps
 
 
 class Options(kind.ExampleOptions):
@@ -36,7 +36,7 @@ class Objective(kind.PairObjective):
 
     def loss(self, model, batch):
         chosen, rejected = pair_logps(model, batch)
-        t = simpo_terms(chosen, rejected, batch["chosen_learned"].sum(dim=1), batch["rejected_learned"].sum(dim=1),
+        t = simpo_terms(chosen, rejected, *lengths(batch),
                         beta=self.beta, gamma=self.gamma)
         margin = t["reward_chosen"] - t["reward_rejected"]
         return {"loss": t["loss"].sum(), "reward_acc": (margin > 0).float().sum(), "reward_margin": margin.sum(),
