@@ -124,3 +124,25 @@ def test_the_plan_says_when_skipping_must_read_a_flag_every_step(tmp_path):
     assert not any("reads one flag" in w for w in warnings("runtime.on_nonfinite=skip"))
     assert any("runtime.on_nonfinite: skip with optimizer.name: muon reads one flag from the device every step" in w
                for w in warnings("runtime.on_nonfinite=skip", "stages[0].optimizer.name=muon"))
+
+
+def test_grpo_s_update_never_waits_for_the_device():
+    """grpo's rollout reads its replies as text to score them (inherently on the host); its update,
+    the loss over the rows it made, does not wait."""
+    from llmforge.model.transformer import ModelConfig, Transformer
+    from llmforge.stages import grpo, kind
+
+    torch.manual_seed(2)
+    m = Transformer(ModelConfig(vocab_size=20, seq_len=8, n_layer=1, n_head=2, n_embd=16))
+    options = grpo.Options(reward=[{"verifier": "format"}], group=2, max_new_tokens=3, kl=0.1, clip=0.2)
+    objective = grpo.Objective(SimpleNamespace(options=options, seq_len=8, index=0, micro_batch=1),
+                               SimpleNamespace(vocab_size=20), SimpleNamespace(stop_ids=lambda tok: (19,)), 0)
+    learned = np.zeros((2, 8), dtype=bool)
+    learned[0, 1:4], learned[1, 1:3] = True, True
+    rows = {"tokens": np.array([[1, 2, 3, 4, 5, 0, 0, 0, 0], [1, 2, 6, 7, 0, 0, 0, 0, 0]]), "learned": learned,
+            "old": np.full((2, 8), -2.0, dtype=np.float32), "ref": np.full((2, 8), -2.5, dtype=np.float32),
+            "advantage": np.array([0.7, -0.7], dtype=np.float32)}
+    batch = kind.to_device(rows, torch.device("cpu"))
+    with Waits() as waits:
+        objective.loss(m, batch)["loss"].backward()
+    assert waits.seen == []
