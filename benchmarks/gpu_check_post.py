@@ -66,8 +66,9 @@ def adapter_run(ctx: Ctx, case: str, cfg: ModelConfig, kind: str, compiled: bool
     spec = LORA | {"kind": kind}
     fresh_dynamo()
     torch.manual_seed(0)
-    model = Transformer(cfg).to(ctx.dev)
-    adapters.apply(model, spec)
+    model = Transformer(cfg)  # as the engine does: qlora quantizes each layer onto the device, then the rest moves
+    adapters.apply(model, spec, device=ctx.dev)
+    model.to(ctx.dev)
     rows = len(batch["tokens"])
     # the plan's frozen bytes for qlora (plan/adapter.py): the targeted weights at 4 bits + scales
     quantized = adapters.targeted_weights(cfg, spec)

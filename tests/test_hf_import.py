@@ -100,6 +100,9 @@ def test_import_errors_name_the_key(tmp_path):
     assert out.returncode == 2 and "has no tokenizer.json or tokenizer.model" in out.stderr
     (tmp_path / "tokenizer.model").rename(tmp_path / "base/tokenizer.model")
     (tmp_path / "base/model.safetensors").rename(tmp_path / "base/pytorch_model.bin")
+    out = cli("plan", "recipe.yaml", cwd=tmp_path)  # sizing a run needs config.json alone: the weights may come later
+    assert out.returncode == 0 and "warning: model.init.hf:" in out.stdout + out.stderr
+    assert "the plan sizes the run from its config.json" in out.stdout + out.stderr
     out = cli("run", "recipe.yaml", cwd=tmp_path)
     assert out.returncode == 2 and "model.init.hf:" in out.stderr and "only pickle weights" in out.stderr
     assert "Traceback" not in out.stderr

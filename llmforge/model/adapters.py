@@ -80,7 +80,8 @@ def targeted(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Linear]
             if name.startswith("blocks.") and name.rsplit(".", 1)[-1] in wanted and isinstance(m, nn.Linear)]
 
 
-def apply(model: nn.Module, spec: dict, trainable: tuple[str, ...] = (), lm_head: bool = True) -> list[str]:
+def apply(model: nn.Module, spec: dict, trainable: tuple[str, ...] = (), lm_head: bool = True,
+          device: torch.device | None = None) -> list[str]:
     """Freeze the model and add LoRA to the targeted layers (under the caller's RNG: the same seed
     gives the same A). Weights named in `trainable` stay trainable (a reward model's new head);
     with train_embeddings the token embeddings too, and the output head unless `lm_head` is
@@ -101,16 +102,19 @@ def apply(model: nn.Module, spec: dict, trainable: tuple[str, ...] = (), lm_head
         nn.init.kaiming_uniform_(m.lora_A, a=math.sqrt(5))
         m.scale, m.lora_dropout = scale, spec.get("dropout", 0.0)
         if spec["kind"] == "qlora":
-            _quantize(m)
+            _quantize(m, device or w.device)
         names += [f"{name}.lora_A", f"{name}.lora_B"]
     return names + [n for n in trainable if n in dict(model.named_parameters())]
 
 
-def _quantize(m: LoRALinear) -> None:
-    """The layer's frozen weight as NF4 (a buffer, so checkpoints never hold it)."""
+def _quantize(m: LoRALinear, device) -> None:
+    """The layer's frozen weight as NF4 on the device (a buffer, so checkpoints never hold it).
+    Called on a model still on the CPU, one layer at a time: the device never holds the base in
+    fp32 (32 GB for 8B parameters), only each weight's bf16 copy while it is quantized."""
     import bitsandbytes.functional as bnbf
 
-    packed, state = bnbf.quantize_4bit(m.weight.data.to(torch.bfloat16), quant_type="nf4", compress_statistics=True)
+    packed, state = bnbf.quantize_4bit(m.weight.data.to(device, torch.bfloat16), quant_type="nf4",
+                                       compress_statistics=True)
     del m.weight
     m.register_buffer("weight_4bit", packed, persistent=False)
     m.quant_state = state

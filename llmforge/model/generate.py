@@ -8,6 +8,7 @@ import torch
 
 from ..text.chat import ChatTemplate
 from ..text.tokenizer import Tokenizer
+from .kept import Kept
 from .transformer import KVCache, Transformer
 from .weights import run_eager
 
@@ -74,7 +75,7 @@ def generate_batch(model, prompts: torch.Tensor, lengths: torch.Tensor, max_new_
     idx = prompts.gather(1, (cols - pad[:, None]).clamp(min=0))  # each prompt moved flush right
     docs = (cols >= pad[:, None]).long()
     cache = KVCache(model.config.n_layer)
-    logits = model(idx, cache, docs)[:, -1, :vocab_limit]
+    logits = model(idx, cache, docs, keep=Kept.last(idx))[:, :vocab_limit]  # the prompts' last positions alone
     new = torch.zeros(B, max_new_tokens, dtype=torch.long, device=prompts.device)
     logps = torch.zeros(B, max_new_tokens, device=prompts.device)
     n = torch.zeros(B, dtype=torch.long, device=prompts.device)

@@ -32,8 +32,7 @@ def hf_config(folder: Path) -> ModelConfig:
 
 def recipe_model(folder: Path) -> dict:
     """The recipe's model keys that describe a transformers folder's model (model.init.hf)."""
-    cfg = hf_config(folder)
-    _weight_files(folder)  # refuse a folder without safetensors weights now, not when the stage starts
+    cfg = hf_config(folder)  # the weights may come later: `plan` sizes a run from config.json alone
     out = {"preset": cfg.family, "vocab_size": cfg.vocab_size, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
            "n_embd": cfg.n_embd, "seq_len": cfg.seq_len, "n_kv_head": cfg.kv_heads, "mlp_hidden": cfg.hidden,
            "tie_embeddings": cfg.tie_embeddings, "bias": cfg.bias, "norm_eps": cfg.norm_eps}
@@ -42,6 +41,11 @@ def recipe_model(folder: Path) -> dict:
                 "qk_norm": cfg.qk_norm}
         out |= {k: getattr(cfg, k) for k in ("rope_scaling", "sliding_window") if getattr(cfg, k) is not None}
     return out
+
+
+def check_weights(folder: Path) -> None:
+    """Refuse a folder without readable safetensors weights (`run` asks before anything trains)."""
+    _weight_files(folder)
 
 
 def _read_tensors(folder: Path) -> dict:

@@ -37,6 +37,12 @@ class Kept:
         return Kept(mask, rows * T + positions)
 
     @staticmethod
+    def last(idx: torch.Tensor) -> Kept:
+        """Each row's last position of idx [B, T]: where generation reads its next token's logits
+        (the rest of a prompt's would be [B, T, vocab] thrown away: GBs at a long prompt)."""
+        return Kept.at(torch.full((idx.shape[0],), idx.shape[1] - 1, device=idx.device), idx.shape[1])
+
+    @staticmethod
     def cat(a: Kept | torch.Tensor, b: Kept | torch.Tensor) -> Kept:
         """b's rows below a's (rows of equal width)."""
         a, b = Kept.of(a), Kept.of(b)

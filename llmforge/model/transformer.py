@@ -374,19 +374,19 @@ class Transformer(nn.Module):
         seq_len, n_layer = self.config.seq_len, self.config.n_layer
         window = idx[:, -seq_len:]  # an over-long prompt keeps its most recent seq_len tokens
         cache = KVCache(n_layer)
-        logits = self(window, cache)
+        logits = self(window, cache, keep=Kept.last(window))  # [1, vocab]: the last position's alone
         for step in range(max_new_tokens):
-            token = _sample(logits[0, -1, :vocab_limit], temperature, top_k, generator)
+            token = _sample(logits[0, :vocab_limit], temperature, top_k, generator)
             yield token
             if token in stop_ids or step == max_new_tokens - 1:
                 return
             new = torch.tensor([[token]], dtype=idx.dtype, device=idx.device)
             window = torch.cat([window, new], dim=1)
             if cache.pos < seq_len:
-                logits = self(new, cache)
+                logits = self(new, cache)[:, -1]
             else:
                 window, cache = window[:, -max(1, seq_len // 2):], KVCache(n_layer)
-                logits = self(window, cache)
+                logits = self(window, cache, keep=Kept.last(window))
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> int:

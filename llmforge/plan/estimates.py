@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, shards: int = 1,
                     accumulating: bool = False, cpu: bool = False, logit_share: float = 1.0,
                     trainable: int | None = None, frozen_bytes: float | None = None,
-                    checkpointing: str = "none") -> int:
+                    checkpointing: str = "none", beside: tuple[float, float] = (0.0, 0.0)) -> int:
     """Peak training memory per device in bytes: weights + grads + AdamW moments + activations
     + one chunk of logits.
 
@@ -40,7 +40,10 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     process grows by (autograd's and the allocator's own; most of a tiny model's growth).
     With `trainable` (an adapter's parameter count) the model's weights are frozen: 4 bytes each,
     and the 16 only for the adapter (qlora: `frozen_bytes`, its layers at ~0.5 a weight); the
-    activations backward needs are the same.
+    activations backward needs are the same. Loading for qlora quantizes each layer as it moves to
+    the device (model/adapters.py), so that load peaks below training (one weight in bf16 more).
+    `beside` (stages/kind.py memory_beside): what the stage holds throughout (grpo's reference),
+    and what it holds instead of training's activations (grpo's rollout).
     """
     tokens = micro_batch * seq_len
     act_bytes = 4 if precision == "fp32" else 2
@@ -63,9 +66,11 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     # The output head's and the embedding's [vocab, n_embd] gradients exist beside the weights' own
     # at the end of backward (the embedding's is dense): at Qwen2.5's vocabulary 0.5 GB each.
     head = cfg.vocab_size * cfg.n_embd * 4
+    resident, rollout = beside
     if cpu:  # a fit: no slack added; ~48 MiB a training process grows by whatever its size
-        return int(states + activations + 1.3 * tokens * per_token_layer + 2.8 * logits + 3 * head + 48 * 2**20)
-    return int((states + activations + 3 * logits + head) * 1.1)  # ~10% for allocator slack and workspaces
+        training = activations + 1.3 * tokens * per_token_layer + 2.8 * logits + 3 * head
+        return int(states + resident + max(training, rollout) + 48 * 2**20)
+    return int((states + resident + max(activations + 3 * logits + head, rollout)) * 1.1)  # ~10%: allocator slack
 
 
 def checkpointed_blocks(n_layer: int, mode: str) -> int:
@@ -87,11 +92,12 @@ def memory_budget(device: Device) -> float:
 
 def choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, device, shards: int,
                        logit_share: float = 1.0, trainable: int | None = None,
-                       frozen_bytes: float | None = None, checkpointing: str = "none") -> tuple[int, int, str]:
+                       frozen_bytes: float | None = None, checkpointing: str = "none",
+                       beside: tuple[float, float] = (0.0, 0.0)) -> tuple[int, int, str]:
     """(micro-batch, its estimated peak memory, activation checkpointing). Under checkpointing
     auto: none, unless selective or full is what lets a larger micro-batch fit, up to the one
     wanted (WANTED_TOKENS per forward, or the whole per-device batch)."""
-    kw = {"logit_share": logit_share, "trainable": trainable, "frozen_bytes": frozen_bytes}
+    kw = {"logit_share": logit_share, "trainable": trainable, "frozen_bytes": frozen_bytes, "beside": beside}
     if checkpointing != "auto":
         return (*_micro_batch(where, requested, per_rank, seq_len, cfg, device, shards, checkpointing, kw),
                 checkpointing)

@@ -148,7 +148,7 @@ def model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:
 
 def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceStats], device: Device,
                  world_size: int = 1, tokenizer_fingerprint: str | None = None, previews: dict | None = None,
-                 run_dir: Path | None = None) -> Plan:
+                 run_dir: Path | None = None, warnings: list[str] | None = None) -> Plan:
     """The frozen plan, everything it shows computed here: previews (sft/dpo stage name -> an example
     as the chat template renders it) come from the caller, which reads the data; with run_dir, a
     warning when its disk cannot hold what the stages will keep (none for another machine's disk)."""
@@ -166,7 +166,7 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
             problems.append(e)
     if problems:
         raise PlanError("\n".join(p.message for p in problems), hint=problems[0].hint)
-    warnings = [_missing(st.missing, [sp.name for sp in stages if not sp.steps and name in [s.name for s in sp.mix]])
+    warnings = list(warnings or []) + [_missing(st.missing, [sp.name for sp in stages if not sp.steps and name in [s.name for s in sp.mix]])
                 for name, st in sources.items() if st.missing]
     warnings += [f"data.{s.name}: no held-out {what} of seq_len+1 = {sp.seq_len + 1} tokens; "
                  f"stage {sp.name} cannot eval on it"
@@ -272,10 +272,12 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
     tokens = steps * batch_tokens
     adapter, trainable, frozen_bytes = plan_adapter(where, recipe, spec, cfg, device, shards,
                                                     stage_init(recipe, i))
+    beside = kind.memory_beside(options, cfg, global_batch // world_size, seq_len,  # grpo's reference, rollout
+                                4 if device.precision == "fp32" else 2, frozen_bytes or cfg.num_params() * 4)
     micro, memory, checkpointing = choose_micro_batch(
         where, recipe.runtime.micro_batch, global_batch // world_size, per_row, cfg, device, shards,
         max(r[3] for r in rows.values()), trainable if adapter else None, frozen_bytes,
-        recipe.runtime.activation_checkpointing)
+        recipe.runtime.activation_checkpointing, beside)
     mix = _plan_mix(where, spec.mix, sources, recipe.data, rows, steps * global_batch, per_row)
     warmup = round(resolve_percent(spec.schedule.warmup, steps))
     if warmup >= steps and steps > 1:

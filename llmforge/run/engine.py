@@ -199,9 +199,10 @@ def _setup(ctx: Context, sp: StagePlan, init_from: Path | None, identity: dict):
     elif init_from is not None:
         _check_init(init_from, ctx.tokenizer.fingerprint)
         load_weights(model, init_from / "model.safetensors", kind.fresh)
+    if sp.adapter:  # frozen from here; LoRA's A drawn from the seed set above, B zero. Before the move: qlora
+        # quantizes each layer onto the device, which so never holds the base in fp32
+        adapters.apply(model, sp.adapter, trainable=kind.fresh, lm_head=kind.generates, device=device)
     model.to(device)
-    if sp.adapter:  # frozen from here; LoRA's A drawn from the seed set above, B zero
-        adapters.apply(model, sp.adapter, trainable=kind.fresh, lm_head=kind.generates)
     stage = build_stage(sp, ctx.plan.device, ctx.tokenizer, ctx.template, ctx.sources, ctx.plan.seed)
     if ctx.dist.main:  # before resuming: from the stage's starting weights
         with ctx.reporter.busy(f"stage {sp.name}: preparing ({sp.kind})"):

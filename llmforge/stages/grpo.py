@@ -233,6 +233,16 @@ class Grpo(kind.Kind):
     def sequences(self, options, data_format=None):
         return options.group  # a row is a prompt; its step holds `group` replies to it
 
+    def memory_beside(self, options, cfg, rows, seq_len, act_bytes, weights):
+        """The frozen reference (a copy of the weights) and each reward model (assumed the policy's
+        size) are held throughout; the rollout holds the KV cache of all `rows` x group replies
+        (each layer's copied once as it grows, attention.KVCache) and a few [replies, vocab] fp32
+        logits a token."""
+        replies = rows * options.group
+        kv = 2 * cfg.n_layer * replies * seq_len * cfg.kv_heads * cfg.head_dim * act_bytes
+        scorers = sum(t.stage is not None or t.path is not None for t in options.reward)
+        return (1 + scorers) * weights, kv * (1 + 1 / cfg.n_layer) + 3 * replies * cfg.vocab_size * 4
+
     def rows(self, examples, seq_len, options, seed, overlong=None):
         return PromptRows(examples, seq_len, room=options.max_new_tokens, seed=seed)
 

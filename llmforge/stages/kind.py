@@ -101,6 +101,12 @@ class Kind:
         estimate)."""
         return source.logit_share()
 
+    def memory_beside(self, options, cfg, rows: int, seq_len: int, act_bytes: int, weights: float) -> tuple[float, float]:
+        """What the stage holds beside training's own memory, for the plan's estimate: (bytes held
+        throughout, bytes held while training's activations are not), for `rows` per device of
+        seq_len tokens and a model of `weights` bytes (grpo: a frozen reference; its rollout)."""
+        return 0.0, 0.0
+
     def preview(self, template, example, options) -> list | None:
         """One training example as chat-template segments (text, special, learned) for `plan`."""
         return None
