@@ -129,7 +129,7 @@ def test_a_cache_with_docs_continues_left_padded_rows_exactly():
     docs = torch.tensor([[0, 0, 1, 1, 1, 1]])
     with torch.no_grad():
         whole = model(ids[:, 2:])[0, -1]
-        cache = KVCache(2)
+        cache = KVCache(2, 6)
         model(ids[:, :5], cache, docs[:, :5])
         step = model(ids[:, 5:], cache, docs)[0, -1]
     torch.testing.assert_close(step, whole, rtol=1e-4, atol=1e-5)

@@ -148,7 +148,7 @@ def test_kv_cache_matches_full_forward(positions, kv):
     model = build(positions=positions, n_kv_head=kv)
     x = ids(TINY["seq_len"], B=2)
     full = model(x)
-    cache = KVCache(model.config.n_layer)
+    cache = KVCache(model.config.n_layer, TINY["seq_len"])
     parts = [model(x[:, :5], cache)]  # prefill
     parts += [model(x[:, t:t + 1], cache) for t in range(5, 10)]  # one-token decode
     parts.append(model(x[:, 10:], cache))  # multi-token chunk on top of a cache (explicit mask)

@@ -74,7 +74,7 @@ def generate_batch(model, prompts: torch.Tensor, lengths: torch.Tensor, max_new_
     cols = torch.arange(P, device=prompts.device)
     idx = prompts.gather(1, (cols - pad[:, None]).clamp(min=0))  # each prompt moved flush right
     docs = (cols >= pad[:, None]).long()
-    cache = KVCache(model.config.n_layer)
+    cache = KVCache(model.config.n_layer, P + max_new_tokens)
     logits = model(idx, cache, docs, keep=Kept.last(idx))[:, :vocab_limit]  # the prompts' last positions alone
     new = torch.zeros(B, max_new_tokens, dtype=torch.long, device=prompts.device)
     logps = torch.zeros(B, max_new_tokens, device=prompts.device)

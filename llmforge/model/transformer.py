@@ -3,8 +3,8 @@
 ModelConfig switches between the GPT-2 and LLaMA families (see families/), with the options the
 open models built on LLaMA add: biases on q/k/v only (Qwen2), RMSNorm on each head's queries and
 keys and a head size of its own (Qwen3), Llama 3's rope scaling, a sliding attention window
-(Mistral, Phi-3). No I/O, devices,
-parallelism or recipes here: callers build a config, move the model and wrap it as they like.
+(Mistral, Phi-3). No I/O, devices, parallelism or recipes here: callers build a config, move
+the model and wrap it as they like.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .attention import DocLayout, KVCache
 from .kept import Kept
 from .loss import target_logprobs
 from .rope import apply_rope, rope_tables
+from .swiglu import swiglu_down
 
 NORMS, POSITIONS, MLPS = ("rmsnorm", "layernorm"), ("rope", "learned"), ("swiglu", "gelu")
 
@@ -220,8 +221,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """swiglu: w2(silu(w1(x)) * w3(x)) (Shazeer 2020) with LLaMA's names (w1 gate, w3 up, w2 down).
-    gelu: c_proj(gelu(c_fc(x))) with the tanh approximation of GELU that GPT-2 used."""
+    """swiglu: w2(silu(w1(x)) * w3(x)) (Shazeer 2020; LLaMA's names: w1 gate, w3 up, w2 down), its
+    backward keeping w1(x) and w3(x) alone (swiglu.py) unless an adapter wraps w2. gelu:
+    c_proj(gelu(c_fc(x))), GELU's tanh approximation as GPT-2."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -233,15 +235,16 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        if self.swiglu:
-            return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
-        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        if not self.swiglu:
+            return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        a, b = self.w1(x), self.w3(x)
+        return self.drop(swiglu_down(a, b, self.w2.weight, self.w2.bias) if type(self.w2) is nn.Linear
+                         else self.w2(F.silu(a) * b))
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). A checkpointed block
-    keeps only its input for backward and runs its forward again there (activation
-    checkpointing; set by the run, see checkpoint_blocks)."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). A checkpointed block keeps
+    only its input for backward and runs its forward again there (set by checkpoint_blocks)."""
     checkpointed = False
 
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -359,21 +362,18 @@ class Transformer(nn.Module):
                  stop_ids: Collection[int] = (), vocab_limit: int | None = None) -> Iterator[int]:
         """Yield up to max_new_tokens sampled ids, one at a time, continuing the prompt idx [1, T].
         Only ids below vocab_limit are drawn (a vocab padded past its tokenizer's has rows no
-        text decodes to).
-
-        Call model.eval() first (dropout is left as is). temperature 0 is greedy. Stops right after
-        yielding a token in stop_ids. The prompt is prefilled once into a KV cache, then each step
-        feeds one token. When the cache is full (seq_len positions) the window is cropped to its last
-        seq_len//2 tokens and re-prefilled from position 0: one recompute per seq_len//2 steps, not
-        per step, and exact for rope and learned positions alike since no cached entry survives.
-        """
+        text decodes to). Call model.eval() first (dropout is left as is). temperature 0 is
+        greedy. Stops right after yielding a token in stop_ids. The prompt is prefilled once into
+        a KV cache, then each step feeds one token. When the cache is full (seq_len positions) the
+        window is cropped to its last seq_len//2 tokens and re-prefilled from position 0: one
+        recompute per seq_len//2 steps, exact for rope and learned positions alike."""
         if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] == 0:
             raise ValueError(f"generate expects a non-empty prompt of shape [1, T], got {tuple(idx.shape)}")
         if temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"need temperature >= 0 and top_k >= 1, got {temperature}, {top_k}")
         seq_len, n_layer = self.config.seq_len, self.config.n_layer
         window = idx[:, -seq_len:]  # an over-long prompt keeps its most recent seq_len tokens
-        cache = KVCache(n_layer)
+        cache = KVCache(n_layer, seq_len)
         logits = self(window, cache, keep=Kept.last(window))  # [1, vocab]: the last position's alone
         for step in range(max_new_tokens):
             token = _sample(logits[0, :vocab_limit], temperature, top_k, generator)
@@ -385,7 +385,7 @@ class Transformer(nn.Module):
             if cache.pos < seq_len:
                 logits = self(new, cache)[:, -1]
             else:
-                window, cache = window[:, -max(1, seq_len // 2):], KVCache(n_layer)
+                window, cache = window[:, -max(1, seq_len // 2):], KVCache(n_layer, seq_len)
                 logits = self(window, cache, keep=Kept.last(window))
 
 

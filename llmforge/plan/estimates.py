@@ -19,25 +19,28 @@ if TYPE_CHECKING:
 def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, shards: int = 1,
                     accumulating: bool = False, cpu: bool = False, logit_share: float = 1.0,
                     trainable: int | None = None, frozen_bytes: float | None = None,
-                    checkpointing: str = "none", beside: tuple[float, float] = (0.0, 0.0)) -> int:
+                    checkpointing: str = "none", beside: tuple[float, float] = (0.0, 0.0),
+                    down_adapter: bool = False) -> int:
     """Peak training memory per device in bytes: weights + grads + AdamW moments + activations
     + one chunk of logits.
 
     fp32 master weights and grads (4 + 4 bytes/param) and two AdamW moments (8 bytes/param).
     Activations: per token per layer, the tensors autograd keeps for backward — about 8 x n_embd
-    (norm inputs/outputs, q/k/v, attention output, residuals) + 4 x mlp hidden — at 4 bytes, or
-    2 under bf16/fp16 autocast. Attention keeps no T x T anything (model/attention.py). A
+    (norm inputs/outputs, q/k/v, attention output, residuals) + 2 x mlp hidden for SwiGLU
+    (model/swiglu.py; 4 where an adapter wraps its w2, or for GELU) — at 4 bytes, or 2 under
+    bf16/fp16 autocast. Attention keeps no T x T anything (model/attention.py). A
     checkpointed block keeps only its fp32 input (4 x n_embd), and backward holds one block's
     full activations at a time while it recomputes it. Logits: the head runs a chunk of rows at
     a time (model/loss.py), so only one chunk's logits, log-softmax and gradient exist at once;
     sft and dpo compute them for learned targets alone (logit_share: the largest share of a row's
     positions they are).
-    On a CPU the process's resident memory is what counts. Fitted to its measured growth (models
-    of 4-32 layers, 128-576 wide, benchmarks/estimates.py and real_model.py; Qwen2.5-0.5B's shape
-    at 2,048 tokens with and without checkpointing, benchmarks/scale.py): the saved activations
-    counted here, plus about one layer's worth that glibc's heap keeps of the freed temporaries,
-    ~2.8 copies of the logits chunk, three [vocab, n_embd] gradients and ~48 MiB that any training
-    process grows by (autograd's and the allocator's own; most of a tiny model's growth).
+    On a CPU the process's resident memory is what counts; freed blocks go back to the OS
+    (run/prepare.py), so it follows what is held. Fitted to its measured growth (models of 4-32
+    layers, 128-576 wide, benchmarks/estimates.py; Qwen2.5-0.5B's shape at 2,048-8,192 tokens
+    with and without checkpointing, benchmarks/scale.py): the saved activations counted here,
+    ~2.8 copies of the logits chunk, one [vocab, n_embd] gradient beside the weights' own and ~32
+    MiB that any training process grows by (autograd's and the allocator's own; most of a tiny
+    model's growth).
     With `trainable` (an adapter's parameter count) the model's weights are frozen: 4 bytes each,
     and the 16 only for the adapter (qlora: `frozen_bytes`, its layers at ~0.5 a weight); the
     activations backward needs are the same. Loading for qlora quantizes each layer as it moves to
@@ -47,13 +50,14 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     """
     tokens = micro_batch * seq_len
     act_bytes = 4 if precision == "fp32" else 2
-    per_token_layer = (8 * cfg.n_embd + 2 * cfg.kv_heads * cfg.head_dim + 4 * cfg.hidden) * act_bytes
+    mlp = 2 if cfg.mlp == "swiglu" and not down_adapter else 4
+    per_token_layer = (8 * cfg.n_embd + 2 * cfg.kv_heads * cfg.head_dim + mlp * cfg.hidden) * act_bytes
     checkpointed = checkpointed_blocks(cfg.n_layer, checkpointing)
     saved = (cfg.n_layer - checkpointed) * per_token_layer + checkpointed * 4 * cfg.n_embd
-    # While backward recomputes a block, more than that block's activations are held: its gradients'
-    # temporaries, and what the heap keeps of the recomputes before it. Measured on Qwen2.5-0.5B's
-    # shape (benchmarks/scale.py, 2,048 and 4,096 tokens): about five blocks' worth.
-    recompute = 5 * per_token_layer if checkpointed else 0
+    # While backward recomputes a block, its activations are held and its gradients' temporaries
+    # beside them: about 1.5 blocks' worth on Qwen2.5-0.5B's shape (benchmarks/scale.py, 2,048 to
+    # 8,192 tokens; it was 5 before freed memory went back to the OS at once).
+    recompute = 1.5 * per_token_layer if checkpointed else 0
     activations = tokens * (saved + recompute) + 2 * tokens * cfg.n_embd * 4
     logits = min(tokens * logit_share, chunk_rows(cfg.vocab_size)) * cfg.vocab_size * 4
     frozen = cfg.num_params() * 4 if frozen_bytes is None else frozen_bytes
@@ -67,9 +71,9 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     # at the end of backward (the embedding's is dense): at Qwen2.5's vocabulary 0.5 GB each.
     head = cfg.vocab_size * cfg.n_embd * 4
     resident, rollout = beside
-    if cpu:  # a fit: no slack added; ~48 MiB a training process grows by whatever its size
-        training = activations + 1.3 * tokens * per_token_layer + 2.8 * logits + 3 * head
-        return int(states + resident + max(training, rollout) + 48 * 2**20)
+    if cpu:  # a fit: no slack added; ~32 MiB a training process grows by whatever its size
+        training = activations + 2.8 * logits + head
+        return int(states + resident + max(training, rollout) + 32 * 2**20)
     return int((states + resident + max(activations + 3 * logits + head, rollout)) * 1.1)  # ~10%: allocator slack
 
 
@@ -93,11 +97,12 @@ def memory_budget(device: Device) -> float:
 def choose_micro_batch(where, requested, per_rank: int, seq_len: int, cfg, device, shards: int,
                        logit_share: float = 1.0, trainable: int | None = None,
                        frozen_bytes: float | None = None, checkpointing: str = "none",
-                       beside: tuple[float, float] = (0.0, 0.0)) -> tuple[int, int, str]:
+                       beside: tuple[float, float] = (0.0, 0.0), down_adapter: bool = False) -> tuple[int, int, str]:
     """(micro-batch, its estimated peak memory, activation checkpointing). Under checkpointing
     auto: none, unless selective or full is what lets a larger micro-batch fit, up to the one
     wanted (WANTED_TOKENS per forward, or the whole per-device batch)."""
-    kw = {"logit_share": logit_share, "trainable": trainable, "frozen_bytes": frozen_bytes, "beside": beside}
+    kw = {"logit_share": logit_share, "trainable": trainable, "frozen_bytes": frozen_bytes, "beside": beside,
+          "down_adapter": down_adapter}
     if checkpointing != "auto":
         return (*_micro_batch(where, requested, per_rank, seq_len, cfg, device, shards, checkpointing, kw),
                 checkpointing)

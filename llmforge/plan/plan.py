@@ -16,6 +16,7 @@ from pathlib import Path
 from ..core.values import resolve_percent
 from ..data.sampler import windows_per_epoch
 from ..errors import PlanError
+from ..model.adapters import projections
 from ..model.families import PRESETS
 from ..model.transformer import ModelConfig
 from ..optim import OPTIMIZERS
@@ -277,7 +278,7 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
     micro, memory, checkpointing = choose_micro_batch(
         where, recipe.runtime.micro_batch, global_batch // world_size, per_row, cfg, device, shards,
         max(r[3] for r in rows.values()), trainable if adapter else None, frozen_bytes,
-        recipe.runtime.activation_checkpointing, beside)
+        recipe.runtime.activation_checkpointing, beside, bool(adapter) and "w2" in projections(adapter["targets"]))
     mix = _plan_mix(where, spec.mix, sources, recipe.data, rows, steps * global_batch, per_row)
     warmup = round(resolve_percent(spec.schedule.warmup, steps))
     if warmup >= steps and steps > 1:
