@@ -34,8 +34,9 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     a time (model/loss.py), so only one chunk's logits, log-softmax and gradient exist at once;
     sft and dpo compute them for learned targets alone (logit_share: the largest share of a row's
     positions they are).
-    On a CPU the process's resident memory is what counts; freed blocks go back to the OS
-    (run/prepare.py), so it follows what is held. Fitted to its measured growth (models of 4-32
+    On a CPU the process's resident memory is what counts; above HANDS_BACK freed blocks go back
+    to the OS (run/prepare.py), so it follows what is held; below, the heap keeps about 1.3
+    layers' worth of freed temporaries and 16 MiB more. Fitted to its measured growth (models of 4-32
     layers, 128-576 wide, benchmarks/estimates.py; Qwen2.5-0.5B's shape at 2,048-8,192 tokens
     with and without checkpointing, benchmarks/scale.py): the saved activations counted here,
     ~2.8 copies of the logits chunk, one [vocab, n_embd] gradient beside the weights' own and ~32
@@ -73,8 +74,16 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     resident, rollout = beside
     if cpu:  # a fit: no slack added; ~32 MiB a training process grows by whatever its size
         training = activations + 2.8 * logits + head
-        return int(states + resident + max(training, rollout) + 32 * 2**20)
+        held = states + resident + max(training, rollout) + 32 * 2**20
+        if held <= HANDS_BACK:  # glibc's heap as it is: it keeps about a layer's freed temporaries more
+            held += 1.3 * tokens * per_token_layer + 16 * 2**20
+        return int(held)
     return int((states + resident + max(activations + 3 * logits + head, rollout)) * 1.1)  # ~10%: allocator slack
+
+
+# A CPU run planned to peak above this hands freed memory back to the OS at once (run/prepare.py);
+# below it, glibc's faster default stands.
+HANDS_BACK = 2**30
 
 
 def checkpointed_blocks(n_layer: int, mode: str) -> int:

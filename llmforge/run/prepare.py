@@ -20,6 +20,7 @@ from ..data.sources import NoFiles, iter_documents, list_files
 from ..errors import CheckpointError, RecipeError, TokenizerError
 from ..model.hf import check_weights
 from ..plan.devices import Device, detect_device
+from ..plan.estimates import HANDS_BACK
 from ..plan.plan import Plan, SourceStats, compile_plan
 from ..recipe.loader import diff_recipes
 from ..recipe.schema import Recipe, dump_recipe
@@ -61,8 +62,6 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False, 
         # Where relative data paths point: `llmforge eval` reads the run's data without the recipe file.
         _write_atomic(run_dir / "run.json", json.dumps({"base_dir": str(recipe.base_dir.resolve())}))
     _set_threads(device.threads)
-    if device.type == "cpu":
-        _return_freed_memory()
     tokenizer = load_tokenizer(run_dir / "tokenizer") if follower else ensure_tokenizer(recipe, run_dir, reporter)
     template = recipe_template(recipe)
     workers = None if recipe.runtime.data_workers == "auto" else recipe.runtime.data_workers
@@ -77,6 +76,8 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False, 
                         tokenizer_fingerprint=tokenizer.fingerprint, previews=previews(recipe), run_dir=run_dir)
     if not follower:
         _write_atomic(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1))
+    if device.type == "cpu" and max((sp.est_peak_memory_bytes for sp in plan.stages), default=0) > HANDS_BACK:
+        _return_freed_memory()
     return Context(plan, run_dir, tokenizer, sources, template=template, reporter=reporter, lock=lock, dist=dist)
 
 
@@ -340,7 +341,9 @@ def _return_freed_memory() -> None:
     freed, and below it freed tensors stay in the heap in pieces of every size (trimmed rows make
     every micro-batch's differ), so a CPU run's resident memory grew well past what it held. Side
     by side (benchmarks/scale.py, Qwen2.5-0.5B's shape, 2,048 tokens): peak 12.5 -> 11.5 GiB and
-    the step 11% faster; grpo's stage of benchmarks/estimates.py on a 26M model: 2.0 -> 1.3 GB."""
+    the step 11% faster; grpo's stage of benchmarks/estimates.py on a 26M model: 2.0 -> 1.3 GB.
+    A small model pays for it: each large block's pages fault in afresh, and at n_embd 192 that
+    cost the quickstart's pretrain ~40% of its tokens/s, so runs planned under HANDS_BACK skip it."""
     try:
         ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_MMAP_THRESHOLD, 256 * 1024)
     except (OSError, AttributeError, TypeError):  # not glibc (macOS): its allocator keeps its own ways
