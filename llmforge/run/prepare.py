@@ -45,12 +45,9 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False, 
                           hint="on several machines, the run directory must be on a filesystem all of them share")
     device = detect_device(recipe.runtime, processes=dist.local_world)
     check_device(dist, device.type)
-    if recipe.model.init:  # `plan` sizes a run before the weights are at hand; `run` needs them now
-        try:
-            check_weights(Path(recipe.model.init.hf))
-        except CheckpointError as e:
-            raise CheckpointError(f"model.init.hf: {e.message}", hint=e.hint or "copy the model's weights there, "
-                                  "or point model.init.hf at a folder that has them") from None
+    if e := _weights_problem(recipe):  # `plan` sizes a run before the weights are at hand; `run` needs them now
+        raise CheckpointError(f"model.init.hf: {e.message}", hint=e.hint or "copy the model's weights there, "
+                              "or point model.init.hf at a folder that has them")
     lock = None
     if not follower:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,17 +156,19 @@ def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1, processes:
     vocab = tokenizer.vocab_size if tokenizer else recipe.tokenizer.vocab_size
     return compile_plan(recipe, vocab_size=vocab, sources=stats, device=device, world_size=world_size,
                         tokenizer_fingerprint=tokenizer.fingerprint if tokenizer else None, previews=previews(recipe),
-                        warnings=_no_weights(recipe),
+                        warnings=[f"model.init.hf: {e.message}; the plan sizes the run from its config.json, and "
+                                  "`run` needs them" for e in [_weights_problem(recipe)] if e],
                         run_dir=None if target else run_dir)  # this disk says nothing of another machine's
 
 
-def _no_weights(recipe: Recipe) -> list[str]:
-    """The plan's warning when model.init.hf has no weights yet: sizing comes before downloading."""
+def _weights_problem(recipe: Recipe) -> CheckpointError | None:
+    """Why model.init.hf's weights cannot be read (None when they can, or with no model.init.hf):
+    `run` refuses it, `plan` warns (sizing comes before downloading)."""
     try:
         recipe.model.init and check_weights(Path(recipe.model.init.hf))
     except CheckpointError as e:
-        return [f"model.init.hf: {e.message}; the plan sizes the run from its config.json, and `run` needs them"]
-    return []
+        return e
+    return None
 
 
 def previews(recipe: Recipe) -> dict:
