@@ -118,6 +118,43 @@ def test_chunked_logprobs_equal_the_full_log_softmax(monkeypatch, temperature):
         torch.testing.assert_close(L.target_logprobs(h, w, t, temperature), want, **TOL)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_summed_logprob_finds_the_same_gradient_in_its_forward(monkeypatch, temperature):
+    """pretrain's and sft's loss: the sum, its gradient found while the forward holds each chunk's
+    logits, then scaled by whatever the upstream gradient turns out to be (here 0.37, as the step
+    divides by tokens and micro-batches). Ignored targets (< 0) count nowhere."""
+    monkeypatch.setattr(L, "CHUNK_LOGITS", 50 * 16)
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(100, 24, generator=g, requires_grad=True)
+    w = torch.randn(50, 24, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (100,), generator=g)
+    t[::7] = -100
+    want = (torch.log_softmax((h @ w.T) / temperature, -1).gather(1, t.clamp(min=0)[:, None])[:, 0] * (t >= 0)).sum()
+    got = L.summed_logprob(h, w, t, temperature)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)  # a sum of ~1,000: relative
+    wanted = torch.autograd.grad(0.37 * want, (h, w))
+    for a, b in zip(torch.autograd.grad(0.37 * got, (h, w)), wanted):
+        torch.testing.assert_close(a, b, **TOL)
+    h2 = h.detach().requires_grad_()  # only the hidden states learn (a frozen, adapted head)
+    (grad_h,) = torch.autograd.grad(0.37 * L.summed_logprob(h2, w.detach(), t, temperature), (h2,))
+    torch.testing.assert_close(grad_h, wanted[0], **TOL)
+    with torch.no_grad():  # evals: no gradient is found
+        torch.testing.assert_close(L.summed_logprob(h, w, t, temperature), want.detach(), rtol=1e-6, atol=1e-5)
+
+
+def test_the_model_sums_target_logprobs_with_the_same_gradients(monkeypatch):
+    monkeypatch.setattr(L, "CHUNK_LOGITS", 96 * 8)
+    model = family_model("llama-gqa").train()  # tied embeddings' gradient adds the head's and the lookup's
+    ids = torch.randint(0, 96, (2, 21), generator=torch.Generator().manual_seed(6))
+    keep = torch.rand(2, 20, generator=torch.Generator().manual_seed(7)) > 0.3
+    got = model(ids[:, :-1], keep=keep, targets=ids[:, 1:], summed=True)
+    want = model(ids[:, :-1], keep=keep, targets=ids[:, 1:]).sum()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    a = torch.autograd.grad(got, list(model.parameters()))
+    for x, y in zip(a, torch.autograd.grad(want, list(model.parameters()))):
+        torch.testing.assert_close(x, y, **TOL)
+
+
 def test_the_model_returns_target_logprobs_equal_to_its_logits(monkeypatch):
     monkeypatch.setattr(L, "CHUNK_LOGITS", 96 * 8)
     model = family_model("llama-gqa").train()

@@ -18,7 +18,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-CHUNK_LOGITS = 2 ** 24  # logits per chunk: 64 MB in fp32
+CHUNK_LOGITS = 2 ** 25  # logits per chunk: 128 MB in fp32 (2x faster per FLOP on CPU than 32 MB: each chunk reads all of the weight)
 
 
 def chunk_rows(vocab: int) -> int:
@@ -34,13 +34,19 @@ def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return _TargetLogprobs.apply(hidden, weight, targets, temperature)
 
 
+def summed_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """The sum of target_logprobs (a scalar) with the head computed once: for a loss that only
+    sums them (pretrain, sft), where dpo and grpo weight each token."""
+    learn = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _SummedLogprob.apply(hidden, weight, targets, temperature, learn)
+
+
 class _TargetLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature):
-        device = hidden.device.type
         # backward runs outside autocast: remember it, so the recomputed logits are the same numbers
-        ctx.amp = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        ctx.temperature = temperature
+        ctx.amp, ctx.temperature = _amp(hidden), temperature
         n, valid = chunk_rows(weight.shape[0]), targets >= 0
         out = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
@@ -55,27 +61,85 @@ class _TargetLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         hidden, weight, targets, lse = ctx.saved_tensors
-        device, amp, dtype = ctx.amp
-        n, t = chunk_rows(weight.shape[0]), ctx.temperature
-        # d log p(y) / d logits = onehot(y) - softmax, times the upstream gradient, / temperature
-        scale = (grad * (targets >= 0)).float() / t
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        rows, compute = torch.arange(n, device=hidden.device), dtype if amp else weight.dtype
+        scale = (grad * (targets >= 0)).float() / ctx.temperature
+        grads = _Grads(hidden, weight, ctx.needs_input_grad, ctx.amp)
+        for i in range(0, len(hidden), chunk_rows(weight.shape[0])):
+            with grads.amp():
+                logits = _logits(hidden[i:i + grads.n], weight, ctx.temperature)
+            grads.add(i, logits.sub_(lse[i:i + grads.n, None]), scale, targets)
+        return *grads.result(), None, None
+
+
+class _SummedLogprob(torch.autograd.Function):
+    """The sum of the targets' log-probabilities, whose gradient is found during the forward.
+
+    A scalar's upstream gradient only scales the whole gradient, so the forward, holding each
+    chunk's logits anyway, turns them into the gradient there: the head's logits are computed
+    once instead of twice, a sixth of its training FLOPs saved (Liger's fused linear
+    cross-entropy does the same on CUDA). The [V, d] weight gradient is held from here to the
+    start of backward, where autograd would allocate it anyway, so the peak does not grow."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, learn):  # learn: grad mode is off in here
+        n, valid = chunk_rows(weight.shape[0]), targets >= 0
+        picked, total = targets.clamp(min=0)[:, None], torch.zeros((), device=hidden.device)
+        grads = _Grads(hidden, weight, ctx.needs_input_grad, _amp(hidden)) if learn else None
+        scale = valid.float() / temperature
         for i in range(0, len(hidden), n):
-            h, s = hidden[i:i + n], scale[i:i + n, None]
-            with torch.autocast(device, dtype=dtype) if amp else contextlib.nullcontext():
-                logits = _logits(h, weight, t)
-            g = logits.sub_(lse[i:i + n, None]).exp_().mul_(-s)  # in place: one [n, V] buffer
-            g[rows[:len(h)], targets[i:i + n].clamp(min=0)] += s[:, 0]
-            g, h = g.to(compute), h.to(compute)  # the matmuls in the forward's precision, as autograd's
-            if grad_hidden is not None:
-                grad_hidden[i:i + n] = g @ weight.to(compute)
-            if grad_weight is not None and g.dtype == grad_weight.dtype:
-                grad_weight.addmm_(g.t(), h)
-            elif grad_weight is not None:
-                grad_weight += g.t() @ h
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+            logits = _logits(hidden[i:i + n], weight, temperature)
+            lse = logits.logsumexp(-1, keepdim=True)
+            total += ((logits.gather(1, picked[i:i + n]) - lse)[:, 0] * valid[i:i + n]).sum()
+            if grads is not None:
+                with torch.autocast(hidden.device.type, enabled=False):  # as backward would run
+                    grads.add(i, logits.sub_(lse), scale, targets)
+        ctx.grads = grads
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_hidden, grad_weight = ctx.grads.result()
+        ctx.grads = None  # scaled in place below: a second backward would be wrong, so refuse it
+        return (None if grad_hidden is None else grad_hidden.mul_(grad)), \
+            (None if grad_weight is None else grad_weight.mul_(grad)), None, None, None
+
+
+class _Grads:
+    """The head's input and weight gradients, added up a chunk of rows at a time."""
+
+    def __init__(self, hidden, weight, needs, amp):
+        device, enabled, dtype = self.amp_state = amp
+        self.hidden, self.weight, self.n = hidden, weight, chunk_rows(weight.shape[0])
+        self.compute = dtype if enabled else weight.dtype  # the matmuls in the forward's precision
+        self.hidden_grad = torch.empty_like(hidden) if needs[0] else None
+        self.weight_grad = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
+        self.rows = torch.arange(self.n, device=hidden.device)
+
+    def amp(self):
+        device, enabled, dtype = self.amp_state
+        return torch.autocast(device, dtype=dtype) if enabled else contextlib.nullcontext()
+
+    def add(self, i, log_probs, scale, targets):
+        """log_probs: chunk i's [n, V] fp32 log-softmax, overwritten. scale [N]: each row's
+        upstream gradient (/ temperature); d log p(y) / d logits = onehot(y) - softmax."""
+        h, s = self.hidden[i:i + self.n], scale[i:i + self.n, None]
+        g = log_probs.exp_().mul_(-s)  # in place: one [n, V] buffer
+        g[self.rows[:len(h)], targets[i:i + self.n].clamp(min=0)] += s[:, 0]
+        g, h = g.to(self.compute), h.to(self.compute)
+        if self.hidden_grad is not None:
+            self.hidden_grad[i:i + self.n] = g @ self.weight.to(self.compute)
+        if self.weight_grad is not None and g.dtype == self.weight_grad.dtype:
+            self.weight_grad.addmm_(g.t(), h)
+        elif self.weight_grad is not None:
+            self.weight_grad += g.t() @ h
+
+    def result(self):
+        w = self.weight_grad
+        return self.hidden_grad, None if w is None else w.to(self.weight.dtype)
+
+
+def _amp(hidden):
+    device = hidden.device.type
+    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
 
 
 def _logits(hidden, weight, temperature):

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from . import attention
 from .attention import DocLayout, KVCache
 from .kept import Kept
-from .loss import target_logprobs
+from .loss import summed_logprob, target_logprobs
 from .rope import apply_rope, rope_tables
 from .swiglu import swiglu_down
 
@@ -91,10 +91,8 @@ class ModelConfig:
 
     @property
     def hidden(self) -> int:
-        if self.mlp_hidden is not None:
-            return self.mlp_hidden
-        if self.mlp == "gelu":
-            return 4 * self.n_embd  # GPT-2
+        if self.mlp_hidden is not None or self.mlp == "gelu":
+            return self.mlp_hidden or 4 * self.n_embd  # GPT-2: 4 * n_embd
         # SwiGLU has three matrices, not two, so LLaMA takes 2/3 of 4*d to keep the parameter count,
         # then rounds up to `multiple_of` for matmul-friendly shapes. We use 64; LLaMA-7B used 256
         # (d=4096: 8*d/3=10922 -> 10944 here, 11008 there).
@@ -299,7 +297,7 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, docs: DocLayout | torch.Tensor | None = None,
                 keep: Kept | torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                temperature: float = 1.0) -> torch.Tensor:
+                temperature: float = 1.0, summed: bool = False) -> torch.Tensor:
         """idx [B, T] token ids -> logits [B, T, vocab]. With a cache, idx continues what it holds.
 
         keep (a Kept, or [B, T] bool): logits only there, as [N, vocab]. Fine-tuning learns a
@@ -307,7 +305,8 @@ class Transformer(nn.Module):
 
         targets [B, T] ids: instead of logits, the log-probability of each target under
         softmax(logits / temperature), [B, T] (with keep: [N]), computed a chunk of rows at a
-        time so the logits never exist whole (loss.py). Training and evals take this path.
+        time so the logits never exist whole (loss.py). Training and evals take this path. With
+        summed, their sum (a scalar), whose gradient the head finds in its one pass (loss.py).
 
         docs (packed training sequences): which document each token belongs to, as [B, T]
         non-decreasing ids or as the DocLayout made from them on the host. Attention stays inside
@@ -321,8 +320,9 @@ class Transformer(nn.Module):
         if targets is None:
             return self.lm_head(x)
         chosen = targets if keep is None else keep.take(targets)
-        logp = target_logprobs(x.flatten(0, -2), self.lm_head.weight, chosen.flatten(), temperature)
-        return logp.view(chosen.shape)
+        logp = (summed_logprob if summed else target_logprobs)(
+            x.flatten(0, -2), self.lm_head.weight, chosen.flatten(), temperature)
+        return logp if summed else logp.view(chosen.shape)
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
                       docs: DocLayout | torch.Tensor | None = None) -> torch.Tensor:

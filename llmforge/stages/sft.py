@@ -26,9 +26,11 @@ def learned(batch: dict) -> Kept:
     return Kept.of(batch["learned"] if "learned" in batch else batch["targets"] != IGNORE)
 
 
-def learned_losses(model, batch: dict) -> torch.Tensor:
-    """[N] nats of each learned target, in row order (logits are computed for those alone)."""
-    return -model(batch["inputs"], docs=batch.get("docs"), keep=learned(batch), targets=batch["targets"])
+def learned_losses(model, batch: dict, summed: bool = False) -> torch.Tensor:
+    """[N] nats of each learned target, in row order (logits are computed for those alone); with
+    summed, their sum, the head finding its gradient in one pass (loss.py)."""
+    return -model(batch["inputs"], docs=batch.get("docs"), keep=learned(batch), targets=batch["targets"],
+                  summed=summed)
 
 
 def target_losses(model, batch: dict) -> torch.Tensor:
@@ -44,7 +46,7 @@ class Objective(kind.Objective):
         return max(1, int((batch["targets"] != IGNORE).sum()))
 
     def loss(self, model, batch: dict) -> dict:
-        return {"loss": learned_losses(model, batch).sum()}
+        return {"loss": learned_losses(model, batch, summed=True)}
 
     def eval_sums(self, model, batch: dict) -> dict:
         nats = target_losses(model, batch).double().cpu()
