@@ -1,7 +1,7 @@
 """Packed sft of a model with Qwen2.5-0.5B's real shape on this CPU: llmforge before and after
 the scale work, and transformers + TRL's SFTTrainer, side by side.
 
-    python benchmarks/scale.py [--rows all|NAME,...] [--before REV] [--out scale.json]
+    python benchmarks/scale.py [--rows all|NAME,...] [--steps 4] [--repeat 1] [--before REV] [--out scale.json]
 
 The model is Qwen2.5-0.5B's shape (24 layers, 896 wide, 14 heads, 2 KV heads, SwiGLU 4864,
 vocab 151,936, tied embeddings, q/k/v biases) with random weights, built by transformers from a
@@ -10,19 +10,24 @@ tokenizer and a ChatML template (nothing is downloaded; the 151,936-row head is 
 the tokenizer). The conversations are written here: 100 to 1,500 tokens each, so packed rows of
 2,048 and 4,096 tokens hold several. Every token is learned (train_on: all), as TRL's default.
 
-Each row of the table is two training steps in their own process (fp32): llmforge through its CLI
+Each row of the table is --steps training steps in their own process (fp32): llmforge through its CLI
 (`llmforge run`, an explicit runtime.micro_batch so the plan never refuses a row), the `before`
 tree (a git worktree of REV, default the commit before the scale work) the same way, TRL's
 SFTTrainer with packing (its padding-free "bfd" packing, position_ids marking the documents) and
 gradient_checkpointing on or off. The parent samples the child's resident memory every 20 ms
-until the second step ends (the first has no AdamW moments yet while its activations peak):
-peak, and peak minus the model's own state (weights, gradients and AdamW's two moments: 16
-bytes a parameter). Step time is the second step's. The CPU's fp32 matmul
-peak (a 4096^3 torch.mm, best of 5) turns each row's model FLOP/s (6N + attention per token, the
-same formula for all) into a share of what this CPU can do.
+until the last step ends: peak (the highest of a row's runs), and peak minus the model's own
+state (weights, gradients and AdamW's two moments: 16 bytes a parameter). tokens/s counts the
+tokens really in the rows (llmforge's own count; TRL's num_input_tokens_seen, non-padding), one
+figure a step from the second on (the first holds warm-up); a row shows the median of all its
+steps, and `vs TRL` the ratio of medians to TRL's row at the same length, micro-batch and
+checkpointing. --repeat R runs the chosen rows R times in turn (a, b, a, b, ...), so a drift of
+this machine's speed hits both tools alike. The CPU's fp32 matmul peak (a 4096^3 torch.mm, best
+of 5) turns each row's model FLOP/s (6N + attention per token, the same formula for all) into a
+share of what this CPU can do.
 
-A row's results are appended to --out as they come, so a long run can be resumed or split
-(--rows NAME,... runs those alone); the table is printed from the file at the end.
+A row's results are added to --out as they come, so a long run can be resumed or split
+(--rows NAME,... runs those alone; a row run again adds its steps); the table is printed from
+the file at the end.
 """
 
 from __future__ import annotations
@@ -101,7 +106,7 @@ stages:
   - name: sft
     kind: sft
     mix: {{chat: 1.0}}
-    steps: 2
+    steps: {steps}
     batch_size: {micro}
     seq_len: {seq_len}
     train_on: all
@@ -139,10 +144,11 @@ def watch(cmd: list[str], cwd: Path, env: dict, done) -> tuple[int, int, str]:
     return peak, proc.returncode, out.read()[-3000:]
 
 
-def run_llmforge(name: str, tree: Path, T: int, micro: int, ac: str, work: Path) -> dict:
+def run_llmforge(name: str, tree: Path, T: int, micro: int, ac: str, work: Path, n_steps: int) -> dict:
     run = work / name
     extra = "" if tree != REPO or ac is None else f", activation_checkpointing: {ac}"
-    (work / "recipe.yaml").write_text(RECIPE.format(folder=build_folder(), micro=micro, seq_len=T, extra=extra))
+    (work / "recipe.yaml").write_text(RECIPE.format(folder=build_folder(), micro=micro, seq_len=T, extra=extra,
+                                                    steps=n_steps))
     metrics = run / "stages/01-sft/metrics.jsonl"
 
     def steps():
@@ -150,53 +156,58 @@ def run_llmforge(name: str, tree: Path, T: int, micro: int, ac: str, work: Path)
         return [json.loads(line) for line in lines if '"loss"' in line]
 
     def done():
-        return len(steps()) == 2
+        return len(steps()) == n_steps
 
     env = dict(os.environ, PYTHONPATH=str(tree))
     peak, code, tail = watch([sys.executable, "-m", "llmforge", "run", "recipe.yaml", "--run-dir", str(run)],
                              work, env, done)
     if code != 0 or not done():
         return {"error": tail, "code": code, "peak": peak}
-    second = steps()[1]
+    later = steps()[1:]
     plan = json.loads((run / "plan.json").read_text())["stages"][0]
     shutil.rmtree(run)  # its final weights: 2 GB a row
-    return {"peak": peak, "step_s": micro * T / second["tokens_per_s"], "tokens": micro * T,
-            "estimate": plan["est_peak_memory_bytes"], "micro": plan["micro_batch"], "loss": second["loss"]}
+    return {"peak": peak, "tokens_per_s": [s["tokens_per_s"] for s in later], "estimate": plan["est_peak_memory_bytes"],
+            "micro": plan["micro_batch"], "loss": later[0]["loss"]}
 
 
 TRL_CHILD = """
 import json, sys, time, torch, transformers
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
-folder, chat, T, micro, gc, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "full", sys.argv[6]
+folder, chat, T, micro, gc, out, steps = (sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
+                                         sys.argv[5] == "full", sys.argv[6], int(sys.argv[7]))
 torch.set_num_threads(2)
 rows = [json.loads(l) for l in open(chat)]
 model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
 tok = transformers.AutoTokenizer.from_pretrained(folder)
-times = {}
+times = {"tokens_per_s": []}
 class Clock(transformers.TrainerCallback):
-    def on_step_begin(self, *a, **k): times["begin"] = time.perf_counter()
+    def on_step_begin(self, args, state, *a, **k):
+        times["begin"], times["seen"] = time.perf_counter(), state.num_input_tokens_seen
     def on_step_end(self, args, state, *a, **k):
-        times["step_s"] = time.perf_counter() - times["begin"]
-        if state.global_step == 2:
+        rate = (state.num_input_tokens_seen - times["seen"]) / (time.perf_counter() - times["begin"])
+        if state.global_step > 1:
+            times["tokens_per_s"].append(rate)
+        if state.global_step == steps:
             open(out, "w").write(json.dumps(times))
 args = SFTConfig(output_dir=out + ".d", max_length=T, packing=True, per_device_train_batch_size=micro,
-                 gradient_accumulation_steps=1, max_steps=2, gradient_checkpointing=gc, use_cpu=True, bf16=False,
+                 gradient_accumulation_steps=1, max_steps=steps, gradient_checkpointing=gc, use_cpu=True, bf16=False,
+                 include_num_input_tokens_seen="non_padding",
                  report_to=[], save_strategy="no", logging_steps=1, learning_rate=1e-5, dataloader_num_workers=0)
 SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
            callbacks=[Clock()]).train()
 """
 
 
-def run_trl(name: str, T: int, micro: int, ac: str, work: Path, chat: Path) -> dict:
+def run_trl(name: str, T: int, micro: int, ac: str, work: Path, chat: Path, n_steps: int) -> dict:
     ensure_trl()
     out = work / f"{name}.json"
     out.unlink(missing_ok=True)
     peak, code, tail = watch([sys.executable, "-c", TRL_CHILD, str(build_folder()), str(chat), str(T), str(micro),
-                              ac, str(out)], work, dict(os.environ), out.exists)
+                              ac, str(out), str(n_steps)], work, dict(os.environ), out.exists)
     if not out.exists():
         return {"error": tail, "code": code, "peak": peak}
-    return {"peak": peak, "step_s": json.loads(out.read_text())["step_s"], "tokens": micro * T}
+    return {"peak": peak, "tokens_per_s": json.loads(out.read_text())["tokens_per_s"]}
 
 
 def ensure_trl() -> None:
@@ -234,36 +245,57 @@ def model_figures() -> tuple:
     return cfg.num_params(), {T: cfg.flops_per_token(T) for T in (2048, 4096)}, estimate
 
 
+def median(xs: list) -> float:
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def merge(old: dict | None, new: dict) -> dict:
+    """A row run again: its steps join the earlier runs' (the peak is the highest)."""
+    if old is None or "error" in old:
+        return new | {"runs": 1} if "error" not in new else new
+    if "error" in new:
+        return old | {"failed_runs": old.get("failed_runs", 0) + 1}
+    return new | {"runs": old.get("runs", 1) + 1, "peak": max(old["peak"], new["peak"]),
+                  "tokens_per_s": old["tokens_per_s"] + new["tokens_per_s"]}
+
+
 def table(results: dict, peak_flops: float) -> str:
     params, flops, estimate = model_figures()
     state = 16 * params
     lines = [f"model: {params / 1e6:.0f}M parameters, own state (weights, grads, AdamW) {state / 2**30:.2f} GiB; "
              f"this CPU's fp32 matmul peak {peak_flops / 1e9:.0f} GFLOP/s",
-             "| row | peak GiB | beyond state GiB | plan est. GiB (est/peak) | step s | tokens/s | FLOP/s share |",
-             "|---|---|---|---|---|---|---|"]
+             "| row | runs x steps | peak GiB | beyond state GiB | plan est. GiB (est/peak) | tokens/s median "
+             "(min-max) | vs TRL | FLOP/s share |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in ROWS:
         r = results.get(name)
         if r is None:
             continue
         if "error" in r and r.get("code") == -9:  # SIGKILL: the kernel's out-of-memory killer, here
-            lines.append(f"| {name} | killed (out of memory) at {r['peak'] / 2**30:.1f} |||||")
+            lines.append(f"| {name} || killed (out of memory) at {r['peak'] / 2**30:.1f} ||||||")
             continue
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'].strip().splitlines()[-1][:80]} |||||")
+            lines.append(f"| {name} || failed: {r['error'].strip().splitlines()[-1][:80]} ||||||")
             continue
         tool, T, micro, ac = ROWS[name]
-        tps = r["tokens"] / r["step_s"]
+        rates, trl = r["tokens_per_s"], results.get(f"trl-{ac}-{T}x{micro}", {})
+        tps = median(rates)
+        versus = f"{tps / median(trl['tokens_per_s']):.2f}x" if tool != "trl" and "tokens_per_s" in trl else "-"
         if tool == "after":  # this checkout's estimate (the run's own plan may be older)
             r = r | {"estimate": estimate(T, micro, ac)}
         est = f"{r['estimate'] / 2**30:.2f} ({r['estimate'] / r['peak']:.2f})" if "estimate" in r else "-"
-        lines.append(f"| {name} | {r['peak'] / 2**30:.2f} | {(r['peak'] - state) / 2**30:.2f} | {est} | "
-                     f"{r['step_s']:.1f} | {tps:.0f} | {tps * flops[T] / peak_flops:.0%} |")
+        lines.append(f"| {name} | {r.get('runs', 1)} x {len(rates) // r.get('runs', 1)} | {r['peak'] / 2**30:.2f} | "
+                     f"{(r['peak'] - state) / 2**30:.2f} | {est} | {tps:.0f} ({min(rates):.0f}-{max(rates):.0f}) | "
+                     f"{versus} | {tps * flops[T] / peak_flops:.0%} |")
     return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default="all", help=f"all, or names from: {', '.join(ROWS)}")
+    ap.add_argument("--steps", type=int, default=4, help="training steps a run (the first is not timed)")
+    ap.add_argument("--repeat", type=int, default=1, help="run the rows this many times, in turn")
     ap.add_argument("--before", default=BEFORE, help="the commit to compare against")
     ap.add_argument("--out", default="scale.json")
     args = ap.parse_args()
@@ -273,17 +305,17 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="scale-"))
     chat = write_chat(work)
     before = work / "before"
-    for name in names:
+    for name in names * args.repeat:
         tool, T, micro, ac = ROWS[name]
         print(f"{name} ...", flush=True)
         if tool == "trl":
-            r = run_trl(name, T, micro, ac, work, chat)
+            r = run_trl(name, T, micro, ac, work, chat, args.steps)
         else:
             if tool == "before" and not before.exists():
                 subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(before), args.before],
                                check=True, capture_output=True)
-            r = run_llmforge(name, before if tool == "before" else REPO, T, micro, ac, work)
-        results[name] = r
+            r = run_llmforge(name, before if tool == "before" else REPO, T, micro, ac, work, args.steps)
+        results[name] = merge(results.get(name), r)
         out.write_text(json.dumps(results, indent=1))
         print(f"  {r if 'error' not in r else r['error'][-500:]}", flush=True)
     if before.exists():
@@ -292,6 +324,7 @@ def main():
     results["_matmul_peak"] = max(results.get("_matmul_peak", 0), matmul_peak())
     out.write_text(json.dumps(results, indent=1))
     print(table(results, results["_matmul_peak"]))
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

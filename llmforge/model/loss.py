@@ -3,12 +3,17 @@
 The output head is the widest matmul of a fine-tune: at Qwen2.5's 151,936-word vocabulary one
 token's logits are 0.6 MB in fp32, and a plain cross-entropy keeps the bf16 logits, an fp32 copy
 and the fp32 log-softmax for backward: several GB for one 4,096-token row. Here the rows go
-through the head a chunk at a time (~64 MB of fp32 logits each), and forward keeps only each
-row's log-sum-exp; backward recomputes a chunk's logits, turns them into its gradient in place,
-and adds that chunk's share into one weight gradient. The recompute costs one more forward of
-the head (about a third of its training FLOPs); Liger's and Cut Cross-Entropy's fused kernels
-avoid it on CUDA, but are Triton-only and assume the loss is the graph's end, while dpo and grpo
-need each token's log-probability with its own gradient (any upstream gradient works here).
+through the head a chunk at a time (~128 MB of fp32 logits each), so the logits never exist whole.
+
+Two ways, by what the loss does with them:
+- summed_logprob (pretrain, sft: the loss is their sum): the forward turns each chunk's logits
+  into its gradient while it holds them, as Liger's fused linear cross-entropy does on CUDA;
+  backward only scales it. The head's logits are computed once.
+- target_logprobs (dpo, grpo: each token's log-probability gets its own gradient): the forward
+  keeps each row's log-sum-exp; backward recomputes a chunk's logits and turns them into its
+  gradient in place. The recompute costs one more forward of the head, a third of its training
+  FLOPs. Liger's and Cut Cross-Entropy's kernels avoid it only for a loss that ends the graph,
+  and are Triton-only.
 """
 
 from __future__ import annotations
@@ -53,8 +58,9 @@ class _TargetLogprobs(torch.autograd.Function):
         picked = targets.clamp(min=0)[:, None]
         for i in range(0, len(hidden), n):
             logits = _logits(hidden[i:i + n], weight, temperature)
-            lse[i:i + n] = logits.logsumexp(-1)
-            out[i:i + n] = logits.gather(1, picked[i:i + n])[:, 0] - lse[i:i + n]
+            target = logits.gather(1, picked[i:i + n])[:, 0]
+            lse[i:i + n] = _exp_shifted(logits)[2][:, 0]
+            out[i:i + n] = target - lse[i:i + n]
         ctx.save_for_backward(hidden, weight, targets, lse)
         return out * valid
 
@@ -63,10 +69,11 @@ class _TargetLogprobs(torch.autograd.Function):
         hidden, weight, targets, lse = ctx.saved_tensors
         scale = (grad * (targets >= 0)).float() / ctx.temperature
         grads = _Grads(hidden, weight, ctx.needs_input_grad, ctx.amp)
-        for i in range(0, len(hidden), chunk_rows(weight.shape[0])):
+        for i in range(0, len(hidden), grads.n):
             with grads.amp():
                 logits = _logits(hidden[i:i + grads.n], weight, ctx.temperature)
-            grads.add(i, logits.sub_(lse[i:i + grads.n, None]), scale, targets)
+            softmax = logits.sub_(lse[i:i + grads.n, None]).exp_()  # in place: one [n, V] buffer
+            grads.add(i, softmax.mul_(-scale[i:i + grads.n, None]), scale, targets)
         return *grads.result(), None, None
 
 
@@ -75,7 +82,7 @@ class _SummedLogprob(torch.autograd.Function):
 
     A scalar's upstream gradient only scales the whole gradient, so the forward, holding each
     chunk's logits anyway, turns them into the gradient there: the head's logits are computed
-    once instead of twice, a sixth of its training FLOPs saved (Liger's fused linear
+    once instead of twice, a quarter of what the head cost saved (Liger's fused linear
     cross-entropy does the same on CUDA). The [V, d] weight gradient is held from here to the
     start of backward, where autograd would allocate it anyway, so the peak does not grow."""
 
@@ -87,11 +94,12 @@ class _SummedLogprob(torch.autograd.Function):
         scale = valid.float() / temperature
         for i in range(0, len(hidden), n):
             logits = _logits(hidden[i:i + n], weight, temperature)
-            lse = logits.logsumexp(-1, keepdim=True)
-            total += ((logits.gather(1, picked[i:i + n]) - lse)[:, 0] * valid[i:i + n]).sum()
-            if grads is not None:
+            target = logits.gather(1, picked[i:i + n])[:, 0]
+            shifted, sums, lse = _exp_shifted(logits)
+            total += ((target - lse[:, 0]) * valid[i:i + n]).sum()
+            if grads is not None:  # -scale x softmax, normalizing the shifted exponentials in one pass
                 with torch.autocast(hidden.device.type, enabled=False):  # as backward would run
-                    grads.add(i, logits.sub_(lse), scale, targets)
+                    grads.add(i, shifted.mul_(-scale[i:i + n, None] / sums), scale, targets)
         ctx.grads = grads
         return total
 
@@ -118,12 +126,11 @@ class _Grads:
         device, enabled, dtype = self.amp_state
         return torch.autocast(device, dtype=dtype) if enabled else contextlib.nullcontext()
 
-    def add(self, i, log_probs, scale, targets):
-        """log_probs: chunk i's [n, V] fp32 log-softmax, overwritten. scale [N]: each row's
-        upstream gradient (/ temperature); d log p(y) / d logits = onehot(y) - softmax."""
-        h, s = self.hidden[i:i + self.n], scale[i:i + self.n, None]
-        g = log_probs.exp_().mul_(-s)  # in place: one [n, V] buffer
-        g[self.rows[:len(h)], targets[i:i + self.n].clamp(min=0)] += s[:, 0]
+    def add(self, i, g, scale, targets):
+        """g: chunk i's [n, V] fp32 -scale x softmax, overwritten. scale [N]: each row's upstream
+        gradient (/ temperature), as d log p(y) / d logits = onehot(y) - softmax."""
+        h = self.hidden[i:i + self.n]
+        g[self.rows[:len(h)], targets[i:i + self.n].clamp(min=0)] += scale[i:i + self.n]
         g, h = g.to(self.compute), h.to(self.compute)
         if self.hidden_grad is not None:
             self.hidden_grad[i:i + self.n] = g @ self.weight.to(self.compute)
@@ -140,6 +147,15 @@ class _Grads:
 def _amp(hidden):
     device = hidden.device.type
     return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+
+def _exp_shifted(logits):
+    """[n, V] fp32 logits -> (exp(logits - each row's max), in place; their [n, 1] sums; the
+    rows' log-sum-exp). torch's logsumexp writes a shifted copy first: 2.4x slower on a CPU."""
+    top = logits.amax(-1, keepdim=True)
+    shifted = logits.sub_(top).exp_()
+    sums = shifted.sum(-1, keepdim=True)
+    return shifted, sums, top + sums.log()
 
 
 def _logits(hidden, weight, temperature):
