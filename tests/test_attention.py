@@ -140,6 +140,10 @@ def test_summed_logprob_finds_the_same_gradient_in_its_forward(monkeypatch, temp
     torch.testing.assert_close(grad_h, wanted[0], **TOL)
     with torch.no_grad():  # evals: no gradient is found
         torch.testing.assert_close(L.summed_logprob(h, w, t, temperature), want.detach(), rtol=1e-6, atol=1e-5)
+    twice = L.summed_logprob(h, w, t, temperature)
+    twice.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="used already"):
+        twice.backward()
 
 
 def test_the_model_sums_target_logprobs_with_the_same_gradients(monkeypatch):

@@ -105,8 +105,10 @@ class _SummedLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.grads is None:  # scaled in place below, so a second pass would be wrong
+            raise RuntimeError("summed_logprob's gradient was used already: it cannot retain its graph")
         grad_hidden, grad_weight = ctx.grads.result()
-        ctx.grads = None  # scaled in place below: a second backward would be wrong, so refuse it
+        ctx.grads = None
         return (None if grad_hidden is None else grad_hidden.mul_(grad)), \
             (None if grad_weight is None else grad_weight.mul_(grad)), None, None, None
 
