@@ -45,6 +45,8 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False, 
                           hint="on several machines, the run directory must be on a filesystem all of them share")
     device = detect_device(recipe.runtime, processes=dist.local_world)
     check_device(dist, device.type)
+    if device.type == "cpu":  # before torch's first allocation, which reads it: the plan's matmul timing
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # _return_freed_memory says why
     if e := _weights_problem(recipe):  # `plan` sizes a run before the weights are at hand; `run` needs them now
         raise CheckpointError(f"model.init.hf: {e.message}", hint=e.hint or "copy the model's weights there, "
                               "or point model.init.hf at a folder that has them")
@@ -338,11 +340,17 @@ def _return_freed_memory() -> None:
     """Blocks of 256 KiB and up (every activation of a real model) get their own pages from the OS
     and go back to it when freed. glibc's default threshold climbs to 32 MiB as large blocks are
     freed, and below it freed tensors stay in the heap in pieces of every size (trimmed rows make
-    every micro-batch's differ), so a CPU run's resident memory grew well past what it held. Side
-    by side (benchmarks/scale.py, Qwen2.5-0.5B's shape, 2,048 tokens): peak 12.5 -> 11.5 GiB and
-    the step 11% faster; grpo's stage of benchmarks/estimates.py on a 26M model: 2.0 -> 1.3 GB.
-    A small model pays for it: each large block's pages fault in afresh, and at n_embd 192 that
-    cost the quickstart's pretrain ~40% of its tokens/s, so runs planned under HANDS_BACK skip it."""
+    every micro-batch's differ), so a CPU run's resident memory grew well past what it held
+    (benchmarks/scale.py, Qwen2.5-0.5B's shape, 2,048 tokens: peak 12.5 -> 11.5 GiB; grpo's stage
+    of benchmarks/estimates.py on a 26M model: 2.0 -> 1.3 GB).
+    Each fresh block faults its pages in, 4 KiB at a time: 5-9 s of a 30 s checkpointed step at
+    that shape. So every CPU run asks torch's allocator (prepare_run, THP_MEM_ALLOC_ENABLE) for
+    transparent huge pages for its blocks of 2 MiB and up, which fault 2 MiB at a time: the step
+    then ran as fast as under glibc's default (side by side, 4 steps each: 27-31 s against 30-31 s,
+    and 35 s with 4 KiB pages) and kept the memory saving (8.8 GiB against 9.9). A small model
+    still pays for the faults of its blocks under 2 MiB (at n_embd 192 they cost the
+    quickstart's pretrain ~40% of its tokens/s), so runs planned under HANDS_BACK skip this.
+    Linux only: elsewhere torch reads no such variable and glibc's mallopt is not there."""
     try:
         ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_MMAP_THRESHOLD, 256 * 1024)
     except (OSError, AttributeError, TypeError):  # not glibc (macOS): its allocator keeps its own ways
