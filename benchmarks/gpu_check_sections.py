@@ -24,7 +24,8 @@ from gpu_check_common import (ADAMW, Ctx, attempt, config, dynamo_stats, error_t
                               train)
 from llmforge.model import attention
 from llmforge.model.attention import DocLayout
-from llmforge.model.transformer import Transformer, checkpoint_blocks
+from llmforge.model.recompute import checkpoint_blocks
+from llmforge.model.transformer import Transformer
 from llmforge.optim import build_optimizer
 from llmforge.plan.estimates import choose_micro_batch
 from llmforge.run import distributed

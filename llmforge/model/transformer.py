@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from . import attention
 from .attention import DocLayout, KVCache
 from .kept import Kept
 from .loss import summed_logprob, target_logprobs
+from .recompute import recomputed
 from .rope import apply_rope, rope_tables
 from .swiglu import swiglu_down
 
@@ -242,29 +242,23 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). A checkpointed block keeps
-    only its input for backward and runs its forward again there (set by checkpoint_blocks)."""
+    its input (and its MLP's output) for backward and runs its forward again there (recompute.py)."""
     checkpointed = False
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm, self.attn = make_norm(cfg), Attention(cfg, layer)
         self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
+        self.down = (cfg.hidden, cfg.n_embd)  # the down projection's weight as its matmul takes it
 
     def forward(self, x, rope, cache, docs=None):
         if self.checkpointed and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, rope, cache, docs, use_reentrant=False)
+            return recomputed(self._forward, x, rope, cache, docs, down=self.down)
         return self._forward(x, rope, cache, docs)
 
     def _forward(self, x, rope, cache, docs):
         x = x + self.attn(self.attn_norm(x), rope, cache, docs)
         return x + self.mlp(self.mlp_norm(x))
-
-
-def checkpoint_blocks(model: nn.Module, mode: str) -> None:
-    """Activation checkpointing: "full" every block, "selective" every other one (torchtitan's
-    layer-selective AC: half the saving for half the recompute), "none" no block."""
-    for i, block in enumerate(model.blocks):
-        block.checkpointed = mode == "full" or (mode == "selective" and i % 2 == 0)
 
 
 class Transformer(nn.Module):

@@ -19,6 +19,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from ..model.recompute import checkpointed_blocks, recompute_share
 from ..tasks import task_columns
 from .trackers import NO_TRACKERS
 
@@ -297,9 +298,9 @@ def _checkpointing(sp, plan) -> str:
     mode = sp.activation_checkpointing
     if mode == "none":
         return ""
-    blocks = plan.model.n_layer if mode == "full" else (plan.model.n_layer + 1) // 2
-    return (f"; activation checkpointing {mode}: {blocks} of {plan.model.n_layer} blocks recompute their forward "
-            f"in backward, ~{blocks / (3 * plan.model.n_layer):.0%} more compute")
+    n = plan.model.n_layer
+    return (f"; activation checkpointing {mode}: {checkpointed_blocks(n, mode)} of {n} blocks recompute their "
+            f"forward in backward, ~{recompute_share(plan.model, mode, sp.seq_len):.0%} more compute")
 
 
 def _adapter_line(sp, plan) -> str:

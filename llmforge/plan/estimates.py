@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import PlanError
 from ..model.loss import chunk_rows
+from ..model.recompute import checkpointed_blocks
 from ..model.transformer import ModelConfig
 
 if TYPE_CHECKING:
@@ -29,7 +30,8 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     (norm inputs/outputs, q/k/v, attention output, residuals) + 2 x mlp hidden for SwiGLU
     (model/swiglu.py; 4 where an adapter wraps its w2, or for GELU) — at 4 bytes, or 2 under
     bf16/fp16 autocast. Attention keeps no T x T anything (model/attention.py). A
-    checkpointed block keeps only its fp32 input (4 x n_embd), and backward holds one block's
+    checkpointed block keeps only its fp32 input and its down projection's output (4 + 4 or 2 bytes
+    x n_embd: model/recompute.py), and backward holds one block's
     full activations at a time while it recomputes it. Logits: the head runs a chunk of rows at
     a time (model/loss.py), so only one chunk's logits, log-softmax and gradient exist at once;
     sft and dpo compute them for learned targets alone (logit_share: the largest share of a row's
@@ -54,7 +56,7 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     mlp = 2 if cfg.mlp == "swiglu" and not down_adapter else 4
     per_token_layer = (8 * cfg.n_embd + 2 * cfg.kv_heads * cfg.head_dim + mlp * cfg.hidden) * act_bytes
     checkpointed = checkpointed_blocks(cfg.n_layer, checkpointing)
-    saved = (cfg.n_layer - checkpointed) * per_token_layer + checkpointed * 4 * cfg.n_embd
+    saved = (cfg.n_layer - checkpointed) * per_token_layer + checkpointed * (4 + act_bytes) * cfg.n_embd
     # While backward recomputes a block, its activations are held and its gradients' temporaries
     # beside them: about 1.5 blocks' worth on Qwen2.5-0.5B's shape (benchmarks/scale.py, 2,048 to
     # 8,192 tokens; it was 5 before freed memory went back to the OS at once).
@@ -84,11 +86,6 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
 # A CPU run planned to peak above this hands freed memory back to the OS at once (run/prepare.py);
 # below it, glibc's faster default stands.
 HANDS_BACK = 2**30
-
-
-def checkpointed_blocks(n_layer: int, mode: str) -> int:
-    """Blocks activation checkpointing recomputes (model/transformer.py checkpoint_blocks)."""
-    return {"full": n_layer, "selective": (n_layer + 1) // 2}.get(mode, 0)
 
 
 # The share of a device's memory training may use: a CPU's is shared with the system, the data and

@@ -18,13 +18,14 @@ from ..data.sampler import windows_per_epoch
 from ..errors import PlanError
 from ..model.adapters import projections
 from ..model.families import PRESETS
+from ..model.recompute import recompute_share
 from ..model.transformer import ModelConfig
 from ..optim import OPTIMIZERS
 from ..recipe.schema import Recipe
 from ..stages import KINDS
 from .adapter import plan_adapter
 from .devices import Device
-from .estimates import checkpointed_blocks, choose_micro_batch, disk_warnings, estimate_memory, estimate_time, memory_budget
+from .estimates import choose_micro_batch, disk_warnings, estimate_memory, estimate_time, memory_budget
 
 
 @dataclass(frozen=True)
@@ -292,8 +293,7 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
     flops = float(cfg.flops_per_token(seq_len)) * tokens
     if adapter:  # a frozen weight needs no weight gradient: forward + input gradients, ~2/3 of it
         flops *= 2 / 3
-    # what the device does: a recomputed block's forward again (a third of its training FLOPs)
-    recompute = 1 + checkpointed_blocks(cfg.n_layer, checkpointing) / (3 * cfg.n_layer)
+    recompute = 1 + recompute_share(cfg, checkpointing, seq_len)  # what the device does: forwards again
     return StagePlan(
         index=i, name=spec.name, kind=spec.kind, dir_name=f"{i + 1:02d}-{spec.name}", init=stage_init(recipe, i),
         options=options,

@@ -220,11 +220,12 @@ MEANINGS = {
     "runtime.compile": "`torch.compile` the model: `auto` (on for CUDA), `on`, `off`",
     "runtime.micro_batch": "sequences per forward pass; auto picks the largest divisor of the batch that fits",
     "runtime.activation_checkpointing":
-        "keep only each transformer block's input for the backward pass and run the block's forward again "
-        "there: `full` (every block: activations shrink to one n_embd vector per token and layer, the step does "
-        "~1/3 more compute), `selective` (every other block: about half of each), `none`, or `auto`: the plan "
-        "turns it on only when the micro-batch it wants (up to 16k tokens per forward) does not fit otherwise, "
-        "and says so. See [targets.md](targets.md)",
+        "keep only each transformer block's input (and its MLP's output) for the backward pass and run the "
+        "block's forward again there: `full` (every block: activations shrink to two n_embd vectors per token and "
+        "layer, the step does ~1/4 more compute, up to 1/3 for long rows; the plan says how much), `selective` "
+        "(every other block: about half of each), `none`, or `auto`: the plan turns it on only when the "
+        "micro-batch it wants (up to 16k tokens per forward) does not fit otherwise, and says so. See "
+        "[targets.md](targets.md)",
     "runtime.threads": "CPU threads for torch",
     "runtime.log_every":
         "steps between progress lines and `metrics.jsonl` records (`step`, `loss`, `lr`, `tokens_per_s`, `mfu` "

@@ -19,7 +19,7 @@ from ..core import durable, faults
 from ..data.sampler import Sampler
 from ..errors import CheckpointError, Interrupted
 from ..model import adapters
-from ..model.transformer import checkpoint_blocks
+from ..model.recompute import checkpoint_blocks
 from ..model.weights import load_weights, set_weights
 from ..optim import build_optimizer, lr_at
 from ..plan.plan import Plan, StagePlan
