@@ -31,8 +31,8 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     (model/swiglu.py; 4 where an adapter wraps its w2, or for GELU) — at 4 bytes, or 2 under
     bf16/fp16 autocast. Attention keeps no T x T anything (model/attention.py). A
     checkpointed block keeps only its fp32 input and its down projection's output (4 + 4 or 2 bytes
-    x n_embd: model/recompute.py), and backward holds one block's
-    full activations at a time while it recomputes it. Logits: the head runs a chunk of rows at
+    x n_embd: model/recompute.py), and backward holds one block's full activations at a time
+    while it recomputes it. Logits: the head runs a chunk of rows at
     a time (model/loss.py), so only one chunk's logits, log-softmax and gradient exist at once;
     sft and dpo compute them for learned targets alone (logit_share: the largest share of a row's
     positions they are).
