@@ -21,25 +21,29 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 _MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
 
 
-def checkpoint_blocks(model: nn.Module, mode: str) -> None:
-    """Activation checkpointing: "full" every block, "selective" every other one (torchtitan's
+def _recomputes(i: int, mode: str) -> bool:
+    """Block i under `mode`: "full" every block, "selective" every other one (torchtitan's
     layer-selective AC: half the saving for half the recompute), "none" no block."""
+    return mode == "full" or (mode == "selective" and i % 2 == 0)
+
+
+def checkpoint_blocks(model: nn.Module, mode: str) -> None:
+    """Activation checkpointing: marks the blocks that recompute (see _recomputes)."""
     for i, block in enumerate(model.blocks):
-        block.checkpointed = mode == "full" or (mode == "selective" and i % 2 == 0)
+        block.checkpointed = _recomputes(i, mode)
 
 
 def checkpointed_blocks(n_layer: int, mode: str) -> int:
     """How many blocks checkpoint_blocks recomputes."""
-    return {"full": n_layer, "selective": (n_layer + 1) // 2}.get(mode, 0)
+    return sum(_recomputes(i, mode) for i in range(n_layer))
 
 
 def recompute_share(cfg, mode: str, seq_len: int) -> float:
     """What recomputing adds to a step's training FLOPs (cfg.flops_per_token): each recomputed
-    block's forward again, but for its down projection."""
-    kv, t = cfg.kv_heads * cfg.head_dim, min(seq_len, cfg.sliding_window or seq_len)
-    up = cfg.n_embd * cfg.hidden * (2 if cfg.mlp == "swiglu" else 1)  # w1 and w3, or c_fc
-    matmuls = 2 * cfg.n_embd * cfg.q_dim + 2 * cfg.n_embd * kv + up
-    forward = 2 * matmuls + 4 * cfg.q_dim * t  # as flops_per_token counts a block's, forward alone
+    block's forward again (a third of its training FLOPs), but for its down projection."""
+    head = 6 * cfg.vocab_size * cfg.n_embd  # flops_per_token counts the output head once, outside the blocks
+    block = (cfg.flops_per_token(seq_len) - head) / cfg.n_layer
+    forward = block / 3 - 2 * cfg.n_embd * cfg.hidden
     return checkpointed_blocks(cfg.n_layer, mode) * forward / cfg.flops_per_token(seq_len)
 
 
