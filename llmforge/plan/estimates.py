@@ -32,7 +32,8 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     bf16/fp16 autocast. Attention keeps no T x T anything (model/attention.py). A
     checkpointed block keeps only its fp32 input and its down projection's output (4 + 4 or 2 bytes
     x n_embd: model/recompute.py), and backward holds one block's full activations at a time
-    while it recomputes it. Logits: the head runs a chunk of rows at
+    while it recomputes it. A block's saved activations go as its weight gradients come, so they
+    count only beyond the gradients' size (with fresh gradients on one device). Logits: the head runs a chunk of rows at
     a time (model/loss.py), so only one chunk's logits, log-softmax and gradient exist at once;
     sft and dpo compute them for learned targets alone (logit_share: the largest share of a row's
     positions they are).
@@ -56,12 +57,19 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     mlp = 2 if cfg.mlp == "swiglu" and not down_adapter else 4
     per_token_layer = (8 * cfg.n_embd + 2 * cfg.kv_heads * cfg.head_dim + mlp * cfg.hidden) * act_bytes
     checkpointed = checkpointed_blocks(cfg.n_layer, checkpointing)
-    saved = (cfg.n_layer - checkpointed) * per_token_layer + checkpointed * (4 + act_bytes) * cfg.n_embd
+    # Backward frees a block's saved activations as it makes that block's weight gradients, so with
+    # fresh gradients (set_to_none, no accumulation) on one device a block adds to the states (which
+    # count every gradient) only what it saves beyond its gradients' size: a checkpointed
+    # Qwen2.5-0.5B block's input and down projection at 8,192 tokens (59 MB) adds nothing.
+    grads = 0 if accumulating or shards > 1 or trainable is not None else \
+        cfg.num_params(exclude_embeddings=True) / cfg.n_layer * 4
+    saved = (cfg.n_layer - checkpointed) * max(tokens * per_token_layer - grads, 0) \
+        + checkpointed * max(tokens * (4 + act_bytes) * cfg.n_embd - grads, 0)
     # While backward recomputes a block, its activations are held and its gradients' temporaries
     # beside them: about 1.5 blocks' worth on Qwen2.5-0.5B's shape (benchmarks/scale.py, 2,048 to
     # 8,192 tokens; it was 5 before freed memory went back to the OS at once).
     recompute = 1.5 * per_token_layer if checkpointed else 0
-    activations = tokens * (saved + recompute) + 2 * tokens * cfg.n_embd * 4
+    activations = saved + tokens * recompute + 2 * tokens * cfg.n_embd * 4
     logits = min(tokens * logit_share, chunk_rows(cfg.vocab_size)) * cfg.vocab_size * 4
     frozen = cfg.num_params() * 4 if frozen_bytes is None else frozen_bytes
     states = cfg.num_params() * 16 / shards if trainable is None else frozen + trainable * 16

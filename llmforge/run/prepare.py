@@ -21,7 +21,7 @@ from ..errors import CheckpointError, RecipeError, TokenizerError
 from ..model.hf import check_weights
 from ..plan.devices import Device, detect_device
 from ..plan.estimates import HANDS_BACK
-from ..plan.plan import Plan, SourceStats, compile_plan
+from ..plan.plan import Plan, SourceStats, compile_plan, model_config
 from ..recipe.loader import diff_recipes
 from ..recipe.schema import Recipe, dump_recipe
 from ..stages import KINDS
@@ -45,8 +45,6 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False, 
                           hint="on several machines, the run directory must be on a filesystem all of them share")
     device = detect_device(recipe.runtime, processes=dist.local_world)
     check_device(dist, device.type)
-    if device.type == "cpu":  # before torch's first allocation, which reads it: the plan's matmul timing
-        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # _return_freed_memory says why
     if e := _weights_problem(recipe):  # `plan` sizes a run before the weights are at hand; `run` needs them now
         raise CheckpointError(f"model.init.hf: {e.message}", hint=e.hint or "copy the model's weights there, "
                               "or point model.init.hf at a folder that has them")
@@ -70,6 +68,10 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False, 
         with reporter.task(f"tokenizing {name}", _source_bytes(recipe, name)) as advance:
             sources[name] = prepare_source(name, spec, recipe.base_dir, tokenizer, advance, workers, template,
                                            reporter.note)
+    # Huge pages (_return_freed_memory says why) for a model whose state alone passes HANDS_BACK; set
+    # before torch's first allocation, which reads it once: the plan's matmul timing.
+    if device.type == "cpu" and model_config(recipe, tokenizer.vocab_size).num_params() * 16 > HANDS_BACK:
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     plan = compile_plan(recipe, vocab_size=tokenizer.vocab_size, world_size=dist.world,
                         sources={n: source_stats(s) for n, s in sources.items()}, device=device,
                         tokenizer_fingerprint=tokenizer.fingerprint, previews=previews(recipe), run_dir=run_dir)
@@ -344,12 +346,13 @@ def _return_freed_memory() -> None:
     (benchmarks/scale.py, Qwen2.5-0.5B's shape, 2,048 tokens: peak 12.5 -> 11.5 GiB; grpo's stage
     of benchmarks/estimates.py on a 26M model: 2.0 -> 1.3 GB).
     Each fresh block faults its pages in, 4 KiB at a time: 5-9 s of a 30 s checkpointed step at
-    that shape. So every CPU run asks torch's allocator (prepare_run, THP_MEM_ALLOC_ENABLE) for
-    transparent huge pages for its blocks of 2 MiB and up, which fault 2 MiB at a time: the step
-    then ran as fast as under glibc's default (side by side, 4 steps each: 27-31 s against 30-31 s,
-    and 35 s with 4 KiB pages) and kept the memory saving (8.8 GiB against 9.9). A small model
-    still pays for the faults of its blocks under 2 MiB (at n_embd 192 they cost the
-    quickstart's pretrain ~40% of its tokens/s), so runs planned under HANDS_BACK skip this.
+    that shape. So a large model's CPU run asks torch's allocator (prepare_run, THP_MEM_ALLOC_ENABLE)
+    for transparent huge pages for its blocks of 2 MiB and up, which fault 2 MiB at a time: the
+    step then ran as fast as under glibc's default (side by side, 4 steps each: 27-31 s against
+    30-31 s, and 35 s with 4 KiB pages) and kept the memory saving (8.8 GiB against 9.9). A small
+    model still pays for the faults of its blocks under 2 MiB (at n_embd 192 they cost the
+    quickstart's pretrain ~40% of its tokens/s), so runs planned under HANDS_BACK skip this, and
+    huge pages would round its few 2 MiB blocks up (quickstart's pretrain: 277 -> 299-310 MiB).
     Linux only: elsewhere torch reads no such variable and glibc's mallopt is not there."""
     try:
         ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_MMAP_THRESHOLD, 256 * 1024)
