@@ -59,6 +59,17 @@ ROWS = {f"{tool}-{ac}-{T}x{m}": (tool, T, m, ac)
         for tool, ac in (("before", "none"), ("after", "none"), ("after", "full"), ("trl", "none"), ("trl", "full"))}
 
 
+def row(name: str) -> tuple[str, int, int, str]:
+    """(tool, seq_len, micro-batch, checkpointing) of a row named as ROWS names them; a row beyond
+    them (a larger micro-batch, to find the largest that fits: after-full-4096x8) is read the same way."""
+    tool, ac, shape = name.split("-")
+    T, micro = shape.split("x")
+    if tool not in ("before", "after", "trl") or ac not in ("none", "full") or int(T) not in (2048, 4096):
+        raise SystemExit(f"{name}: a row is TOOL-CHECKPOINTING-SEQxMICRO, TOOL before/after/trl, CHECKPOINTING "
+                         f"none/full, SEQ 2048 or 4096")
+    return tool, int(T), int(micro), ac
+
+
 def build_folder() -> Path:
     if (FOLDER / "model.safetensors").is_file():
         return FOLDER
@@ -268,7 +279,7 @@ def table(results: dict, peak_flops: float) -> str:
              "| row | runs x steps | peak GiB | beyond state GiB | plan est. GiB (est/peak) | tokens/s median "
              "(min-max) | vs TRL | FLOP/s share |",
              "|---|---|---|---|---|---|---|---|"]
-    for name in ROWS:
+    for name in list(ROWS) + sorted(set(results) - set(ROWS) - {"_matmul_peak"}):
         r = results.get(name)
         if r is None:
             continue
@@ -278,7 +289,7 @@ def table(results: dict, peak_flops: float) -> str:
         if "error" in r:
             lines.append(f"| {name} || failed: {r['error'].strip().splitlines()[-1][:80]} ||||||")
             continue
-        tool, T, micro, ac = ROWS[name]
+        tool, T, micro, ac = row(name)
         rates, trl = r["tokens_per_s"], results.get(f"trl-{ac}-{T}x{micro}", {})
         tps = median(rates)
         versus = f"{tps / median(trl['tokens_per_s']):.2f}x" if tool != "trl" and "tokens_per_s" in trl else "-"
@@ -293,7 +304,8 @@ def table(results: dict, peak_flops: float) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", default="all", help=f"all, or names from: {', '.join(ROWS)}")
+    ap.add_argument("--rows", default="all", help=f"all, or names from: {', '.join(ROWS)} "
+                    "(or another micro-batch, as after-full-4096x8)")
     ap.add_argument("--steps", type=int, default=4, help="training steps a run (the first is not timed)")
     ap.add_argument("--repeat", type=int, default=1, help="run the rows this many times, in turn")
     ap.add_argument("--before", default=BEFORE, help="the commit to compare against")
@@ -306,7 +318,7 @@ def main():
     chat = write_chat(work)
     before = work / "before"
     for name in names * args.repeat:
-        tool, T, micro, ac = ROWS[name]
+        tool, T, micro, ac = row(name)
         print(f"{name} ...", flush=True)
         if tool == "trl":
             r = run_trl(name, T, micro, ac, work, chat, args.steps)
