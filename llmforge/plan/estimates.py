@@ -33,10 +33,10 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, precision:
     checkpointed block keeps only its fp32 input and its down projection's output (4 + 4 or 2 bytes
     x n_embd: model/recompute.py), and backward holds one block's full activations at a time
     while it recomputes it. A block's saved activations go as its weight gradients come, so they
-    count only beyond the gradients' size (with fresh gradients on one device). Logits: the head runs a chunk of rows at
-    a time (model/loss.py), so only one chunk's logits, log-softmax and gradient exist at once;
-    sft and dpo compute them for learned targets alone (logit_share: the largest share of a row's
-    positions they are).
+    count only beyond the gradients' size (with fresh gradients on one device). Logits: the head
+    runs a chunk of rows at a time (model/loss.py), so only one chunk's logits, log-softmax and
+    gradient exist at once; sft and dpo compute them for learned targets alone (logit_share: the
+    largest share of a row's positions they are).
     On a CPU the process's resident memory is what counts; above HANDS_BACK freed blocks go back
     to the OS (run/prepare.py), so it follows what is held; below, the heap keeps about 1.3
     layers' worth of freed temporaries and 16 MiB more. Fitted to its measured growth (models of 4-32
