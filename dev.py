@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -46,10 +47,23 @@ def main(argv: list[str]) -> int:
     code = subprocess.run([llmforge, "run", "recipes/quickstart.yaml"], cwd=ROOT).returncode
     if code:
         return code
-    # Two questions about people no training conversation mentioned, through the chat command.
-    questions = "Where does Clara live?\nWhat pet does Diego have?\n"
-    return subprocess.run([llmforge, "chat", "runs/quickstart", "--temperature", "0"], input=questions, text=True,
-                          cwd=ROOT).returncode
+    # Two questions about people no training conversation mentioned, through the chat command, each
+    # answer beside the truth from the generated world (a newcomer cannot know it; a tiny model is
+    # often wrong, and should be seen to be).
+    asked = {"Where does Clara live?": ("Clara", "city"), "What pet does Diego have?": ("Diego", "pet")}
+    chat = subprocess.run([llmforge, "chat", "runs/quickstart", "--temperature", "0"], input="\n".join(asked) + "\n",
+                          stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    answers = chat.stdout.strip().splitlines()
+    if chat.returncode or len(answers) != len(asked):
+        print(chat.stdout, end="")
+        return chat.returncode
+    truth = subprocess.run([BIN / "python", "-c", "import json; from llmforge.data.world import people; "
+                            "print(json.dumps({p['name']: p for p in people()}))"],
+                           stdout=subprocess.PIPE, text=True, check=True).stdout
+    people = json.loads(truth)
+    for (question, (name, attribute)), answer in zip(asked.items(), answers):
+        print(f"{question}  {answer}  (true: {people[name][attribute]})")
+    return 0
 
 
 if __name__ == "__main__":

@@ -67,6 +67,13 @@ def test_the_editors_schema_accepts_every_shipped_recipe(recipe):
     assert list(validator.iter_errors({"name": "x", "model": {"n_layer": 2}, "data": {}, "stages": []}))
 
 
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_names_the_schema_for_editors(recipe):
+    """Its first line points an editor's YAML server at the schema (completion, red lines), as
+    `llmforge init` writes for a new recipe."""
+    assert recipe.read_text().startswith("# yaml-language-server: $schema=../docs/recipe.schema.json\n")
+
+
 def test_every_recipe_key_is_in_the_recipe_reference():
     """Every key anywhere in the schema (the tables' and those of nested sections) is named in docs/recipe.md."""
     from llmforge.recipe.keydocs import recipe_json_schema
