@@ -265,3 +265,21 @@ def test_no_held_out_data_is_a_plan_warning(tiny):
     result = cli("plan", "recipe.yaml", "--set", "data.corpus.val_fraction=0", cwd=tiny)
     assert result.returncode == 0, result.stderr
     assert "warning: data.corpus: no held-out window" in result.stdout
+
+
+def test_a_few_conversations_plan_before_the_tokenizer_exists(tmp_path):
+    """Two short conversations, fewer tokens than one seq_len: `plan` estimates them (no tokenizer
+    yet) as one partly filled row, as `run` packs them, instead of refusing them as too short a
+    token stream for a pretraining window."""
+    chat = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in (("Hi there, who are you?", "A small model."), ("Where is Paris?", "In France."))]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chat))
+    (tmp_path / "recipe.yaml").write_text(
+        "name: few\ntokenizer: {type: bpe, vocab_size: 300, chat_template: default}\n"
+        "model: {preset: llama, n_layer: 2, n_head: 2, n_embd: 64, seq_len: 128}\n"
+        "data:\n  chat: {path: chat.jsonl, format: chat}\n"
+        "stages:\n  - {name: sft, kind: sft, mix: {chat: 1.0}, steps: 2, batch_size: 2}\n")
+    result = cli("plan", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "estimated from file sizes" in result.stdout and "warning" not in result.stdout
+    assert cli("run", "recipe.yaml", cwd=tmp_path).returncode == 0

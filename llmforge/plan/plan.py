@@ -131,6 +131,7 @@ class SourceStats:
     examples: object = None  # conversation sources: the training split's Examples (data/rows.py)
     val_examples: object = None  # ... and the held-out split's
     missing: str = ""  # `plan` only: why the source's files are not at hand (planned without them)
+    conversations: bool = False  # estimated from file sizes, a conversation source (examples not tokenized yet)
 
 
 def model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:
@@ -170,7 +171,7 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
         raise PlanError("\n".join(p.message for p in problems), hint=problems[0].hint)
     warnings = list(warnings or []) + [_missing(st.missing, [sp.name for sp in stages if not sp.steps and name in [s.name for s in sp.mix]])
                 for name, st in sources.items() if st.missing]
-    warnings += [f"data.{s.name}: no held-out {what} of seq_len+1 = {sp.seq_len + 1} tokens; "
+    warnings += [f"data.{s.name}: no held-out {what} seq_len+1 = {sp.seq_len + 1} tokens; "
                  f"stage {sp.name} cannot eval on it"
                  for sp in stages for s in sp.mix if not sources[s.name].missing
                  for what in [_held_out_fits(sp, sources[s.name], recipe.seed)] if what]
@@ -330,7 +331,9 @@ def _format(recipe: Recipe, spec) -> str:
 def _held_out_fits(sp, st: SourceStats, seed: int) -> str:
     """'' if the stage can eval on the source, else what is missing (a window, an example that fits)."""
     if st.val_examples is None:
-        return "" if st.val_tokens >= sp.seq_len + 1 else "window"
+        if st.conversations:  # not tokenized yet: any held-out example may fit
+            return "" if st.val_tokens else "example within"
+        return "" if st.val_tokens >= sp.seq_len + 1 else "window of"
     rows = KINDS[sp.kind].rows(st.val_examples, sp.seq_len, sp.options, seed, overlong="drop")
     return "" if rows is None or rows.n_rows else "example within"
 
@@ -352,7 +355,9 @@ def _rows(where, spec, name, st: SourceStats, seq_len: int, options, seed: int) 
     if st.missing:  # not at hand (`plan` before the data is downloaded): nothing to count
         return 0, 0, 0, 1.0
     source = None if st.examples is None else kind.rows(st.examples, seq_len, options, seed)
-    if source is None:  # windows of a token stream, or examples not tokenized yet: estimate
+    if source is None and st.conversations:  # examples not tokenized yet: as packed rows, the last partly filled
+        return max(1, -(-st.train_tokens // seq_len)), 0, 0, 1.0
+    if source is None:  # windows of a token stream: estimate
         if st.train_tokens < seq_len + 1:
             raise PlanError(f"{where}.mix.{name}: the source has {st.train_tokens} training tokens, "
                             f"fewer than one window of seq_len+1 = {seq_len + 1}",

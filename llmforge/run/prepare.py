@@ -156,7 +156,8 @@ def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1, processes:
             # ~3.5 bytes per token for a subword vocab of a few thousand on English or code; 1 for chars.
             tokens = int(size / (1.0 if recipe.tokenizer.type == "char" and not recipe.tokenizer.path else 3.5))
             val = int(tokens * spec.val_fraction)
-            stats[name] = SourceStats(len(files), tokens - val, val, estimated=True)
+            stats[name] = SourceStats(len(files), tokens - val, val, estimated=True,
+                                      conversations=FORMATS[spec.format].conversations)
     vocab = tokenizer.vocab_size if tokenizer else recipe.tokenizer.vocab_size
     return compile_plan(recipe, vocab_size=vocab, sources=stats, device=device, world_size=world_size,
                         tokenizer_fingerprint=tokenizer.fingerprint if tokenizer else None, previews=previews(recipe),
