@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from llmforge.data.examples import read_chat, read_preference, read_prompt_response
+from llmforge.data.examples import read_alpaca, read_chat, read_preference, read_prompt_response, read_sharegpt
 from llmforge.data.formats import FORMATS, read_examples
 from llmforge.data.sources import Skips, SourceReport, iter_pieces, list_files
 from llmforge.data.spec import SourceSpec
@@ -123,6 +123,61 @@ def test_prompt_response(tmp_path):
     assert read(read_prompt_response, p, skips, on_error="skip", **spec) == [(f"{p}:1", [msg(U, "do"), msg(A, "done")])]
     assert skips.examples == [f"{p}:2: field 'output' is int, not a string",
                               f"{p}:3: no field 'output' (fields: instruction)"]
+
+
+# --- sharegpt and alpaca --------------------------------------------------------------------------
+
+def test_sharegpt_speakers_become_roles(tmp_path):
+    """ShareGPT's speakers as roles, a record's own system string first, role_map for the rest; then
+    chat's rules (the turn that breaks them is named by its index in the turns)."""
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."},
+             {"from": "user", "value": "Bye?"}, {"from": "bot", "value": "Bye."}]
+    p = write(tmp_path / "s.jsonl", [{"system": "Be terse.", "conversations": turns}])
+    assert bad(read_sharegpt, p, format="sharegpt").message == f"{p}:1: conversations[3]: unknown speaker 'bot' " \
+        "(known: system, human, user, gpt, assistant, chatgpt, bing, bard, model)"
+    assert "data.s.role_map, e.g. {bot: user}" in bad(read_sharegpt, p, format="sharegpt").hint
+    assert read(read_sharegpt, p, format="sharegpt", role_map={"bot": "assistant"}) == [
+        (f"{p}:1", [msg(S, "Be terse."), msg(U, "Hi"), msg(A, "Hello."), msg(U, "Bye?"), msg(A, "Bye.")])]
+    q = write(tmp_path / "t.jsonl", [{"turns": [{"from": "gpt", "value": "Hello."}]}, {"turns": [{"value": "x"}]},
+                                     {"turns": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}])
+    skips = Skips()
+    assert read(read_sharegpt, q, skips, format="sharegpt", field="turns", on_error="skip") == [
+        (f"{q}:3", [msg(U, "q"), msg(A, "a")])]
+    assert skips.examples == [f"{q}:1: turns[0]: the first turn is 'assistant', not 'user'",
+                              f"{q}:2: turns[0]: no 'from' (fields: value)"]
+
+
+def test_chat_role_map_renames_roles(tmp_path):
+    p = write(tmp_path / "c.jsonl", [{"messages": [msg("human", "q"), msg("bot", "a")]}])
+    assert "role_map" in bad(read_chat, p, format="chat").hint
+    assert read(read_chat, p, format="chat", role_map={"human": "user", "bot": "assistant"}) == [
+        (f"{p}:1", [msg(U, "q"), msg(A, "a")])]
+
+
+def test_role_map_applies_to_chat_and_sharegpt_only():
+    with pytest.raises(ValueError, match="role_map applies to chat, sharegpt sources, not alpaca"):
+        SourceSpec(path="x", format="alpaca", role_map={"bot": "assistant"})
+
+
+def test_alpaca_instruction_input_and_history(tmp_path):
+    """The input follows the instruction after a line break (LLaMA-Factory's joining); an empty
+    input adds nothing; system and history come first."""
+    p = write(tmp_path / "a.jsonl", [
+        {"instruction": "Translate.", "input": "Good morning.", "output": "Bonjour."},
+        {"instruction": "Name a prime.", "input": "", "output": "7."},
+        {"instruction": "And another?", "output": "11.", "system": "Be terse.", "history": [["Name a prime.", "7."]]},
+        {"instruction": "x", "input": 3, "output": "y"},
+        {"instruction": "x"},
+    ])
+    skips = Skips()
+    assert read(read_alpaca, p, skips, format="alpaca", on_error="skip") == [
+        (f"{p}:1", [msg(U, "Translate.\nGood morning."), msg(A, "Bonjour.")]),
+        (f"{p}:2", [msg(U, "Name a prime."), msg(A, "7.")]),
+        (f"{p}:3", [msg(S, "Be terse."), msg(U, "Name a prime."), msg(A, "7."), msg(U, "And another?"),
+                    msg(A, "11.")]),
+    ]
+    assert skips.examples == [f"{p}:4: field 'input' is int, not a string",
+                              f"{p}:5: no field 'output' (fields: instruction)"]
 
 
 # --- preference -----------------------------------------------------------------------------------

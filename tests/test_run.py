@@ -283,3 +283,28 @@ def test_a_few_conversations_plan_before_the_tokenizer_exists(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "estimated from file sizes" in result.stdout and "warning" not in result.stdout
     assert cli("run", "recipe.yaml", cwd=tmp_path).returncode == 0
+
+
+def test_sharegpt_and_alpaca_train_as_the_same_chat(tmp_path):
+    """The same two exchanges as chat, sharegpt and alpaca records: the same tokens, so the same
+    losses step by step."""
+    pairs = (("Hi there, who are you?", "A small model."), ("Where is Paris?", "In France."))
+    records = {
+        "chat": [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs],
+        "sharegpt": [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in pairs],
+        "alpaca": [{"instruction": q, "input": "", "output": a} for q, a in pairs],
+    }
+    losses = {}
+    for fmt, lines in records.items():
+        (tmp_path / f"{fmt}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        (tmp_path / "recipe.yaml").write_text(
+            f"name: {fmt}\ntokenizer: {{type: bpe, vocab_size: 300, chat_template: default}}\n"
+            "model: {preset: llama, n_layer: 2, n_head: 2, n_embd: 64, seq_len: 64}\n"
+            f"data:\n  chat: {{path: {fmt}.jsonl, format: {fmt}}}\n"
+            "stages:\n  - {name: sft, kind: sft, mix: {chat: 1.0}, steps: 3, batch_size: 1, eval: {every: 0}}\n"
+            "runtime: {log_every: 1}\n")
+        result = cli("run", "recipe.yaml", cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        metrics = (tmp_path / f"runs/{fmt}/stages/01-sft/metrics.jsonl").read_text().splitlines()
+        losses[fmt] = [json.loads(line)["loss"] for line in metrics if '"loss"' in line]
+    assert len(losses["chat"]) == 3 and losses["sharegpt"] == losses["chat"] == losses["alpaca"], losses

@@ -1,5 +1,5 @@
-"""Readers for the conversation formats of post-training: chat, prompt_response, preference,
-unpaired, prompt.
+"""Readers for the conversation formats of post-training: chat, sharegpt, alpaca,
+prompt_response, preference, unpaired, prompt.
 
 All are JSON lines (`.jsonl`, `.jsonl.gz`), one example per non-blank line, read through
 documents.json_records so that encoding and JSON problems read exactly as the jsonl format's. Each
@@ -33,6 +33,12 @@ _PAIR_HINT = 'a preference record is like {"prompt": "...", "chosen": "...", "re
 _UNPAIRED = '{"prompt": "...", "completion": "...", "label": true}'
 _UNPAIRED_HINT = f"an unpaired record is like {_UNPAIRED} (label true: a good reply, false: a bad one)"
 _TEXT_HINT = "every turn needs its text, as a non-empty string"
+_TURN = '{"from": "human", "value": "..."}'
+_ALPACA = '{"instruction": "...", "input": "..." (optional), "output": "..."}'
+_ALPACA_HINT = f"an alpaca record is like {_ALPACA}"
+# ShareGPT's speakers (and the names its variants use) as roles; data.<name>.role_map adds others.
+SPEAKERS = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+            "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant"}
 
 
 class _Bad(Exception):
@@ -44,9 +50,61 @@ def read_chat(path: Path, spec: Source, report: Report) -> Iterator[tuple[str, M
     field = spec.text_field
     hint = f"set data.{report.source}.field to the field that holds the messages"
 
+    renamed = dict(spec.role_map or {})
+
     def parse(record: dict) -> Messages:
-        return _conversation(_get(record, field, hint), field, last="assistant")
+        messages = _get(record, field, hint)
+        if renamed and isinstance(messages, list):  # roles by other names (human, bot...)
+            messages = [dict(m, role=renamed.get(m.get("role"), m.get("role")))
+                        if isinstance(m, dict) and isinstance(m.get("role"), str) else m for m in messages]
+        return _conversation(messages, field, last="assistant")
     return _read(path, report, f'{{"{field}": [{_MESSAGE}, ...]}}', parse, message_contents)
+
+
+def read_sharegpt(path: Path, spec: Source, report: Report) -> Iterator[tuple[str, Messages]]:
+    """(where, messages) per record: ShareGPT's turns, {"from": "human" | "gpt" | "system" | ...,
+    "value": text}, under `field` (default "conversations"), with speakers named as SPEAKERS and
+    role_map say; a record's own "system" string (a common variant) opens the conversation."""
+    field = spec.text_field
+    speakers = SPEAKERS | dict(spec.role_map or {})
+    like = f'{{"{field}": [{_TURN}, ...]}}'
+
+    def parse(record: dict) -> Messages:
+        turns = _get(record, field, f"set data.{report.source}.field to the field that holds the turns")
+        if not isinstance(turns, list):
+            raise _Bad(f"field {field!r} is {json_type(turns)}, not a list", f"{field} must be a list like [{_TURN}, ...]")
+        messages = [_speaker_turn(turn, f"{field}[{i}]", speakers, report.source) for i, turn in enumerate(turns)]
+        system = record.get("system")
+        if isinstance(system, str) and system.strip() and not (messages and messages[0]["role"] == "system"):
+            messages = [{"role": "system", "content": system}] + messages
+        return _conversation(messages, field, last="assistant")
+    return _read(path, report, like, parse, message_contents)
+
+
+def read_alpaca(path: Path, spec: Source, report: Report) -> Iterator[tuple[str, Messages]]:
+    """(where, messages) per record: {"instruction", "input" (optional), "output", "system"
+    (optional), "history" (optional: earlier [instruction, output] pairs)}. The user's turn is
+    the instruction, then a line break and the input when there is one (as LLaMA-Factory joins
+    them); the output is the assistant's."""
+    def parse(record: dict) -> Messages:
+        user = _text(_get(record, "instruction", _ALPACA_HINT), "field 'instruction'")
+        extra = record.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise _Bad(f"field 'input' is {json_type(extra)}, not a string", _ALPACA_HINT)
+        messages = []
+        system = record.get("system")
+        if system is not None and (not isinstance(system, str) or system.strip()):
+            messages.append({"role": "system", "content": _text(system, "field 'system'")})
+        history = record.get("history") or []
+        if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 for h in history):
+            raise _Bad("field 'history' is not a list of [instruction, output] pairs", _ALPACA_HINT)
+        for i, (asked, answered) in enumerate(history):
+            messages += [{"role": "user", "content": _text(asked, f"history[{i}][0]")},
+                         {"role": "assistant", "content": _text(answered, f"history[{i}][1]")}]
+        messages += [{"role": "user", "content": user + ("\n" + extra if extra and extra.strip() else "")},
+                     {"role": "assistant", "content": _text(_get(record, "output", _ALPACA_HINT), "field 'output'")}]
+        return messages
+    return _read(path, report, _ALPACA, parse, message_contents)
 
 
 def read_prompt_response(path: Path, spec: Source, report: Report) -> Iterator[tuple[str, Messages]]:
@@ -176,8 +234,21 @@ def _message(value, at: str) -> dict:
     role = value["role"]
     if role not in ROLES:
         raise _Bad(f"{at}: unknown role {role!r} (known: {', '.join(ROLES)})",
-                   "map other roles (human, gpt, bot...) to system, user or assistant")
+                   "name other roles (human, gpt, bot...) as system, user or assistant with the source's role_map")
     return {"role": role, "content": _text(value["content"], f"{at}: content")}
+
+
+def _speaker_turn(value, at: str, speakers: dict, source: str) -> dict:
+    """A ShareGPT turn as a message (its text checked by _conversation)."""
+    if not isinstance(value, dict):
+        raise _Bad(f"{at}: a JSON {json_type(value)}, not an object", f"each turn is an object like {_TURN}")
+    for key in ("from", "value"):
+        if key not in value:
+            raise _Bad(f"{at}: no {key!r} ({listing('fields', list(value))})", f"each turn is an object like {_TURN}")
+    if not isinstance(value["from"], str) or value["from"] not in speakers:
+        raise _Bad(f"{at}: unknown speaker {value['from']!r} (known: {', '.join(speakers)})",
+                   f"name its role with data.{source}.role_map, e.g. {{{value['from']}: user}}")
+    return {"role": speakers[value["from"]], "content": value["value"]}
 
 
 def _conversation(value, name: str, last: str) -> Messages:

@@ -19,6 +19,7 @@ class Source(Protocol):
     prompt_field: str
     response_field: str
     answer_field: str
+    role_map: dict | None
 
 
 class Report(Protocol):

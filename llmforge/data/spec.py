@@ -15,7 +15,8 @@ from .formats import FORMATS
 class SourceSpec(Spec):
     path: str | None = None  # file, directory or glob; relative to the recipe's folder
     builtin: Literal[tuple(BUILTINS)] | None = None  # data/builtins.py
-    # text/jsonl/parquet: documents. chat: jsonl of {messages: [{role, content}]}. prompt_response:
+    # text/jsonl/parquet: documents. chat: jsonl of {messages: [{role, content}]}. sharegpt: jsonl of
+    # {conversations: [{from, value}]}. alpaca: jsonl of {instruction, input, output}. prompt_response:
     # jsonl with a prompt and a response field. preference: jsonl of {prompt, chosen, rejected}.
     # unpaired: jsonl of {prompt, completion, label} (label true: a good reply, false: a bad one; kto).
     # prompt: jsonl of {prompt, system (optional), answer (optional: the reference a verifier checks)}.
@@ -26,6 +27,8 @@ class SourceSpec(Spec):
     prompt_field: str = "prompt"  # prompt_response, prompt: the user's turn
     answer_field: str = "answer"  # prompt: the reference answer (optional in each record)
     response_field: str = "response"  # prompt_response: the assistant's turn
+    # chat, sharegpt: other role or speaker names as system, user or assistant ({human: user, bot: assistant})
+    role_map: dict[str, Literal["system", "user", "assistant"]] | None = None
     min_chars: Count = 0  # documents shorter than this are dropped
     max_chars: PositiveCount | None = None  # documents longer than this are dropped
     on_error: Literal["fail", "skip"] = "fail"  # skip: bad records are counted and reported, not fatal
@@ -58,6 +61,9 @@ class SourceSpec(Spec):
             instead = [k for k in keys if k.endswith("_field")]
             raise ValueError(f"field does not apply to {self.format} data"
                              + (f" (use {' and '.join(instead)})" if instead else ""))
+        if self.role_map is not None and "role_map" not in keys:
+            having = ", ".join(name for name, f in FORMATS.items() if "role_map" in f.keys)
+            raise ValueError(f"role_map applies to {having} sources, not {self.format}")
         if self.max_chars is not None and self.max_chars < self.min_chars:
             raise ValueError(f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars})")
         return self

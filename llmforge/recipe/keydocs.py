@@ -83,7 +83,7 @@ MEANINGS = {
     "data.<name>.builtin": "a built-in source (below; no download)",
     "data.<name>.format":
         "for pretraining: `text`, `jsonl` (one JSON object per line; `.jsonl.gz` is read gzipped) or `parquet` "
-        "(needs `pip install 'llmforge[parquet]'`); for sft: `chat` or `prompt_response`; for dpo, simpo, orpo "
+        "(needs `pip install 'llmforge[parquet]'`); for sft: `chat`, `sharegpt`, `alpaca` or `prompt_response`; for dpo, simpo, orpo "
         "and reward: `preference`; for kto: `unpaired` or `preference`; for grpo: `prompt` (JSON lines, see "
         "[Conversation data](#conversation-data))",
     "data.<name>.split":
@@ -91,8 +91,11 @@ MEANINGS = {
         " line breaks kept) or per `line` (each non-blank line, without its line break)",
     "data.<name>.field":
         "jsonl: the field that holds the text (default `text`); parquet: the column (a string column; default "
-        "`text`); chat: the field that holds the message list (default `messages`). Not for prompt_response or "
-        "preference",
+        "`text`); chat: the field that holds the message list (default `messages`); sharegpt: the field that "
+        "holds the turns (default `conversations`). Not for alpaca, prompt_response or preference",
+    "data.<name>.role_map":
+        "chat, sharegpt: other role or speaker names as `system`, `user` or `assistant`, e.g. `{bot: assistant}` "
+        "(sharegpt already knows `human`, `gpt`, `system` and the usual variants)",
     "data.<name>.prompt_field": "prompt_response, prompt: the field that holds the user's turn",
     "data.<name>.answer_field": "prompt: the field that holds the reference answer (optional in each record)",
     "data.<name>.response_field": "prompt_response: the field that holds the assistant's turn",

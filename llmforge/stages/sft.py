@@ -61,7 +61,7 @@ class Objective(kind.Objective):
 
 
 class Sft(kind.Kind):
-    name, formats, Options = "sft", ("chat", "prompt_response"), Options
+    name, formats, Options = "sft", ("chat", "sharegpt", "alpaca", "prompt_response"), Options
 
     def rows(self, examples, seq_len, options, seed, overlong=None):
         return PackedRows(examples, seq_len, packing=options.packing, overlong=overlong or options.overlong,
