@@ -645,7 +645,7 @@ def _edit(text: str, old: str, new: str) -> str:
 SFT_ONLY = RECIPE.split("  - name: dpo")[0] + "runtime: {log_every: 2, threads: 1}\n"
 RECIPE_ERRORS = {
     "sft mixes text": (_edit(SFT_ONLY, "mix: {chat: 1.0}", "mix: {chat: 0.5, corpus: 0.5}"),
-                       "stages[1].mix.corpus: an sft stage trains on chat or prompt_response data; "
+                       "stages[1].mix.corpus: an sft stage trains on chat, sharegpt, alpaca or prompt_response data; "
                        "source 'corpus' is text"),
     "no chat template": (_edit(SFT_ONLY, ", chat_template: default", ""),
                          "stages[1].kind: an sft stage needs tokenizer.chat_template"),

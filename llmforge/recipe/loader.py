@@ -267,7 +267,7 @@ def _check_references(data: dict) -> list[tuple[Loc, str]]:
                     problems.append((("stages", i, "mix", src), _unknown_source(src, sources)))
                 elif kind and _format(data["data"][src]) not in kind.formats:
                     problems.append((("stages", i, "mix", src), f"{_a(kind.name)} {kind.name} stage trains on "
-                                     f"{' or '.join(kind.formats)} data; source {src!r} is "
+                                     f"{_either(kind.formats)} data; source {src!r} is "
                                      f"{_format(data['data'][src])}"))
         no_template = isinstance(data.get("tokenizer"), dict) and not data["tokenizer"].get("chat_template")
         if kind and kind.chat and no_template:
@@ -317,6 +317,11 @@ def _init_problems(i: int, stage: dict, kind, stages: list, names: dict) -> list
                  + (f"set init: {generating[-1]}" if generating else "set init to a stage that trains a language "
                     "model, or none"))]
     return []
+
+
+def _either(names: tuple[str, ...]) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else list(names))
 
 
 def _a(word: str) -> str:
