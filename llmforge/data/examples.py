@@ -49,7 +49,6 @@ def read_chat(path: Path, spec: Source, report: Report) -> Iterator[tuple[str, M
     """(where, messages) per record: the message list under `field` (default "messages")."""
     field = spec.text_field
     hint = f"set data.{report.source}.field to the field that holds the messages"
-
     renamed = dict(spec.role_map or {})
 
     def parse(record: dict) -> Messages:
