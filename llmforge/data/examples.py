@@ -49,14 +49,10 @@ def read_chat(path: Path, spec: Source, report: Report) -> Iterator[tuple[str, M
     """(where, messages) per record: the message list under `field` (default "messages")."""
     field = spec.text_field
     hint = f"set data.{report.source}.field to the field that holds the messages"
-    renamed = dict(spec.role_map or {})
+    renamed = dict(spec.role_map or {})  # roles by other names (human, bot...)
 
     def parse(record: dict) -> Messages:
-        messages = _get(record, field, hint)
-        if renamed and isinstance(messages, list):  # roles by other names (human, bot...)
-            messages = [dict(m, role=renamed.get(m.get("role"), m.get("role")))
-                        if isinstance(m, dict) and isinstance(m.get("role"), str) else m for m in messages]
-        return _conversation(messages, field, last="assistant")
+        return _conversation(_get(record, field, hint), field, last="assistant", renamed=renamed)
     return _read(path, report, f'{{"{field}": [{_MESSAGE}, ...]}}', parse, message_contents)
 
 
@@ -224,13 +220,15 @@ def _text(value, label: str, hint: str = _TEXT_HINT) -> str:
     return value
 
 
-def _message(value, at: str) -> dict:
+def _message(value, at: str, renamed: dict | None = None) -> dict:
     if not isinstance(value, dict):
         raise _Bad(f"{at}: a JSON {json_type(value)}, not an object", _MESSAGE_HINT)
     for key in ("role", "content"):
         if key not in value:
             raise _Bad(f"{at}: no {key!r} ({listing('fields', list(value))})", _MESSAGE_HINT)
     role = value["role"]
+    if renamed and isinstance(role, str):
+        role = renamed.get(role, role)
     if role not in ROLES:
         raise _Bad(f"{at}: unknown role {role!r} (known: {', '.join(ROLES)})",
                    "name other roles (human, gpt, bot...) as system, user or assistant with the source's role_map")
@@ -250,16 +248,17 @@ def _speaker_turn(value, at: str, speakers: dict, source: str) -> dict:
     return {"role": speakers[value["from"]], "content": value["value"]}
 
 
-def _conversation(value, name: str, last: str) -> Messages:
+def _conversation(value, name: str, last: str, renamed: dict | None = None) -> Messages:
     """Messages in an order the chat template can render: an optional system message first, then
     user and assistant turns alternating from the user's, ending with `last` (assistant for a
-    chat example, whose replies are learned; user for a preference prompt, which awaits one)."""
+    chat example, whose replies are learned; user for a preference prompt, which awaits one).
+    `renamed`: other role names as the source's role_map gives them."""
     if not isinstance(value, list):
         raise _Bad(f"field {name!r} is {json_type(value)}, not a list", f"{name} must be a list like [{_MESSAGE}, ...]")
     if not value:
         raise _Bad(f"field {name!r} is an empty list", _TURNS_HINT)
     hint = _TURNS_HINT if last == "assistant" else _PROMPT_HINT
-    messages = [_message(m, f"{name}[{i}]") for i, m in enumerate(value)]
+    messages = [_message(m, f"{name}[{i}]", renamed) for i, m in enumerate(value)]
     previous = None
     for i, m in enumerate(messages):
         role, at = m["role"], f"{name}[{i}]"
