@@ -205,6 +205,17 @@ def test_set_overrides_plan_or_name_the_problem(recipes, data):
     _count("--set values", check_refusal(code, stderr, override, names=f"error: --set {override if override.isprintable() else repr(override)}: "))
 
 
+@pytest.mark.parametrize("key", ["model.n_layer", "model.n_embd", "model.seq_len", "tokenizer.vocab_size"])
+def test_a_model_too_big_for_any_machine_is_refused_at_once_and_once(recipes, key):
+    """Found by the draw above in CI: 2**31 layers took minutes to plan (the activation estimate
+    counted checkpointed blocks one by one) and every stage said the same thing."""
+    folder, _ = recipes[0]
+    code, stderr, _ = invoke(folder, "plan", "recipe.yaml", "--set", f"{key}={2**31}")
+    assert code == 2 and "GiB to train even at micro-batch 1" in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == len(set(errors)), stderr
+
+
 # --- data files ---------------------------------------------------------------------------------
 
 GOOD = {"jsonl": '{"text": "Hello there"}',

@@ -168,7 +168,8 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
         except PlanError as e:
             problems.append(e)
     if problems:
-        raise PlanError("\n".join(p.message for p in problems), hint=problems[0].hint)
+        # a model-wide problem (it does not fit) fails every stage alike: say it once
+        raise PlanError("\n".join(dict.fromkeys(p.message for p in problems)), hint=problems[0].hint)
     warnings = list(warnings or []) + [_missing(st.missing, [sp.name for sp in stages if not sp.steps and name in [s.name for s in sp.mix]])
                 for name, st in sources.items() if st.missing]
     warnings += [f"data.{s.name}: no held-out {what} seq_len+1 = {sp.seq_len + 1} tokens; "
