@@ -5,6 +5,7 @@ transformers from a config (save_pretrained), a byte-level BPE tokenizer.json tr
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -205,3 +206,23 @@ def write_chat_data(folder: Path, system: bool = True, n: int = 20) -> None:
             f.write(json.dumps({"prompt": f"Where does person{i} live?", "chosen": f"In city{i % 7}.",
                                 "rejected": f"In city{i % 7}. I can tell you more about city{i % 7} if you like."})
                     + "\n")
+
+
+def hub_dataset_cache(cache: Path, repo: str, rows: list[dict], subset: str | None = None) -> Path:
+    """`repo` (org/name) in the datasets cache folder `cache` as a download from the Hub leaves it,
+    for offline tests (HF_HUB_OFFLINE=1): a local copy named like the repo is loaded (its subset
+    declared in a README, as Hub datasets do), then filed under the repo's cache name, org___name."""
+    import datasets
+
+    org, name = repo.split("/")
+    local = cache.parent / f"{name}-source"
+    (local / name).mkdir(parents=True)
+    (local / name / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if subset:
+        (local / name / "README.md").write_text(f"---\nconfigs:\n- config_name: {subset}\n  data_files:\n"
+                                                "  - split: train\n    path: train.jsonl\n---\n")
+    datasets.load_dataset(str(local / name), subset, split="train", cache_dir=str(cache))
+    shutil.rmtree(local)
+    shutil.move(cache / name, cache / f"{org}___{name}")
+    return cache
+

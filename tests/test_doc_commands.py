@@ -15,6 +15,7 @@ A page is slow (a dozen subprocesses, several runs), so each test run exercises 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -43,7 +44,8 @@ def shrink(recipe: Path, base: Path) -> None:
 
 
 def environment(home: Path) -> dict:
-    return dict(os.environ, HOME=str(home), SHELL="/bin/bash", NO_COLOR="1", LLMFORGE_CACHE=str(home / "cache"))
+    return dict(os.environ, HOME=str(home), SHELL="/bin/bash", NO_COLOR="1", LLMFORGE_CACHE=str(home / "cache"),
+                HF_HUB_OFFLINE="1")  # Hub datasets come from the datasets cache under HOME
 
 
 def llmforge(args: list[str], cwd: Path, home: Path, where: str = "", stdin: str | None = None):
@@ -83,6 +85,7 @@ class Project:
         shards.mkdir(parents=True)
         pq.write_table(pa.table({"text": make_corpus(20000).split(". ")}), shards / "000.parquet")
         write_chat_data(root / "data", n=200)
+        write_dataset_stand_ins(root / "data", self.home / ".cache/huggingface/datasets")
         (root / "corpus.txt").write_text(make_corpus(3000))
         (root / "recipe.yaml").write_text(TINY_RECIPE.format(steps=4, every=2))
         (root / "shared").mkdir()
@@ -120,6 +123,23 @@ class Project:
             llmforge(["run", recipe, "-q"], folder, self.home)
             self.runs[source] = folder / "runs" / source
         return self.runs[source]
+
+
+def write_dataset_stand_ins(data: Path, hf_cache: Path) -> None:
+    """docs/data.md's sources: a save_to_disk folder, ShareGPT and Alpaca files, and SmolTalk's
+    `all` subset in the datasets cache, as a download from the Hub leaves it."""
+    import datasets
+
+    from .hf_families import hub_dataset_cache
+
+    pairs = [(f"Where does person{i} live?", f"In city{i % 7}.") for i in range(60)]
+    sharegpt = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in pairs]
+    (data / "sharegpt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sharegpt))
+    (data / "alpaca.jsonl").write_text("".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n"
+                                               for q, a in pairs))
+    messages = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
+    datasets.Dataset.from_list(messages).save_to_disk(str(data / "my-chats"))
+    hub_dataset_cache(hf_cache, "HuggingFaceTB/smoltalk", messages, subset="all")
 
 
 def wrap_written(recipe: Path) -> None:

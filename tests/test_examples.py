@@ -9,7 +9,8 @@ import pytest
 
 from llmforge.data.examples import read_alpaca, read_chat, read_preference, read_prompt_response, read_sharegpt
 from llmforge.data.formats import FORMATS, read_examples
-from llmforge.data.sources import Skips, SourceReport, iter_pieces, list_files
+from llmforge.data.pieces import iter_pieces
+from llmforge.data.sources import Skips, SourceReport, list_files
 from llmforge.data.spec import SourceSpec
 from llmforge.errors import DataError
 

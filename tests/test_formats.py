@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmforge.data import documents as readers
-from llmforge.data.sources import Skips, iter_documents, iter_pieces, list_files
+from llmforge.data.pieces import iter_documents, iter_pieces
+from llmforge.data.sources import Skips, list_files
 from llmforge.data.spec import SourceSpec
 from llmforge.errors import DataError
 
@@ -256,7 +257,7 @@ def test_parquet_without_pyarrow(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     e = error(tmp_path, path="a.parquet", format="parquet", on_error="skip")
-    assert e.message == "data.s: reading parquet needs pyarrow"
+    assert e.message == "data.s: reading parquet or Arrow files needs pyarrow"
     assert e.hint == "pip install 'llmforge[parquet]'"
 
 

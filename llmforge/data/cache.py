@@ -30,9 +30,11 @@ import numpy as np
 from ..core import durable, faults
 from ..core.paths import cache_dir
 from ..errors import DataError
+from .detect import concrete
 from .example_cache import load_examples, write_examples
 from .formats import FORMATS
-from .sources import Skips, iter_pieces, list_files
+from .pieces import iter_pieces
+from .sources import Skips, list_files
 from .spec import SourceSpec
 
 CACHE_VERSION = 5
@@ -52,6 +54,7 @@ class PreparedSource:
     skipped: int  # bad records skipped (on_error: skip)
     filtered: int  # documents dropped by min_chars / max_chars
     path: Path
+    reasons: dict  # why records were dropped -> how many (sources.Skips)
 
     @property
     def train(self) -> np.ndarray:
@@ -88,6 +91,7 @@ def source_fingerprint(name: str, spec: SourceSpec, base_dir: Path) -> str:
 
 
 def cache_key(name: str, spec: SourceSpec, base_dir: Path, tokenizer_fingerprint: str) -> str:
+    spec = concrete(name, spec, base_dir)
     parts = {
         "version": CACHE_VERSION,
         "content": source_fingerprint(name, spec, base_dir),
@@ -106,6 +110,7 @@ def _entry(name: str, spec: SourceSpec, base_dir: Path, tokenizer, template) -> 
 
 def find_source(name: str, spec: SourceSpec, base_dir: Path, tokenizer, template=None):
     """The cached entry for this source and tokenizer, if it exists intact (never tokenizes)."""
+    spec = concrete(name, spec, base_dir)
     entry = _entry(name, spec, base_dir, tokenizer, template)
     return load_entry(name, entry) if _intact(entry) else None
 
@@ -138,6 +143,7 @@ def prepare_source(name: str, spec: SourceSpec, base_dir: Path, tokenizer,
     """Tokenize a source into the cache (or find it there intact; `note` hears of a damaged entry,
     tokenized again) and map it into memory: a PreparedSource (text) or PreparedExamples (chat,
     prompt_response, preference; needs the chat template)."""
+    spec = concrete(name, spec, base_dir)
     if FORMATS[spec.format].conversations and template is None:
         raise DataError(f"data.{name}: {spec.format} data needs a chat template",
                         hint="set tokenizer.chat_template: default")
@@ -175,7 +181,7 @@ def load_entry(name: str, entry: Path):
     if meta.get("kind") == "examples":
         return load_examples(name, entry, meta, tokens, _map(entry / "learned.bin", "uint8", meta["tokens"]))
     return PreparedSource(name, tokens, meta["split"], meta["documents"], meta["bytes"], meta["skipped"],
-                          meta["filtered"], entry)
+                          meta["filtered"], entry, meta.get("reasons", {}))
 
 
 def _map(path: Path, dtype: str, n: int) -> np.ndarray:
@@ -276,6 +282,7 @@ def _write_entry(tmp: Path, name, spec, base_dir, tokenizer, on_progress, worker
     split = n_tokens - int(n_tokens * spec.val_fraction)
     meta = {"version": CACHE_VERSION, "source": name, "dtype": dtype, "tokens": n_tokens, "split": split,
             "documents": n_docs, "bytes": n_bytes, "skipped": skips.bad, "filtered": skips.filtered,
+            "reasons": skips.reasons,
             "skip_examples": skips.examples, "tokenizer": tokenizer.fingerprint}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 

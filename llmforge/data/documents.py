@@ -4,8 +4,8 @@ A reader yields a short document whole, as (text, True), and streams a long one 
 pieces cut at line ends, the last with ends_document=True, so no file, paragraph or line is ever
 held whole. Readers do not decide what happens to a bad record or which lengths are kept: they ask
 the `Report` that sources.py hands them (it raises or counts, per `on_error` and min/max_chars).
-Conversation formats (chat, prompt_response, preference, ...) are read in examples.py; which
-reader a format uses, formats.py says.
+Parquet and Arrow files are read in columnar.py, conversation formats (chat, preference, ...) in
+examples.py; which reader a format uses, formats.py says.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from ..errors import DataError
 from .format import Pieces, Report, Source
 
 PIECE_BYTES = 1 << 20  # a long document is read and tokenized ~1 MB at a time
-_PARQUET_BATCH_ROWS = 256  # rows per record batch: a few MB even for long documents
 
 _UTF8_HINT = "convert the file to UTF-8 or remove it from the source"
 
@@ -74,7 +73,7 @@ def read_lines(path: Path, spec: Source, report: Report) -> Pieces:
 
 def read_text(path: Path, spec: Source, report: Report) -> Pieces:
     """A text file's documents, as data.<name>.split cuts them: the file, paragraphs or lines."""
-    return _SPLITS[spec.split](path, spec, report)
+    return _SPLITS[spec.split or "file"](path, spec, report)
 
 
 _SPLITS = {"file": read_text_file, "paragraph": read_paragraphs, "line": read_lines}
@@ -309,47 +308,3 @@ def valid_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-# --- parquet --------------------------------------------------------------------------------------
-
-def read_parquet(path: Path, spec: Source, report: Report) -> Pieces:
-    """A document per row of column `field`, read in record batches (never the whole table)."""
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"data.{report.source}: reading parquet needs pyarrow",
-                        hint="pip install 'llmforge[parquet]'") from None
-    field = spec.text_field
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable parquet file ({e})",
-                        hint="check the file; a parquet source reads files written by pyarrow, pandas, Spark...") from None
-    with pf:
-        schema = pf.schema_arrow
-        if field not in schema.names:
-            raise DataError(f"{path}: no column {field!r} ({listing('columns', schema.names)})",
-                            hint=f"set data.{report.source}.field to the column that holds the text")
-        kind = schema.field(field).type
-        value_kind = kind.value_type if pa.types.is_dictionary(kind) else kind
-        if not (pa.types.is_string(value_kind) or pa.types.is_large_string(value_kind)
-                or getattr(pa.types, "is_string_view", lambda t: False)(value_kind)):
-            raise DataError(f"{path}: column {field!r} is {kind}, not a string",
-                            hint=f"data.{report.source}.field must name a column of text")
-        row = 0  # rows are numbered from 1, like lines
-        batches = pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field])
-        while True:
-            try:
-                batch = next(batches, None)
-            except pa.ArrowException as e:
-                raise DataError(f"{path}: unreadable after row {row} ({e})", hint="check the file") from None
-            if batch is None:
-                return
-            for text in batch.column(0).to_pylist():
-                row += 1
-                if text is None:
-                    report.bad(f"{path}: row {row}", "null", "drop or fill the rows without text")
-                elif report.keep(len(text)):
-                    yield text, True

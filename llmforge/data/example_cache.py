@@ -21,6 +21,7 @@ import numpy as np
 from ..core import faults
 from ..errors import DataError, TokenizerError
 from ..text.chat import ChatTemplate
+from .columnar import SUFFIXES as COLUMNAR
 from .formats import FORMATS, read_examples
 from .rows import Examples
 from .sources import Skips, SourceReport, list_files
@@ -44,6 +45,7 @@ class PreparedExamples:
     filtered: int
     path: Path
     format: str  # the source's data format (chat, preference, unpaired, ...)
+    reasons: dict  # why records were dropped -> how many (sources.Skips)
 
     def _part(self, lo: int, hi: int) -> Examples:
         k = self.per_example
@@ -60,8 +62,8 @@ class PreparedExamples:
         return self._part(self.split, self.documents)
 
     def where(self, i: int) -> str:
-        f, line = self.origins[i]
-        return f"{self.files[f]}:{line}"
+        f, line = self.origins[i]  # a line of JSON lines, a row of parquet or Arrow
+        return f"{self.files[f]}: row {line}" if self.files[f].endswith(COLUMNAR) else f"{self.files[f]}:{line}"
 
 
 def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTemplate, on_progress) -> None:
@@ -86,7 +88,7 @@ def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTem
                     total += len(ids)
                     offsets.append(total)
                     n_bytes += sum(len(text.encode()) for text, special, _ in segments if not special)
-                origins.append((number, int(where.rsplit(":", 1)[1])))
+                origins.append((number, int(where.rsplit(" " if path.name.endswith(COLUMNAR) else ":", 1)[1])))
                 if len(origins) % 16 == 0:
                     faults.reached("data", name, "example", len(origins))
                 if fmt.extra:
@@ -104,7 +106,7 @@ def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTem
     meta = {"kind": "examples", "format": spec.format, "source": name, "dtype": dtype, "tokens": total,
             "per_example": fmt.per_example, "split": n - int(round(n * spec.val_fraction, 9)),
             "documents": n, "bytes": n_bytes, "skipped": skips.bad, "filtered": skips.filtered,
-            "skip_examples": skips.examples, "files": [str(p) for p in files], "tokenizer": tokenizer.fingerprint}
+            "skip_examples": skips.examples, "reasons": skips.reasons, "files": [str(p) for p in files], "tokenizer": tokenizer.fingerprint}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -114,4 +116,4 @@ def load_examples(name: str, entry: Path, meta: dict, tokens: np.ndarray, learne
         extras[fmt.extra] = fmt.extra_type(json.loads((entry / f"{fmt.extra}.json").read_text()))
     return PreparedExamples(name, tokens, learned, np.load(entry / "offsets.npy"), np.load(entry / "origins.npy"),
                             extras["answers"], extras["labels"], meta["files"], meta["per_example"], meta["split"], meta["documents"], meta["bytes"],
-                            meta["skipped"], meta["filtered"], entry, meta["format"])
+                            meta["skipped"], meta["filtered"], entry, meta["format"], meta.get("reasons", {}))

@@ -1,8 +1,9 @@
 """Readers for the conversation formats of post-training: chat, sharegpt, alpaca,
 prompt_response, preference, unpaired, prompt.
 
-All are JSON lines (`.jsonl`, `.jsonl.gz`), one example per non-blank line, read through
-documents.json_records so that encoding and JSON problems read exactly as the jsonl format's. Each
+All are records: JSON lines (`.jsonl`, `.jsonl.gz`), one example per non-blank line, read through
+documents.json_records so that encoding and JSON problems read exactly as the jsonl format's, or
+the rows of parquet and Arrow files (columnar.py; a Hugging Face dataset's shards). Each
 example is checked whole here (roles, turn order, non-empty text), because the chat template
 (llmforge/text/chat.py) renders what it is given without looking; a bad one goes to report.bad as
 "path:line: messages[2]: ...", naming the message at fault. Messages come out as plain
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..text.chat import ROLES
+from .columnar import SUFFIXES as COLUMNAR, columnar_records
 from .documents import json_records, json_type, listing, valid_unicode
 from .format import Pieces, Report, Source
 
@@ -174,7 +176,8 @@ def read_example_texts(path: Path, spec: Source, report: Report, examples, conte
 # --- checks ---------------------------------------------------------------------------------------
 
 def _read(path: Path, report: Report, like: str, parse: Callable, contents: Callable) -> Iterator:
-    for where, record in json_records(path, report, like):
+    rows = columnar_records(path, report) if path.name.endswith(COLUMNAR) else json_records(path, report, like)
+    for where, record in rows:
         try:
             example = parse(record)
         except _Bad as e:

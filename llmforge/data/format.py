@@ -14,7 +14,7 @@ class Source(Protocol):
     """What a reader reads of its source's settings (data/spec.py's SourceSpec)."""
 
     format: str
-    split: str
+    split: str | None
     text_field: str
     prompt_field: str
     response_field: str

@@ -10,22 +10,24 @@ import functools
 
 import numpy as np
 
-from . import documents, examples
+from . import columnar, documents, examples
 from .format import Format, Report, Source
 
 _JSONL = (".jsonl", ".jsonl.gz")
+# Records: JSON lines, or the rows of parquet and Arrow files (a Hugging Face dataset's shards).
+RECORDS = _JSONL + columnar.SUFFIXES
 
 
 def _examples(name: str, read, contents, sequences, **more) -> Format:
-    """A conversation format: JSON lines, rendered through the chat template."""
-    return Format(name, _JSONL, functools.partial(examples.read_example_texts, examples=read, contents=contents),
+    """A conversation format: records, rendered through the chat template."""
+    return Format(name, RECORDS, functools.partial(examples.read_example_texts, examples=read, contents=contents),
                   examples=read, sequences=sequences, **more)
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("text", ("",), documents.read_text, keys=("split",)),
     Format("jsonl", _JSONL, documents.read_jsonl, keys=("field",)),
-    Format("parquet", (".parquet",), documents.read_parquet, keys=("field",)),
+    Format("parquet", columnar.SUFFIXES, columnar.read_columnar, keys=("field",)),
     _examples("chat", examples.read_chat, examples.message_contents, lambda ex, template: [template.segments(ex)],
               keys=("field", "role_map"), default_field="messages"),
     _examples("sharegpt", examples.read_sharegpt, examples.message_contents, lambda ex, template: [template.segments(ex)],

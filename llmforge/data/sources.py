@@ -1,23 +1,24 @@
-"""Data sources: which files, in what order, how much of them, and which documents are kept.
+"""Data sources: which files, in what order, and which records are kept.
 
-Reading a file of each format is its reader's job (formats.py); here are file discovery, the
-max_bytes budget, the length filter and what happens to bad records (on_error). A source never
-loads a whole corpus into memory: `iter_pieces` streams.
+Reading a file of each format is its reader's job (formats.py); here are file discovery (a Hub
+dataset's and a saved dataset's files from hub.py), the length filter and what happens to bad
+records (on_error), counted by reason. Streaming a source's documents is pieces.py's.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import DataError
 from .builtins import BUILTINS
 from .formats import FORMATS
-from .spec import SourceSpec
+from .hub import hub_files, saved_files
+from .spec import TEXT_SPLITS, SourceSpec
 
 
 class NoFiles(DataError):
@@ -28,9 +29,16 @@ def list_files(name: str, spec: SourceSpec, base_dir: Path) -> list[Path]:
     """The source's files, in the order their documents are read."""
     if spec.builtin:
         return _shuffled(*BUILTINS[spec.builtin].files())
+    if spec.hf:  # in the dataset's own order: its last rows are held out
+        return hub_files(name, spec.hf, spec.subset, spec.split, spec.revision)
     pattern = Path(spec.path).expanduser()
     pattern = pattern if pattern.is_absolute() else base_dir / pattern
     try:
+        if pattern.is_dir() and (saved := saved_files(name, pattern, spec.split)) is not None:
+            return saved
+        if spec.split is not None and not (spec.split in TEXT_SPLITS and "split" in _keys(spec)):
+            raise DataError(f"data.{name}.split: {spec.path!r} is not a dataset with splits (a folder "
+                            "save_to_disk wrote)", hint=f"leave data.{name}.split out")
         return _matching(name, spec, pattern)
     except OSError as e:  # a name too long, a folder without read permission, a broken mount
         raise DataError(f"data.{name}.path: {spec.path!r} cannot be read ({e.strerror or e})",
@@ -41,7 +49,7 @@ def _matching(name: str, spec: SourceSpec, pattern: Path) -> list[Path]:
     if pattern.is_dir():
         # Hidden files and folders (.git, .DS_Store, editor swap files) are never data.
         # jsonl and parquet take only their own files from a folder (not a README beside them).
-        suffixes = FORMATS[spec.format].suffixes
+        suffixes = _suffixes(spec)
         files = [p for p in pattern.rglob("*") if p.is_file() and p.name.endswith(suffixes)
                  and not any(part.startswith(".") for part in p.relative_to(pattern).parts)]
         root = pattern
@@ -53,11 +61,21 @@ def _matching(name: str, spec: SourceSpec, pattern: Path) -> list[Path]:
         parts = pattern.parts
         root = Path(*parts[:next(i for i, part in enumerate(parts) if glob.has_magic(part) or i == len(parts) - 1)])
     if not files:
-        kinds = "/".join(FORMATS[spec.format].suffixes)
+        kinds = "/".join(_suffixes(spec))
         what = f"a folder with no {kinds + ' ' if kinds else ''}files" if pattern.is_dir() else "no files"
         raise NoFiles(f"data.{name}.path: {spec.path!r} matches {what} (looked in {pattern})",
                       hint="check the path; relative paths are resolved against the recipe's folder")
     return _shuffled(files, root)
+
+
+def _keys(spec: SourceSpec) -> tuple[str, ...]:
+    """The keys that apply to the source's format; while it is to be told (auto), any may."""
+    return FORMATS[spec.format].keys if spec.format in FORMATS else ("split",)
+
+
+def _suffixes(spec: SourceSpec) -> tuple[str, ...]:
+    """What a folder gives: a format's own files; every file while the format is to be told."""
+    return FORMATS[spec.format].suffixes if spec.format in FORMATS else ("",)
 
 
 def _shuffled(files: list[Path], root: Path) -> list[Path]:
@@ -69,58 +87,28 @@ def _shuffled(files: list[Path], root: Path) -> list[Path]:
     return sorted(files, key=key)
 
 
-def iter_pieces(name: str, spec: SourceSpec, base_dir: Path, skips: Skips | None = None) -> Iterator[tuple[str, bool]]:
-    """(text, ends_document) pieces of the source's documents, in order, stopping at max_bytes
-    (UTF-8 bytes of kept text; the document it falls in is cut there and ended). A short document
-    comes whole; a long one in ~1 MB pieces cut at line ends, so none is ever held whole. Bad
-    records (on_error: skip) and documents outside min_chars..max_chars are counted in `skips`."""
-    report = SourceReport(name, spec, skips if skips is not None else Skips())
-    read = FORMATS[spec.format].read
-    budget = spec.max_bytes or sys.maxsize
-    files = list_files(name, spec, base_dir)
-    documents, inside = 0, False  # inside: a document's first pieces are out, not its last
-    for path in files:
-        for text, end in read(path, spec, report):
-            size = _utf8_len(text)
-            if size >= budget:
-                text = text.encode("utf-8")[:budget].decode("utf-8", errors="ignore")
-                if text or inside:
-                    yield text, True
-                return
-            budget -= size
-            documents += end
-            inside = not end
-            yield text, end
-    if documents == 0:
-        what = f"{len(files)} file" + ("s" if len(files) != 1 else "")
-        raise DataError(f"data.{name}: the source has no text ({what}, {report.skips.summary() or 'all empty'})",
-                        hint="point the source at files with content"
-                             + ("; check field, min_chars and max_chars" if report.skips.bad or report.skips.filtered
-                                else ""))
-
-
-def iter_documents(name: str, spec: SourceSpec, base_dir: Path) -> Iterator[str]:
-    """Text of the source in reading order, in pieces (for tokenizer training, where document
-    boundaries do not matter)."""
-    return (text for text, _ in iter_pieces(name, spec, base_dir))
-
-
-def _utf8_len(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
-
-
 @dataclass
 class Skips:
-    """Records dropped while reading: bad ones (on_error: skip) and ones filtered by length."""
+    """Records dropped while reading: bad ones (on_error: skip) and ones filtered by length, each
+    counted by its reason (the plan and metrics.jsonl say why every dropped record went)."""
 
     bad: int = 0
     filtered: int = 0
     examples: list[str] = field(default_factory=list)  # first 5 bad ones: "path:line: reason"
+    reasons: dict[str, int] = field(default_factory=dict)  # reason (without the record's details) -> count
 
     def add_bad(self, where: str, reason: str) -> None:
         self.bad += 1
         if len(self.examples) < 5:
             self.examples.append(f"{where}: {reason}")
+        self._count(reason_kind(reason))
+
+    def add_filtered(self, why: str) -> None:
+        self.filtered += 1
+        self._count(why)
+
+    def _count(self, reason: str) -> None:
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
     def summary(self) -> str:
         """'3 bad records skipped (first: a.jsonl:4: ...), 2 documents filtered by length', or ''."""
@@ -130,6 +118,13 @@ class Skips:
         if self.filtered:
             parts.append(f"{self.filtered} document{'s' * (self.filtered != 1)} filtered by length")
         return ", ".join(parts)
+
+
+def reason_kind(reason: str) -> str:
+    """A bad record's reason as one kind of problem: message indices and the details in
+    parentheses dropped ("messages[3]: unknown role 'bot' (known: ...)" -> "messages[i]: unknown
+    role 'bot'"), so that records bad the same way count together."""
+    return re.sub(r" \(.*\)$", "", re.sub(r"\[\d+\]", "[i]", reason))
 
 
 class SourceReport:
@@ -153,6 +148,7 @@ class SourceReport:
         if self.low <= lo and hi <= self.high:
             return True
         if hi < self.low or lo > self.high:
-            self.skips.filtered += 1
+            self.skips.add_filtered("empty" if hi == 0 else f"shorter than min_chars ({self.low})" if hi < self.low
+                                    else f"longer than max_chars ({self.high})")
             return False
         return None

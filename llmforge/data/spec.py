@@ -12,16 +12,27 @@ from .builtins import BUILTINS
 from .formats import FORMATS
 
 
+TEXT_SPLITS = ("file", "paragraph", "line")
+
+
 class SourceSpec(Spec):
-    path: str | None = None  # file, directory or glob; relative to the recipe's folder
+    # file, directory or glob; relative to the recipe's folder. A folder save_to_disk wrote is read as
+    # that dataset (data/hub.py).
+    path: str | None = None
     builtin: Literal[tuple(BUILTINS)] | None = None  # data/builtins.py
+    hf: str | None = None  # a Hugging Face dataset, org/name, loaded through `datasets` (data/hub.py)
+    subset: str | None = None  # hf: the dataset's configuration (its "subset" on the Hub)
+    revision: str | None = None  # hf: a branch, tag or commit
     # text/jsonl/parquet: documents. chat: jsonl of {messages: [{role, content}]}. sharegpt: jsonl of
     # {conversations: [{from, value}]}. alpaca: jsonl of {instruction, input, output}. prompt_response:
     # jsonl with a prompt and a response field. preference: jsonl of {prompt, chosen, rejected}.
     # unpaired: jsonl of {prompt, completion, label} (label true: a good reply, false: a bad one; kto).
     # prompt: jsonl of {prompt, system (optional), answer (optional: the reference a verifier checks)}.
-    format: Literal[tuple(FORMATS)] = "text"  # data/formats.py
-    split: Literal["file", "paragraph", "line"] = "file"  # text: one document per file/blank-line block/line
+    # auto: told by the first record (data/detect.py): a file that is not records is text.
+    format: Literal[tuple(FORMATS) + ("auto",)] = "auto"  # data/formats.py
+    # text: one document per file, blank-line block or line (default file). A dataset (hf, or a folder
+    # save_to_disk wrote with splits): the split to read (default train).
+    split: str | None = None
     field: str | None = None  # jsonl: the field holding the text (default text); parquet: the column
     # (default text); chat: the field holding the message list (default messages)
     prompt_field: str = "prompt"  # prompt_response, prompt: the user's turn
@@ -51,12 +62,21 @@ class SourceSpec(Spec):
 
     @model_validator(mode="after")
     def _one_origin(self):
-        if (self.path is None) == (self.builtin is None):
-            raise ValueError("give exactly one of path or builtin")
+        if sum(x is not None for x in (self.path, self.builtin, self.hf)) != 1:
+            raise ValueError("give exactly one of path, builtin or hf")
+        if self.hf is None and (given := [k for k in ("subset", "revision") if getattr(self, k) is not None]):
+            raise ValueError(f"{given[0]} applies to hf sources (a Hugging Face dataset)")
+        fmt = FORMATS.get(self.format)  # None: auto
+        if self.hf is not None and fmt and ".arrow" not in fmt.suffixes:  # a dataset's rows are Arrow shards
+            raise ValueError(f"an hf source is rows of a table, not {self.format} files: use format auto, parquet "
+                             "(documents from the `field` column) or a conversation format")
+        if fmt and "split" in fmt.keys and self.hf is None and self.split not in (None,) + TEXT_SPLITS:
+            raise ValueError(f"split {self.split!r}: a text source splits its files by {', '.join(TEXT_SPLITS)}")
+        if self.max_chars is not None and self.max_chars < self.min_chars:
+            raise ValueError(f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars})")
+        if self.format == "auto":  # what applies is known once the format is (data/detect.py checks again)
+            return self
         keys = FORMATS[self.format].keys
-        if self.split != "file" and "split" not in keys:
-            having = ", ".join(name for name, f in FORMATS.items() if "split" in f.keys)
-            raise ValueError(f"split applies to {having} sources, not {self.format}")
         if self.field is not None and "field" not in keys:
             instead = [k for k in keys if k.endswith("_field")]
             raise ValueError(f"field does not apply to {self.format} data"
@@ -64,8 +84,6 @@ class SourceSpec(Spec):
         if self.role_map is not None and "role_map" not in keys:
             having = ", ".join(name for name, f in FORMATS.items() if "role_map" in f.keys)
             raise ValueError(f"role_map applies to {having} sources, not {self.format}")
-        if self.max_chars is not None and self.max_chars < self.min_chars:
-            raise ValueError(f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars})")
         return self
 
     @property

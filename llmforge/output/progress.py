@@ -284,8 +284,14 @@ def render_plan(plan, console: Console) -> None:
                           f"{s.take_tokens:,}" if sp.steps else "?", "?" if s.missing else f"{approx}{s.epochs:.2f}", *((f"{s.skipped:,}", f"{s.filtered:,}") if dropped else ()),
                           *((f"{s.dropped:,}", f"{s.truncated:,}") if overlong else ()))
         console.print(table)
+        for s in sp.mix:
+            if s.reasons:
+                console.print(f"  {escape(s.name)} left out: " + escape("; ".join(
+                    f"{n:,} {why}" for why, n in sorted(s.reasons.items(), key=lambda r: -r[1]))), highlight=False)
         if sp.name in plan.previews:
             render_preview(plan.previews[sp.name], console)
+    for note in plan.notes:
+        console.print(f"note: {escape(note)}", highlight=False)
     for warning in plan.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     if any(s.estimated and not s.missing for sp in plan.stages for s in sp.mix):

@@ -44,6 +44,7 @@ class SourcePlan:
     dropped: int = 0  # examples longer than seq_len+1 left out (overlong: drop)
     truncated: int = 0  # examples cut to seq_len+1 tokens (overlong: truncate)
     missing: bool = False  # `plan` of data not at hand
+    reasons: dict = field(default_factory=dict)  # why skipped and filtered records went -> how many
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class Plan:
     # sft/dpo stage name -> one training example as chat-template segments (text, special, learned),
     # so `plan` can show what the model will learn from
     previews: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what the plan found for itself (a format told by its data)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -128,6 +130,7 @@ class SourceStats:
     estimated: bool = False
     skipped: int = 0  # bad records skipped (on_error: skip)
     filtered: int = 0  # documents outside min_chars..max_chars
+    reasons: dict = field(default_factory=dict)  # the skipped and filtered records' reasons -> counts
     examples: object = None  # conversation sources: the training split's Examples (data/rows.py)
     val_examples: object = None  # ... and the held-out split's
     missing: str = ""  # `plan` only: why the source's files are not at hand (planned without them)
@@ -151,7 +154,7 @@ def model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:
 
 def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceStats], device: Device,
                  world_size: int = 1, tokenizer_fingerprint: str | None = None, previews: dict | None = None,
-                 run_dir: Path | None = None, warnings: list[str] | None = None) -> Plan:
+                 run_dir: Path | None = None, warnings: list[str] | None = None, notes: list[str] | None = None) -> Plan:
     """The frozen plan, everything it shows computed here: previews (sft/dpo stage name -> an example
     as the chat template renders it) come from the caller, which reads the data; with run_dir, a
     warning when its disk cannot hold what the stages will keep (none for another machine's disk)."""
@@ -183,7 +186,8 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
         warnings += disk_warnings(stages, params, run_dir)
     return Plan(recipe.name, recipe.seed, device, cfg, params, cfg.num_params(exclude_embeddings=True),
                 cfg.flops_per_token(), tuple(stages), world_size, parallel, tuple(dict.fromkeys(warnings)),
-                model_init=recipe.model.init.hf if recipe.model.init else None, previews=previews or {})
+                model_init=recipe.model.init.hf if recipe.model.init else None, previews=previews or {},
+                notes=tuple(notes or ()))
 
 
 def _missing(why: str, unknown: list[str]) -> str:
@@ -392,5 +396,5 @@ def _plan_mix(where, mix: dict, sources: dict, specs: dict, rows: dict, total_ro
                             hint=f"add data, lower its weight or the stage's budget, or raise data.{name}.epochs")
         out.append(SourcePlan(name, weight / total, st.documents, st.train_tokens, st.val_tokens, take * per_row,
                               epochs, st.estimated, st.skipped, st.filtered, n_rows, dropped, truncated,
-                              bool(st.missing)))
+                              bool(st.missing), st.reasons))
     return tuple(out)

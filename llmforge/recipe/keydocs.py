@@ -79,16 +79,26 @@ MEANINGS = {
         "a local transformers folder to start from: `config.json` of model_type `llama` (incl. Llama 3 rope "
         "scaling; SmolLM2), `qwen2` (Qwen2.5), `qwen3`, `mistral`, `phi3` or `gpt2`; `model.safetensors` or a "
         "sharded index; `tokenizer.json` (or sentencepiece's `tokenizer.model`)",
-    "data.<name>.path": "a file, a directory (all files below it) or a glob; relative to the recipe's folder",
+    "data.<name>.path":
+        "a file, a directory (all files below it) or a glob; relative to the recipe's folder. A folder "
+        "`save_to_disk` wrote is read as that dataset ([docs/data.md](data.md))",
     "data.<name>.builtin": "a built-in source (below; no download)",
+    "data.<name>.hf":
+        "a Hugging Face dataset, `org/name`, loaded through `datasets` and its cache (`pip install "
+        "'llmforge[datasets]'`; `HF_HUB_OFFLINE=1` reads the cache only). See [docs/data.md](data.md)",
+    "data.<name>.subset": "hf: the dataset's configuration (its subset on the Hub)",
+    "data.<name>.revision": "hf: a branch, tag or commit of the dataset",
     "data.<name>.format":
-        "for pretraining: `text`, `jsonl` (one JSON object per line; `.jsonl.gz` is read gzipped) or `parquet` "
-        "(needs `pip install 'llmforge[parquet]'`); for sft: `chat`, `sharegpt`, `alpaca` or `prompt_response`; for dpo, simpo, orpo "
-        "and reward: `preference`; for kto: `unpaired` or `preference`; for grpo: `prompt` (JSON lines, see "
+        "`auto` tells it from the first record ([docs/data.md](data.md)); a file that is not records is text. "
+        "For pretraining: `text`, `jsonl` (one JSON object per line; `.jsonl.gz` is read gzipped) or `parquet` "
+        "(a column of parquet or Arrow files; needs `pip install 'llmforge[parquet]'`); for sft: `chat`, "
+        "`sharegpt`, `alpaca` or `prompt_response`; for dpo, simpo, orpo and reward: `preference`; for kto: "
+        "`unpaired` or `preference`; for grpo: `prompt` (records: JSON lines, parquet or Arrow, see "
         "[Conversation data](#conversation-data))",
     "data.<name>.split":
-        "text only: a document per `file`, per `paragraph` (lines between blank or whitespace-only lines; inner"
-        " line breaks kept) or per `line` (each non-blank line, without its line break)",
+        "text: a document per `file` (the default), per `paragraph` (lines between blank or whitespace-only "
+        "lines; inner line breaks kept) or per `line` (each non-blank line, without its line break). A dataset "
+        "(`hf`, or a saved folder with splits): the split to read (default `train`)",
     "data.<name>.field":
         "jsonl: the field that holds the text (default `text`); parquet: the column (a string column; default "
         "`text`); chat: the field that holds the message list (default `messages`); sharegpt: the field that "

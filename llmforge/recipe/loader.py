@@ -265,10 +265,8 @@ def _check_references(data: dict) -> list[tuple[Loc, str]]:
             for src in mix:
                 if src not in sources:
                     problems.append((("stages", i, "mix", src), _unknown_source(src, sources)))
-                elif kind and _format(data["data"][src]) not in kind.formats:
-                    problems.append((("stages", i, "mix", src), f"{_a(kind.name)} {kind.name} stage trains on "
-                                     f"{_either(kind.formats)} data; source {src!r} is "
-                                     f"{_format(data['data'][src])}"))
+                elif kind and _format(data["data"][src]) not in kind.formats + ("auto",):  # auto: run/resolve.py
+                    problems.append((("stages", i, "mix", src), kind.wrong_format(src, _format(data["data"][src]))))
         no_template = isinstance(data.get("tokenizer"), dict) and not data["tokenizer"].get("chat_template")
         if kind and kind.chat and no_template:
             problems.append((("stages", i, "kind"), f"{_a(kind.name)} {kind.name} stage needs tokenizer.chat_template "
@@ -319,11 +317,6 @@ def _init_problems(i: int, stage: dict, kind, stages: list, names: dict) -> list
     return []
 
 
-def _either(names: tuple[str, ...]) -> str:
-    """'a', 'a or b', 'a, b or c'."""
-    return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else list(names))
-
-
 def _a(word: str) -> str:
     return "an" if word[:1] in "aeios" else "a"  # an sft, a dpo, a pretrain
 
@@ -334,7 +327,7 @@ def _format(source) -> str:
         return "text"
     builtin = source.get("builtin")
     fixed = BUILTINS[builtin].settings if isinstance(builtin, str) and builtin in BUILTINS else {}
-    return source.get("format") or fixed.get("format", "text")
+    return source.get("format") or fixed.get("format", "auto")
 
 
 def _unknown_source(name, sources) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -316,6 +317,10 @@ def _dropped(ctx: Context, sp: StagePlan) -> dict:
     for s in sp.mix:
         if s.skipped or s.filtered:
             out |= {f"data/{s.name}/skipped": s.skipped, f"data/{s.name}/filtered": s.filtered}
+            # each reason as its own count, under a name trackers accept ("messages[i]: two 'user'
+            # turns in a row" -> data/chat/left_out/messages_i_two_user_turns_in_a_row); the plan shows it whole
+            out |= {f"data/{s.name}/left_out/{re.sub(r'[^a-z0-9]+', '_', why.lower()).strip('_')[:80]}": n
+                    for why, n in s.reasons.items()}
         if s.dropped or s.truncated:
             out |= {f"data/{s.name}/overlong_dropped": s.dropped, f"data/{s.name}/truncated": s.truncated}
     return out

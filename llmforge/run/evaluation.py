@@ -27,6 +27,7 @@ from ..text.templates import template_from_spec
 from ..text.tokenizer_json import load_tokenizer
 from .engine import build_stage, eval_batches, stage_inputs
 from .prepare import source_stats
+from .resolve import resolve_formats
 from .step import autocast, evaluate
 
 
@@ -38,7 +39,7 @@ def load_run_recipe(run_dir: Path):
         raise CheckpointError(f"{run_dir}: not a complete run directory ({e})",
                               hint="point at a folder made by `llmforge run`, e.g. runs/quickstart") from None
     recipe._base_dir = Path(base)
-    return recipe
+    return resolve_formats(recipe)[0]  # a run from before format: auto was written without it
 
 
 def evaluate_stage(run_dir: Path, stage: str | None, tasks: list[str] | None = None, reporter=None) -> dict:

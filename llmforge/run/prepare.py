@@ -16,7 +16,8 @@ import yaml
 
 from ..data.cache import find_source, prepare_source
 from ..data.formats import FORMATS
-from ..data.sources import NoFiles, iter_documents, list_files
+from ..data.pieces import iter_documents
+from ..data.sources import NoFiles, list_files
 from ..errors import CheckpointError, RecipeError, TokenizerError
 from ..model.hf import check_weights
 from ..plan.devices import Device, detect_device
@@ -30,6 +31,7 @@ from ..text.tokenizer import train_tokenizer
 from ..text.tokenizer_json import load_tokenizer, tokenizer_file, train_bytelevel_bpe
 from .distributed import Dist, check_device
 from .engine import Context
+from .resolve import resolve_formats
 
 # Recipe keys that change how a run is watched or saved, never what it computes.
 _HARMLESS = (".eval.", ".checkpoint.")
@@ -39,6 +41,7 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False, 
     """Everything before training: run directory, tokenizer, token cache, plan. In a distributed
     run rank 0 does the work; the others then find it done (they write nothing to the run dir)."""
     dist = dist or Dist()
+    recipe, notes = resolve_formats(recipe)
     follower = not dist.main
     if follower and tokenizer_file(run_dir / "tokenizer") is None:
         raise RecipeError([f"{run_dir}: rank {dist.rank} does not see the run directory rank 0 prepared"],
@@ -74,7 +77,8 @@ def prepare_run(recipe: Recipe, run_dir: Path, reporter, restart: bool = False, 
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     plan = compile_plan(recipe, vocab_size=tokenizer.vocab_size, world_size=dist.world,
                         sources={n: source_stats(s) for n, s in sources.items()}, device=device,
-                        tokenizer_fingerprint=tokenizer.fingerprint, previews=previews(recipe), run_dir=run_dir)
+                        tokenizer_fingerprint=tokenizer.fingerprint, previews=previews(recipe), run_dir=run_dir,
+                        notes=notes)
     if not follower:
         _write_atomic(run_dir / "plan.json", json.dumps(plan.to_json(), indent=1))
     if device.type == "cpu" and max((sp.est_peak_memory_bytes for sp in plan.stages), default=0) > HANDS_BACK:
@@ -87,8 +91,10 @@ def source_stats(src) -> SourceStats:
         train, val = src.train, src.val
         return SourceStats(src.documents, int(train.offsets[-1] - train.offsets[0]),
                            int(val.offsets[-1] - val.offsets[0]), skipped=src.skipped, filtered=src.filtered,
+                           reasons=src.reasons,
                            examples=train, val_examples=val)
-    return SourceStats(src.documents, len(src.train), len(src.val), skipped=src.skipped, filtered=src.filtered)
+    return SourceStats(src.documents, len(src.train), len(src.val), skipped=src.skipped, filtered=src.filtered,
+                       reasons=src.reasons)
 
 
 def lock_run_dir(run_dir: Path):
@@ -127,6 +133,7 @@ def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1, processes:
     and the cache already have them, estimates from file sizes otherwise. processes: how many
     share this machine; device: another machine's (--target), else this one's."""
     target, device = device is not None, device or detect_device(recipe.runtime, processes=processes)
+    recipe, notes = resolve_formats(recipe, planning=True)
     if not target or device.type == "cpu":  # a GPU target's thread count is nothing to set here
         _set_threads(device.threads)
     tok_path = tokenizer_file(run_dir / "tokenizer")
@@ -163,7 +170,8 @@ def estimate_plan(recipe: Recipe, run_dir: Path, world_size: int = 1, processes:
                         tokenizer_fingerprint=tokenizer.fingerprint if tokenizer else None, previews=previews(recipe),
                         warnings=[f"model.init.hf: {e.message}; the plan sizes the run from its config.json, and "
                                   "`run` needs them" for e in [_weights_problem(recipe)] if e],
-                        run_dir=None if target else run_dir)  # this disk says nothing of another machine's
+                        run_dir=None if target else run_dir,  # this disk says nothing of another machine's
+                        notes=notes)
 
 
 def _weights_problem(recipe: Recipe) -> CheckpointError | None:

@@ -71,6 +71,14 @@ class Kind:
     def build_model(self, cfg) -> torch.nn.Module:
         return Transformer(cfg)
 
+    def wrong_format(self, source: str, data_format: str) -> str:
+        """Why it cannot train on a source of `data_format` (the recipe loader's and run/resolve.py's
+        words): "an sft stage trains on chat, sharegpt or alpaca data; source 'x' is text"."""
+        names = self.formats
+        either = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else list(names))
+        return (f"{'an' if self.name[:1] in 'aeios' else 'a'} {self.name} stage trains on {either} data; "
+                f"source {source!r} is {data_format}")
+
     def sequences(self, options, data_format: str | None = None) -> int:
         """Sequences one row holds (a dpo row is a pair: 2), on data of the stage's format."""
         return 1
