@@ -3,6 +3,7 @@ and (with --scale) peak memory preparing and training on a corpus much larger th
 
     python benchmarks/data.py              # ~50 MB corpus from the Python standard library
     python benchmarks/data.py --scale 2G   # also: a 2 GB corpus, peak RSS of prepare and of training
+    python benchmarks/data.py --hub 1G     # also: a 1 GB Hub-style parquet dataset, as files and through `datasets`
 
 Targets on a 2-core CPU: >= 8 MB/s tokenizing, cache hit < 1 s, sampler < 2% of a training step,
 peak RSS < 1 GB for a 2 GB corpus. Prints figures; asserts nothing.
@@ -161,10 +162,55 @@ stages:
               f"{time.perf_counter() - start:6.1f} s                target < 1 GB")
 
 
+def hub_style(work: Path, tok: Tokenizer, size: int) -> None:
+    """A dataset laid out as the Hub ships one (FineWeb's shape: data/train-0000i-of-0000n.parquet
+    shards of ~256 MB, a text column beside id and url columns), tokenized from its parquet files
+    (data.<name>.path) and through `datasets` (data.<name>.hf, which first turns it into Arrow
+    files in its cache, once); MB/s of text, tokenizing only, and the `datasets` load apart."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sample = [p.read_text() for p in sorted((work / "sample").iterdir())]
+    docs = [d for text in sample for d in text.split("\n\n\n") if d.strip()]
+    shard_bytes, n_shards = 256 << 20, max(1, -(-size // (256 << 20)))
+    repo = work / "hub-dataset"
+    (repo / "data").mkdir(parents=True)
+    written, i = 0, 0
+    for k in range(n_shards):
+        with pq.ParquetWriter(repo / f"data/train-{k:05d}-of-{n_shards:05d}.parquet",
+                              pa.schema([("text", pa.string()), ("id", pa.string()), ("url", pa.string())])) as w:
+            shard = 0
+            while shard < min(shard_bytes, size - written):
+                batch = [docs[(i + j) % len(docs)] for j in range(2000)]
+                w.write_table(pa.table({"text": batch, "id": [f"<urn:{i + j}>" for j in range(2000)],
+                                        "url": [f"https://example.org/{i + j}" for j in range(2000)]}))
+                i += 2000
+                n = sum(len(d.encode()) for d in batch)
+                shard, written = shard + n, written + n
+    print(f"hub-style  {written / 2**20:8.1f} MB of text in {n_shards} parquet shards "
+          f"({sum(p.stat().st_size for p in (repo / 'data').iterdir()) / 2**20:.0f} MB on disk)")
+    os.environ["HF_DATASETS_CACHE"] = str(work / "hf-cache")
+    start = time.perf_counter()
+    from llmforge.data.hub import hub_files
+    hub_files("bench", str(repo), None, None, None)
+    print(f"datasets   load into its Arrow cache (once per dataset version): {time.perf_counter() - start:6.1f} s")
+    for label, spec in (("parquet files (path:)", SourceSpec(path=str(repo / "data"), format="parquet")),
+                        ("datasets' Arrow (hf:)", SourceSpec(hf=str(repo), format="parquet"))):
+        os.environ["LLMFORGE_CACHE"] = str(work / f"cache-hub-{label[:4]}")
+        start = time.perf_counter()
+        src = prepare_source("bench", spec, work, tok)
+        cold = time.perf_counter() - start
+        print(f"tokenize   {written / 2**20:8.1f} MB in {cold:6.1f} s = {written / 2**20 / cold:6.1f} MB/s "
+              f"({len(src.tokens) / cold / 1e6:.2f} M tokens/s, {src.documents:,} documents; {label}, "
+              f"{os.cpu_count()} workers)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="50M", help="corpus size for the throughput test (default 50M)")
     parser.add_argument("--scale", default=None, help="also measure memory on a corpus this big, e.g. 2G")
+    parser.add_argument("--hub", default=None, help="also tokenize a Hub-style parquet dataset this big, e.g. 1G")
+    parser.add_argument("--only-hub", action="store_true", help="with --hub: skip the other measurements")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llmforge-bench-"))
     try:
@@ -174,7 +220,10 @@ def main() -> None:
                                    type="bpe", vocab_size=2048, sample_bytes=10 << 20)
         tok = Tokenizer.load(tok_path)
         print(f"machine    {os.cpu_count()} CPUs; tokenizer: sentencepiece bpe, 2048 tokens")
-        throughput(work, tok, parse_count(args.size))
+        if not args.only_hub:
+            throughput(work, tok, parse_count(args.size))
+        if args.hub:
+            hub_style(work, tok, parse_count(args.hub))
         if args.scale:
             scale(work, tok_path, parse_count(args.scale))
     finally:

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .core.durable import NO_SPACE, PATH_ERRORS
-from .errors import Interrupted, LlmforgeError, PeerFailed
+from .errors import Interrupted, LlmforgeError, PeerFailed, PlanError
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train language models from one declarative YAML recipe.")
@@ -303,24 +303,55 @@ def chat(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
 
 @app.command(name="eval")
 def eval_(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
-          task: Optional[List[str]] = typer.Option(None, "--task", help="Task eval to run (repeatable; "
-                                                   "default: the stage's eval.tasks). Known: world-qa."),
+          tasks: Optional[str] = typer.Option(None, "--tasks", help="Tasks to run, comma-separated (default: the "
+                                              "stage's eval.tasks): world-qa, or any lm-eval task (arc_easy, "
+                                              "hellaswag, mmlu, gsm8k...; needs llmforge[eval])."),
+          task: Optional[List[str]] = typer.Option(None, "--task", help="A task to run (repeatable; as --tasks)."),
+          limit: Optional[int] = typer.Option(None, "--limit", min=1, help="lm-eval tasks: at most N documents each."),
+          num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", min=0,
+                                                    help="lm-eval tasks: examples in each prompt."),
+          apply_chat_template: bool = typer.Option(False, "--apply-chat-template",
+                                                   help="lm-eval tasks: prompt through the stage's chat template."),
+          include_path: Optional[Path] = typer.Option(None, "--include-path",
+                                                      help="lm-eval tasks: a folder of task YAMLs of your own."),
           as_json: bool = typer.Option(False, "--json", help="Print the results as JSON.")):
     """Measure a finished stage on its held-out data (val loss/bpb; dpo: reward accuracy) and
-    its task evals."""
+    its task evals: llmforge's and lm-evaluation-harness's (results in the stage's eval.json too)."""
     with user_errors():
         from .output.progress import Reporter, render_results
         from .run.evaluation import evaluate_stage
 
+        names = [t.strip() for t in (tasks or "").split(",") if t.strip()] + list(task or []) or None
+        options = {"limit": limit, "num_fewshot": num_fewshot, "apply_chat_template": apply_chat_template or None,
+                   "include_path": str(include_path.resolve()) if include_path else None}
         reporter = Reporter(err if as_json else None)  # --json: stdout holds the JSON alone
         try:
-            results = evaluate_stage(run_dir, stage, task, reporter)
+            results = evaluate_stage(run_dir, stage, names, reporter, options)
         finally:
             reporter.close()
         if as_json:
             sys.stdout.write(json.dumps(results, indent=1) + "\n")
         else:
             render_results([results], reporter.console, title=f"{run_dir}: stage {results['stage']}")
+
+
+@app.command(name="lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                             "help_option_names": []})
+def lm_eval_(ctx: typer.Context):
+    """lm-evaluation-harness's own command line with llmforge's model registered: `llmforge lm-eval
+    --model llmforge --model_args run=runs/x,stage=sft --tasks arc_easy` (every argument goes to
+    lm-eval unchanged; `--help` is lm-eval's)."""
+    with user_errors():
+        try:
+            from lm_eval.__main__ import cli_evaluate
+
+            from .tasks import harness  # noqa: F401  (registers --model llmforge)
+        except ImportError as e:
+            if "lm_eval" not in str(e):
+                raise
+            raise PlanError("lm-eval: needs lm-evaluation-harness", hint="pip install 'llmforge[eval]'") from None
+        sys.argv = ["lm-eval", *ctx.args]
+        cli_evaluate()
 
 
 @app.command()

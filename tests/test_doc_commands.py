@@ -86,6 +86,10 @@ class Project:
         pq.write_table(pa.table({"text": make_corpus(20000).split(". ")}), shards / "000.parquet")
         write_chat_data(root / "data", n=200)
         write_dataset_stand_ins(root / "data", self.home / ".cache/huggingface/datasets")
+        from llmforge.data.world import multiple_choice  # evaluation.md's task of your own reads it
+
+        (root / "evals").mkdir()
+        (root / "evals/world-mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in multiple_choice()))
         (root / "corpus.txt").write_text(make_corpus(3000))
         (root / "recipe.yaml").write_text(TINY_RECIPE.format(steps=4, every=2))
         (root / "shared").mkdir()

@@ -69,7 +69,7 @@ OK = [msg(U, "q"), msg(A, "a")]
     ({"messages": [msg(U, "q"), "a"]}, "messages[1]: a JSON string, not an object"),
     ({"messages": [{"content": "q"}, msg(A, "a")]}, "messages[0]: no 'role' (fields: content)"),
     ({"messages": [msg(U, "q"), {"role": A, "text": "a"}]}, "messages[1]: no 'content' (fields: role, text)"),
-    ({"messages": [msg(U, "q"), msg("bot", "a")]}, "messages[1]: unknown role 'bot' (known: system, user, assistant)"),
+    ({"messages": [msg(U, "q"), msg("bot", "a")]}, "messages[1]: unknown role 'bot' (known: system, user, assistant, tool)"),
     ({"messages": [msg(U, "q"), msg(A, ["a"])]}, "messages[1]: content is list, not a string"),
     ({"messages": [msg(U, ""), msg(A, "a")]}, "messages[0]: content is empty"),
     ({"messages": [msg(U, "q"), msg(A, " \n\t")]}, "messages[1]: content is only whitespace"),
@@ -135,7 +135,7 @@ def test_sharegpt_speakers_become_roles(tmp_path):
              {"from": "user", "value": "Bye?"}, {"from": "bot", "value": "Bye."}]
     p = write(tmp_path / "s.jsonl", [{"system": "Be terse.", "conversations": turns}])
     assert bad(read_sharegpt, p, format="sharegpt").message == f"{p}:1: conversations[3]: unknown speaker 'bot' " \
-        "(known: system, human, user, gpt, assistant, chatgpt, bing, bard, model)"
+        "(known: system, human, user, gpt, assistant, chatgpt, bing, bard, model, observation, tool, function_call)"
     assert "data.s.role_map, e.g. {bot: user}" in bad(read_sharegpt, p, format="sharegpt").hint
     assert read(read_sharegpt, p, format="sharegpt", role_map={"bot": "assistant"}) == [
         (f"{p}:1", [msg(S, "Be terse."), msg(U, "Hi"), msg(A, "Hello."), msg(U, "Bye?"), msg(A, "Bye.")])]
@@ -214,7 +214,7 @@ def test_preference_forms(tmp_path):
      "field 'chosen' is a list of 0 messages, not one assistant message"),
     ({"prompt": "q", "chosen": "a", "rejected": [msg(U, "b")]}, "rejected[0]: a 'user' message, not 'assistant'"),
     ({"prompt": "q", "chosen": "a", "rejected": [msg("bot", "b")]},
-     "rejected[0]: unknown role 'bot' (known: system, user, assistant)"),
+     "rejected[0]: unknown role 'bot' (known: system, user, assistant, tool)"),
 ])
 def test_preference_bad_records(tmp_path, record, reason):
     p = write(tmp_path / "d.jsonl", [record])

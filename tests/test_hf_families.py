@@ -68,8 +68,10 @@ def test_template_gives_apply_chat_templates_ids_and_learns_the_replies(family):
         elif run:
             runs, run = runs + [tok.decode(run)], []
     end = template.end_of_turn
+    # Qwen3 writes an empty thought before the last reply: the model learns to write it too.
+    thought = "<think>\n\n</think>\n\n" if name == "qwen3" else ""
     assert [re.sub(r"^\s+", "", r) for r in runs + ([tok.decode(run)] if run else [])] == \
-        [f"In city3.{end}", f"In city4. A pet4.{end}"]
+        [f"In city3.{end}", f"{thought}In city4. A pet4.{end}"]
     assert template.stop_ids(tok)[0] == tok.special_id(end)
     # A message that spells the end of turn cannot end it: it is text.
     clean, forged = ([{"role": "user", "content": text}, {"role": "assistant", "content": "Yo"}]

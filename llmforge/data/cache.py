@@ -40,7 +40,8 @@ from .spec import SourceSpec
 CACHE_VERSION = 5
 _BATCH_BYTES = 1 << 20  # ~1 MB of text per encode call: big enough to amortize, small to bound memory
 # Options that change which documents a source yields (val_fraction only moves the split point).
-_SHAPING = {"builtin", "format", "split", "field", "role_map", "prompt_field", "response_field", "min_chars",
+_SHAPING = {"builtin", "hf", "subset", "revision", "format", "split", "field", "role_map", "train_on_reasoning",
+            "prompt_field", "response_field", "min_chars",
             "max_chars", "on_error", "max_bytes", "val_fraction"}
 
 

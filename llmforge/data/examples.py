@@ -6,12 +6,14 @@ documents.json_records so that encoding and JSON problems read exactly as the js
 the rows of parquet and Arrow files (columnar.py; a Hugging Face dataset's shards). Each
 example is checked whole here (roles, turn order, non-empty text), because the chat template
 (llmforge/text/chat.py) renders what it is given without looking; a bad one goes to report.bad as
-"path:line: messages[2]: ...", naming the message at fault. Messages come out as plain
-{"role", "content"} dicts: other keys (name, weight, tool calls...) are dropped.
+"path:line: messages[2]: ...", naming the message at fault. Messages come out as {"role",
+"content"} dicts, with an assistant's `tool_calls` (arguments parsed from JSON) and
+`reasoning_content`, and a tool result's `tool_call_id` and `name`; other keys are dropped.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -20,7 +22,18 @@ from .columnar import SUFFIXES as COLUMNAR, columnar_records
 from .documents import json_records, json_type, listing, valid_unicode
 from .format import Pieces, Report, Source
 
-Messages = list[dict]  # [{"role": "system" | "user" | "assistant", "content": str}]
+Messages = list[dict]  # [{"role": "system" | "user" | "assistant" | "tool", "content": str, ...}]
+
+
+class Conversation(list):
+    """A chat example's messages, with what the chat template renders beside them: the tools the
+    assistant may call (a per-conversation `tools` list), and whether its reasoning is learned."""
+    tools: list | None = None
+    learn_reasoning: bool = True
+
+
+# The roles a message may have: the chat template's, and a tool's result (after an assistant's calls).
+MESSAGE_ROLES = (*ROLES, "tool")
 Preference = tuple[Messages, str, str]  # (prompt messages, chosen reply, rejected reply)
 Unpaired = tuple[Messages, str, bool]  # (prompt messages, reply, whether it is a good one)
 Prompt = tuple[Messages, "str | None"]  # (prompt messages, reference answer or None)
@@ -35,12 +48,15 @@ _PAIR_HINT = 'a preference record is like {"prompt": "...", "chosen": "...", "re
 _UNPAIRED = '{"prompt": "...", "completion": "...", "label": true}'
 _UNPAIRED_HINT = f"an unpaired record is like {_UNPAIRED} (label true: a good reply, false: a bad one)"
 _TEXT_HINT = "every turn needs its text, as a non-empty string"
+_TOOLS_HINT = ("an assistant turn with tool_calls is followed by one tool message per call, then the assistant "
+               "answers")
 _TURN = '{"from": "human", "value": "..."}'
 _ALPACA = '{"instruction": "...", "input": "..." (optional), "output": "..."}'
 _ALPACA_HINT = f"an alpaca record is like {_ALPACA}"
 # ShareGPT's speakers (and the names its variants use) as roles; data.<name>.role_map adds others.
 SPEAKERS = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-            "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant"}
+            "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+            "observation": "tool", "tool": "tool", "function_call": "assistant"}
 
 
 class _Bad(Exception):
@@ -54,7 +70,8 @@ def read_chat(path: Path, spec: Source, report: Report) -> Iterator[tuple[str, M
     renamed = dict(spec.role_map or {})  # roles by other names (human, bot...)
 
     def parse(record: dict) -> Messages:
-        return _conversation(_get(record, field, hint), field, last="assistant", renamed=renamed)
+        messages = _conversation(_get(record, field, hint), field, last="assistant", renamed=renamed)
+        return _with_tools(messages, record, spec)
     return _read(path, report, f'{{"{field}": [{_MESSAGE}, ...]}}', parse, message_contents)
 
 
@@ -74,7 +91,7 @@ def read_sharegpt(path: Path, spec: Source, report: Report) -> Iterator[tuple[st
         system = record.get("system")
         if isinstance(system, str) and system.strip() and not (messages and messages[0]["role"] == "system"):
             messages = [{"role": "system", "content": system}] + messages
-        return _conversation(messages, field, last="assistant")
+        return _with_tools(_conversation(messages, field, last="assistant"), record, spec)
     return _read(path, report, like, parse, message_contents)
 
 
@@ -189,7 +206,12 @@ def _read(path: Path, report: Report, like: str, parse: Callable, contents: Call
 
 
 def message_contents(messages: Messages) -> list[str]:
-    return [m["content"] for m in messages]
+    """The text a conversation is made of (for tokenizer training and the length filter): its
+    contents, reasoning and tool calls (as JSON), and its tools' schemas."""
+    out = [m["content"] for m in messages if m["content"]] + \
+        [m["reasoning_content"] for m in messages if "reasoning_content" in m] + \
+        [json.dumps(call["function"], ensure_ascii=False) for m in messages for call in m.get("tool_calls", ())]
+    return out + [json.dumps(t, ensure_ascii=False) for t in getattr(messages, "tools", None) or ()]
 
 
 def pair_contents(example: Preference) -> list[str]:
@@ -232,10 +254,68 @@ def _message(value, at: str, renamed: dict | None = None) -> dict:
     role = value["role"]
     if renamed and isinstance(role, str):
         role = renamed.get(role, role)
-    if role not in ROLES:
-        raise _Bad(f"{at}: unknown role {role!r} (known: {', '.join(ROLES)})",
+    if role not in MESSAGE_ROLES:
+        raise _Bad(f"{at}: unknown role {role!r} (known: {', '.join(MESSAGE_ROLES)})",
                    "name other roles (human, gpt, bot...) as system, user or assistant with the source's role_map")
-    return {"role": role, "content": _text(value["content"], f"{at}: content")}
+    calls = value.get("tool_calls") if role == "assistant" else None
+    content = value["content"]
+    if calls and content in (None, ""):  # a turn that only calls tools
+        message = {"role": role, "content": ""}
+    else:
+        message = {"role": role, "content": _text(content, f"{at}: content")}
+    if calls:
+        message["tool_calls"] = _tool_calls(calls, f"{at}: tool_calls")
+    if role == "assistant" and value.get("reasoning_content") not in (None, ""):
+        message["reasoning_content"] = _text(value["reasoning_content"], f"{at}: reasoning_content")
+    if role == "tool":
+        message |= {k: value[k] for k in ("tool_call_id", "name") if isinstance(value.get(k), str)}
+    return message
+
+
+def _tool_calls(value, at: str) -> list[dict]:
+    """An assistant's tool calls as chat templates take them: [{"type": "function", "function":
+    {"name", "arguments": an object}}] (OpenAI's arguments, a JSON string, parsed)."""
+    hint = 'tool_calls is a list like [{"type": "function", "function": {"name": "...", "arguments": {...}}}]'
+    if not isinstance(value, list):
+        raise _Bad(f"{at} is {json_type(value)}, not a list", hint)
+    calls = []
+    for k, call in enumerate(value):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise _Bad(f"{at}[{k}]: no function name", hint)
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            arguments = _json_value(arguments, f"{at}[{k}].function.arguments", "a call's arguments are a JSON object "
+                                    "(or a string holding one, as OpenAI writes them)")
+        if not isinstance(arguments, dict):
+            raise _Bad(f"{at}[{k}].function.arguments is {json_type(arguments)}, not an object", hint)
+        calls.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+                     | ({"id": call["id"]} if isinstance(call.get("id"), str) else {}))
+    return calls
+
+
+def _json_value(text, at: str, hint: str):
+    if isinstance(text, (dict, list)):
+        return text
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError) as e:
+        raise _Bad(f"{at} is not JSON ({e})", hint) from None
+
+
+def _with_tools(messages: Messages, record: dict, spec: Source) -> Conversation:
+    """The messages as a Conversation, with the record's `tools` (a list of tool schemas, or a
+    string holding one as LLaMA-Factory writes it) and the source's train_on_reasoning."""
+    out = Conversation(messages)
+    tools = record.get("tools")
+    if tools not in (None, "", []):
+        tools = _json_value(tools, "field 'tools'", "tools is a list of tool schemas, like "
+                            '[{"type": "function", "function": {"name": "...", "parameters": {...}}}]')
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise _Bad("field 'tools' is not a list of objects", "tools is a list of tool schemas")
+        out.tools = tools
+    out.learn_reasoning = getattr(spec, "train_on_reasoning", True)
+    return out
 
 
 def _speaker_turn(value, at: str, speakers: dict, source: str) -> dict:
@@ -248,6 +328,10 @@ def _speaker_turn(value, at: str, speakers: dict, source: str) -> dict:
     if not isinstance(value["from"], str) or value["from"] not in speakers:
         raise _Bad(f"{at}: unknown speaker {value['from']!r} (known: {', '.join(speakers)})",
                    f"name its role with data.{source}.role_map, e.g. {{{value['from']}: user}}")
+    if value["from"] == "function_call":  # LLaMA-Factory's: the call as JSON, {"name": ..., "arguments": ...}
+        call = _json_value(value["value"], f"{at}: value", "a function_call turn's value is the call as JSON, "
+                           '{"name": "...", "arguments": {...}}')
+        return {"role": "assistant", "content": "", "tool_calls": [{"function": call}]}
     return {"role": speakers[value["from"]], "content": value["value"]}
 
 
@@ -262,7 +346,7 @@ def _conversation(value, name: str, last: str, renamed: dict | None = None) -> M
         raise _Bad(f"field {name!r} is an empty list", _TURNS_HINT)
     hint = _TURNS_HINT if last == "assistant" else _PROMPT_HINT
     messages = [_message(m, f"{name}[{i}]", renamed) for i, m in enumerate(value)]
-    previous = None
+    previous, calling = None, False  # calling: the assistant's last turn called tools, whose results come next
     for i, m in enumerate(messages):
         role, at = m["role"], f"{name}[{i}]"
         if role == "system":
@@ -271,8 +355,15 @@ def _conversation(value, name: str, last: str, renamed: dict | None = None) -> M
         elif previous in (None, "system"):
             if role != "user":
                 raise _Bad(f"{at}: the first turn is {role!r}, not 'user'", hint)
-        elif role == previous:
-            raise _Bad(f"{at}: two {role!r} turns in a row", hint)
+        elif role == "tool":
+            if previous != "tool" and not calling:
+                raise _Bad(f"{at}: a tool result with no tool call before it", _TOOLS_HINT)
+        elif calling and role != "tool":
+            raise _Bad(f"{at}: a {role!r} turn where the results of the tool calls before it belong", _TOOLS_HINT)
+        elif role == previous or (previous == "tool" and role != "assistant"):
+            raise _Bad(f"{at}: two {role!r} turns in a row" if role == previous else
+                       f"{at}: a {role!r} turn after tool results (the assistant answers them)", hint)
+        calling = role == "assistant" and bool(m.get("tool_calls"))
         previous = role
     if previous != last:
         raise _Bad(f"{name}[{len(messages) - 1}]: the last turn is {previous!r}, not {last!r}", hint)

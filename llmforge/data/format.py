@@ -20,6 +20,7 @@ class Source(Protocol):
     response_field: str
     answer_field: str
     role_map: dict | None
+    train_on_reasoning: bool
 
 
 class Report(Protocol):

@@ -39,7 +39,9 @@ class SourceSpec(Spec):
     answer_field: str = "answer"  # prompt: the reference answer (optional in each record)
     response_field: str = "response"  # prompt_response: the assistant's turn
     # chat, sharegpt: other role or speaker names as system, user or assistant ({human: user, bot: assistant})
-    role_map: dict[str, Literal["system", "user", "assistant"]] | None = None
+    role_map: dict[str, Literal["system", "user", "assistant", "tool"]] | None = None
+    # chat, sharegpt: an assistant's reasoning (reasoning_content, or <think>...</think>) is learned with its reply
+    train_on_reasoning: bool = True
     min_chars: Count = 0  # documents shorter than this are dropped
     max_chars: PositiveCount | None = None  # documents longer than this are dropped
     on_error: Literal["fail", "skip"] = "fail"  # skip: bad records are counted and reported, not fatal
@@ -81,9 +83,10 @@ class SourceSpec(Spec):
             instead = [k for k in keys if k.endswith("_field")]
             raise ValueError(f"field does not apply to {self.format} data"
                              + (f" (use {' and '.join(instead)})" if instead else ""))
-        if self.role_map is not None and "role_map" not in keys:
-            having = ", ".join(name for name, f in FORMATS.items() if "role_map" in f.keys)
-            raise ValueError(f"role_map applies to {having} sources, not {self.format}")
+        for key in ("role_map", "train_on_reasoning"):
+            if getattr(self, key) != type(self).model_fields[key].default and key not in keys:
+                having = ", ".join(name for name, f in FORMATS.items() if key in f.keys)
+                raise ValueError(f"{key} applies to {having} sources, not {self.format}")
         return self
 
     @property

@@ -276,6 +276,15 @@ def qa_prompts() -> list[dict]:
     return items
 
 
+def multiple_choice() -> list[dict]:
+    """qa_prompts as multiple choice, the shape an lm-eval task reads (docs/evaluation.md): each
+    question, the canonical answer sentence for every value of its attribute, and the true one's
+    index."""
+    return [{"question": item["messages"][0]["content"],
+             "choices": [answer(item["name"], item["attribute"], v) for v in VALUES[item["attribute"]]],
+             "answer": VALUES[item["attribute"]].index(item["answer"])} for item in qa_prompts()]
+
+
 def score_reply(item: dict, reply: str, ended: bool) -> dict[str, bool]:
     """format: the turn ended and the reply opens with the canonical sentence for the asked name
     and attribute, with any of the attribute's values, followed by nothing or one filler.

@@ -353,7 +353,20 @@ def result_columns(results: list[dict]) -> list[tuple[str, str, bool]]:
     columns = [c for c in _RESULT_COLUMNS if any(c[0] in r for r in results)]
     extra = sorted({k for r in results for k in r if "/" in k and not k.startswith(("val", "data/"))}
                    - {c[0] for c in columns})
-    return columns + [(k, k, True) for k in extra]  # other tasks' scores
+    return columns + [(k, *_heading(k)) for k in extra]  # other tasks' scores
+
+
+# lm-eval's metrics that are shares of documents (others are perplexities, bits per byte...)
+_SHARES = ("acc", "acc_norm", "exact_match", "f1", "em", "mc1", "mc2", "pass@1")
+
+
+def _heading(key: str) -> tuple[str, bool]:
+    """A task figure's column heading, and whether it is a share: "lm-eval/arc_easy/acc_norm" ->
+    ("arc_easy acc_norm", True)."""
+    if key.startswith("lm-eval/"):
+        _, task, metric = key.split("/", 2)
+        return f"{task} {metric}", metric.split(":")[0] in _SHARES
+    return key, True
 
 
 def render_results(results: list[dict], console: Console, title: str = "results on held-out data") -> None:
@@ -366,7 +379,8 @@ def render_results(results: list[dict], console: Console, title: str = "results 
     for _, heading, _ in columns:
         table.add_column(heading, justify="right")
     for r in results:
-        cells = ["-" if k not in r else f"{r[k]:.0%}" if pct else f"{r[k]:.4f}" for k, _, pct in columns]
+        cells = ["-" if k not in r else f"{r[k]:.0%}" if pct else f"{r[k]:.4f}" if abs(r[k]) < 1e4 else f"{r[k]:.4g}"
+                 for k, _, pct in columns]
         table.add_row(f"{r['stage']} ({r['kind']})" if "kind" in r else r["stage"], *cells)
     console.print(table)
 

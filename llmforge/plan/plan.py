@@ -75,6 +75,7 @@ class StagePlan:
     checkpoint_keep: int
     log_every: int
     tasks: tuple[str, ...]  # task evals on the final weights
+    task_options: dict  # how its lm-eval tasks run (eval.lm_eval; include_path made absolute)
     mix: tuple[SourcePlan, ...]
     flops: float
     est_peak_memory_bytes: int
@@ -310,6 +311,7 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
         optimizer=opt.model_dump(mode="json", exclude={"lr"}),
         eval_every=spec.eval.every, eval_tokens=spec.eval.tokens, checkpoint_every=spec.checkpoint.every,
         checkpoint_keep=spec.checkpoint.keep, log_every=recipe.runtime.log_every, tasks=tuple(spec.eval.tasks),
+        task_options=_lm_eval_options(spec, recipe),
         mix=mix, flops=flops, est_peak_memory_bytes=memory,
         activation_checkpointing=checkpointing, seq_len_from=seq_len_from,
         est_time_s=estimate_time(recompute * flops / world_size, cfg, micro * per_row // seq_len, seq_len, device,
@@ -326,6 +328,14 @@ def _synced_bytes(cfg: ModelConfig, trainable: int, sharded: bool) -> float:
     all-reduces the fp32 gradients of what trains; FSDP all-gathers the bf16 weights twice
     (forward and backward) and reduce-scatters the gradients."""
     return 2 * 2 * cfg.num_params() + 4 * trainable if sharded else 2 * 4 * trainable
+
+
+def _lm_eval_options(spec, recipe: Recipe) -> dict:
+    options = spec.eval.lm_eval.model_dump()
+    if options["include_path"]:
+        path = Path(options["include_path"]).expanduser()
+        options["include_path"] = str(path if path.is_absolute() else recipe.base_dir / path)
+    return options
 
 
 def _format(recipe: Recipe, spec) -> str:

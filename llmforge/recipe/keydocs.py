@@ -104,8 +104,12 @@ MEANINGS = {
         "`text`); chat: the field that holds the message list (default `messages`); sharegpt: the field that "
         "holds the turns (default `conversations`). Not for alpaca, prompt_response or preference",
     "data.<name>.role_map":
-        "chat, sharegpt: other role or speaker names as `system`, `user` or `assistant`, e.g. `{bot: assistant}` "
-        "(sharegpt already knows `human`, `gpt`, `system` and the usual variants)",
+        "chat, sharegpt: other role or speaker names as `system`, `user`, `assistant` or `tool`, e.g. `{bot: "
+        "assistant}` (sharegpt already knows `human`, `gpt`, `system`, `function_call`, `observation` and the usual "
+        "variants)",
+    "data.<name>.train_on_reasoning":
+        "chat, sharegpt: an assistant's reasoning (`reasoning_content`, or `<think>...</think>` in its content) is "
+        "learned with its reply; `false` learns the reply and tool calls alone (the `<think>` tags stay learned)",
     "data.<name>.prompt_field": "prompt_response, prompt: the field that holds the user's turn",
     "data.<name>.answer_field": "prompt: the field that holds the reference answer (optional in each record)",
     "data.<name>.response_field": "prompt_response: the field that holds the assistant's turn",
@@ -203,8 +207,14 @@ MEANINGS = {
         "held-out tokens per eval (the same rows every time; sft: rows of `seq_len`, dpo: pairs of 2 x "
         "`seq_len`)",
     "stages[].eval.tasks":
-        "task evals run on the stage's final weights, once it is done: `world-qa` (below). Needs "
-        "`tokenizer.chat_template`",
+        "task evals run on the stage's final weights, once it is done: `world-qa` (below; needs "
+        "`tokenizer.chat_template`), and any lm-evaluation-harness task as `lm-eval:TASK` (`lm-eval:arc_easy`, "
+        "`lm-eval:hellaswag`; `pip install 'llmforge[eval]'`, see [docs/evaluation.md](evaluation.md))",
+    "stages[].eval.lm_eval.limit": "at most this many documents of each task (a quick look, not a benchmark figure)",
+    "stages[].eval.lm_eval.num_fewshot": "examples in each prompt (default: the task's own)",
+    "stages[].eval.lm_eval.apply_chat_template":
+        "prompt through the stage's chat template, as lm-eval's `--apply_chat_template`",
+    "stages[].eval.lm_eval.include_path": "a folder of task YAMLs of your own, relative to the recipe",
     "stages[].checkpoint.every": "steps between checkpoints; 0: only at the end",
     "stages[].checkpoint.keep": "newest checkpoints kept",
     "stages[].adapter":

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from ..data.builtins import BUILTINS
 from ..errors import RecipeError
 from ..stages import KINDS
+from ..tasks import TASKS
 from .extends import read_recipe
 from .imported import import_model
 from .reading import Loc, format_loc
@@ -272,7 +273,8 @@ def _check_references(data: dict) -> list[tuple[Loc, str]]:
             problems.append((("stages", i, "kind"), f"{_a(kind.name)} {kind.name} stage needs tokenizer.chat_template "
                              "(e.g. chat_template: default)"))
         tasks = isinstance(stage.get("eval"), dict) and stage["eval"].get("tasks")
-        if tasks and no_template:
+        own = isinstance(tasks, list) and any(t in TASKS for t in tasks if isinstance(t, str))  # lm-eval's need none
+        if own and no_template:
             problems.append((("stages", i, "eval", "tasks"), "task evals prompt the model through the chat "
                              "template: set tokenizer.chat_template (e.g. chat_template: default)"))
         elif tasks and kind and not kind.generates:

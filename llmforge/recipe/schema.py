@@ -21,7 +21,7 @@ from ..data.spec import SourceSpec
 from ..model.families import FAMILIES, PRESETS
 from ..optim import OPTIMIZERS
 from ..stages import KINDS
-from ..tasks import TASKS
+from ..tasks import LM_EVAL_TASK, TASKS
 
 
 class ChatTemplateSpec(Spec):
@@ -184,10 +184,20 @@ class ScheduleSpec(Spec):
     min_lr: NumberOrPercent = "10%"  # absolute, or a share of optimizer.lr
 
 
+class LmEvalSpec(Spec):
+    """How a stage's lm-eval tasks run (llmforge/tasks/harness.py)."""
+    limit: PositiveCount | None = None  # at most this many documents of each task
+    num_fewshot: Count | None = None  # examples in each prompt (default: the task's own)
+    apply_chat_template: bool = False  # prompt through the chat template, as lm-eval's --apply_chat_template
+    include_path: str | None = None  # a folder of task YAMLs of your own (relative to the recipe)
+
+
 class EvalSpec(Spec):
     every: Count = 0  # steps between evals; 0: only at the start and the end
     tokens: PositiveCount = 65536  # held-out tokens per eval
-    tasks: list[Literal[tuple(TASKS)]] = []  # task evals run once the stage is done (generation: slower)
+    # task evals run once the stage is done (generation: slower): llmforge's, and lm-eval's named lm-eval:TASK
+    tasks: list[Literal[tuple(TASKS)] | Annotated[str, Field(pattern=LM_EVAL_TASK)]] = []
+    lm_eval: LmEvalSpec = LmEvalSpec()
 
 
 class CheckpointSpec(Spec):

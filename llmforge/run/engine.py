@@ -244,7 +244,7 @@ def _finish(ctx: Context, sp: StagePlan, root: Path, model, weights: dict, last_
             set_weights(model, weights, root / "final")
             model.to(ctx.plan.device.type)
         with autocast(ctx.plan.device):  # the run's device and precision, as its training
-            scores = run_tasks(sp.tasks, model.eval(), ctx.tokenizer, ctx.template)
+            scores = run_tasks(sp.tasks, model.eval(), ctx.tokenizer, ctx.template, **sp.task_options)
         ctx.reporter.log_eval(sp.steps, scores)
         results |= scores
     config = {"model": ctx.plan.model.to_dict(), "stage": sp.name, "kind": sp.kind,

@@ -16,13 +16,14 @@ import torch
 import yaml
 
 from ..data.cache import prepare_source
-from ..errors import CheckpointError, RecipeError
+from ..errors import CheckpointError
 from ..plan.devices import detect_device
 from ..plan.plan import plan_stage
 from ..recipe.loader import validate_recipe
 from ..recipe.schema import RuntimeSpec
 from ..store.final import check_language_model, find_stage, load_model, load_trained
-from ..tasks import TASKS, run_tasks
+from ..store.runs import record_later
+from ..tasks import run_tasks
 from ..text.templates import template_from_spec
 from ..text.tokenizer_json import load_tokenizer
 from .engine import build_stage, eval_batches, stage_inputs
@@ -42,11 +43,11 @@ def load_run_recipe(run_dir: Path):
     return resolve_formats(recipe)[0]  # a run from before format: auto was written without it
 
 
-def evaluate_stage(run_dir: Path, stage: str | None, tasks: list[str] | None = None, reporter=None) -> dict:
+def evaluate_stage(run_dir: Path, stage: str | None, tasks: list[str] | None = None, reporter=None,
+                   lm_eval: dict | None = None) -> dict:
     """Held-out metrics of a stage's final weights (val loss/bpb; for dpo, reward accuracy against
-    its reference) plus its task evals (the recipe's eval.tasks, or `tasks`)."""
-    if unknown := [t for t in tasks or [] if t not in TASKS]:
-        raise RecipeError([f"--task: unknown task {unknown[0]!r}"], hint=f"known: {', '.join(TASKS)}")
+    its reference) plus its task evals (the recipe's eval.tasks, or `tasks`: llmforge's by name,
+    any other name an lm-eval task, run with the options `lm_eval` sets over eval.lm_eval's)."""
     final = find_stage(run_dir, stage)
     recipe = load_run_recipe(run_dir)
     name = json.loads((final / "config.json").read_text())["stage"]
@@ -70,11 +71,13 @@ def evaluate_stage(run_dir: Path, stage: str | None, tasks: list[str] | None = N
     results = {"stage": name} | evaluate(model, stage.objective, eval_batches(stage.evals), sp.micro_batch,
                                          torch.device(device.type), stage.amp)
     names = sp.tasks if tasks is None else tasks
+    options = sp.task_options | {k: v for k, v in (lm_eval or {}).items() if v is not None}
     if names:
         check_language_model(final)  # task evals generate replies
 
         with _task(reporter, f"task evals: {', '.join(names)}"), stage.amp:
-            results |= run_tasks(names, model, tokenizer, template)
+            results |= run_tasks(names, model, tokenizer, template, **options)
+    record_later(final, {k: v for k, v in results.items() if k != "stage"})  # report and compare show them
     return results
 
 

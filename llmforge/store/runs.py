@@ -7,12 +7,15 @@ report can be made while the run is still writing (a line cut mid-write is skipp
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from ..errors import CheckpointError
+
+LATER = "later-evals.json"  # what `llmforge eval` measured on a finished stage (final_results)
 
 
 @dataclass
@@ -81,7 +84,7 @@ def read_run(run_dir: Path) -> Run:
         stage = StageRun(dir_name, name, kind, steps)
         for record in _lines(folder / "metrics.jsonl"):
             (stage.train if "lr" in record else stage.evals).append(record)
-        stage.results = _json(folder / "final" / "eval.json")
+        stage.results = final_results(folder / "final")
         stage.steps = stage.steps or stage.last_step
         stage.offset, offset = offset, offset + stage.steps
         stages.append(stage)
@@ -122,14 +125,30 @@ def _json(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+def final_results(final: Path) -> dict | None:
+    """A finished stage's figures: final/eval.json as saved when it finished, with what `llmforge
+    eval` measured on those weights since (LATER, beside final/: final/ is sealed as it was written,
+    and later stages may stand on its checksums)."""
+    results = _json(final / "eval.json")
+    return None if results is None else results | (_json(final.parent / LATER) or {})
+
+
+def record_later(final: Path, results: dict) -> None:
+    """Keep figures `llmforge eval` measured on a stage's final weights (merged over earlier ones)."""
+    path = final.parent / LATER
+    tmp = path.with_name(f".tmp-{LATER}-{os.getpid()}")
+    tmp.write_text(json.dumps((_json(path) or {}) | results, indent=1))
+    os.replace(tmp, path)
+
+
 def stage_results(run_dir: Path) -> list[dict]:
-    """Each finished stage's final eval results, as saved when it finished (final/eval.json)."""
+    """Each finished stage's final eval results (final_results)."""
     out = []
     for final in sorted((run_dir / "stages").glob("*/final")):
         try:
-            results = json.loads((final / "eval.json").read_text())
             config = json.loads((final / "config.json").read_text())
         except (OSError, ValueError):
             continue
-        out.append({"stage": config["stage"], "kind": config["kind"]} | results)
+        if (results := final_results(final)) is not None:
+            out.append({"stage": config["stage"], "kind": config["kind"]} | results)
     return out

@@ -3,7 +3,8 @@
 A task runs the model the way a user would (greedy decoding through the chat template), so its
 numbers measure behaviour, not loss. Tasks are chosen by name in a stage's `eval.tasks`; the
 schema's allowed names and the results tables' columns come from TASKS. Adding a task is a
-module here and a line below.
+module here and a line below. Any task of lm-evaluation-harness runs too, named `lm-eval:TASK`
+(harness.py, with the `lm-eval` package).
 """
 
 from __future__ import annotations
@@ -13,16 +14,34 @@ from . import world_qa
 from .task import Task
 
 TASKS: dict[str, Task] = {t.name: t for t in (world_qa.TASK,)}
+LM_EVAL = "lm-eval:"  # an lm-eval task, as eval.tasks names it: lm-eval:arc_easy
+LM_EVAL_TASK = r"^lm-eval:[\w.,-]+$"
 
 
-def run_tasks(names, model, tokenizer, template) -> dict:
-    if template is None:
+def run_tasks(names, model, tokenizer, template, **lm_eval) -> dict:
+    """Each named task's figures: llmforge's own (TASKS) and lm-eval's (lm-eval:TASK, run
+    together in one lm-eval call with the options `lm_eval` gives: limit, num_fewshot...)."""
+    own = [n for n in names if n in TASKS]
+    if own and template is None:
         raise PlanError("eval.tasks: task evals prompt the model through the chat template",
                         hint="set tokenizer.chat_template: default")
     out = {}
-    for name in names:
+    for name in own:
         out |= TASKS[name].run(model, tokenizer, template)
+    if harness := [n.removeprefix(LM_EVAL) for n in names if n not in TASKS]:
+        out |= lm_eval_tasks(harness, model, tokenizer, template, **lm_eval)
     return out
+
+
+def lm_eval_tasks(names: list[str], model, tokenizer, template, **options) -> dict:
+    try:
+        from .harness import run_lm_eval
+    except ImportError as e:
+        if "lm_eval" not in str(e):
+            raise
+        raise PlanError(f"eval.tasks: lm-eval tasks ({', '.join(names)}) need lm-evaluation-harness",
+                        hint="pip install 'llmforge[eval]'") from None
+    return run_lm_eval(model, tokenizer, template, names, **options)
 
 
 def task_columns() -> tuple[tuple[str, str], ...]:

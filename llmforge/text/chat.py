@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from dataclasses import dataclass
+
+from ..errors import TokenizerError
 
 ROLES = ("system", "user", "assistant")
 # (text, is a special token, learned)
@@ -54,12 +57,18 @@ class ChatTemplate(TokenLevel):
     # --- text level: what `plan` previews, and what `encode` turns into ids --------------------------
 
     def segments(self, messages: list[dict], train_on: str = "assistant") -> list[Segment]:
-        """A whole conversation (records are validated by the data readers: roles in order, text)."""
+        """A whole conversation (records are validated by the data readers: roles in order, text).
+        A reply's <think>...</think> reasoning is learned with it unless the conversation says not."""
+        _refuse_tools(messages)
+        reasoning = getattr(messages, "learn_reasoning", True)
         out: list[Segment] = []
         for m in messages:
             learned = train_on == "all" or m["role"] == "assistant"
-            out += [(getattr(self, m["role"]), True, train_on == "all" and bool(out)),
-                    (m["content"], False, learned), (self.end, True, learned)]
+            content = [(m["content"], False, learned)]
+            if learned and not reasoning and train_on != "all":
+                content = [(piece, False, k % 2 == 0) for k, piece in enumerate(_THINK.split(m["content"])) if piece]
+            out += [(getattr(self, m["role"]), True, train_on == "all" and bool(out)), *content,
+                    (self.end, True, learned)]
         return out
 
     def prompt_segments(self, messages: list[dict]) -> list[Segment]:
@@ -89,6 +98,22 @@ class ChatTemplate(TokenLevel):
     def stop_ids(self, tokenizer) -> tuple[int, ...]:
         """Where generation ends: the turn's end tag, or end-of-text."""
         return tokenizer.special_id(self.end), tokenizer.eot_id
+
+
+_THINK = re.compile(r"(?<=<think>)(.*?)(?=</think>)", re.S)  # the reasoning between the tags
+
+
+def _refuse_tools(messages: list[dict]) -> None:
+    """The tag template has no place for tools, their calls and results, or separate reasoning."""
+    what = ("tools" if getattr(messages, "tools", None) else
+            next((f"message {i}'s {k}" for i, m in enumerate(messages) for k in ("tool_calls", "reasoning_content")
+                  if m.get(k)), None) or
+            next((f"message {i}, a tool result" for i, m in enumerate(messages) if m["role"] == "tool"), None))
+    if what:
+        raise TokenizerError(f"the tag chat template (<|user|>...) cannot render {what}",
+                             hint="use a template that renders them: the model folder's own (a Qwen2.5, Qwen3 or "
+                                  "Llama 3.1 folder's), or data without them (reasoning can be <think>...</think> in "
+                                  "the content)")
 
 
 def encode_segments(tokenizer, segments: list[Segment]) -> tuple[list[int], list[bool]]:

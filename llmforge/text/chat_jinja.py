@@ -35,6 +35,7 @@ NAMED = {
                                               "<|eot_id|>"], "variables": {"bos_token": "<|begin_of_text|>"}},
 }
 _MARK = re.compile("\ue000(\\d+)\ue001")  # private-use characters: never in a template's own text
+_THINK = re.compile(r"<think>(.*?)</think>", re.S)  # reasoning as templates write it (Qwen3, DeepSeek-R1)
 # Conversations that show where a template puts each part, and what ends an assistant turn.
 _PROBES = ([{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"},
             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}],)
@@ -45,8 +46,17 @@ class TemplateError(TokenizerError):
 
 
 def _environment():
-    from jinja2.ext import loopcontrols
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """transformers' {% generation %}...{% endgeneration %}: what an assistant writes, for its
+        return_assistant_tokens_mask. llmforge finds the assistant's turns itself: the body renders as is."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
     def raise_exception(message):
         raise TemplateError(str(message))
@@ -57,7 +67,7 @@ def _environment():
     # What transformers gives templates: trim_blocks/lstrip_blocks, loop controls, raise_exception,
     # a tojson that keeps non-ASCII. No strftime_now: a template's date line stays its default, so
     # the same data always renders the same ids.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, Generation])
     env.globals["raise_exception"] = raise_exception
     env.filters["tojson"] = tojson
     return env
@@ -103,10 +113,10 @@ class JinjaTemplate(TokenLevel):
 
     # --- rendering --------------------------------------------------------------------------------
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **self.variables)
+                                         **({"tools": tools} if tools else {}), **self.variables)
         except TemplateError as e:
             raise TemplateError(f"{self.origin}: the chat template refused a conversation: {e.message}",
                                 hint="check the conversation's roles and order") from None
@@ -114,13 +124,17 @@ class JinjaTemplate(TokenLevel):
             raise TemplateError(f"{self.origin}: the chat template raised {type(e).__name__}: {e}",
                                 hint="use a named template instead (chat_template: chatml, llama3 or default)") from None
 
-    def _parts(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, int | None]]:
+    def _parts(self, messages: list[dict], add_generation_prompt: bool, tools: list | None) -> list[tuple[str, int | None]]:
         """The rendering as (text, None) for the template's own text and (content, i) for
-        message i's content, in the order the template writes them."""
-        marked = [dict(m, content=f"\ue000{i}\ue001") for i, m in enumerate(messages)]
-        pieces = _MARK.split(self._render(marked, add_generation_prompt))
+        message i's content, in the order the template writes them. Tool calls, tool lists and
+        reasoning are the template's text here (it writes them as it likes: JSON, tags)."""
+        # An empty content stays empty (templates test it); a tool's result is the template's to format
+        # (Llama 3.1 writes it as JSON), and never learned.
+        marked = [dict(m, content=f"\ue000{i}\ue001") if m["role"] != "tool" and m.get("content") else m
+                  for i, m in enumerate(messages)]
+        pieces = _MARK.split(self._render(marked, add_generation_prompt, tools))
         order = [int(i) for i in pieces[1::2]]
-        real = self._render(messages, add_generation_prompt)
+        real = self._render(messages, add_generation_prompt, tools)
         for strip in (False, True):  # templates may trim contents (Llama 3's `| trim`)
             contents = [messages[i]["content"].strip() if strip else messages[i]["content"] for i in order]
             rebuilt = [x for pair in zip(pieces[::2], contents + [""]) for x in pair]
@@ -141,28 +155,61 @@ class JinjaTemplate(TokenLevel):
         return [(p, k % 2 == 1) for k, p in enumerate(pieces) if p]
 
     def _segments(self, messages: list[dict], learn: set[int], train_on: str, generation: bool) -> list[Segment]:
-        out: list[Segment] = []
-        ending = False  # inside a learned turn's ending: up to and including its first special token
-        parts = self._parts(messages, generation)
+        """The rendering as segments. A learned assistant turn is all the template writes for it
+        (its reasoning and tool calls too) after the generation prompt before it, through the first
+        end of turn after its content: found by rendering the conversation up to it with the
+        generation prompt, which the whole rendering must continue (as a model generating it would)."""
+        tools = getattr(messages, "tools", None)
+        parts = self._parts(messages, generation, tools)
+        real, at, where = "".join(t for t, _ in parts), 0, {}
         for text, i in parts:
-            if i is not None:
-                if ending:
-                    break
-                learned = train_on == "all" or i in learn
-                out.append((text, False, learned))
-                ending = i in learn
-                continue
-            for piece, special in self._text_segments(text):
-                out.append((piece, special, ending or train_on == "all"))
-                ending = ending and not special
-        written = {i for _, i in parts if i is not None}
-        if ending or not learn <= written:
-            turn = min(learn - written) if not learn <= written else None
-            why = (f"it does not write assistant message {turn}'s content" if turn is not None
-                   else "no special token ends an assistant turn")
-            raise TemplateError(f"{self.origin}: cannot find the assistant's turns in the rendering ({why})",
-                                hint="use a named template instead (chat_template: chatml, llama3 or default)")
+            where[i] = (at, at + len(text)) if i is not None else None
+            at += len(text)
+        spans = [self._turn(messages, i, real, where.get(i), tools) for i in sorted(learn)]
+        if not getattr(messages, "learn_reasoning", True):
+            spans = [piece for lo, hi in spans for piece in _without_reasoning(real, lo, hi)]
+        cuts = sorted({0, len(real), *(x for span in spans for x in span)})
+        inside = lambda a: train_on == "all" or any(lo <= a < hi for lo, hi in spans)  # noqa: E731
+        out: list[Segment] = []
+        at = 0
+        for text, i in parts:
+            for a, b in zip([at] + [c for c in cuts if at < c < at + len(text)],
+                            [c for c in cuts if at < c < at + len(text)] + [at + len(text)]):
+                piece = real[a:b]
+                out += [(piece, False, inside(a))] if i is not None else \
+                    [(p, special, inside(a)) for p, special in self._text_segments(piece)]
+            at += len(text)
         return out
+
+    def _turn(self, messages: list[dict], i: int, real: str, content: tuple | None, tools) -> tuple[int, int]:
+        """Where assistant message i's turn is in the whole rendering `real`: [start, end)."""
+        head = self._render(list(messages[:i]), True, tools)
+        if not real.startswith(head):
+            raise TemplateError(f"{self.origin}: cannot find where assistant message {i}'s turn starts (the template "
+                                "renders the conversation before it differently once the conversation goes on)",
+                                hint="use a named template instead (chat_template: chatml, llama3 or default)")
+        after = max(len(head), content[1] if content else 0)
+        reasoning = messages[i].get("reasoning_content", "").strip()
+        if reasoning and reasoning not in self._render(list(messages[:i + 1]), False, tools):
+            raise TemplateError(f"{self.origin}: the chat template does not write reasoning_content (assistant "
+                                f"message {i}'s)", hint="use a template that renders it (a Qwen3 or DeepSeek-R1 "
+                                "folder's), or put the reasoning in the content as <think>...</think>")
+        ends = [k + len(stop) for stop in self._turn_ends for k in [real.find(stop, after)] if k >= 0]
+        if not ends:
+            raise TemplateError(f"{self.origin}: cannot find the assistant's turns in the rendering (no special token "
+                                f"ends assistant message {i}'s turn)",
+                                hint="use a named template instead (chat_template: chatml, llama3 or default)")
+        for call in messages[i].get("tool_calls") or []:
+            name = call["function"]["name"]
+            if name not in real[len(head):min(ends)]:
+                raise TemplateError(f"{self.origin}: the chat template does not write tool calls (assistant message "
+                                    f"{i} calls {name!r}, which its turn does not show)",
+                                    hint="use the model's own template if it takes tools, or data without tool calls")
+        return len(head), min(ends)
+
+    @cached_property
+    def _turn_ends(self) -> tuple[str, ...]:
+        return (self.end_of_turn, *[s for s in self.extra_stops if s in self.specials])
 
     def segments(self, messages: list[dict], train_on: str = "assistant") -> list[Segment]:
         learn = {i for i, m in enumerate(messages) if m["role"] == "assistant"}
@@ -177,10 +224,20 @@ class JinjaTemplate(TokenLevel):
 
     @cached_property
     def end_of_turn(self) -> str:
-        """The special token that ends an assistant turn (checks the template on the way)."""
-        segments = self.segments(_PROBES[0])
-        learned_specials = [t for t, special, learned in segments if special and learned]
-        return learned_specials[-1]
+        """The special token that ends an assistant turn: the first the template writes after an
+        assistant message's content (checks the template on the way)."""
+        parts = self._parts(list(_PROBES[0]), False, None)
+        after = next((k for k, (_, i) in enumerate(parts) if i == 1), None)
+        for text, i in parts[after + 1:] if after is not None else []:
+            if i is not None:
+                break
+            special = next((p for p, is_special in self._text_segments(text) if is_special), None)
+            if special:
+                return special
+        why = "it does not write assistant message 1's content" if after is None else \
+            "no special token ends an assistant turn"
+        raise TemplateError(f"{self.origin}: cannot find the assistant's turns in the rendering ({why})",
+                            hint="use a named template instead (chat_template: chatml, llama3 or default)")
 
     def check(self) -> None:
         """Raise a TemplateError naming the template if llmforge cannot follow it."""
@@ -194,6 +251,16 @@ class JinjaTemplate(TokenLevel):
         ids = [tokenizer.special_id(self.end_of_turn)] + [tokenizer.special_id(s) for s in self.extra_stops
                                                            if s in tokenizer.specials]
         return tuple(dict.fromkeys(ids + [tokenizer.eot_id]))
+
+
+def _without_reasoning(real: str, lo: int, hi: int) -> list[tuple[int, int]]:
+    """A learned turn [lo, hi) less the text of its <think>...</think> reasoning (the tags stay
+    learned: the model still opens and closes its thoughts)."""
+    out, at = [], lo
+    for m in _THINK.finditer(real, lo, hi):
+        out.append((at, m.start(1)))
+        at = m.end(1)
+    return [(a, b) for a, b in out + [(at, hi)] if a < b]
 
 
 def read_folder_template(path: Path) -> JinjaTemplate:
