@@ -369,6 +369,15 @@ def _heading(key: str) -> tuple[str, bool]:
     return key, True
 
 
+def figure(result: dict, key: str, share: bool) -> str:
+    """One figure as the results tables show it: a share as a percentage, else 4 decimals (a
+    perplexity in the billions, 4 significant digits); "-" where the stage has none."""
+    if key not in result:
+        return "-"
+    value = result[key]
+    return f"{value:.0%}" if share else f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
+
+
 def render_results(results: list[dict], console: Console, title: str = "results on held-out data") -> None:
     """One row per stage with its final held-out figures (columns no stage has are left out)."""
     columns = result_columns(results)
@@ -379,8 +388,7 @@ def render_results(results: list[dict], console: Console, title: str = "results 
     for _, heading, _ in columns:
         table.add_column(heading, justify="right")
     for r in results:
-        cells = ["-" if k not in r else f"{r[k]:.0%}" if pct else f"{r[k]:.4f}" if abs(r[k]) < 1e4 else f"{r[k]:.4g}"
-                 for k, _, pct in columns]
+        cells = [figure(r, k, pct) for k, _, pct in columns]
         table.add_row(f"{r['stage']} ({r['kind']})" if "kind" in r else r["stage"], *cells)
     console.print(table)
 

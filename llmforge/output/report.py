@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import LlmforgeError
 from ..store.runs import Run, final_figures, read_run
-from .progress import duration, result_columns, si
+from .progress import duration, figure, result_columns, si
 
 # Panels of the preference and RL figures: (title, metric keys drawn in it).
 _REWARD_PANELS = (("pairs ranked right", ("reward_acc", "accuracy")),
@@ -279,9 +279,15 @@ def _html(run: Run, pngs: list[Path]) -> str:
     where = f" &middot; planned for {_e(str(device.get('name')))}, {_e(str(device.get('precision')))}" if device else ""
     figures = [{"stage": f"{s.name} ({s.kind})"} | final_figures(s) for s in run.stages if final_figures(s)]
     columns = result_columns(figures)
-    results = _table(["stage"] + [h for _, h, _ in columns],
-                     [[f["stage"]] + ["-" if k not in f else f"{f[k]:.0%}" if pct else f"{f[k]:.4f}"
-                                      for k, _, pct in columns] for f in figures])
+    results, benchmarks = ([c for c in columns if c[0].startswith("lm-eval/") == harness] for harness in (False, True))
+    results = _table(["stage"] + [h for _, h, _ in results],
+                     [[f["stage"]] + [figure(f, k, pct) for k, _, pct in results] for f in figures])
+    bench = [f for f in figures if any(k in f for k, _, _ in benchmarks)]
+    benchmarks = f"""<h2>Benchmarks</h2>{_table(["stage"] + [h for _, h, _ in benchmarks],
+                                               [[f["stage"]] + [figure(f, k, pct) for k, _, pct in benchmarks]
+                                                for f in bench])}
+<p class=sub>lm-evaluation-harness tasks on each stage's final weights (eval.tasks, or `llmforge eval
+--tasks` since): shares of documents as percentages.</p>""" if bench else ""
     images = "\n".join(f'<img alt="{p.stem}" src="data:image/png;base64,'
                        f'{base64.b64encode(p.read_bytes()).decode()}">' for p in pngs)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{_e(run.name)}: llmforge report</title>
@@ -291,6 +297,7 @@ def _html(run: Run, pngs: list[Path]) -> str:
 <h2>Results on held-out data</h2>{results if figures else "<p>no stage has been evaluated yet</p>"}
 <p class=sub>Each stage's final figures (a stage still running: its latest eval). bpb is bits per byte
 of text, comparable across tokenizers.</p>
+{benchmarks}
 <h2>Curves</h2>{images}
 <h2>Plan</h2>{_plan_table(run)}
 </body></html>
