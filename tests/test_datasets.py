@@ -164,3 +164,27 @@ def test_every_record_left_out_is_counted_by_its_reason_in_the_plan_and_the_metr
         "data/chat/left_out/conversations_i_unknown_speaker_bot": 6,
         "data/chat/left_out/conversations_i_two_user_turns_in_a_row": 4,
         "data/chat/left_out/malformed_json": 1, "data/chat/left_out/shorter_than_min_chars_8": 1}
+
+
+def test_conversations_tokenize_the_same_in_worker_processes(tmp_path, monkeypatch):
+    """A large conversation source is rendered and encoded by worker processes, a batch each:
+    the cache entry is byte for byte the one a single process writes (Jinja template included)."""
+    import numpy as np
+
+    from llmforge.data.cache import prepare_source
+    from llmforge.text.chat_jinja import JinjaTemplate, NAMED
+    from llmforge.text.tokenizer import Tokenizer, train_tokenizer
+
+    from .conftest import make_corpus
+
+    template = JinjaTemplate(NAMED["chatml"]["jinja"], NAMED["chatml"]["specials"], origin="chatml")
+    tok = Tokenizer.load(train_tokenizer(iter([make_corpus()]), tmp_path / "tok", type="bpe", vocab_size=320,
+                                         user_symbols=template.symbols))
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in SHAREGPT * 10))
+    spec = SourceSpec(path="chat.jsonl", format="sharegpt")
+    entries = []
+    for workers in (1, 2):
+        monkeypatch.setenv("LLMFORGE_CACHE", str(tmp_path / f"cache-{workers}"))
+        src = prepare_source("chat", spec, tmp_path, tok, workers=workers, template=template)
+        entries.append([np.asarray(src.tokens), np.asarray(src.learned), src.offsets, src.origins])
+    assert len(entries[0][2]) == 401 and all(np.array_equal(a, b) for a, b in zip(*entries))

@@ -10,17 +10,12 @@ by every run and stage on the machine (`~/.cache/llmforge`, or `$LLMFORGE_CACHE`
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import mmap
-import multiprocessing
 import os
 import shutil
-import threading
-import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,6 +26,7 @@ from ..core import durable, faults
 from ..core.paths import cache_dir
 from ..errors import DataError
 from .detect import concrete
+from . import procs
 from .example_cache import load_examples, write_examples
 from .formats import FORMATS
 from .pieces import iter_pieces
@@ -154,9 +150,9 @@ def prepare_source(name: str, spec: SourceSpec, base_dir: Path, tokenizer,
         tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}"
         with durable.writing(tmp, entry):  # on any error (Ctrl-C too) tmp must not linger
             if FORMATS[spec.format].conversations:
-                write_examples(tmp, name, spec, base_dir, tokenizer, template, on_progress)
+                write_examples(tmp, name, spec, base_dir, tokenizer, template, on_progress, workers)
             else:
-                _write_entry(tmp, name, spec, base_dir, tokenizer, on_progress, workers or _default_workers(tokenizer))
+                _write_entry(tmp, name, spec, base_dir, tokenizer, on_progress, workers or procs.default_workers(tokenizer))
             durable.seal(tmp)
             faults.reached("data", name, "publish")
             _publish(tmp, entry)
@@ -196,34 +192,8 @@ def _map(path: Path, dtype: str, n: int) -> np.ndarray:
     return arr
 
 
-def _default_workers(tokenizer) -> int:
-    """A tokenizer.json encodes a batch on every core itself (measured on 2 cores: 2.6 MB/s in one
-    process vs 2.4 MB/s in two, benchmarks/data.py); sentencepiece needs worker processes."""
-    return 1 if getattr(tokenizer, "encodes_in_parallel", False) else _cores()
-
-
-# Each worker process keeps its own tokenizer, set once by the pool initializer.
-_WORKER_TOKENIZER = None
-
-
-def _init_worker(tokenizer, threads: int = 1) -> None:
-    global _WORKER_TOKENIZER
-    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
-    tokenizer._threads = threads  # one thread per worker process: the processes are the parallelism
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the same for a tokenizer.json's Rust threads
-    _WORKER_TOKENIZER = tokenizer
-
-
-def _exit_when_orphaned(parent: int) -> None:
-    """A pool worker holds both ends of its task queue, so when the run is killed (kill -9, OOM) it
-    never sees the queue close: it would wait forever, holding the terminal's pipes open."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
-
-
 def _encode(args: tuple[list[str], list[bool], str]) -> bytes:
-    return _encode_with(_WORKER_TOKENIZER, args)
+    return _encode_with(procs.TOKENIZER, args)
 
 
 def _encode_with(tok, args: tuple[list[str], list[bool], str]) -> bytes:
@@ -254,7 +224,7 @@ def _write_entry(tmp: Path, name, spec, base_dir, tokenizer, on_progress, worker
     skips = Skips()
     n_bytes = n_docs = 0
     itemsize = np.dtype(dtype).itemsize
-    with open(tmp / "tokens.bin", "wb") as f, _pool(tokenizer, workers) as pool:
+    with open(tmp / "tokens.bin", "wb") as f, procs.pool(tokenizer, workers) as pool:
         # Results are written in submission order, with at most 2 batches per worker in flight:
         # parallel, deterministic, and memory-bounded whatever the corpus size.
         pending: deque = deque()
@@ -286,21 +256,6 @@ def _write_entry(tmp: Path, name, spec, base_dir, tokenizer, on_progress, worker
             "reasons": skips.reasons,
             "skip_examples": skips.examples, "tokenizer": tokenizer.fingerprint}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-
-
-def _pool(tokenizer, workers: int):
-    """Worker processes for tokenizing, or a no-op context when one process is enough."""
-    if workers <= 1:
-        return contextlib.nullcontext(None)
-    # spawn, not fork: the parent may hold torch's thread pools, which do not survive a fork.
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(tokenizer,))
-
-
-
-def _cores() -> int:
-    """CPUs this process may use (a container's limit, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _clean_stale(folder: Path) -> None:

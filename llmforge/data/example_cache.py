@@ -13,6 +13,7 @@ val_fraction of *examples*, not tokens: an example is never cut in two.
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 from ..core import faults
 from ..errors import DataError, TokenizerError
 from ..text.chat import ChatTemplate
+from . import procs
 from .columnar import SUFFIXES as COLUMNAR
 from .formats import FORMATS, read_examples
 from .rows import Examples
@@ -66,34 +68,65 @@ class PreparedExamples:
         return f"{self.files[f]}: row {line}" if self.files[f].endswith(COLUMNAR) else f"{self.files[f]}:{line}"
 
 
-def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTemplate, on_progress) -> None:
+_PER_BATCH = 128  # examples a worker renders and encodes at a time
+PARALLEL_BYTES = 8 << 20  # a source this big is tokenized by worker processes (spawning them costs ~1 s)
+
+
+def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTemplate, on_progress,
+                   workers: int | None = None) -> None:
+    """Records are read and checked here, in order; rendering through the chat template and
+    encoding, the costly part, runs in `workers` processes a batch at a time (by default every
+    core for a source over PARALLEL_BYTES), written back in order: the entry is the same either way."""
     fmt = FORMATS[spec.format]
     tmp.mkdir(parents=True)
     dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
     skips = Skips()
     report = SourceReport(name, spec, skips)
     files = list_files(name, spec, base_dir)
+    if workers is None:
+        workers = procs.cores() if sum(p.stat().st_size for p in files) > PARALLEL_BYTES else 1
     offsets, origins, extras, n_bytes, total = [0], [], [], 0, 0
-    with open(tmp / "tokens.bin", "wb") as tok_f, open(tmp / "learned.bin", "wb") as learn_f:
+    with open(tmp / "tokens.bin", "wb") as tok_f, open(tmp / "learned.bin", "wb") as learn_f, \
+            procs.pool(tokenizer, workers, template) as pool:
+        pending: deque = deque()
+
+        def drain(limit: int) -> None:
+            nonlocal n_bytes, total
+            while len(pending) > limit:
+                future, batch = pending.popleft()
+                for (where, example, number), (ids, learned, lengths, size, error) in \
+                        zip(batch, future.result() if pool else future):
+                    if error:  # a Jinja template that refuses this conversation
+                        raise DataError(f"{where}: {error[0]}", hint=error[1])
+                    tok_f.write(ids)
+                    learn_f.write(learned)
+                    for n in lengths:
+                        total += n
+                        offsets.append(total)
+                    n_bytes += size
+                    # a line of JSON lines ("path:12"), a row of parquet or Arrow ("path: row 12")
+                    origins.append((number, int(where.rsplit(" " if files[number].name.endswith(COLUMNAR) else ":",
+                                                             1)[1])))
+                    if len(origins) % 16 == 0:
+                        faults.reached("data", name, "example", len(origins))
+                    if fmt.extra:
+                        extras.append(example[-1])
+
+        batch: list = []
         for number, path in enumerate(files):
             for where, example in read_examples(path, spec, report):
-                try:
-                    sequences = fmt.sequences(example, template)
-                except TokenizerError as e:  # a Jinja template that refuses this conversation
-                    raise DataError(f"{where}: {e.message}", hint=e.hint) from None
-                for segments in sequences:
-                    ids, learned = template.encode(tokenizer, segments)
-                    tok_f.write(np.asarray(ids, dtype=dtype).tobytes())
-                    learn_f.write(np.asarray(learned, dtype=np.uint8).tobytes())
-                    total += len(ids)
-                    offsets.append(total)
-                    n_bytes += sum(len(text.encode()) for text, special, _ in segments if not special)
-                origins.append((number, int(where.rsplit(" " if path.name.endswith(COLUMNAR) else ":", 1)[1])))
-                if len(origins) % 16 == 0:
-                    faults.reached("data", name, "example", len(origins))
-                if fmt.extra:
-                    extras.append(example[-1])
+                batch.append((where, example, number))
+                if len(batch) == _PER_BATCH:
+                    args = (spec.format, [ex for _, ex, _ in batch], dtype)
+                    pending.append((pool.submit(_encode, args) if pool else _encode_with(tokenizer, template, args),
+                                    batch))
+                    batch = []
+                    drain(2 * max(workers, 1))
             on_progress(path.stat().st_size)
+        if batch:
+            args = (spec.format, [ex for _, ex, _ in batch], dtype)
+            pending.append((pool.submit(_encode, args) if pool else _encode_with(tokenizer, template, args), batch))
+        drain(0)
     n = len(origins)
     if n == 0:
         why = f"all {skips.bad + skips.filtered} records were skipped or filtered" if skips.bad + skips.filtered \
@@ -106,8 +139,36 @@ def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTem
     meta = {"kind": "examples", "format": spec.format, "source": name, "dtype": dtype, "tokens": total,
             "per_example": fmt.per_example, "split": n - int(round(n * spec.val_fraction, 9)),
             "documents": n, "bytes": n_bytes, "skipped": skips.bad, "filtered": skips.filtered,
-            "skip_examples": skips.examples, "reasons": skips.reasons, "files": [str(p) for p in files], "tokenizer": tokenizer.fingerprint}
+            "skip_examples": skips.examples, "reasons": skips.reasons, "files": [str(p) for p in files],
+            "tokenizer": tokenizer.fingerprint}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def _encode(args) -> list:
+    return _encode_with(procs.TOKENIZER, procs.TEMPLATE, args)
+
+
+def _encode_with(tokenizer, template, args) -> list:
+    """Per example: (token bytes, learned bytes, each sequence's length, bytes of text, None), or
+    (..., (message, hint)) where the template refuses it."""
+    fmt, examples, dtype = args
+    out = []
+    for example in examples:
+        try:
+            sequences = FORMATS[fmt].sequences(example, template)
+        except TokenizerError as e:
+            out.append((b"", b"", [], 0, (e.message, e.hint)))
+            continue
+        ids_all, learned_all, lengths = [], [], []
+        for segments in sequences:
+            ids, learned = template.encode(tokenizer, segments)
+            ids_all += ids
+            learned_all += learned
+            lengths.append(len(ids))
+        size = sum(len(text.encode()) for segments in sequences for text, special, _ in segments if not special)
+        out.append((np.asarray(ids_all, dtype=dtype).tobytes(), np.asarray(learned_all, dtype=np.uint8).tobytes(),
+                    lengths, size, None))
+    return out
 
 
 def load_examples(name: str, entry: Path, meta: dict, tokens: np.ndarray, learned: np.ndarray) -> PreparedExamples:

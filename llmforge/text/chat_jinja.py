@@ -99,6 +99,9 @@ class JinjaTemplate(TokenLevel):
                        name=fields["name"])
         return read_folder_template(Path(base_dir or ".") / fields["path"])
 
+    def __reduce__(self):  # to tokenizing worker processes: rebuilt from its source (a compiled template
+        return JinjaTemplate.from_spec, (self.to_dict(),)  # does not pickle)
+
     def to_dict(self) -> dict:
         return {"jinja": self.source, "specials": self.specials, "variables": self.variables,
                 "stops": self.extra_stops, "origin": self.origin, "name": self.name}
