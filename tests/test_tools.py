@@ -199,3 +199,63 @@ def test_a_template_that_cannot_render_tools_is_named(tmp_path):
     with pytest.raises(TokenizerError) as e:
         chatml.segments(conversation)
     assert "does not write tool calls (assistant message 2 calls 'get_weather'" in e.value.message
+
+
+# Each family's template of tests/hf_families.py with {% generation %} around what its assistant
+# writes after the generation prompt (the same rendering, now with transformers' assistant mask).
+TAGGED = {
+    "llama": [("{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}",
+               "{% if message['role'] == 'assistant' %}{{'<|im_start|>assistant\n'}}{% generation %}"
+               "{{message['content'] + '<|im_end|>'}}{% endgeneration %}{{'\n'}}{% else %}"
+               "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endif %}")],
+    "llama3": [("{{ content }}", "{% if message['role'] == 'assistant' %}{{ content[:-(message['content'] | trim"
+                " | length) - 10] }}{% generation %}{{ content[-(message['content'] | trim | length) - 10:] }}"
+                "{% endgeneration %}{% else %}{{ content }}{% endif %}")],
+    "qwen2": [("{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}",
+               "{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}{% generation %}"
+               "{{- message.content + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}{%- else %}"
+               "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}")],
+    "qwen3": [("{{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>"
+               "\\n\\n' + content.lstrip('\\n') }}",
+               "{{- '<|im_start|>' + message.role + '\\n' }}{% generation %}{{- '<think>\\n' + reasoning_content.strip("
+               "'\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}{% endgeneration %}"),
+              ("{{- '<|im_start|>' + message.role + '\\n' + content }}",  # (twice)
+               "{{- '<|im_start|>' + message.role + '\\n' }}{% generation %}{{- content }}{% endgeneration %}"),
+              ("{{- '<|im_end|>\\n' }}\n    {%- endif %}\n{%- endfor %}",
+               "{% generation %}{{- '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}\n    {%- endif %}\n{%- endfor %}")],
+    "mistral": [("{{- ' ' + message['content'] + eos_token}}",
+                 "{% generation %}{{- ' ' + message['content'] + eos_token}}{% endgeneration %}")],
+    "phi3": [("{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}",
+              "{{'<|assistant|>\n'}}{% generation %}{{message['content'] + '<|end|>'}}{% endgeneration %}{{'\n'}}")],
+}
+
+
+@pytest.mark.parametrize("family", TAGGED)
+def test_every_family_learns_what_transformers_marks_as_the_assistant_s(tmp_path, family):
+    """The six families' templates, tagged: llmforge's learned mask == return_assistant_tokens_mask,
+    for each conversation format (Qwen3 with reasoning in its last turn)."""
+    from .hf_families import CONVERSATION, FAMILIES
+
+    source = FAMILIES[family][2]
+    for old, new in TAGGED[family]:
+        assert old in source, (family, old)
+        source = source.replace(old, new)
+    folder = tmp_path / family
+    build_folder(folder, family)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": source}))
+    tok, template = load_tokenizer(folder), read_folder_template(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    conversation = CONVERSATION[1:] if family == "mistral" else CONVERSATION  # its template drops a system turn
+    cases = [(conversation, conversation)] + [(read_record(tmp_path, fmt, record)[0], messages)
+                                              for fmt, record, messages, tools in RECORDS if not tools]
+    if family == "qwen3":
+        last = dict(conversation[-1], reasoning_content="Person4 is in city4.")
+        cases.append((read_record(tmp_path, "chat", {"messages": conversation[:-1] + [last]})[0],
+                      conversation[:-1] + [last]))
+    for ours_messages, messages in cases:
+        ids, learned = template.render(tok, ours_messages)
+        expected = theirs.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                              return_assistant_tokens_mask=True)
+        assert ids == expected["input_ids"], (family, messages)
+        assert [int(x) for x in learned] == expected["assistant_masks"], (family, messages)
