@@ -161,3 +161,14 @@ def test_without_lm_eval_installed_the_hint_names_the_extra(monkeypatch):
         run_tasks(["lm-eval:arc_easy"], None, None, None)
     assert (e.value.message, e.value.hint) == ("eval.tasks: lm-eval tasks (arc_easy) need lm-evaluation-harness",
                                                "pip install 'llmforge[eval]'")
+
+
+def test_the_entry_point_lm_eval_plugins_look_for_names_the_model():
+    """Where lm-eval discovers model plugins (releases after 0.4.13), `lm_eval --model llmforge`
+    finds the model through this entry point."""
+    from importlib.metadata import entry_points
+
+    from llmforge.tasks.harness import LlmforgeLM
+
+    [point] = [e for e in entry_points(group="lm_eval.models") if e.name == "llmforge"]
+    assert point.load() is LlmforgeLM
