@@ -259,3 +259,24 @@ def test_every_family_learns_what_transformers_marks_as_the_assistant_s(tmp_path
                                               return_assistant_tokens_mask=True)
         assert ids == expected["input_ids"], (family, messages)
         assert [int(x) for x in learned] == expected["assistant_masks"], (family, messages)
+
+
+def test_on_error_skip_counts_the_conversations_the_template_cannot_render(tmp_path, monkeypatch):
+    from llmforge.data.cache import prepare_source
+    from llmforge.text.chat import ChatTemplate
+    from llmforge.text.tokenizer import Tokenizer, train_tokenizer
+
+    from .conftest import make_corpus
+
+    monkeypatch.setenv("LLMFORGE_CACHE", str(tmp_path / "cache"))
+    template = ChatTemplate()
+    tok = Tokenizer.load(train_tokenizer(iter([make_corpus()]), tmp_path / "tok", type="bpe", vocab_size=320,
+                                         user_symbols=template.symbols))
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"messages": PLAIN}, RECORDS[0][1]]))
+    with pytest.raises(DataError) as e:
+        prepare_source("chat", SourceSpec(path="chat.jsonl", format="chat"), tmp_path, tok, template=template)
+    assert e.value.message == f"{tmp_path / 'chat.jsonl'}:2: the tag chat template (<|user|>...) cannot render tools"
+    src = prepare_source("chat", SourceSpec(path="chat.jsonl", format="chat", on_error="skip"), tmp_path, tok,
+                         template=template)
+    assert (src.documents, src.skipped, src.reasons) == (
+        1, 1, {"the tag chat template (<|user|>...) cannot render tools": 1})

@@ -96,8 +96,9 @@ def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTem
                 future, batch = pending.popleft()
                 for (where, example, number), (ids, learned, lengths, size, error) in \
                         zip(batch, future.result() if pool else future):
-                    if error:  # a Jinja template that refuses this conversation
-                        raise DataError(f"{where}: {error[0]}", hint=error[1])
+                    if error:  # the template refuses this conversation: an error, or counted under on_error: skip
+                        report.bad(where, *error)
+                        continue
                     tok_f.write(ids)
                     learn_f.write(learned)
                     for n in lengths:
