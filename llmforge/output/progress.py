@@ -35,6 +35,7 @@ class Reporter:
         self.verbosity = verbosity
         self.live = (self.console.is_terminal if live is None else live) and verbosity >= 0
         self.losses: list[float] = []  # the live view's sparkline
+        self.info = ""  # the live line's sparkline and figures, shown again after each busy() note
         self.metrics_file = None
         self.progress: Progress | None = None
         self.task_id = None
@@ -66,9 +67,13 @@ class Reporter:
     def busy(self, what: str):
         """Work of unknown length that plain output need not mention (an eval, a checkpoint write,
         a reference pass): said in the stage's live line, or by a spinner before a stage starts."""
-        if self.progress:
+        if self.progress:  # said in place of the loss, which comes back after (the line a stage ends on)
             self.progress.update(self.task_id, info=f"{what} ...")
-            yield
+            try:
+                yield
+            finally:
+                if self.progress:
+                    self.progress.update(self.task_id, info=self.info)
         elif self.live:
             with Progress(SpinnerColumn(), TextColumn(what), console=self.console, transient=True):
                 yield
@@ -93,7 +98,7 @@ class Reporter:
             self.task_id = self.progress.add_task(sp.name, total=sp.steps, completed=start_step, info="")
         else:
             self.note(f"stage {sp.name}: steps {start_step}..{sp.steps}")
-        self.losses = []
+        self.losses, self.info = [], ""
 
     def log(self, step: int, metrics: dict) -> None:
         self._write({"step": step, **metrics})
@@ -111,7 +116,8 @@ class Reporter:
                 f"{metrics.get('tokens_per_s', 0):,.0f} tok/s{mfu}{eta}")
         if self.progress:
             self.losses = (self.losses + [metrics["loss"]])[-24:]
-            self.progress.update(self.task_id, completed=step, info=f"{sparkline(self.losses)}  {info}")
+            self.info = f"{sparkline(self.losses)}  {info}"
+            self.progress.update(self.task_id, completed=step, info=self.info)
         elif self.verbosity >= 0:
             self.note(f"{self.stage.name} step {step}/{self.stage.steps}  {info}")
 

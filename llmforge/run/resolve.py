@@ -23,10 +23,10 @@ def resolve_formats(recipe: Recipe, planning: bool = False) -> tuple[Recipe, lis
         except NoFiles:
             if not planning:
                 raise
-            stage = next(st for st in recipe.stages if name in st.mix) if recipe.data[name].format == "auto" else None
-            if stage is None:
+            if recipe.data[name].format != "auto":
                 continue
-            fmt = KINDS[stage.kind].formats[0]
+            stage = next((st for st in recipe.stages if name in st.mix), None)  # None: tokenizer.train_on's alone
+            fmt = KINDS[stage.kind].formats[0] if stage else "text"
             data[name], note = recipe.data[name].model_copy(update={"format": fmt}), \
                 f"data.{name}: format auto: not at hand yet, planned as {fmt}"
         notes += [note] if note else []
