@@ -358,3 +358,14 @@ def _count(what: str, outcome: str) -> None:
 
 
 _TALLY: dict = collections.defaultdict(collections.Counter)
+
+
+@pytest.mark.parametrize("override", ["model.init.hf=~0", "data.corpus.path=~nobody-here/x.txt"])
+def test_a_path_naming_an_unknown_user_is_a_path_that_is_not_there(recipes, override):
+    """Found by the draw above in CI: `~0` (a home directory of user "0") raised from pathlib."""
+    folder, _ = recipes[0]
+    key = override.split("=")[0]
+    if key.startswith("data.corpus"):
+        folder, _ = recipes[2]  # the tiny recipe: its source is `corpus`
+    code, stderr, _ = invoke(folder, "plan", "recipe.yaml", "--set", override)
+    assert code in (0, 2) and "Traceback" not in stderr, stderr

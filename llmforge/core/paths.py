@@ -9,3 +9,12 @@ from pathlib import Path
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LLMFORGE_CACHE") or Path.home() / ".cache" / "llmforge")
+
+
+def user_path(path: str | Path) -> Path:
+    """A path as a user wrote it, ~ and ~user expanded; one naming no known user (`~0`) stays as
+    written, so it is reported as a path that is not there rather than raising."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory"
+        return Path(path)

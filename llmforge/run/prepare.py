@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from ..core.paths import user_path
 from ..data.cache import find_source, prepare_source
 from ..data.formats import FORMATS
 from ..data.pieces import iter_documents
@@ -335,7 +336,7 @@ def _take_bytes(docs, budget: int):
 
 
 def _resolve(recipe: Recipe, path: str) -> Path:
-    p = Path(path).expanduser()
+    p = user_path(path)
     p = p if p.is_absolute() else recipe.base_dir / p
     if not os.path.isfile(p):  # os.path, unlike Path, says False for a name too long to stat
         what = "is a directory" if os.path.isdir(p) else "does not exist"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..core.paths import user_path
 from ..errors import RecipeError
 
 TEMPLATES = ("pretrain", "finetune", "pipeline", "rlhf")
@@ -29,7 +30,7 @@ def write_starter(name: str, template: str, folder: Path, model: Path | None = N
         raise RecipeError([f"{path}: already exists; init does not overwrite it"], hint="pick another name")
     text = (_FOLDER / f"{template}.yaml").read_text().replace("{name}", name).replace("{file}", str(path))
     if model is not None:
-        model = model.expanduser().resolve()
+        model = user_path(model).resolve()
         if not (model / "config.json").is_file():
             raise RecipeError([f"--model: {model}: not a Hugging Face model folder (no config.json)"],
                               hint="point at the folder holding config.json, model.safetensors and the tokenizer")
