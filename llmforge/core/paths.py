@@ -11,6 +11,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLMFORGE_CACHE") or Path.home() / ".cache" / "llmforge")
 
 
+def recipe_path(base_dir: Path, path: str | Path) -> Path:
+    """A path a recipe names: ~ expanded (user_path), relative to the recipe's folder unless absolute
+    (joining an absolute path keeps it as it is)."""
+    return base_dir / user_path(path)
+
+
 def user_path(path: str | Path) -> Path:
     """A path as a user wrote it, ~ and ~user expanded; one naming no known user (`~0`) stays as
     written, so it is reported as a path that is not there rather than raising."""

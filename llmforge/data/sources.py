@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.paths import user_path
+from ..core.paths import recipe_path
 from ..errors import DataError
 from .builtins import BUILTINS
 from .formats import FORMATS
@@ -32,8 +32,7 @@ def list_files(name: str, spec: SourceSpec, base_dir: Path) -> list[Path]:
         return _shuffled(*BUILTINS[spec.builtin].files())
     if spec.hf:  # in the dataset's own order: its last rows are held out
         return hub_files(name, spec.hf, spec.subset, spec.split, spec.revision)
-    pattern = user_path(spec.path)
-    pattern = pattern if pattern.is_absolute() else base_dir / pattern
+    pattern = recipe_path(base_dir, spec.path)
     try:
         if pattern.is_dir() and (saved := saved_files(name, pattern, spec.split)) is not None:
             return saved

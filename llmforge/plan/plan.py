@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..core.paths import user_path
+from ..core.paths import recipe_path
 from ..core.values import resolve_percent
 from ..data.sampler import windows_per_epoch
 from ..errors import PlanError
@@ -334,8 +334,7 @@ def _synced_bytes(cfg: ModelConfig, trainable: int, sharded: bool) -> float:
 def _lm_eval_options(spec, recipe: Recipe) -> dict:
     options = spec.eval.lm_eval.model_dump()
     if options["include_path"]:
-        path = user_path(options["include_path"])
-        options["include_path"] = str(path if path.is_absolute() else recipe.base_dir / path)
+        options["include_path"] = str(recipe_path(recipe.base_dir, options["include_path"]))
     return options
 
 

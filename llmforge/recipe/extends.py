@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..core.paths import user_path
+from ..core.paths import recipe_path
 from ..errors import RecipeError
 from .reading import Loc, read_yaml
 
@@ -61,7 +61,7 @@ def _base(path: Path, name: str, here: Where, chain: tuple[Path, ...]):
     if "://" in name or name.startswith(("http:", "https:")):
         raise RecipeError([f"{_show(here)}extends: {name!r}: only local files can be extended"],
                           hint="download the base recipe, read it, and name the local copy")
-    shown = path.parent / user_path(name)  # as messages name it; resolved for the cycle check
+    shown = recipe_path(path.parent, name)  # as messages name it; resolved for the cycle check
     base = shown.resolve()
     if base in chain:
         names = " -> ".join(p.name for p in chain[chain.index(base):]) + f" -> {base.name}"

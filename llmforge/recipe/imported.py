@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.paths import user_path
+from ..core.paths import recipe_path
 
 Loc = tuple  # a key path: ("model", "init", "hf")
 
@@ -21,7 +21,7 @@ def import_model(data: dict, base_dir: Path) -> list[tuple[Loc, str]]:
     from ..model.families import PRESETS
     from ..model.hf import recipe_model
 
-    folder = (base_dir / user_path(init["hf"])).resolve()
+    folder = recipe_path(base_dir, init["hf"]).resolve()
     try:
         fields = recipe_model(folder)
     except CheckpointError as e:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from ..core.paths import user_path
+from ..core.paths import recipe_path
 from ..data.cache import find_source, prepare_source
 from ..data.formats import FORMATS
 from ..data.pieces import iter_documents
@@ -336,8 +336,7 @@ def _take_bytes(docs, budget: int):
 
 
 def _resolve(recipe: Recipe, path: str) -> Path:
-    p = user_path(path)
-    p = p if p.is_absolute() else recipe.base_dir / p
+    p = recipe_path(recipe.base_dir, path)
     if not os.path.isfile(p):  # os.path, unlike Path, says False for a name too long to stat
         what = "is a directory" if os.path.isdir(p) else "does not exist"
         raise TokenizerError(f"tokenizer.path: {p} {what}",

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from pydantic import BeforeValidator, Field, model_validator
 
-from ..core.paths import user_path
+from ..core.paths import recipe_path
 from ..core.values import Float, Int, Name, Spec
 from ..data.rows import PromptRows
 from ..model.generate import generate_batch, reply_texts
@@ -257,7 +257,7 @@ class Grpo(kind.Kind):
     def plan_options(self, spec, recipe):
         """Reward model paths, relative to the recipe's folder, made absolute."""
         o = spec.options
-        terms = [t if t.path is None else t.model_copy(update={"path": str(recipe.base_dir / user_path(t.path))})
+        terms = [t if t.path is None else t.model_copy(update={"path": str(recipe_path(recipe.base_dir, t.path))})
                  for t in o.reward]
         return o.model_copy(update={"reward": terms})
 
