@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .core.durable import NO_SPACE, PATH_ERRORS
-from .errors import Interrupted, LlmforgeError, PeerFailed, PlanError
+from .errors import Interrupted, LlmforgeError, PeerFailed
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train language models from one declarative YAML recipe.")
@@ -342,14 +342,11 @@ def lm_eval_(ctx: typer.Context):
     --model llmforge --model_args run=runs/x,stage=sft --tasks arc_easy` (every argument goes to
     lm-eval unchanged; `--help` is lm-eval's)."""
     with user_errors():
-        try:
-            from lm_eval.__main__ import cli_evaluate
+        from .tasks import load_harness
 
-            from .tasks import harness  # noqa: F401  (registers --model llmforge)
-        except ImportError as e:
-            if "lm_eval" not in str(e):
-                raise
-            raise PlanError("lm-eval: needs lm-evaluation-harness", hint="pip install 'llmforge[eval]'") from None
+        load_harness("lm-eval: its command line and models")  # registers --model llmforge
+        from lm_eval.__main__ import cli_evaluate
+
         sys.argv = ["lm-eval", *ctx.args]
         cli_evaluate()
 

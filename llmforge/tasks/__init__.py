@@ -9,6 +9,8 @@ module here and a line below. Any task of lm-evaluation-harness runs too, named 
 
 from __future__ import annotations
 
+import importlib
+
 from ..errors import PlanError
 from . import world_qa
 from .task import Task
@@ -34,14 +36,19 @@ def run_tasks(names, model, tokenizer, template, **lm_eval) -> dict:
 
 
 def lm_eval_tasks(names: list[str], model, tokenizer, template, **options) -> dict:
+    return load_harness(f"eval.tasks: lm-eval tasks ({', '.join(names)})").run_lm_eval(
+        model, tokenizer, template, names, **options)
+
+
+def load_harness(what: str):
+    """harness.py (lm-eval's `llmforge` model registered with it), or, without the lm-eval
+    package, an error saying that `what` needs it."""
     try:
-        from .harness import run_lm_eval
+        return importlib.import_module(".harness", __name__)
     except ImportError as e:
         if "lm_eval" not in str(e):
             raise
-        raise PlanError(f"eval.tasks: lm-eval tasks ({', '.join(names)}) need lm-evaluation-harness",
-                        hint="pip install 'llmforge[eval]'") from None
-    return run_lm_eval(model, tokenizer, template, names, **options)
+        raise PlanError(f"{what} need lm-evaluation-harness", hint="pip install 'llmforge[eval]'") from None
 
 
 def task_columns() -> tuple[tuple[str, str], ...]:
