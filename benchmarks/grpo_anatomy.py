@@ -87,11 +87,11 @@ def main() -> None:
         replies = objective._sample(model, prompts, cpu, o.temperature, generator)
         t1 = time.perf_counter()
         rows = objective._rows(prompts, replies)
-        rewards, _ = objective._score(prompts, replies, rows, cpu)
+        rewards, _, _ = objective._score(prompts, replies, rows, cpu, (step, 0, 0))
         t2 = time.perf_counter()
         rows["ref"] = objective._logps(objective.reference, rows)
         t3 = time.perf_counter()
-        rows["old"] = rows["ref"]
+        rows["sampled"] = rows["ref"]
         rows["advantage"] = (rewards - rewards.mean()).numpy()
         model.train()
         units = len(rows["tokens"])

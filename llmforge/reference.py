@@ -96,6 +96,8 @@ def _type(prop: dict) -> str:
         return "section"
     if kind == "object":
         values = prop.get("additionalProperties") or next(iter(prop.get("patternProperties", {}).values()), {})
+        if values is True:  # any keys, any values: a plugin's own options
+            return "map"
         return "map: name -> " + ("section" if "$ref" in values else _type(values))
     if kind == "string":
         return "share (`5%`)" if "%" in prop.get("pattern", "") else "name" if "pattern" in prop else "text"

@@ -140,7 +140,7 @@ def test_grpo_s_update_never_waits_for_the_device():
     learned = np.zeros((2, 8), dtype=bool)
     learned[0, 1:4], learned[1, 1:3] = True, True
     rows = {"tokens": np.array([[1, 2, 3, 4, 5, 0, 0, 0, 0], [1, 2, 6, 7, 0, 0, 0, 0, 0]]), "learned": learned,
-            "old": np.full((2, 8), -2.0, dtype=np.float32), "ref": np.full((2, 8), -2.5, dtype=np.float32),
+            "sampled": np.full((2, 8), -2.0, dtype=np.float32), "ref": np.full((2, 8), -2.5, dtype=np.float32),
             "advantage": np.array([0.7, -0.7], dtype=np.float32)}
     batch = kind.to_device(rows, torch.device("cpu"))
     with Waits() as waits:

@@ -160,7 +160,7 @@ def test_grpo_loss_by_hand():
     old[learned] = torch.tensor([-2.0, -3.0, -2.5, -2.8, -3.1])
     ref = torch.zeros(2, 8)
     ref[learned] = torch.tensor([-2.9, -3.0, -2.9, -2.7, -3.0])
-    batch = {"tokens": tokens, "learned": learned, "old": old, "ref": ref, "advantage": torch.tensor([0.7, -0.7])}
+    batch = {"tokens": tokens, "learned": learned, "sampled": old, "ref": ref, "advantage": torch.tensor([0.7, -0.7])}
     sums = objective.loss(model, batch)
     # by hand, token by token: pi_old is this forward's own log-prob (one update per rollout), so
     # the ratio is 1 whatever the sampler's log-probs (`old`, far off here, as bf16 kernels can be)

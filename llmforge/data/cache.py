@@ -33,7 +33,7 @@ from .pieces import iter_pieces
 from .sources import Skips, list_files
 from .spec import SourceSpec
 
-CACHE_VERSION = 5
+CACHE_VERSION = 6  # 6: a prompt source keeps each whole record (prompts.json)
 _BATCH_BYTES = 1 << 20  # ~1 MB of text per encode call: big enough to amortize, small to bound memory
 # Options that change which documents a source yields (val_fraction only moves the split point).
 _SHAPING = {"builtin", "hf", "subset", "revision", "format", "split", "field", "role_map", "train_on_reasoning",

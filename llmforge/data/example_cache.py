@@ -4,8 +4,8 @@ Besides `tokens.bin` and `meta.json` (as for text, see cache.py), an entry holds
 (one byte per token: 1 where the token is the assistant's, so a training target under
 train_on: assistant), `offsets.npy` (where each sequence starts; a preference pair is two
 sequences, prompt+chosen then prompt+rejected) and `origins.npy` (file number and line of each
-example, so a plan-time problem can name the record); a prompt source also `answers.json`, each
-prompt's reference answer (or null), kept as text for the verifiers, and an unpaired source
+example, so a plan-time problem can name the record); a prompt source also `prompts.json`, each
+prompt's reference answer (or null, kept as text for the verifiers) and its whole record (for reward plugins), and an unpaired source
 `labels.json`, each reply's label (true: good). The held-out split is the last
 val_fraction of *examples*, not tokens: an example is never cut in two.
 """
@@ -36,7 +36,7 @@ class PreparedExamples:
     learned: np.ndarray  # memory-mapped uint8 flags, one per token
     offsets: np.ndarray  # [sequences + 1]
     origins: np.ndarray  # [examples, 2]: file number, line
-    answers: list | None  # prompt sources: each example's reference answer (str or None)
+    prompts: list | None  # prompt sources: each example's {"answer": str or None, "record": dict}
     labels: np.ndarray | None  # unpaired sources: [examples] bool, True for a good reply
     files: list[str]
     per_example: int  # 1, or 2 for preference pairs
@@ -52,7 +52,7 @@ class PreparedExamples:
     def _part(self, lo: int, hi: int) -> Examples:
         k = self.per_example
         return Examples(self.tokens, self.learned, self.offsets[lo * k:hi * k + 1], k,
-                        lambda i: self.where(lo + i), None if self.answers is None else self.answers[lo:hi],
+                        lambda i: self.where(lo + i), None if self.prompts is None else self.prompts[lo:hi],
                         None if self.labels is None else self.labels[lo:hi])
 
     @property
@@ -136,7 +136,8 @@ def write_examples(tmp: Path, name, spec, base_dir, tokenizer, template: ChatTem
     np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
     np.save(tmp / "origins.npy", np.asarray(origins, dtype=np.int64).reshape(-1, 2))
     if fmt.extra:
-        (tmp / f"{fmt.extra}.json").write_text(json.dumps(extras, ensure_ascii=False))
+        # default=str: a parquet record's dates and bytes, which JSON has no type for
+        (tmp / f"{fmt.extra}.json").write_text(json.dumps(extras, ensure_ascii=False, default=str))
     meta = {"kind": "examples", "format": spec.format, "source": name, "dtype": dtype, "tokens": total,
             "per_example": fmt.per_example, "split": n - int(round(n * spec.val_fraction, 9)),
             "documents": n, "bytes": n_bytes, "skipped": skips.bad, "filtered": skips.filtered,
@@ -173,9 +174,9 @@ def _encode_with(tokenizer, template, args) -> list:
 
 
 def load_examples(name: str, entry: Path, meta: dict, tokens: np.ndarray, learned: np.ndarray) -> PreparedExamples:
-    fmt, extras = FORMATS[meta["format"]], {"answers": None, "labels": None}
+    fmt, extras = FORMATS[meta["format"]], {"prompts": None, "labels": None}
     if fmt.extra:  # each example's last item: a prompt's reference answer, an unpaired reply's label
         extras[fmt.extra] = fmt.extra_type(json.loads((entry / f"{fmt.extra}.json").read_text()))
     return PreparedExamples(name, tokens, learned, np.load(entry / "offsets.npy"), np.load(entry / "origins.npy"),
-                            extras["answers"], extras["labels"], meta["files"], meta["per_example"], meta["split"], meta["documents"], meta["bytes"],
+                            extras["prompts"], extras["labels"], meta["files"], meta["per_example"], meta["split"], meta["documents"], meta["bytes"],
                             meta["skipped"], meta["filtered"], entry, meta["format"], meta.get("reasons", {}))

@@ -36,7 +36,7 @@ class Conversation(list):
 MESSAGE_ROLES = (*ROLES, "tool")
 Preference = tuple[Messages, str, str]  # (prompt messages, chosen reply, rejected reply)
 Unpaired = tuple[Messages, str, bool]  # (prompt messages, reply, whether it is a good one)
-Prompt = tuple[Messages, "str | None"]  # (prompt messages, reference answer or None)
+Prompt = tuple[Messages, dict]  # (prompt messages, {"answer": reference answer or None, "record": the record})
 
 _MESSAGE = '{"role": "user", "content": "..."}'
 _MESSAGE_HINT = f"each message is an object like {_MESSAGE}"
@@ -178,7 +178,8 @@ def read_prompt(path: Path, spec: Source, report: Report) -> Iterator[tuple[str,
                 raise _Bad("a system field and a system message in the prompt", "give the system message once")
             messages = [{"role": "system", "content": _text(record["system"], "field 'system'")}] + messages
         answer = record.get(answer_key)
-        return messages, None if answer is None else _text(answer, f"field {answer_key!r}")
+        # The whole record travels with the prompt: a reward plugin or environment may read any field.
+        return messages, {"answer": None if answer is None else _text(answer, f"field {answer_key!r}"), "record": record}
     return _read(path, report, like, parse, prompt_contents)
 
 
@@ -224,8 +225,8 @@ def unpaired_contents(example: Unpaired) -> list[str]:
 
 
 def prompt_contents(example: Prompt) -> list[str]:
-    messages, answer = example
-    return message_contents(messages) + ([answer] if answer else [])
+    messages, extra = example
+    return message_contents(messages) + ([extra["answer"]] if extra["answer"] else [])
 
 
 def _get(record: dict, key: str, hint: str):

@@ -56,7 +56,7 @@ class Format:
     examples: Callable[[Path, Source, Report], Iterator[tuple[str, object]]] | None = None
     sequences: Callable[[object, object], list] | None = None
     per_example: int = 1
-    # Each example's last item kept apart, as PreparedExamples.<extra> (a prompt's reference answer, an
+    # Each example's last item kept apart, as PreparedExamples.<extra> (a prompt's answer and record, an
     # unpaired reply's label), read back as extra_type(list of them).
     extra: str | None = None
     extra_type: Callable = list

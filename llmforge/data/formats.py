@@ -41,10 +41,10 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     _examples("unpaired", examples.read_unpaired, examples.unpaired_contents,
               lambda ex, template: [template.pair_segments(ex[0], ex[1])], extra="labels",
               extra_type=lambda labels: np.array(labels, dtype=bool)),
-    # What the policy continues; the reference answer stays text.
+    # What the policy continues; the reference answer and the whole record stay as they were read.
     _examples("prompt", examples.read_prompt, examples.prompt_contents,
               lambda ex, template: [template.prompt_segments(ex[0])], keys=("prompt_field", "answer_field"),
-              extra="answers"),
+              extra="prompts"),
 )}
 
 

@@ -39,13 +39,13 @@ def cores() -> int:
 
 def _init(tokenizer, template=None, threads: int = 1) -> None:
     global TOKENIZER, TEMPLATE
-    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     tokenizer._threads = threads  # one thread per worker process: the processes are the parallelism
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the same for a tokenizer.json's Rust threads
     TOKENIZER, TEMPLATE = tokenizer, template
 
 
-def _exit_when_orphaned(parent: int) -> None:
+def exit_when_orphaned(parent: int) -> None:
     """A pool worker holds both ends of its task queue, so when the run is killed (kill -9, OOM) it
     never sees the queue close: it would wait forever, holding the terminal's pipes open."""
     while os.getppid() == parent:

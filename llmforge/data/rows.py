@@ -109,11 +109,16 @@ class Examples:
     offsets: np.ndarray
     per_example: int  # sequences per example: 1 (chat, prompt, unpaired), 2 (preference pair)
     origins: list  # "file:line" of each example, looked up lazily (see cache.py)
-    answers: list | None = None  # prompt sources: each example's reference answer (str or None)
+    prompts: list | None = None  # prompt sources: each example's {"answer": str or None, "record": dict}
     labels: np.ndarray | None = None  # unpaired sources: [n] bool, True for a good reply
 
     def __len__(self) -> int:
         return (len(self.offsets) - 1) // self.per_example
+
+    @property
+    def answers(self) -> list | None:
+        """Prompt sources: each example's reference answer (str or None)."""
+        return None if self.prompts is None else [p["answer"] for p in self.prompts]
 
     def lengths(self) -> np.ndarray:
         """[n, per_example] tokens of each sequence."""
@@ -306,7 +311,8 @@ ANSWER_BYTES = 512  # the UTF-8 bytes of a reference answer a prompt row carries
 class PromptRows:
     """One prompt per row: its tokens through the tag that opens the reply, left-aligned in
     seq_len positions; prompts that leave fewer than `room` positions for the reply are left out.
-    The reference answer travels as UTF-8 bytes (answer_len -1: none), so batches stay arrays."""
+    The reference answer travels as UTF-8 bytes (answer_len -1: none), so batches stay arrays;
+    the record it came from (for reward plugins and environments) as an object array of dicts."""
 
     def __init__(self, ex: Examples, seq_len: int, *, room: int, seed: int):
         self.ex, self.seq_len = ex, seq_len
@@ -334,11 +340,13 @@ class PromptRows:
         lengths = np.zeros(len(idx), dtype=np.int64)
         answer = np.zeros((len(idx), ANSWER_BYTES), dtype=np.uint8)
         answer_len = np.full(len(idx), -1, dtype=np.int64)
+        record = np.empty(len(idx), dtype=object)
         for r, e in enumerate(examples.tolist()):
             ids, _ = self.ex.sequence(e)
             prompt[r, :len(ids)], lengths[r] = ids, len(ids)
-            text = self.ex.answers[e] if self.ex.answers else None
+            text = self.ex.prompts[e]["answer"] if self.ex.prompts else None
+            record[r] = self.ex.prompts[e]["record"] if self.ex.prompts else {}
             if text is not None:
                 raw = text.encode()[:ANSWER_BYTES]
                 answer[r, :len(raw)], answer_len[r] = np.frombuffer(raw, dtype=np.uint8), len(raw)
-        return {"prompt": prompt, "prompt_len": lengths, "answer": answer, "answer_len": answer_len}
+        return {"prompt": prompt, "prompt_len": lengths, "answer": answer, "answer_len": answer_len, "record": record}

@@ -189,7 +189,8 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
     return Plan(recipe.name, recipe.seed, device, cfg, params, cfg.num_params(exclude_embeddings=True),
                 cfg.flops_per_token(), tuple(stages), world_size, parallel, tuple(dict.fromkeys(warnings)),
                 model_init=recipe.model.init.hf if recipe.model.init else None, previews=previews or {},
-                notes=tuple(notes or ()))
+                notes=tuple(notes or ()) + tuple(n for sp in stages for n in KINDS[sp.kind].notes(
+                    f"stages[{sp.index}]", sp.options)))
 
 
 def _missing(why: str, unknown: list[str]) -> str:

@@ -170,14 +170,23 @@ MEANINGS = {
         "2024); keeps chosen replies likely while the margin grows, which small models need",
     "stages[].reward":
         "grpo: what a reply is rewarded for, a list of terms (or one) summed with their `weight` (default 1): "
-        "`{verifier: exact | contains | regex | format | length}`, `{stage: NAME}` (an earlier reward stage) or"
-        " `{path: DIR}` (another run's reward stage `final/`, trained with this run's tokenizer); `length` "
-        "takes `within` (default `max_new_tokens` / 2). See [grpo](#grpo)",
+        "`{verifier: exact | contains | regex | format | length | math}`, `{stage: NAME}` (an earlier reward "
+        "stage), `{path: DIR}` (another run's reward stage `final/`, trained with this run's tokenizer) or "
+        "`{plugin: NAME}` (an installed package's, [docs/rl.md](rl.md)); `length` takes `within` (default "
+        "`max_new_tokens` / 2). See [grpo](#grpo)",
     "stages[].reward[].verifier": "a built-in check of the reply against the prompt's reference answer (table above)",
     "stages[].reward[].stage": "an earlier reward stage of this recipe, whose score of prompt + reply is the reward",
     "stages[].reward[].path": "another run's reward stage `final/` folder (refused if trained with another tokenizer)",
     "stages[].reward[].weight": "this term's weight in the sum",
     "stages[].reward[].within": "`length` only: tokens without penalty (default `max_new_tokens` / 2)",
+    "stages[].reward[].plugin":
+        "a reward an installed package declares under the entry-point group `llmforge.rewards` "
+        "([docs/rl.md](rl.md)); the plan names its package and version",
+    "stages[].reward[].options": "`plugin` only: its own settings, checked by the plugin's `check` before training",
+    "stages[].reward[].timeout": "`plugin` only: seconds one reply's scoring may take; past it the reply fails",
+    "stages[].reward[].on_error":
+        "`plugin` only: `zero`: a reply it fails on (raises, times out, returns no finite number) scores 0 and is "
+        "counted (`reward_errors`, the stage's `reward_errors.jsonl`); `stop`: the run stops with its traceback",
     "stages[].group": "grpo: replies sampled per prompt, at least 2 (advantages are relative to the group)",
     "stages[].max_new_tokens":
         "grpo: the longest reply; prompts that leave less room in `seq_len` are left out (counted as too long)",
@@ -190,6 +199,16 @@ MEANINGS = {
     "stages[].loss_mean":
         "grpo: a reply's loss is the mean over its tokens, then replies are averaged (GRPO); `constant`: summed"
         " over tokens / `max_new_tokens` (Dr. GRPO)",
+    "stages[].policy_loss":
+        "grpo: `grpo` (token ratios, PPO's clip), `gspo` (the reply's sequence ratio, Zheng et al. 2025; clip "
+        "~3e-4) or `cispo` (clipped stop-gradient weights on REINFORCE, MiniMax-M1 2025); [docs/rl.md](rl.md)",
+    "stages[].updates_per_rollout":
+        "grpo: optimizer steps on each batch of replies (TRL's `num_iterations`); pi_old is the policy that "
+        "sampled them, taken once",
+    "stages[].dynamic_sampling":
+        "grpo: DAPO's dynamic sampling: groups whose replies all score alike are replaced by the next prompts' "
+        "(counted as `refills`)",
+    "stages[].max_rollouts": "grpo, `dynamic_sampling` only: batches of prompts rolled out in one step, at most",
     "stages[].optimizer.name":
         "`adamw`, or `muon`: Muon (momentum, then the update orthogonalized by Newton-Schulz) for the blocks' "
         "weight matrices and AdamW for embeddings, head, norms and biases; not with `runtime.parallel: fsdp`",

@@ -172,7 +172,8 @@ def run_stage(ctx: Context, sp: StagePlan, init_from: Path | None) -> None:
         lr = lr_at(step, peak=sp.lr, warmup=sp.warmup_steps, total=sp.steps, decay=sp.decay, min_lr=sp.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_ratio", 1.0)  # muon: its matrices' own peak
-        pending.append(train_step(step_model, optimizer, objective, sampler.next_batch(), sp, amp, device, d, step))
+        pending.append(train_step(step_model, optimizer, objective, sampler.next_batch(), sp, amp, device, d, step,
+                                   sampler.next_batch))
         timer.step_done(step + 1, pending[-1].pop("work"))
         faults.reached("step", sp.dir_name, step + 1)
         if (step + 1) % sp.log_every == 0 or step + 1 == sp.steps:

@@ -21,23 +21,48 @@ if TYPE_CHECKING:
 
 
 def train_step(model, optimizer, objective, batch: dict, sp: StagePlan, amp, device, d: Dist | None = None,
-               step: int = 0) -> dict:
-    """One optimizer step over the global batch: this rank's share of its rows (after the
-    objective's rollout: grpo samples replies to them), in grad_accum micro-batches. The loss is
-    a mean over the whole global batch's units (tokens, pairs), however unevenly the
-    micro-batches and ranks hold them; DDP/FSDP average gradients over ranks, so each rank's
-    share is scaled by the world size to make that average a sum."""
+               step: int = 0, more=None) -> dict:
+    """One step over the global batch: this rank's share of its rows (after the objective's
+    rollout: grpo samples replies to them, drawing further batches with `more` under dynamic
+    sampling), in grad_accum micro-batches, then an optimizer step (objective.updates of them on
+    the same rows: grpo's updates_per_rollout). The loss is a mean over the whole global batch's
+    units (tokens, pairs), however unevenly the micro-batches and ranks hold them; DDP/FSDP
+    average gradients over ranks, so each rank's share is scaled by the world size to make that
+    average a sum."""
     d = d or Dist()
     units = objective.units(batch)
     mine = d.shard(batch)
+
+    def refill(need: bool):  # every rank draws the next batch alike when any rank needs more
+        agreed = d.all_sum(torch.tensor([float(need)])) if more is not None else torch.zeros(1)
+        return d.shard(more()) if agreed.item() > 0 else None
+
     t = time.perf_counter()
-    rows, figures = objective.rollout(unwrap(model), mine, device, amp, step, d.rank)
+    rows, figures = objective.rollout(unwrap(model), mine, device, amp, step, d.rank, refill)
     if figures:  # grpo's rollout figures, then its update time
         figures["rollout_s"], t = time.perf_counter() - t, time.perf_counter()
     per_micro = sp.micro_batch * _count(rows) // max(1, _count(mine))  # grpo: a prompt's row became G replies
     micros = _split(rows, per_micro)
     totals: dict = {}
-    done = sum(work(trim(m)) for m in micros)  # what the forwards compute, for tokens/s and MFU
+    bad = torch.zeros((), device=device)
+    for _ in range(objective.updates):
+        bad = torch.maximum(bad, _update(model, optimizer, objective, micros, sp, amp, device, d, units, totals))
+    done = objective.updates * sum(work(trim(m)) for m in micros)  # what the forwards compute, for tokens/s and MFU
+    if "rollout_s" in figures:
+        figures["update_s"] = time.perf_counter() - t
+    keys = list(totals) + ["skipped"] + list(figures)  # skipped: not finite, so not updated (or stopping)
+    host = torch.tensor([*figures.values(), *done], dtype=torch.float32)  # figures and work: known on the host
+    if device.type == "cuda":  # copied without waiting for the step to finish
+        host = host.pin_memory().to(device, non_blocking=True)
+    reduced = d.all_sum(torch.cat([torch.stack([*(totals[k].float() for k in totals), bad]), host]))  # one all-reduce
+    out = {k: v / (units * objective.updates if k in totals else d.world) for k, v in zip(keys, reduced)}
+    return out | {"work": reduced[len(keys):]}  # summed over ranks
+
+
+def _update(model, optimizer, objective, micros: list[dict], sp: StagePlan, amp, device, d: Dist, units: int,
+            totals: dict) -> torch.Tensor:
+    """Gradients of the micro-batches, then one optimizer step; adds the losses' sums to totals.
+    Returns 1.0 where the gradients were not finite (on the device)."""
     for i, micro in enumerate(micros):
         with distributed.grad_sync(model, i == len(micros) - 1):
             with amp:
@@ -56,15 +81,7 @@ def train_step(model, optimizer, objective, batch: dict, sp: StagePlan, amp, dev
     elif sp.on_nonfinite == "stop" or not bool(bad):  # skip without fused: one sync a step (the plan says so)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if "rollout_s" in figures:
-        figures["update_s"] = time.perf_counter() - t
-    keys = list(totals) + ["skipped"] + list(figures)  # skipped: not finite, so not updated (or stopping)
-    host = torch.tensor([*figures.values(), *done], dtype=torch.float32)  # figures and work: known on the host
-    if device.type == "cuda":  # copied without waiting for the step to finish
-        host = host.pin_memory().to(device, non_blocking=True)
-    reduced = d.all_sum(torch.cat([torch.stack([*(totals[k].float() for k in totals), bad]), host]))  # one all-reduce
-    out = {k: v / (units if k in totals else d.world) for k, v in zip(keys, reduced)}
-    return out | {"work": reduced[len(keys):]}  # summed over ranks
+    return bad
 
 
 def settle(pending: list[dict], end: int, sp: StagePlan, bad_run: int) -> tuple[dict, int]:

@@ -1,24 +1,21 @@
-"""GRPO: online RL from rewards (Shao et al. 2024, DeepSeekMath), with DAPO's and Dr. GRPO's
-variants as options.
+"""GRPO: online RL from rewards (Shao et al. 2024, DeepSeekMath), with DAPO's, Dr. GRPO's, GSPO's
+and CISPO's variants as options.
 
 Each step samples `group` replies to each prompt of the batch from the current policy (all of
-them in one batched, KV-cached generation), scores each with a weighted sum of rewards (built-in
-verifiers, stages/verifiers.py, and reward models, stages/reward.py), and normalizes the rewards
-within each prompt's group into advantages A = (r - mean) / (std + 1e-4) (Dr. GRPO: r - mean).
-The loss of a reply token, with ratio = pi / pi_old and the reference the stage's frozen
-starting weights:
+them in one batched, KV-cached generation), scores each with a weighted sum of rewards
+(stages/rewards.py: built-in verifiers, reward models, plugins of installed packages), and
+normalizes the rewards within each prompt's group into advantages A = (r - mean) / (std + 1e-4)
+(Dr. GRPO: r - mean). The policy loss of the reply tokens is stages/rl_loss.py's.
 
-    -min(ratio A, clip(ratio, 1 - clip, 1 + clip_high) A) + kl (ref/pi - log(ref/pi) - 1)
-
-(the KL term is DeepSeekMath's k3 estimator), averaged over each reply's tokens and then over
-the replies (loss_mean: sequence, GRPO), or summed over tokens / max_new_tokens (constant,
-Dr. GRPO). pi_old is the policy that sampled the replies: one update per batch of rollouts, so
-pi_old is pi itself, taken from the update's own forward pass (detached), as TRL does with
-num_iterations 1: the ratio is exactly 1 and its gradient the policy gradient. The sampler's own
-log-probs come from another path (an incremental KV-cached decode; on a GPU in bf16 other
-kernels), so using them as pi_old would make the ratio start off 1 by numerical noise and clip on
-it; their gap to the update's is logged as `sampler_gap` instead. The sampling RNG is a function of (seed, stage, step, rank): a resumed stage draws the
-same replies.
+pi_old is the policy that sampled the replies. With one update per batch of rollouts, pi_old is
+pi itself, taken from the update's own forward pass (detached), as TRL does with num_iterations
+1: the ratio is exactly 1 and its gradient the policy gradient. The sampler's own log-probs come
+from another path (an incremental KV-cached decode; on a GPU in bf16 other kernels), so using
+them as pi_old would make the ratio start off 1 by numerical noise and clip on it; their gap to
+the update's is logged as `sampler_gap` instead. With updates_per_rollout > 1, pi_old is one
+forward of the policy over the replies before the first update. The sampling RNG, and each
+reply's seed given to plugins, are functions of (seed, stage, step, rank): a resumed stage draws
+the same replies and scores them alike.
 """
 
 from __future__ import annotations
@@ -26,62 +23,40 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import Field
 
-from ..core.paths import recipe_path
-from ..core.values import Float, Int, Name, Spec
+from ..core.values import Float, Int
 from ..data.rows import PromptRows
 from ..model.generate import generate_batch, reply_texts
 from ..model.kept import Kept
 from ..model.weights import unwrap
-from . import kind, reward
-from .verifiers import NEEDS_ANSWER, VERIFIERS, regex_problem, verify
-
-
-class RewardTerm(Spec):
-    # One reward: a built-in verifier by name, an earlier reward stage of this recipe, or the
-    # final/ folder of another run's reward stage; rewards add up, each times its weight.
-    verifier: Literal[tuple(VERIFIERS)] | None = None
-    stage: Name | None = None
-    path: str | None = None
-    weight: Float = 1.0
-    within: Int | None = Field(default=None, ge=0)  # length: tokens without penalty (default max_new_tokens / 2)
-
-    @model_validator(mode="after")
-    def _one(self):
-        if sum(x is not None for x in (self.verifier, self.stage, self.path)) != 1:
-            raise ValueError("give exactly one of verifier, stage (a reward stage) or path (a reward model's final/)")
-        if self.within is not None and self.verifier != "length":
-            raise ValueError("within applies to the length verifier")
-        return self
-
-    @property
-    def label(self) -> str:
-        return self.verifier or self.stage or "model"
-
-
-def _terms(value):
-    """One reward may be written without the list around it."""
-    return [value] if isinstance(value, dict) else value
+from . import kind
+from .plugins import Reply
+from .rewards import Rewards, Terms, plan_terms, plugin_notes, term_problems
+from .rl_loss import LOSSES, policy_loss
+from .verifiers import VERIFIERS
 
 
 class Options(kind.Options):
-    # What a reply is rewarded for (a list of terms, or one).
-    reward: Annotated[list[RewardTerm], BeforeValidator(_terms)] = []
+    # What a reply is rewarded for (a list of terms, or one): verifiers, reward models, plugins.
+    reward: Terms = []
     group: Int = Field(default=8, ge=2)  # replies sampled per prompt (TRL's default; DeepSeekMath: 64)
     max_new_tokens: Int = Field(default=64, gt=0)
     temperature: Float = Field(default=1.0, gt=0)
     top_k: Int | None = Field(default=None, gt=0)
+    policy_loss: Literal[LOSSES] = "grpo"  # the policy loss (stages/rl_loss.py): grpo, gspo (Zheng et al. 2025), cispo (MiniMax-M1)
     kl: Float = Field(default=0.04, ge=0)  # the KL penalty's weight (DeepSeekMath; DAPO: 0)
     clip: Float = Field(default=0.2, gt=0, lt=1)  # PPO's epsilon
     clip_high: Float | None = Field(default=None, gt=0)  # DAPO's clip-higher (0.28); default: clip
     scale_rewards: bool = True  # divide by the group's std (GRPO); false: Dr. GRPO
     loss_mean: Literal["sequence", "constant"] = "sequence"  # GRPO; constant: Dr. GRPO
+    updates_per_rollout: Int = Field(default=1, ge=1)  # optimizer steps on each batch of replies (TRL's num_iterations)
+    dynamic_sampling: bool = False  # DAPO: groups whose replies all score alike are replaced by new prompts'
+    max_rollouts: Int = Field(default=4, ge=1)  # dynamic sampling: batches of prompts rolled out a step, at most
 
 
 def _seed(*parts: int) -> int:
@@ -92,24 +67,49 @@ class Objective(kind.Objective):
     def __init__(self, sp, tokenizer, template, seed: int):
         self.sp, self.o, self.tokenizer, self.seed = sp, sp.options, tokenizer, seed
         self.stop_ids = tuple(template.stop_ids(tokenizer))
-        self.reference, self.scorers = None, {}
+        self.reference, self.folder = None, None
+        self.rewards = Rewards(self.o.reward, self.o.max_new_tokens, f"stages[{sp.index}]")
+        self.updates = self.o.updates_per_rollout  # the step's optimizer steps on its rollout (run/step.py)
 
     def units(self, batch: dict) -> int:
         return len(batch["prompt"]) * self.o.group
 
     def start(self, model, folder, device):
-        self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        for term in self.o.reward:
-            if term.stage is not None:  # a reward stage of this run: stages/NN-<name>/final
-                final = next(folder.parent.glob(f"[0-9][0-9]-{term.stage}")) / "final"
-                self.scorers[term.label] = reward.RewardScorer(final, device)
-            elif term.path is not None:  # made absolute by the plan
-                self.scorers[term.label] = reward.RewardScorer(Path(term.path), device)
+        self.reference, self.folder = copy.deepcopy(model).eval().requires_grad_(False), folder
+        self.rewards.start(folder, device)
 
     @torch.no_grad()
-    def rollout(self, model, batch, device, amp, step, rank):
+    def rollout(self, model, batch, device, amp, step, rank, refill=None):
+        """The step's replies, scored, as rows. Under dynamic sampling, groups whose replies all
+        scored alike teach nothing (their advantages are 0): they are set aside and the next
+        prompts rolled out instead, up to max_rollouts batches; if still short, set-aside groups
+        fill the rest (their KL term alone trains)."""
         o, B = self.o, len(batch["prompt"])
         generator = torch.Generator(device=device).manual_seed(_seed(self.seed, self.sp.index, step, rank))
+        rounds = [self._roll(model, batch, device, amp, generator, (step, rank, 0))]
+        while o.dynamic_sampling and len(rounds) < o.max_rollouts:
+            more = refill(sum(r["informative"].sum() for r in rounds) < B) if refill else None
+            if more is None:
+                break
+            rounds.append(self._roll(model, more, device, amp, generator, (step, rank, len(rounds))))
+        rows = _keep_groups(rounds, B, o.group) if o.dynamic_sampling else rounds[0]["rows"]
+        with amp:
+            rows["ref"] = self._logps(self.reference, rows)
+            if self.updates > 1:  # pi_old: the policy as it sampled, once for all the updates on this batch
+                rows["old"] = self._logps(model, rows)
+        values = {k: torch.cat([r["values"][k] for r in rounds]) for k in rounds[0]["values"]}
+        figures = {k: v.mean() for k, v in values.items()} | \
+            {f"{k}_std": v.std() for k, v in values.items() if k == "reward" or k.count("/") == 1}
+        figures["reward_errors"] = sum(r["errors"] for r in rounds)
+        figures["zero_std_groups"] = (~rounds[0]["informative"]).mean()
+        if o.dynamic_sampling:
+            figures["refills"] = len(rounds) - 1
+        return rows, {k: float(v) for k, v in figures.items()}
+
+    def _roll(self, model, batch, device, amp, generator, where) -> dict:
+        """One batch of prompts' replies: rows (with advantages), each reply's scores, and which
+        groups' rewards differ (inform)."""
+        o, B = self.o, len(batch["prompt"])
         prompts = {k: np.repeat(v, o.group, axis=0) for k, v in batch.items()}  # each prompt G times, in a row
         was_training = model.training
         model.eval()
@@ -118,25 +118,20 @@ class Objective(kind.Objective):
         model.train(was_training)
         rows = self._rows(prompts, replies)
         with amp:  # reward models score under the run's precision
-            rewards, terms = self._score(prompts, replies, rows, device)
+            rewards, values, errors = self._score(prompts, replies, rows, device, where)
         groups = rewards.view(B, o.group)
         advantages = groups - groups.mean(dim=1, keepdim=True)
         if o.scale_rewards:
             advantages = advantages / (groups.std(dim=1, keepdim=True) + 1e-4)
         # The sampler's log-prob of each reply token, at its target position (replies fill their rows' learned
-        # positions in order).
+        # positions in order): compared with the update's own as sampler_gap.
         sampled = torch.arange(replies["logps"].shape[1], device=replies["n"].device) < replies["n"][:, None]
-        rows["old"] = Kept.of(rows["learned"]).spread(replies["logps"][sampled].cpu()).numpy()
-        with amp:
-            rows["ref"] = self._logps(self.reference, rows)
+        rows["sampled"] = Kept.of(rows["learned"]).spread(replies["logps"][sampled].cpu()).numpy()
         rows["advantage"] = advantages.flatten().cpu().numpy().astype(np.float32)
-        n = replies["n"].float()
-        figures = {"reward": rewards.mean(), "reward_std": rewards.std(), "reply_tokens": n.mean(),
-                   "ended": replies["ended"].float().mean(),
-                   "zero_std_groups": (groups.std(dim=1) == 0).float().mean()}
-        for label, values in terms.items():
-            figures |= {f"reward/{label}": values.mean(), f"reward/{label}_std": values.std()}
-        return rows, {k: float(v) for k, v in figures.items()}
+        values |= {"reward": rewards.cpu(), "reply_tokens": replies["n"].float().cpu(),
+                   "ended": replies["ended"].float().cpu()}
+        return {"rows": rows, "values": values, "errors": len(errors),
+                "informative": (groups.std(dim=1) > 0).cpu().numpy()}
 
     def _sample(self, model, prompts, device, temperature, generator) -> dict:
         return generate_batch(model, torch.from_numpy(prompts["prompt"]).to(device),
@@ -144,25 +139,24 @@ class Objective(kind.Objective):
                               temperature=temperature, top_k=self.o.top_k, generator=generator,
                               stop_ids=self.stop_ids, vocab_limit=self.tokenizer.vocab_size)
 
-    def _score(self, prompts, replies, rows, device) -> tuple[torch.Tensor, dict]:
-        """Each reply's total reward [B] and each term's [B]."""
-        o, n, ended = self.o, replies["n"].tolist(), replies["ended"].tolist()
+    def _score(self, prompts, replies, rows, device, where) -> tuple[torch.Tensor, dict, list]:
+        """Each reply's total reward [n], each term's values, and the plugins' errors (also written
+        to the stage's reward_errors.jsonl: a plugin's author wants to see them)."""
+        n, ended = replies["n"].tolist(), replies["ended"].tolist()
         texts = reply_texts(self.tokenizer, replies, self.stop_ids)
         answers = [None if k < 0 else bytes(a[:k]).decode("utf-8", "replace")
                    for a, k in zip(prompts["answer"], prompts["answer_len"].tolist())]
-        terms, total = {}, torch.zeros(len(n), device=device)
-        for term in o.reward:
-            if term.verifier is not None:
-                within = term.within if term.within is not None else o.max_new_tokens // 2
-                values = torch.tensor([verify(term.verifier, t, a, e, k, max_new_tokens=o.max_new_tokens,
-                                              within=within) for t, a, e, k in zip(texts, answers, ended, n)],
-                                      device=device)
-            else:
-                tokens = torch.from_numpy(rows["tokens"][:, :-1]).to(device)
-                values = self.scorers[term.label](tokens, torch.from_numpy(rows["length"]).to(device))
-            terms[term.label] = values.float()
-            total += term.weight * values.float()
-        return total, terms
+        records = prompts["record"] if "record" in prompts else [{}] * len(n)
+        batch = [Reply(record=rec, text=t, tokens=k, ended=e, seed=_seed(self.seed, self.sp.index, *where, i),
+                       answer=a, messages=[{"role": "assistant", "content": t}])
+                 for i, (rec, t, k, e, a) in enumerate(zip(records, texts, n, ended, answers))]
+        total, values, errors = self.rewards.score(batch, rows, device, where[0])
+        if errors and self.folder is not None:
+            with open(self.folder / "reward_errors.jsonl", "a") as f:
+                for label, i, why in errors:
+                    f.write(json.dumps({"step": where[0] if where[0] >= 0 else "eval", "rank": where[1], "reward": label, "reply": i,
+                                        "error": why}) + "\n")
+        return total, values, errors
 
     def _rows(self, prompts, replies) -> dict:
         """tokens [B, T+1]: prompt then reply, right-padded; learned [B, T]: the reply's targets."""
@@ -193,34 +187,39 @@ class Objective(kind.Objective):
 
     def loss(self, model, batch):
         batch = batch | {"learned": Kept.of(batch["learned"])}  # found on the host by to_device
-        o, learned = self.o, batch["learned"]
+        learned = batch["learned"]
         logp = self.token_logps(model, batch)
-        old, ref = logp.detach(), learned.take(batch["ref"])  # pi_old: this very forward (see the docstring)
-        advantage = batch["advantage"][learned.rows]
-        ratio = torch.exp(logp - old)
-        low, high = 1 - o.clip, 1 + (o.clip_high if o.clip_high is not None else o.clip)
-        surrogate = torch.minimum(ratio * advantage, ratio.clamp(low, high) * advantage)
-        kl = torch.exp(ref - logp) - (ref - logp) - 1
-        weight = 1 / learned.counts().clamp(min=1)[learned.rows] if o.loss_mean == "sequence" else \
-            torch.full_like(logp, 1 / o.max_new_tokens)
-        clipped = ((ratio < low) & (advantage < 0)) | ((ratio > high) & (advantage > 0))
-        gap = (old - learned.take(batch["old"])).abs()  # the sampler's log-probs against the update's
-        return {"loss": ((o.kl * kl - surrogate) * weight).sum(), "kl": (kl.detach() * weight).sum(),
-                "clip_frac": (clipped.float() * weight).sum(), "sampler_gap": (gap * weight).sum()}
+        # pi_old: with one update per rollout, this very forward (detached: the ratio is exactly 1; the
+        # sampler's own log-probs come from another kernel path, see the docstring); with more, the
+        # policy as it sampled, taken once in rollout.
+        old = learned.take(batch["old"]) if self.updates > 1 else logp.detach()
+        out = policy_loss(logp, old, learned.take(batch["ref"]), batch["advantage"][learned.rows], learned.rows,
+                          learned.counts(), self.o)
+        gap = (logp.detach() - learned.take(batch["sampled"])).abs()  # the sampler's log-probs against the update's
+        return out | {"sampler_gap": (gap / learned.counts().clamp(min=1)[learned.rows]).sum()}
 
     def eval_sums(self, model, batch):
         """Held-out prompts, one greedy reply each, scored by the stage's rewards."""
-        prompts, device = {k: v.cpu().numpy() for k, v in batch.items()}, batch["prompt"].device
+        prompts = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        device = batch["prompt"].device
         replies = self._sample(unwrap(model), prompts, device, 0, None)
-        rewards, terms = self._score(prompts, replies, self._rows(prompts, replies), device)
+        rewards, values, _ = self._score(prompts, replies, self._rows(prompts, replies), device, (-1, 0, 0))
         return {"reward": rewards.sum().item(), "reply_tokens": replies["n"].sum().item(),
                 "ended": replies["ended"].sum().item(), "prompts": len(rewards)} \
-            | {f"reward/{k}": v.sum().item() for k, v in terms.items()}
+            | {k: v.sum().item() for k, v in values.items()}
 
     @staticmethod
     def summarize(sums):
         n = sums.get("prompts")
         return {k: v / n for k, v in sums.items() if k != "prompts"} if n else {}
+
+
+def _keep_groups(rounds: list[dict], B: int, G: int) -> dict:
+    """B groups' rows: the informative ones in the order rolled out, then set-aside ones to fill."""
+    chosen = [(r, g) for want in (True, False) for r, x in enumerate(rounds)
+              for g in np.flatnonzero(x["informative"] == want)][:B]
+    return {k: np.concatenate([rounds[r]["rows"][k][g * G:(g + 1) * G] for r, g in chosen])
+            for k in rounds[0]["rows"]}
 
 
 class Grpo(kind.Kind):
@@ -255,65 +254,26 @@ class Grpo(kind.Kind):
         return template.prompt_segments(messages) + ([(f"  answer: {answer}", True, False)] if answer else [])
 
     def plan_options(self, spec, recipe):
-        """Reward model paths, relative to the recipe's folder, made absolute."""
-        o = spec.options
-        terms = [t if t.path is None else t.model_copy(update={"path": str(recipe_path(recipe.base_dir, t.path))})
-                 for t in o.reward]
-        return o.model_copy(update={"reward": terms})
+        return spec.options.model_copy(update={"reward": plan_terms(spec.options.reward, recipe.base_dir)})
+
+    def notes(self, where, options):
+        return plugin_notes(where, options.reward)
 
     def check(self, where, index, o, recipe, sources, fingerprint):
         spec, problems = recipe.stages[index], []
         if not o.reward:
             problems.append(f"{where}.reward: a grpo stage needs a reward: a verifier ({', '.join(VERIFIERS)}), "
-                            "a reward stage, or a reward model's final/ folder")
+                            "a reward stage, a reward model's final/ folder, or a plugin")
         if o.max_new_tokens >= recipe.stage_seq_len(spec):
             problems.append(f"{where}.max_new_tokens: {o.max_new_tokens} leaves no room for a prompt in "
                             f"seq_len {recipe.stage_seq_len(spec)}")
-        rewards = [s.name for s in recipe.stages[:index] if s.kind == reward.KIND.name]
-        for j, term in enumerate(o.reward):
-            at = f"{where}.reward[{j}]"
-            if term.stage is not None and term.stage not in rewards:
-                problems.append(f"{at}.stage: {term.stage!r} is not an earlier reward stage"
-                                + (f" (earlier: {', '.join(rewards)})" if rewards else " (there is none before it)"))
-            if term.path is not None:
-                problems += _model_problems(at, Path(term.path), fingerprint)
-            if term.verifier in NEEDS_ANSWER:
-                problems += _answer_problems(at, term.verifier, spec, sources)
-        return problems
+        if o.max_rollouts != Options.model_fields["max_rollouts"].default and not o.dynamic_sampling:
+            problems.append(f"{where}.max_rollouts: applies to dynamic_sampling: true")
+        return problems + term_problems(where, index, o.reward, recipe, sources, fingerprint)
 
     def objective(self, sp, tokenizer, template, seed):
         return Objective(sp, tokenizer, template, seed)
 
-
-def _answer_problems(at: str, verifier: str, spec, sources: dict) -> list[str]:
-    out = []
-    for name in spec.mix:
-        ex = sources[name].examples
-        if ex is None or ex.answers is None:
-            continue
-        missing = [i for i, a in enumerate(ex.answers) if a is None]
-        if missing:
-            out.append(f"{at}.verifier: {verifier} checks replies against each prompt's reference answer, but "
-                       f"{len(missing)} prompt(s) of data.{name} have none (first: {ex.origins(missing[0])})")
-        elif verifier == "regex":
-            bad = next(((i, why) for i, a in enumerate(ex.answers) if (why := regex_problem(a))), None)
-            if bad:
-                out.append(f"{at}.verifier: regex reads each answer as a regular expression, and "
-                           f"{ex.origins(bad[0])}'s is not one ({bad[1]})")
-    return out
-
-
-def _model_problems(at: str, final: Path, fingerprint: str | None) -> list[str]:
-    try:
-        config = json.loads((final / "config.json").read_text())
-    except (OSError, ValueError):
-        return [f"{at}.path: {final} is not a finished stage's final/ folder (no readable config.json)"]
-    if config.get("language_model") is not False:
-        return [f"{at}.path: {final} holds a language model, not a reward model"]
-    if fingerprint is not None and config.get("tokenizer_fingerprint") != fingerprint:
-        return [f"{at}.path: the reward model in {final} was trained with another tokenizer than this run's, "
-                "so it would read every id as a different token"]
-    return []
 
 
 KIND = Grpo()

@@ -10,7 +10,8 @@ Its `Objective`, made per stage from the StagePlan, is what the training loop ca
   eval_sums(model, batch) summed held-out quantities; summarize(sums) -> the val metrics;
   prepare(...)            work before the first step, on rank 0 (dpo: the reference's log-probs);
   start(...)              every rank, on the starting weights (grpo: a frozen reference copy);
-  rollout(...)            each step's batch before its micro-batches (grpo: sampled replies).
+  rollout(...)            each step's batch before its micro-batches (grpo: sampled replies);
+  updates                 optimizer steps a step takes on one rollout (grpo's updates_per_rollout).
 """
 
 from __future__ import annotations
@@ -51,9 +52,13 @@ class Objective:
         """Every rank, before a checkpoint is loaded: the model holds the stage's starting weights
         (`llmforge eval`: the final ones). folder is the stage's folder."""
 
-    def rollout(self, model, batch: dict, device, amp, step: int, rank: int) -> tuple[dict, dict]:
+    updates = 1
+
+    def rollout(self, model, batch: dict, device, amp, step: int, rank: int, refill=None) -> tuple[dict, dict]:
         """This rank's share of step `step`'s batch -> (the rows the micro-batches are cut from,
-        step figures to log). model is the bare module (not DDP's wrapper)."""
+        step figures to log). model is the bare module (not DDP's wrapper). refill(need) -> this
+        rank's share of the next batch, or None: every rank must call it alike (it agrees whether
+        any rank needs more, and draws the same batch on each)."""
         return batch, {}
 
 
@@ -123,6 +128,10 @@ class Kind:
         """The stage's options as its plan keeps them (grpo: reward model paths made absolute)."""
         return spec.options
 
+    def notes(self, where: str, options) -> list[str]:
+        """Lines the plan prints about the stage's options (grpo: which package each plugin comes from)."""
+        return []
+
     def check(self, where: str, index: int, options, recipe, sources: dict, fingerprint: str | None) -> list[str]:
         """Problems only this kind sees, as plan errors naming the key (stage `index` of the
         recipe; sources: name -> SourceStats; fingerprint: the run's tokenizer's, None before
@@ -172,15 +181,16 @@ def to_device(batch: dict, device) -> dict:
     GPU from pinned memory, so the copy overlaps. Packed rows' document ids become the attention
     layout the model takes (model/attention.py), worked out here on the host so the forward never
     waits for the device; so are the positions each row learns (learned, *_learned; sft's targets
-    as `learned`), as Kepts (model/kept.py)."""
+    as `learned`), as Kepts (model/kept.py). Object arrays (a prompt's record) stay on the host."""
     batch = trim(batch)
-    out = {k: torch.from_numpy(v) for k, v in batch.items() if k != "docs"} \
+    host = {k: v for k, v in batch.items() if v.dtype == object}
+    out = {k: torch.from_numpy(v) for k, v in batch.items() if k != "docs" and k not in host} \
         | {k: Kept.of(v) for k, v in learned_flags(batch).items()}
     if device.type == "cuda":
         out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
     if "docs" in batch:
         out["docs"] = DocLayout.from_docs(batch["docs"]).to(device)
-    return out
+    return out | host
 
 
 def split_rows(n: int, size: int) -> list[np.ndarray]:
