@@ -36,7 +36,7 @@ class Conversation(list):
 MESSAGE_ROLES = (*ROLES, "tool")
 Preference = tuple[Messages, str, str]  # (prompt messages, chosen reply, rejected reply)
 Unpaired = tuple[Messages, str, bool]  # (prompt messages, reply, whether it is a good one)
-Prompt = tuple[Messages, dict]  # (prompt messages, {"answer": reference answer or None, "record": the record})
+Prompt = tuple[Messages, dict]  # (prompt messages, {"answer": reference answer or None, "record", "messages"})
 
 _MESSAGE = '{"role": "user", "content": "..."}'
 _MESSAGE_HINT = f"each message is an object like {_MESSAGE}"
@@ -179,7 +179,8 @@ def read_prompt(path: Path, spec: Source, report: Report) -> Iterator[tuple[str,
             messages = [{"role": "system", "content": _text(record["system"], "field 'system'")}] + messages
         answer = record.get(answer_key)
         # The whole record travels with the prompt: a reward plugin or environment may read any field.
-        return messages, {"answer": None if answer is None else _text(answer, f"field {answer_key!r}"), "record": record}
+        return messages, {"answer": None if answer is None else _text(answer, f"field {answer_key!r}"), "record": record,
+                          "messages": messages}  # what a multi-turn environment renders again, with its tools
     return _read(path, report, like, parse, prompt_contents)
 
 

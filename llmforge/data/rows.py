@@ -340,13 +340,15 @@ class PromptRows:
         lengths = np.zeros(len(idx), dtype=np.int64)
         answer = np.zeros((len(idx), ANSWER_BYTES), dtype=np.uint8)
         answer_len = np.full(len(idx), -1, dtype=np.int64)
-        record = np.empty(len(idx), dtype=object)
+        record, messages = np.empty(len(idx), dtype=object), np.empty(len(idx), dtype=object)
         for r, e in enumerate(examples.tolist()):
             ids, _ = self.ex.sequence(e)
             prompt[r, :len(ids)], lengths[r] = ids, len(ids)
             text = self.ex.prompts[e]["answer"] if self.ex.prompts else None
             record[r] = self.ex.prompts[e]["record"] if self.ex.prompts else {}
+            messages[r] = self.ex.prompts[e]["messages"] if self.ex.prompts else []
             if text is not None:
                 raw = text.encode()[:ANSWER_BYTES]
                 answer[r, :len(raw)], answer_len[r] = np.frombuffer(raw, dtype=np.uint8), len(raw)
-        return {"prompt": prompt, "prompt_len": lengths, "answer": answer, "answer_len": answer_len, "record": record}
+        return {"prompt": prompt, "prompt_len": lengths, "answer": answer, "answer_len": answer_len, "record": record,
+                "messages": messages}

@@ -209,6 +209,15 @@ MEANINGS = {
         "grpo: DAPO's dynamic sampling: groups whose replies all score alike are replaced by the next prompts' "
         "(counted as `refills`)",
     "stages[].max_rollouts": "grpo, `dynamic_sampling` only: batches of prompts rolled out in one step, at most",
+    "stages[].environment.name":
+        "grpo, multi-turn: `calculator` (built in) or an environment an installed package declares under the "
+        "entry-point group `llmforge.environments`; the policy calls its tools as its chat template writes calls "
+        "([docs/rl.md](rl.md))",
+    "stages[].environment.max_turns": "the policy's turns per conversation, tool results between them",
+    "stages[].environment.weight": "of the environment's own reward (if it gives one), added to `reward`'s terms",
+    "stages[].environment.options": "its own settings, checked by its `check` before training",
+    "stages[].environment.timeout": "seconds one tool call or its reward may take",
+    "stages[].environment.on_error": "its reward failing: `zero` (counted in `reward_errors`) or `stop`",
     "stages[].optimizer.name":
         "`adamw`, or `muon`: Muon (momentum, then the update orthogonalized by Newton-Schulz) for the blocks' "
         "weight matrices and AdamW for embeddings, head, norms and biases; not with `runtime.parallel: fsdp`",

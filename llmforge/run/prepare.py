@@ -19,7 +19,7 @@ from ..data.cache import find_source, prepare_source
 from ..data.formats import FORMATS
 from ..data.pieces import iter_documents
 from ..data.sources import NoFiles, list_files
-from ..errors import CheckpointError, RecipeError, TokenizerError
+from ..errors import CheckpointError, PlanError, RecipeError, TokenizerError
 from ..model.hf import check_weights
 from ..plan.devices import Device, detect_device
 from ..plan.estimates import HANDS_BACK
@@ -192,6 +192,9 @@ def previews(recipe: Recipe) -> dict:
     from ..data.sources import Skips, SourceReport
 
     template = recipe_template(recipe)
+    if template is not None and (problems := [p for i, stage in enumerate(recipe.stages) for p in KINDS[stage.kind]
+                                              .template_problems(f"stages[{i}]", stage.options, template)]):
+        raise PlanError("\n".join(problems), hint="see docs/rl.md")
     out = {}
     for stage in recipe.stages:
         if not KINDS[stage.kind].chat or template is None:

@@ -34,7 +34,11 @@ from ..data.rows import PromptRows
 from ..model.generate import generate_batch, reply_texts
 from ..model.kept import Kept
 from ..model.weights import unwrap
+from ..errors import TokenizerError
+from ..text.toolcalls import ToolCallFormat
 from . import kind
+from . import environments, episodes, plugins
+from .environments import EnvironmentSpec
 from .plugins import Reply
 from .rewards import Rewards, Terms, plan_terms, plugin_notes, term_problems
 from .rl_loss import LOSSES, policy_loss
@@ -57,6 +61,7 @@ class Options(kind.Options):
     updates_per_rollout: Int = Field(default=1, ge=1)  # optimizer steps on each batch of replies (TRL's num_iterations)
     dynamic_sampling: bool = False  # DAPO: groups whose replies all score alike are replaced by new prompts'
     max_rollouts: Int = Field(default=4, ge=1)  # dynamic sampling: batches of prompts rolled out a step, at most
+    environment: EnvironmentSpec | None = None  # multi-turn: tools the policy may call (stages/environments.py)
 
 
 def _seed(*parts: int) -> int:
@@ -66,8 +71,11 @@ def _seed(*parts: int) -> int:
 class Objective(kind.Objective):
     def __init__(self, sp, tokenizer, template, seed: int):
         self.sp, self.o, self.tokenizer, self.seed = sp, sp.options, tokenizer, seed
-        self.stop_ids = tuple(template.stop_ids(tokenizer))
+        self.stop_ids, self.template = tuple(template.stop_ids(tokenizer)), template
         self.reference, self.folder = None, None
+        at = f"stages[{sp.index}].environment"
+        self.environment = environments.find(self.o.environment, at) if self.o.environment else None
+        self.calls = ToolCallFormat.of(template) if self.o.environment else None
         self.rewards = Rewards(self.o.reward, self.o.max_new_tokens, f"stages[{sp.index}]")
         self.updates = self.o.updates_per_rollout  # the step's optimizer steps on its rollout (run/step.py)
 
@@ -114,49 +122,80 @@ class Objective(kind.Objective):
         was_training = model.training
         model.eval()
         with amp:
-            replies = self._sample(model, prompts, device, o.temperature, generator)
+            rows, replies, values = self._generate(model, prompts, device, o.temperature, generator, where)
         model.train(was_training)
-        rows = self._rows(prompts, replies)
         with amp:  # reward models score under the run's precision
-            rewards, values, errors = self._score(prompts, replies, rows, device, where)
+            rewards, scores, errors = self._score(replies, rows, device, where)
+        rewards += values.pop("total", 0)
         groups = rewards.view(B, o.group)
         advantages = groups - groups.mean(dim=1, keepdim=True)
         if o.scale_rewards:
             advantages = advantages / (groups.std(dim=1, keepdim=True) + 1e-4)
-        # The sampler's log-prob of each reply token, at its target position (replies fill their rows' learned
-        # positions in order): compared with the update's own as sampler_gap.
-        sampled = torch.arange(replies["logps"].shape[1], device=replies["n"].device) < replies["n"][:, None]
-        rows["sampled"] = Kept.of(rows["learned"]).spread(replies["logps"][sampled].cpu()).numpy()
         rows["advantage"] = advantages.flatten().cpu().numpy().astype(np.float32)
-        values |= {"reward": rewards.cpu(), "reply_tokens": replies["n"].float().cpu(),
-                   "ended": replies["ended"].float().cpu()}
-        return {"rows": rows, "values": values, "errors": len(errors),
-                "informative": (groups.std(dim=1) > 0).cpu().numpy()}
+        failed = len(errors) + values.pop("errors", 0)
+        values |= scores | {"reward": rewards.cpu()}
+        return {"rows": rows, "values": values, "errors": failed, "informative": (groups.std(dim=1) > 0).cpu().numpy()}
 
-    def _sample(self, model, prompts, device, temperature, generator) -> dict:
-        return generate_batch(model, torch.from_numpy(prompts["prompt"]).to(device),
-                              torch.from_numpy(prompts["prompt_len"]).to(device), self.o.max_new_tokens,
-                              temperature=temperature, top_k=self.o.top_k, generator=generator,
-                              stop_ids=self.stop_ids, vocab_limit=self.tokenizer.vocab_size)
-
-    def _score(self, prompts, replies, rows, device, where) -> tuple[torch.Tensor, dict, list]:
-        """Each reply's total reward [n], each term's values, and the plugins' errors (also written
-        to the stage's reward_errors.jsonl: a plugin's author wants to see them)."""
-        n, ended = replies["n"].tolist(), replies["ended"].tolist()
-        texts = reply_texts(self.tokenizer, replies, self.stop_ids)
+    def _generate(self, model, prompts, device, temperature, generator, where) -> tuple[dict, list, dict]:
+        """Replies to `prompts` (one turn, or conversations with the environment): their rows
+        (with the sampler's log-probs of the learned tokens), each as a Reply, and figures per reply."""
         answers = [None if k < 0 else bytes(a[:k]).decode("utf-8", "replace")
                    for a, k in zip(prompts["answer"], prompts["answer_len"].tolist())]
-        records = prompts["record"] if "record" in prompts else [{}] * len(n)
-        batch = [Reply(record=rec, text=t, tokens=k, ended=e, seed=_seed(self.seed, self.sp.index, *where, i),
-                       answer=a, messages=[{"role": "assistant", "content": t}])
-                 for i, (rec, t, k, e, a) in enumerate(zip(records, texts, n, ended, answers))]
-        total, values, errors = self.rewards.score(batch, rows, device, where[0])
+        seeds = [_seed(self.seed, self.sp.index, *where, i) for i in range(len(answers))]
+        if self.environment is not None:
+            return self._converse(model, prompts, answers, seeds, temperature, generator, where)
+        got = generate_batch(model, torch.from_numpy(prompts["prompt"]).to(device),
+                             torch.from_numpy(prompts["prompt_len"]).to(device), self.o.max_new_tokens,
+                             temperature=temperature, top_k=self.o.top_k, generator=generator,
+                             stop_ids=self.stop_ids, vocab_limit=self.tokenizer.vocab_size)
+        rows = self._rows(prompts, got)
+        # The sampler's log-prob of each reply token, at its target position (replies fill their rows' learned
+        # positions in order): compared with the update's own as sampler_gap.
+        sampled = torch.arange(got["logps"].shape[1], device=got["n"].device) < got["n"][:, None]
+        rows["sampled"] = Kept.of(rows["learned"]).spread(got["logps"][sampled].cpu()).numpy()
+        texts, n, ended = reply_texts(self.tokenizer, got, self.stop_ids), got["n"].tolist(), got["ended"].tolist()
+        replies = [Reply(record=rec, text=t, tokens=k, ended=e, seed=seed, answer=a,
+                         messages=list(m) + [{"role": "assistant", "content": t}])
+                   for rec, m, t, k, e, a, seed in zip(prompts["record"], prompts["messages"], texts, n, ended,
+                                                       answers, seeds)]
+        return rows, replies, {"reply_tokens": got["n"].float().cpu(), "ended": got["ended"].float().cpu()}
+
+    def _converse(self, model, prompts, answers, seeds, temperature, generator, where) -> tuple[dict, list, dict]:
+        """Conversations with the environment, all turns; its own reward (if it gives one) as
+        values["total"] (weighted) and reward/<name>, and how the tools were used."""
+        spec, found = self.o.environment, self.environment
+        talks = [episodes.start(self.template, self.tokenizer, found, m, rec, spec.options, seed)
+                 for m, rec, seed in zip(prompts["messages"], prompts["record"], seeds)]
+        episodes.roll(model, talks, template=self.template, tokenizer=self.tokenizer, found=found, fmt=self.calls,
+                      seq_len=self.sp.seq_len, max_turns=spec.max_turns, max_new_tokens=self.o.max_new_tokens,
+                      temperature=temperature, top_k=self.o.top_k, generator=generator, stop_ids=self.stop_ids)
+        replies = [Reply(record=c.episode.record, text=c.reply, tokens=c.tokens, ended=c.ended, seed=seed, answer=a,
+                         messages=c.episode.messages) for c, a, seed in zip(talks, answers, seeds)]
+        values = {k: torch.tensor([float(f(c)) for c in talks]) for k, f in (
+            ("reply_tokens", lambda c: c.tokens), ("ended", lambda c: c.ended),
+            ("tool_calls", lambda c: c.episode.tool_calls), ("tool_errors", lambda c: c.episode.tool_errors),
+            ("turns", lambda c: c.turns), ("too_long", lambda c: c.extra["too_long"]))}
+        got = [plugins.score_safely(found.env.reward, c.episode, spec.timeout, optional=True) for c in talks]
+        if any(v is not None or why for v, why in got):
+            for why in (why for _, why in got if why):
+                if spec.on_error == "stop":
+                    raise plugins.failed(f"stages[{self.sp.index}].environment", found.label, where[0], why)
+            own = torch.tensor([0.0 if v is None else float(sum(v.values()) if isinstance(v, dict) else v)
+                                for v, _ in got])
+            values |= {f"reward/{spec.name}": own, "total": spec.weight * own,
+                       "errors": sum(why is not None for _, why in got)}
+        return episodes.rows(talks, self.sp.seq_len), replies, values
+
+    def _score(self, replies, rows, device, where) -> tuple[torch.Tensor, dict, list]:
+        """Each reply's total reward [n], each term's values, and the plugins' errors (also written
+        to the stage's reward_errors.jsonl: a plugin's author wants to see them)."""
+        total, values, errors = self.rewards.score(replies, rows, device, where[0])
         if errors and self.folder is not None:
             with open(self.folder / "reward_errors.jsonl", "a") as f:
                 for label, i, why in errors:
-                    f.write(json.dumps({"step": where[0] if where[0] >= 0 else "eval", "rank": where[1], "reward": label, "reply": i,
-                                        "error": why}) + "\n")
-        return total, values, errors
+                    f.write(json.dumps({"step": where[0] if where[0] >= 0 else "eval", "rank": where[1],
+                                        "reward": label, "reply": i, "error": why}) + "\n")
+        return total.cpu(), values, errors
 
     def _rows(self, prompts, replies) -> dict:
         """tokens [B, T+1]: prompt then reply, right-padded; learned [B, T]: the reply's targets."""
@@ -199,14 +238,16 @@ class Objective(kind.Objective):
         return out | {"sampler_gap": (gap / learned.counts().clamp(min=1)[learned.rows]).sum()}
 
     def eval_sums(self, model, batch):
-        """Held-out prompts, one greedy reply each, scored by the stage's rewards."""
+        """Held-out prompts, one greedy reply each (a greedy conversation with an environment),
+        scored by the stage's rewards."""
         prompts = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        device = batch["prompt"].device
-        replies = self._sample(unwrap(model), prompts, device, 0, None)
-        rewards, values, _ = self._score(prompts, replies, self._rows(prompts, replies), device, (-1, 0, 0))
-        return {"reward": rewards.sum().item(), "reply_tokens": replies["n"].sum().item(),
-                "ended": replies["ended"].sum().item(), "prompts": len(rewards)} \
-            | {k: v.sum().item() for k, v in values.items()}
+        where = (-1, 0, 0)
+        rows, replies, values = self._generate(unwrap(model), prompts, batch["prompt"].device, 0, None, where)
+        rewards, scores, _ = self._score(replies, rows, batch["prompt"].device, where)
+        rewards += values.pop("total", 0)
+        values.pop("errors", None)
+        return {"reward": rewards.sum().item(), "prompts": len(rewards)} \
+            | {k: v.sum().item() for k, v in (values | scores).items()}
 
     @staticmethod
     def summarize(sums):
@@ -250,20 +291,36 @@ class Grpo(kind.Kind):
         return super().longest(examples, options) + options.max_new_tokens + 1  # prompt + reply fit seq_len
 
     def preview(self, template, example, options):
-        messages, answer = example
+        messages, answer = example[0], example[1]["answer"]
         return template.prompt_segments(messages) + ([(f"  answer: {answer}", True, False)] if answer else [])
+
+    def template_problems(self, where, options, template):
+        """An environment's tools are called as the model's template writes calls: it must write some."""
+        if options.environment is None:
+            return []
+        try:
+            ToolCallFormat.of(template)
+        except TokenizerError as e:
+            return [f"{where}.environment: {e.message}"]
+        return []
 
     def plan_options(self, spec, recipe):
         return spec.options.model_copy(update={"reward": plan_terms(spec.options.reward, recipe.base_dir)})
 
     def notes(self, where, options):
-        return plugin_notes(where, options.reward)
+        env = options.environment
+        found = env and environments.find(env, f"{where}.environment")
+        return plugin_notes(where, options.reward) + ([
+            f"{where}.environment: {found.label}, tools {', '.join(t['function']['name'] for t in found.env.tools)}; "
+            f"up to {env.max_turns} turns of up to {options.max_new_tokens} tokens each"] if env else [])
 
     def check(self, where, index, o, recipe, sources, fingerprint):
         spec, problems = recipe.stages[index], []
-        if not o.reward:
+        if not o.reward and o.environment is None:
             problems.append(f"{where}.reward: a grpo stage needs a reward: a verifier ({', '.join(VERIFIERS)}), "
-                            "a reward stage, a reward model's final/ folder, or a plugin")
+                            "a reward stage, a reward model's final/ folder, a plugin, or an environment's own")
+        if o.environment is not None:
+            problems += environments.problems(o.environment, f"{where}.environment")
         if o.max_new_tokens >= recipe.stage_seq_len(spec):
             problems.append(f"{where}.max_new_tokens: {o.max_new_tokens} leaves no room for a prompt in "
                             f"seq_len {recipe.stage_seq_len(spec)}")

@@ -132,6 +132,10 @@ class Kind:
         """Lines the plan prints about the stage's options (grpo: which package each plugin comes from)."""
         return []
 
+    def template_problems(self, where: str, options, template) -> list[str]:
+        """What its options need of the chat template that it cannot do (grpo: write tool calls)."""
+        return []
+
     def check(self, where: str, index: int, options, recipe, sources: dict, fingerprint: str | None) -> list[str]:
         """Problems only this kind sees, as plan errors naming the key (stage `index` of the
         recipe; sources: name -> SourceStats; fingerprint: the run's tokenizer's, None before

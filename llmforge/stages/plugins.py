@@ -118,7 +118,7 @@ class Scorer:
     def __call__(self, replies: list[Reply]) -> list[tuple[object, str | None]]:
         """Per reply: (its value, None) or (None, why it has none)."""
         if not self.parallel:
-            return [_score_one(self.score, r, self.timeout) for r in replies]
+            return [score_safely(self.score, r, self.timeout) for r in replies]
         if self._pool is None:  # spawn, not fork: this process holds torch's thread pools
             self._pool = multiprocessing.get_context("spawn").Pool(self.workers, initializer=_init_worker,
                                                                    initargs=(self.plugin,))
@@ -136,10 +136,13 @@ class Scorer:
             self._pool = None
 
 
-def _score_one(score, reply: Reply, timeout: float) -> tuple[object, str | None]:
+def score_safely(score, reply, timeout: float, optional: bool = False) -> tuple[object, str | None]:
+    """(score(reply), None), or (None, the error's last line, a newline, its traceback). optional: None
+    is a value (an environment without a reward of its own)."""
     try:
-        with _deadline(timeout):
-            return _value(score(reply)), None
+        with deadline(timeout):
+            got = score(reply)
+            return (None, None) if optional and got is None else (_value(got), None)
     except Exception as e:  # noqa: BLE001 - a plugin's failure is counted, never fatal unless on_error: stop
         return None, "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()[-1] + \
             "\n" + "".join(traceback.format_exception(type(e), e, e.__traceback__))
@@ -157,7 +160,7 @@ def _value(got) -> float | dict:
     return out
 
 
-class _deadline:
+class deadline:
     """Raise TimeoutError in the scoring call after `seconds` (a SIGALRM timer: the main thread of
     a Unix process only; elsewhere no limit). Python-level code, sleeps and waits are interrupted."""
 
@@ -190,13 +193,13 @@ def _init_worker(plugin: Plugin) -> None:
 
 def _score_in_worker(args) -> tuple[object, str | None]:
     reply, timeout = args
-    return _score_one(_WORKER_SCORE, reply, timeout)
+    return score_safely(_WORKER_SCORE, reply, timeout)
 
 
-def failed(at: str, plugin: Plugin, step: int, error: str) -> TrainingError:
+def failed(at: str, label: str, step: int, error: str) -> TrainingError:
     """on_error: stop: the plugin's traceback, then the one line saying where it happened."""
     first, _, trace = error.partition("\n")
     print(trace, end="", file=sys.stderr, flush=True)
     when = f"step {step}" if step >= 0 else "the held-out eval"
-    return TrainingError(f"{at}: {plugin.label} failed on a reply of {when}: {first}",
+    return TrainingError(f"{at}: {label} failed on a reply of {when}: {first}",
                          hint="its traceback is above; on_error: zero scores such a reply 0, counts it and goes on")

@@ -151,7 +151,7 @@ class Rewards:
         for i, (value, why) in enumerate(got):
             if why is not None:
                 if term.on_error == "stop":
-                    raise plugins.failed(f"{self.where}.reward[{j}].plugin", self.plugins[j].plugin, step, why)
+                    raise plugins.failed(f"{self.where}.reward[{j}].plugin", self.plugins[j].plugin.label, step, why)
                 failed.append((i, why.partition("\n")[0]))
             elif isinstance(value, dict):
                 values[i] = sum(value.values())

@@ -127,6 +127,14 @@ class JinjaTemplate(TokenLevel):
             raise TemplateError(f"{self.origin}: the chat template raised {type(e).__name__}: {e}",
                                 hint="use a named template instead (chat_template: chatml, llama3 or default)") from None
 
+    def render_text(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
+        """The template's text for a conversation, as transformers' apply_chat_template(tokenize=False)."""
+        return self._render(messages, add_generation_prompt, tools)
+
+    def encode_text(self, tokenizer, text: str) -> list[int]:
+        """Ids of rendered text, its special tokens matched (context: nothing in it is learned)."""
+        return self.encode(tokenizer, [(p, special, False) for p, special in self._text_segments(text)])[0]
+
     def _parts(self, messages: list[dict], add_generation_prompt: bool, tools: list | None) -> list[tuple[str, int | None]]:
         """The rendering as (text, None) for the template's own text and (content, i) for
         message i's content, in the order the template writes them. Tool calls, tool lists and
