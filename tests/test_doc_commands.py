@@ -29,6 +29,7 @@ import yaml
 
 from .conftest import TINY_RECIPE, make_corpus
 from .test_docs import PAGES, REPO, shown_commands
+from .test_tools import QWEN25_TOOLS
 
 SHIPPED = REPO / "recipes"
 PLANNED_ONLY = ("gpt2-124m", "llama-1b-pipeline")  # sized for 8 GPUs: their pages only plan them
@@ -44,8 +45,17 @@ def shrink(recipe: Path, base: Path) -> None:
 
 
 def environment(home: Path) -> dict:
+    # Hub datasets come from the datasets cache under HOME; packages a page pip-installs, from home/site
     return dict(os.environ, HOME=str(home), SHELL="/bin/bash", NO_COLOR="1", LLMFORGE_CACHE=str(home / "cache"),
-                HF_HUB_OFFLINE="1")  # Hub datasets come from the datasets cache under HOME
+                HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(home / "site"), os.environ.get("PYTHONPATH", "")]))
+
+
+def pip_install(page: Path, folder: Path, home: Path) -> None:
+    """The page's `pip install ./examples/...` lines, into home/site (on PYTHONPATH), offline and
+    without touching the test's own environment."""
+    for path in re.findall(r"^pip install (\./examples/\S+)$", page.read_text(), flags=re.M):
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                        "--no-index", "--target", str(home / "site"), str(folder / path)], check=True)
 
 
 def llmforge(args: list[str], cwd: Path, home: Path, where: str = "", stdin: str | None = None):
@@ -80,6 +90,11 @@ class Project:
             target = root / "recipes" / recipe.name
             shutil.copy(recipe, target) if recipe.stem in PLANNED_ONLY else shrink(target, recipe)
         build_folder(self.home / "models/SmolLM2-135M-Instruct", "llama", max_len=256)
+        qwen = self.home / "models/Qwen2.5-0.5B-Instruct"  # rl.md's tool calls: a template that writes them
+        build_folder(qwen, "qwen2", max_len=1024)
+        config = json.loads((qwen / "tokenizer_config.json").read_text())
+        (qwen / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": QWEN25_TOOLS}))
+        shutil.copytree(REPO / "examples", root / "examples")
         shutil.copytree(self.home / "models/SmolLM2-135M-Instruct", root / "models/smollm2")
         shards = root / "data/fineweb-edu/sample/10BT"
         shards.mkdir(parents=True)
@@ -161,6 +176,8 @@ def run_dir(folder: Path, line: str) -> str:
     if "--run-dir" in args:
         return args[args.index("--run-dir") + 1]
     recipe = folder / args[2]
+    if recipe.exists() and "~" in recipe.read_text():  # a path under the test's HOME: read the name alone
+        return f"runs/{yaml.safe_load(recipe.read_text())['name']}"
     return f"runs/{load_recipe(recipe).name if recipe.exists() else recipe.stem}"
 
 
@@ -180,6 +197,7 @@ def test_every_command_on_the_page_runs(page, project, tmp_path):
     commands = [(where, line) for i, (where, line) in enumerate(shown) if line not in [l for _, l in shown[:i]]]
     path = next(p for p in PAGES if p.name == page)
     folder = project.page_folder(tmp_path, path, [line for _, line in commands])
+    pip_install(path, folder, project.home)
     for where, line in commands:
         args = shlex.split(line.replace("~", str(project.home)))[1:]
         stdin = "Where does Clara live?\n" if args[0] == "chat" else None
