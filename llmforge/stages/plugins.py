@@ -111,8 +111,8 @@ class Scorer:
 
     def __init__(self, plugin: Plugin, timeout: float, workers: int):
         self.plugin, self.timeout, self.workers = plugin, timeout, workers
-        self.score = score_function(plugin.load())
-        self.parallel = bool(getattr(plugin.load(), "parallel", False)) and workers > 1
+        obj = plugin.load()
+        self.score, self.parallel = score_function(obj), bool(getattr(obj, "parallel", False)) and workers > 1
         self._pool = None
 
     def __call__(self, replies: list[Reply]) -> list[tuple[object, str | None]]:
