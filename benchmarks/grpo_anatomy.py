@@ -84,14 +84,12 @@ def main() -> None:
         t0 = time.perf_counter()
         model.eval()
         generator = torch.Generator().manual_seed(step)
-        replies = objective._sample(model, prompts, cpu, o.temperature, generator)
-        t1 = time.perf_counter()
-        rows = objective._rows(prompts, replies)
-        rewards, _, _ = objective._score(prompts, replies, rows, cpu, (step, 0, 0))
+        rows, replies, _ = objective._generate(model, prompts, cpu, o.temperature, generator, (step, 0, 0))
+        t1 = time.perf_counter()  # (generation includes decoding the replies to text)
+        rewards, _, _ = objective._score(replies, rows, cpu, (step, 0, 0))
         t2 = time.perf_counter()
         rows["ref"] = objective._logps(objective.reference, rows)
         t3 = time.perf_counter()
-        rows["sampled"] = rows["ref"]
         rows["advantage"] = (rewards - rewards.mean()).numpy()
         model.train()
         units = len(rows["tokens"])
@@ -112,7 +110,7 @@ def main() -> None:
 
     model.eval()
     batch = sampler.next_batch()
-    prompts = {k: torch.from_numpy(v.repeat(o.group, axis=0)) for k, v in batch.items()}
+    prompts = {k: torch.from_numpy(v.repeat(o.group, axis=0)) for k, v in batch.items() if v.dtype != object}
     new = len(prompts["prompt"]) * o.max_new_tokens
     with torch.no_grad():
         cached, naive = [], []

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import time
 from typing import Literal
 
 import numpy as np
@@ -109,6 +110,7 @@ class Objective(kind.Objective):
         figures = {k: v.mean() for k, v in values.items()} | \
             {f"{k}_std": v.std() for k, v in values.items() if k == "reward" or k.count("/") == 1}
         figures["reward_errors"] = sum(r["errors"] for r in rounds)
+        figures["generate_s"] = sum(r["generate_s"] for r in rounds)  # of rollout_s: sampling (the rest: scoring, ref)
         figures["zero_std_groups"] = (~rounds[0]["informative"]).mean()
         if o.dynamic_sampling:
             figures["refills"] = len(rounds) - 1
@@ -119,11 +121,12 @@ class Objective(kind.Objective):
         groups' rewards differ (inform)."""
         o, B = self.o, len(batch["prompt"])
         prompts = {k: np.repeat(v, o.group, axis=0) for k, v in batch.items()}  # each prompt G times, in a row
-        was_training = model.training
+        was_training, started = model.training, time.perf_counter()
         model.eval()
         with amp:
             rows, replies, values = self._generate(model, prompts, device, o.temperature, generator, where)
         model.train(was_training)
+        generated = time.perf_counter() - started
         with amp:  # reward models score under the run's precision
             rewards, scores, errors = self._score(replies, rows, device, where)
         rewards += values.pop("total", 0)
@@ -134,7 +137,8 @@ class Objective(kind.Objective):
         rows["advantage"] = advantages.flatten().cpu().numpy().astype(np.float32)
         failed = len(errors) + values.pop("errors", 0)
         values |= scores | {"reward": rewards.cpu()}
-        return {"rows": rows, "values": values, "errors": failed, "informative": (groups.std(dim=1) > 0).cpu().numpy()}
+        return {"rows": rows, "values": values, "errors": failed, "informative": (groups.std(dim=1) > 0).cpu().numpy(),
+                "generate_s": generated}
 
     def _generate(self, model, prompts, device, temperature, generator, where) -> tuple[dict, list, dict]:
         """Replies to `prompts` (one turn, or conversations with the environment): their rows
