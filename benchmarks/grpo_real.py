@@ -120,7 +120,7 @@ def run_llmforge(folder: Path, work: Path, a, seed: int, environment: dict | Non
                    check=True, capture_output=True)
     total = [m["rollout_s"] + m["update_s"] for m in steps]
     out = {"s_per_step": statistics.median(total[1:] or total),
-           "generation_share": statistics.median(m["rollout_s"] / t for m, t in zip(steps[1:] or steps, total[1:] or total)),
+           "generation_share": statistics.median(m["generate_s"] / t for m, t in zip(steps[1:] or steps, total[1:] or total)),
            "reward": [m["reward"] for m in steps], "folder": str(exported)}
     if environment:
         evals = [m for m in metrics if "val_reward" in m]
