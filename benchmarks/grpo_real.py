@@ -13,7 +13,8 @@ for each seed, side by side in one process tree:
    (llmforge's math verifier, and whether the reply ended before max_new_tokens);
 3. llmforge again with the built-in `calculator` environment (seed 0 only): SmolLM2's own template
    writes no tool calls, so the model folder is copied with a ChatML template that does (Qwen2.5's
-   <tool_call> tags, the same special tokens).
+   <tool_call> tags, the same special tokens), and a short sft stage on calculator conversations
+   comes first (the model was never taught to call a tool: without it, it calls none).
 
 It prints seconds per step (median over the steps after the first), generation's share of a step,
 the reward curve of each, and held-out accuracy (greedy, transformers generate on every exported
@@ -101,10 +102,32 @@ RECIPE = {"name": "grpo", "seed": 0, "model": {"init": {"hf": ""}},
           "runtime": {"log_every": 1, "compile": False}}
 
 
+def tool_conversations(work: Path, n: int = 160) -> None:
+    """sft data for the calculator run: the problem, a calculator call, its result, the boxed answer
+    (SmolLM2 was never taught to call tools: without this it does not)."""
+    from llmforge.stages.environments import Calculator
+
+    with open(work / "calls.jsonl", "w") as f:
+        for r in problems(n, 3):
+            a, b = (int(x) for x in __import__("re").findall(r"\d+", r["prompt"])[:2])
+            expression = f"{a} + {b}" if "gets" in r["prompt"] else f"{a} - {b}"
+            call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
+            f.write(json.dumps({"tools": Calculator.tools, "messages": [
+                {"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "name": "calculator", "content": r["answer"]},
+                {"role": "assistant", "content": f"The answer is \\boxed{{{r['answer']}}}."}]}) + "\n")
+
+
 def run_llmforge(folder: Path, work: Path, a, seed: int, environment: dict | None = None) -> dict:
     recipe = json.loads(json.dumps(RECIPE))
     recipe["seed"], recipe["model"]["init"]["hf"] = seed, str(folder)
-    stage = recipe["stages"][0]
+    if environment:  # a short sft on calculator conversations first: the model learns to call it at all
+        tool_conversations(work)
+        recipe["data"]["calls"] = {"path": "calls.jsonl", "format": "chat", "val_fraction": 0}
+        recipe["stages"].insert(0, {"name": "sft", "kind": "sft", "mix": {"calls": 1.0}, "steps": 20,
+                                    "batch_size": 8, "optimizer": {"lr": 5e-5, "weight_decay": 0.0},
+                                    "eval": {"every": 0}, "checkpoint": {"every": 0}})
+    stage = recipe["stages"][-1]
     stage.update(steps=a.steps, batch_size=a.batch, group=a.group, max_new_tokens=a.max_new)
     stage["optimizer"]["lr"] = a.lr
     if environment:  # and its greedy conversations with the tool on held-out prompts, first and last step
@@ -112,11 +135,12 @@ def run_llmforge(folder: Path, work: Path, a, seed: int, environment: dict | Non
     name = f"llmforge-{seed}" + ("-tools" if environment else "")
     (work / f"{name}.yaml").write_text(yaml.safe_dump(recipe | {"name": name}, sort_keys=False))
     subprocess.run([sys.executable, "-m", "llmforge", "run", f"{name}.yaml", "-q"], cwd=work, check=True)
-    metrics = [json.loads(x) for x in (work / f"runs/{name}/stages/01-grpo/metrics.jsonl").read_text().splitlines()]
+    grpo = sorted((work / f"runs/{name}/stages").glob("*-grpo"))[0]
+    metrics = [json.loads(x) for x in (grpo / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m]
     exported = work / f"{name}-hf"
     shutil.rmtree(exported, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "llmforge", "export", f"runs/{name}", "--out", str(exported)], cwd=work,
+    subprocess.run([sys.executable, "-m", "llmforge", "export", f"runs/{name}", "--stage", "grpo", "--out", str(exported)], cwd=work,
                    check=True, capture_output=True)
     total = [m["rollout_s"] + m["update_s"] for m in steps]
     out = {"s_per_step": statistics.median(total[1:] or total),
@@ -228,6 +252,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--held-out", type=int, default=48)
     p.add_argument("--no-tools", action="store_true")
+    p.add_argument("--tools-only", action="store_true", help="only the calculator run")
     a = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(os.environ.get("OUT", REPO / "benchmarks/out")) / "grpo_real"
@@ -237,7 +262,7 @@ def main() -> None:
     before, sample = accuracy(folder, test, a.max_new)
     print(f"held-out accuracy before grpo: {before:.3f}  (e.g. {sample[0]!r})", flush=True)
     results = {"settings": vars(a), "before": before, "runs": {}}
-    for seed in a.seeds:
+    for seed in a.seeds if not a.tools_only else []:
         for tool, run in (("llmforge", run_llmforge), ("trl", run_trl)):
             got = run(folder, work, a, seed)
             got["accuracy"] = accuracy(Path(got["folder"]), test, a.max_new)[0]
@@ -251,7 +276,7 @@ def main() -> None:
               f"(errors {got['tool_errors']:.2f}), reward {' '.join(f'{r:.2f}' for r in got['reward'])}; held-out "
               f"(its val split, greedy, with the tool) math {got['val_math_before']:.3f} -> {got['val_math_after']:.3f}, "
               f"tool calls {got['val_tool_calls_before']:.2f} -> {got['val_tool_calls_after']:.2f}", flush=True)
-    for tool in ("llmforge", "trl"):
+    for tool in ("llmforge", "trl") if not a.tools_only else ():
         runs = [results["runs"][f"{tool}-{s}"] for s in a.seeds]
         print(f"{tool:9s} s/step {statistics.median(r['s_per_step'] for r in runs):6.2f}  "
               f"held-out {statistics.mean(r['accuracy'] for r in runs):.3f} "
