@@ -134,6 +134,9 @@ def test_finetune_a_model_folder_and_export_it_as_itself(family, tmp_path):
     run = cli("run", "recipe.yaml", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert cli("export", "runs/tuned", "--out", "out", cwd=tmp_path).returncode == 0
+    # the run's recipe.yaml (every default spelled out, null ones too) reads back for `llmforge eval`
+    evaluated = cli("eval", "runs/tuned", "--stage", "sft", "--json", cwd=tmp_path)
+    assert evaluated.returncode == 0 and "val_loss" in evaluated.stdout, evaluated.stderr
     out = tmp_path / "out"
     assert (out / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
     tuned = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()

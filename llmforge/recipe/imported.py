@@ -12,7 +12,9 @@ Loc = tuple  # a key path: ("model", "init", "hf")
 
 def import_model(data: dict, base_dir: Path) -> list[tuple[Loc, str]]:
     """model.init.hf: fill the model section from the transformers folder's config.json (keys the
-    recipe gives must agree: an imported model keeps its architecture), and use its tokenizer."""
+    recipe gives must agree: an imported model keeps its architecture), and use its tokenizer. A
+    key set to null counts as left out: a run's recipe.yaml spells out every default that way, and
+    `llmforge eval` reads it back."""
     model = data.get("model")
     init = model.get("init") if isinstance(model, dict) else None
     if not isinstance(init, dict) or not isinstance(init.get("hf"), str):
@@ -29,7 +31,7 @@ def import_model(data: dict, base_dir: Path) -> list[tuple[Loc, str]]:
     expected = PRESETS[fields["preset"]] | fields
     problems = [(("model", key), f"{model[key]!r}, but {folder}/config.json has {value!r} (an imported model "
                  "keeps its architecture; leave the key out)")
-                for key, value in expected.items() if key in model and model[key] != value]
+                for key, value in expected.items() if model.get(key) is not None and model[key] != value]
     model.update(fields)
     init["hf"] = str(folder)
     tokenizer = data.setdefault("tokenizer", {})
@@ -42,13 +44,13 @@ def import_model(data: dict, base_dir: Path) -> list[tuple[Loc, str]]:
         problems.append((("model", "init", "hf"), f"{folder} has no tokenizer.json or tokenizer.model; llmforge "
                          "trains with the model's own tokenizer"))
         return problems
-    if "vocab_size" in tokenizer:
+    if tokenizer.get("vocab_size") is not None:
         problems.append((("tokenizer", "vocab_size"), "the model from model.init.hf comes with its tokenizer; "
                          "leave vocab_size out"))
-    elif "path" in tokenizer and (base_dir / str(tokenizer["path"])).resolve() != own:
+    elif tokenizer.get("path") is not None and (base_dir / str(tokenizer["path"])).resolve() != own:
         problems.append((("tokenizer", "path"), f"the model from model.init.hf uses {own}; leave path out"))
     tokenizer["path"] = str(own)
-    if "chat_template" not in tokenizer and _has_template(folder):
+    if tokenizer.get("chat_template") is None and _has_template(folder):
         tokenizer["chat_template"] = {"path": str(folder)}  # the model's own
     return problems
 
