@@ -164,6 +164,8 @@ def test_grpo_with_the_calculator_calls_it_and_resumes_bitwise_after_kill_9(tmp_
     assert len(steps) == 4 and all({"tool_calls", "tool_errors", "turns", "reward/math"} <= set(m) for m in steps)
     assert sum(m["tool_calls"] for m in steps) > 0  # sft taught it to call; the environment ran the calls
     assert all(m["turns"] >= 1 for m in steps)
+    evaluated = cli("eval", "runs/tools", "--stage", "rl", "--json", cwd=whole)  # greedy conversations, rescored
+    assert evaluated.returncode == 0 and "val_tool_calls" in json.loads(evaluated.stdout), evaluated.stderr
     assert cli("run", "recipe.yaml", cwd=killed, env={"LLMFORGE_FAULTS": "step:02-rl:2=kill"}).returncode == -9
     assert cli("run", "recipe.yaml", cwd=killed).returncode == 0
     final = "runs/tools/stages/02-rl/final/model.safetensors"
