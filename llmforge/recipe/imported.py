@@ -47,7 +47,7 @@ def import_model(data: dict, base_dir: Path) -> list[tuple[Loc, str]]:
     if tokenizer.get("vocab_size") is not None:
         problems.append((("tokenizer", "vocab_size"), "the model from model.init.hf comes with its tokenizer; "
                          "leave vocab_size out"))
-    elif tokenizer.get("path") is not None and (base_dir / str(tokenizer["path"])).resolve() != own:
+    elif tokenizer.get("path") is not None and recipe_path(base_dir, str(tokenizer["path"])).resolve() != own:
         problems.append((("tokenizer", "path"), f"the model from model.init.hf uses {own}; leave path out"))
     tokenizer["path"] = str(own)
     if tokenizer.get("chat_template") is None and _has_template(folder):

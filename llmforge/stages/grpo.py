@@ -181,13 +181,9 @@ class Objective(kind.Objective):
             ("turns", lambda c: c.turns), ("too_long", lambda c: c.extra["too_long"]))}
         got = [plugins.score_safely(found.env.reward, c.episode, spec.timeout, optional=True) for c in talks]
         if any(v is not None or why for v, why in got):
-            for why in (why for _, why in got if why):
-                if spec.on_error == "stop":
-                    raise plugins.failed(f"stages[{self.sp.index}].environment", found.label, where[0], why)
-            own = torch.tensor([0.0 if v is None else float(sum(v.values()) if isinstance(v, dict) else v)
-                                for v, _ in got])
-            values |= {f"reward/{spec.name}": own, "total": spec.weight * own,
-                       "errors": sum(why is not None for _, why in got)}
+            own, _, failures = plugins.gather(got, spec.on_error, f"stages[{self.sp.index}].environment", found.label,
+                                              where[0])
+            values |= {f"reward/{spec.name}": own, "total": spec.weight * own, "errors": len(failures)}
         return episodes.rows(talks, self.sp.seq_len), replies, values
 
     def _score(self, replies, rows, device, where) -> tuple[torch.Tensor, dict, list]:

@@ -22,6 +22,8 @@ import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
 
+import torch
+
 from ..data import procs
 from ..errors import PlanError, TrainingError
 
@@ -194,6 +196,25 @@ def _init_worker(plugin: Plugin) -> None:
 def _score_in_worker(args) -> tuple[object, str | None]:
     reply, timeout = args
     return score_safely(_WORKER_SCORE, reply, timeout)
+
+
+def gather(got: list[tuple[object, str | None]], on_error: str, at: str, label: str, step: int):
+    """Per-reply (value, error) pairs -> (values [n]: a dict's sum, 0 for none or a failure; each
+    named part's values; the failures as (reply, the error's first line)). on_error "stop" raises
+    at the first failure instead."""
+    values, parts, failures = torch.zeros(len(got)), {}, []
+    for i, (value, why) in enumerate(got):
+        if why is not None:
+            if on_error == "stop":
+                raise failed(at, label, step, why)
+            failures.append((i, why.partition("\n")[0]))
+        elif isinstance(value, dict):
+            values[i] = sum(value.values())
+            for k, v in value.items():
+                parts.setdefault(k, torch.zeros(len(got)))[i] = v
+        elif value is not None:
+            values[i] = value
+    return values, parts, failures
 
 
 def failed(at: str, label: str, step: int, error: str) -> TrainingError:

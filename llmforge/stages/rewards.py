@@ -98,9 +98,9 @@ def plugin_problems(at: str, group: str, name: str, where: str, options: dict) -
 
 def plugin_notes(where: str, terms: list[RewardTerm]) -> list[str]:
     """The plan's line per plugin: which package provides it (the code that will run)."""
-    out = []
+    out, installed = [], plugins.installed(plugins.REWARDS)
     for j, term in enumerate(terms):
-        if term.plugin is not None and (plugin := plugins.installed(plugins.REWARDS).get(term.plugin)):
+        if term.plugin is not None and (plugin := installed.get(term.plugin)):
             parallel = ", in worker processes" if getattr(plugin.load(), "parallel", False) else ""
             out.append(f"{where}.reward[{j}]: plugin {plugin.name} from {plugin.package} {plugin.version} "
                        f"({plugin.target}; timeout {term.timeout:g} s a reply, on_error {term.on_error}{parallel})")
@@ -147,23 +147,8 @@ class Rewards:
 
     def _plugin(self, j: int, term: RewardTerm, replies: list[Reply], step: int):
         got = self.plugins[j]([Reply(**{**r.__dict__, "options": dict(term.options)}) for r in replies])
-        values, parts, failed = torch.zeros(len(replies)), {}, []
-        for i, (value, why) in enumerate(got):
-            if why is not None:
-                if term.on_error == "stop":
-                    raise plugins.failed(f"{self.where}.reward[{j}].plugin", self.plugins[j].plugin.label, step, why)
-                failed.append((i, why.partition("\n")[0]))
-            elif isinstance(value, dict):
-                values[i] = sum(value.values())
-                for k, v in value.items():
-                    parts.setdefault(k, torch.zeros(len(replies)))[i] = v
-            else:
-                values[i] = value
-        return values, parts, failed
-
-    def close(self) -> None:
-        for scorer in self.plugins.values():
-            scorer.close()
+        return plugins.gather(got, term.on_error, f"{self.where}.reward[{j}].plugin", self.plugins[j].plugin.label,
+                              step)
 
 
 def _answer_problems(at: str, verifier: str, spec, sources: dict) -> list[str]:
