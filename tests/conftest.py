@@ -105,6 +105,18 @@ def tiny(tmp_path) -> Path:
     return tmp_path
 
 
+def install_offline(package: Path, site: Path) -> None:
+    """pip-install a package folder into `site` (offline, no build isolation, no dependencies),
+    leaving the test's own environment as it is; `on_path(site)` puts it on PYTHONPATH."""
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(site), str(package)], check=True)
+
+
+def on_path(site: Path) -> str:
+    """PYTHONPATH with `site` first."""
+    return os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+
+
 def cli(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
     """Run the real `llmforge` CLI in a subprocess, as a user would. Commands that train and load
     no model (plan, init, report, compare, schema) run in this process instead: the same Typer app

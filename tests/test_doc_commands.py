@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import TINY_RECIPE, make_corpus
+from .conftest import TINY_RECIPE, install_offline, make_corpus, on_path
 from .test_docs import PAGES, REPO, shown_commands
 from .test_tools import QWEN25_TOOLS
 
@@ -47,15 +47,14 @@ def shrink(recipe: Path, base: Path) -> None:
 def environment(home: Path) -> dict:
     # Hub datasets come from the datasets cache under HOME; packages a page pip-installs, from home/site
     return dict(os.environ, HOME=str(home), SHELL="/bin/bash", NO_COLOR="1", LLMFORGE_CACHE=str(home / "cache"),
-                HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(home / "site"), os.environ.get("PYTHONPATH", "")]))
+                HF_HUB_OFFLINE="1", PYTHONPATH=on_path(home / "site"))
 
 
 def pip_install(page: Path, folder: Path, home: Path) -> None:
     """The page's `pip install ./examples/...` lines, into home/site (on PYTHONPATH), offline and
     without touching the test's own environment."""
     for path in re.findall(r"^pip install (\./examples/\S+)$", page.read_text(), flags=re.M):
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                        "--no-index", "--target", str(home / "site"), str(folder / path)], check=True)
+        install_offline(folder / path, home / "site")
 
 
 def llmforge(args: list[str], cwd: Path, home: Path, where: str = "", stdin: str | None = None):

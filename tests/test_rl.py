@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +18,7 @@ from llmforge.stages import grpo
 from llmforge.stages.rl_loss import policy_loss
 from llmforge.stages.verifiers import verify
 
-from .conftest import cli
+from .conftest import cli, install_offline, on_path
 
 PLUGIN = '''\
 """Rewards for arithmetic prompts, as a user would write them."""
@@ -94,13 +91,12 @@ def site(tmp_path_factory) -> Path:
     (root / "pkg/arith_rewards").mkdir(parents=True)
     (root / "pkg/pyproject.toml").write_text(PYPROJECT)
     (root / "pkg/arith_rewards/__init__.py").write_text(PLUGIN)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(root / "site"), str(root / "pkg")], check=True)
+    install_offline(root / "pkg", root / "site")
     return root / "site"
 
 
 def env(site: Path, **more) -> dict:
-    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]), **more}
+    return {"PYTHONPATH": on_path(site), **more}
 
 
 RECIPE = """\
