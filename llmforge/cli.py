@@ -114,7 +114,8 @@ def run(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
 
 
 def _run(recipe: Path, run_dir: Path | None, overrides: list[str], restart: bool, d, verbosity: int = 0) -> None:
-    from .output.progress import QuietReporter, Reporter, render_plan
+    from .output.progress import QuietReporter, Reporter
+    from .output.tables import render_plan
     from .output.trackers import open_trackers
     from .recipe.loader import load_recipe
     from .run.engine import run_stages
@@ -139,7 +140,7 @@ def _run(recipe: Path, run_dir: Path | None, overrides: list[str], restart: bool
     finally:
         reporter.close()
     if d.main:
-        from .output.progress import render_results
+        from .output.tables import render_results
         from .store.runs import stage_results
 
         render_results(stage_results(ctx.run_dir), reporter.console)
@@ -153,7 +154,8 @@ def prepare(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
             overrides: Optional[List[str]] = SetOption):
     """Train the tokenizer and tokenize every source into the cache, then print the exact plan."""
     with user_errors():
-        from .output.progress import Reporter, render_plan
+        from .output.progress import Reporter
+        from .output.tables import render_plan
         from .recipe.loader import load_recipe
         from .run.prepare import prepare_run
 
@@ -192,7 +194,8 @@ def plan(recipe: Path = typer.Argument(..., help="The recipe YAML file."),
                                           "extends and --set are applied, instead of the plan.")):
     """Print what a run would do on this machine (or on --target), without training."""
     with user_errors():
-        from .output.progress import make_console, render_plan
+        from .output.progress import make_console
+        from .output.tables import render_plan
         from .recipe.loader import load_recipe
         from .recipe.loader import show_recipe as written
         from .run.prepare import estimate_plan
@@ -318,7 +321,8 @@ def eval_(run_dir: Path = RunDirArgument, stage: Optional[str] = StageOption,
     """Measure a finished stage on its held-out data (val loss/bpb; dpo: reward accuracy) and
     its task evals: llmforge's and lm-evaluation-harness's (results in the stage's eval.json too)."""
     with user_errors():
-        from .output.progress import Reporter, render_results
+        from .output.progress import Reporter
+        from .output.tables import render_results
         from .run.evaluation import evaluate_stage
 
         names = [t.strip() for t in (tasks or "").split(",") if t.strip()] + list(task or []) or None
@@ -405,7 +409,8 @@ def compare(run_dirs: List[Path] = typer.Argument(..., help="Two or more run dir
     """Runs side by side: each stage's final held-out figures, the recipe keys that differ, and one
     PNG overlaying their held-out curves."""
     with user_errors():
-        from .output.progress import make_console, render_comparison
+        from .output.progress import make_console
+        from .output.tables import render_comparison
         from .output.report import compare_runs, write_comparison
 
         runs, labels, rows, differ = compare_runs(run_dirs)

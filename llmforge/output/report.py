@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..errors import LlmforgeError
 from ..store.runs import Run, final_figures, read_run
-from .progress import duration, figure, result_columns, si
+from .progress import duration, si
+from .tables import figure, result_columns
 
 # Panels of the preference and RL figures: (title, metric keys drawn in it).
 _REWARD_PANELS = (("pairs ranked right", ("reward_acc", "accuracy")),
