@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -97,6 +98,51 @@ def test_a_call_that_does_not_parse_is_a_failed_turn_the_policy_sees(tmp_path):
     assert environments.call_tool(found, "calculator", {"expression": "__import__('os')"}, c.episode).startswith(
         "error: ValueError: only numbers") and c.episode.tool_errors == 2
     assert calc.call("calculator", {"expression": "(12 + 7) * 3 / 2"}, c.episode) == "28.5"
+
+
+class Judge:
+    """An environment with the calculator's tool whose own reward has named parts and fails on
+    every other conversation."""
+    tools = Calculator.tools
+
+    def call(self, name, arguments, episode):
+        return Calculator().call(name, arguments, episode)
+
+    def reward(self, episode):
+        if episode.seed % 2:
+            raise ValueError("no verdict on this one")
+        return {"answered": 1.0, "polite": 0.5}
+
+
+def test_an_environments_reward_parts_are_logged_and_its_failures_written(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    from llmforge.model.transformer import ModelConfig, Transformer
+    from llmforge.stages.grpo import Objective, Options
+
+    _, tok, template, _ = _setup(tmp_path)
+    monkeypatch.setitem(environments.BUILT_IN, "judge", Judge())
+    options = Options(reward=[{"verifier": "format"}], group=2, max_new_tokens=4,
+                      environment={"name": "judge", "max_turns": 1, "weight": 2.0})
+    objective = Objective(SimpleNamespace(index=0, options=options, seq_len=512), tok, template, seed=1)
+    objective.folder = tmp_path
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, seq_len=512, n_layer=1, n_head=2, n_embd=16)).eval()
+    messages = np.empty(4, dtype=object)
+    messages[:] = [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(4)]
+    prompts = {"messages": messages, "record": np.array([{"answer": str(i + 1)} for i in range(4)], dtype=object)}
+    seeds = [10, 11, 12, 13]  # the odd ones fail
+    rows, replies, values = objective._converse(model, prompts, [None] * 4, seeds, 1.0, torch.Generator().manual_seed(0),
+                                                (3, 0, 0))
+    total, values, failed = objective._score(replies, rows, values, "cpu", (3, 0, 0))
+    assert failed == 2
+    assert values["reward/judge/answered"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert values["reward/judge/polite"].tolist() == [0.5, 0.0, 0.5, 0.0]
+    assert values["reward/judge"].tolist() == [1.5, 0.0, 1.5, 0.0]
+    assert torch.allclose(total, values["reward/format"] + 2.0 * values["reward/judge"])
+    errors = [json.loads(line) for line in (tmp_path / "reward_errors.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["reward"], e["reply"]) for e in errors] == [(3, "judge", 1), (3, "judge", 3)]
+    assert errors[0]["error"] == "ValueError: no verdict on this one"
 
 
 # --- a real run ---------------------------------------------------------------------------------------

@@ -60,6 +60,11 @@ def coin(reply):
 coin.parallel = True
 
 
+def levels(reply):
+    """A part named by the prompt's level: ranks that drew prompts of different levels log different parts."""
+    return {f"level{reply.record['level']}": 1.0}
+
+
 def broken(reply):
     if reply.seed % 3 == 0:
         raise ValueError("cannot read this reply")
@@ -80,6 +85,7 @@ version = "0.1.0"
 digits = "arith_rewards:digits"
 noisy = "arith_rewards:noisy"
 coin = "arith_rewards:coin"
+levels = "arith_rewards:levels"
 broken = "arith_rewards:broken"
 '''
 
@@ -184,7 +190,7 @@ def test_on_error_stop_ends_the_run_with_the_plugins_traceback(tmp_path, site):
 @pytest.mark.parametrize("reward, expected", [
     ("reward: [{plugin: nobody}]",
      "stages[0].reward[0].plugin: no installed package provides the reward plugin 'nobody' (installed: broken, coin, "
-     "digits, noisy)"),
+     "digits, levels, noisy)"),
     ("reward: [{plugin: digits, options: {bonsu: 1}}]",
      "stages[0].reward[0].options: digits (arith-rewards 0.1.0) rejects them: unknown option(s) ['bonsu'] (known: bonus)"),
     ("reward: [{verifier: format, options: {a: 1}}]", "stages[0].reward[0]: options applies to a plugin"),
@@ -217,6 +223,25 @@ def test_resume_after_kill_9_is_bitwise_with_plugins_updates_and_dynamic_samplin
     resumed = {m["step"]: m for m in metrics(killed)}
     for m in steps:
         assert resumed[m["step"]]["reward"] == m["reward"]
+
+
+def test_ranks_whose_replies_log_different_reward_parts_train_together(tmp_path, site):
+    """Two processes, one prompt each a step: a plugin whose named part depends on the prompt's
+    level gives the ranks different figures; their sum over ranks still lines up (a part a rank
+    lacks counts 0), and each step logs the parts of both (the ranks' sums were matched by
+    position, so rank 0's part names labelled the other rank's values, or unequal counts of parts
+    met in one all-reduce of unequal sizes)."""
+    folder = project(tmp_path, "reward: [{plugin: levels}]")
+    folder.joinpath("recipe.yaml").write_text(folder.joinpath("recipe.yaml").read_text()
+                                              .replace("batch_size: 4", "batch_size: 2"))
+    result = cli("run", "recipe.yaml", "--nproc-per-node", 2, cwd=folder, env=env(site), timeout=240)
+    assert result.returncode == 0, result.stderr
+    steps = metrics(folder)
+    assert len(steps) == 6
+    for m in steps:  # each rank's replies score 1 under their own level's part, so the parts sum to the reward
+        parts = [v for k, v in m.items() if k.startswith("reward/levels/level") and not k.endswith("_std")]
+        assert parts and sum(parts) == pytest.approx(m["reward/levels"]) == pytest.approx(1.0)
+    assert any(sum(k.startswith("reward/levels/level") for k in m) == 2 for m in steps)  # levels differed
 
 
 # --- the math verifier ------------------------------------------------------------------------------

@@ -78,6 +78,18 @@ class Dist:
             raise LlmforgeError(f"ranks disagree on {what}: rank 0 has {values[0]}, rank {odd} has {values[odd]}",
                                 hint="every machine needs the same software, data and view of the run directory")
 
+    def union(self, figures: dict) -> dict:
+        """`figures` under the keys of every rank's, in one order (a key this rank lacks is 0): a
+        step's figures are summed over ranks as one tensor, and a reward's named parts can differ by
+        rank (a plugin that failed on every reply of one rank gave it none)."""
+        if self.world == 1:
+            return figures
+        import torch.distributed as dist
+
+        keys = [None] * self.world
+        dist.all_gather_object(keys, list(figures), group=self.control)
+        return {k: figures.get(k, 0.0) for k in dict.fromkeys(k for mine in keys for k in mine)}
+
     def stop_requested(self, signum: int) -> int:
         """The stop signal if any rank got one, so all stop (and save) at the same step."""
         if self.world == 1:

@@ -50,6 +50,7 @@ def train_step(model, optimizer, objective, batch: dict, sp: StagePlan, amp, dev
     done = objective.updates * sum(work(trim(m)) for m in micros)  # what the forwards compute, for tokens/s and MFU
     if "rollout_s" in figures:
         figures["update_s"] = time.perf_counter() - t
+        figures = d.union(figures)
     keys = list(totals) + ["skipped"] + list(figures)  # skipped: not finite, so not updated (or stopping)
     host = torch.tensor([*figures.values(), *done], dtype=torch.float32)  # figures and work: known on the host
     if device.type == "cuda":  # copied without waiting for the step to finish

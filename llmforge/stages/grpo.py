@@ -106,7 +106,9 @@ class Objective(kind.Objective):
             rows["ref"] = self._logps(self.reference, rows)
             if self.updates > 1:  # pi_old: the policy as it sampled, once for all the updates on this batch
                 rows["old"] = self._logps(model, rows)
-        values = {k: torch.cat([r["values"][k] for r in rounds]) for k in rounds[0]["values"]}
+        # A round whose replies all failed a plugin has none of its named parts: 0, as for a failed reply.
+        values = {k: torch.cat([r["values"].get(k, torch.zeros(len(r["values"]["reward"]))) for r in rounds])
+                  for k in dict.fromkeys(k for r in rounds for k in r["values"])}
         figures = {k: v.mean() for k, v in values.items()} | \
             {f"{k}_std": v.std() for k, v in values.items() if k == "reward" or k.count("/") == 1}
         figures["reward_errors"] = sum(r["errors"] for r in rounds)
@@ -128,16 +130,13 @@ class Objective(kind.Objective):
         model.train(was_training)
         generated = time.perf_counter() - started
         with amp:  # reward models score under the run's precision
-            rewards, scores, errors = self._score(replies, rows, device, where)
-        rewards += values.pop("total", 0)
+            rewards, values, failed = self._score(replies, rows, values, device, where)
         groups = rewards.view(B, o.group)
         advantages = groups - groups.mean(dim=1, keepdim=True)
         if o.scale_rewards:
             advantages = advantages / (groups.std(dim=1, keepdim=True) + 1e-4)
         rows["advantage"] = advantages.flatten().cpu().numpy().astype(np.float32)
-        failed = len(errors) + values.pop("errors", 0)
-        values |= scores | {"reward": rewards.cpu()}
-        return {"rows": rows, "values": values, "errors": failed, "informative": (groups.std(dim=1) > 0).cpu().numpy(),
+        return {"rows": rows, "values": values, "errors": failed, "informative": (groups.std(dim=1) > 0).numpy(),
                 "generate_s": generated}
 
     def _generate(self, model, prompts, device, temperature, generator, where) -> tuple[dict, list, dict]:
@@ -166,7 +165,8 @@ class Objective(kind.Objective):
 
     def _converse(self, model, prompts, answers, seeds, temperature, generator, where) -> tuple[dict, list, dict]:
         """Conversations with the environment, all turns; its own reward (if it gives one) as
-        values["total"] (weighted) and reward/<name>, and how the tools were used."""
+        values["total"] (weighted), reward/<name> and its named parts reward/<name>/<part>, its
+        failures as values["errors"] (environment, reply, message), and how the tools were used."""
         spec, found = self.o.environment, self.environment
         talks = [episodes.start(self.template, self.tokenizer, found, m, rec, spec.options, seed)
                  for m, rec, seed in zip(prompts["messages"], prompts["record"], seeds)]
@@ -181,21 +181,27 @@ class Objective(kind.Objective):
             ("turns", lambda c: c.turns), ("too_long", lambda c: c.extra["too_long"]))}
         got = [plugins.score_safely(found.env.reward, c.episode, spec.timeout, optional=True) for c in talks]
         if any(v is not None or why for v, why in got):
-            own, _, failures = plugins.gather(got, spec.on_error, f"stages[{self.sp.index}].environment", found.label,
-                                              where[0])
-            values |= {f"reward/{spec.name}": own, "total": spec.weight * own, "errors": len(failures)}
+            own, parts, failures = plugins.gather(got, spec.on_error, f"stages[{self.sp.index}].environment",
+                                                  found.label, where[0])
+            values |= {f"reward/{spec.name}/{k}": v for k, v in parts.items()}
+            values |= {f"reward/{spec.name}": own, "total": spec.weight * own,
+                       "errors": [(spec.name, i, why) for i, why in failures]}
         return episodes.rows(talks, self.sp.seq_len), replies, values
 
-    def _score(self, replies, rows, device, where) -> tuple[torch.Tensor, dict, list]:
-        """Each reply's total reward [n], each term's values, and the plugins' errors (also written
-        to the stage's reward_errors.jsonl: a plugin's author wants to see them)."""
-        total, values, errors = self.rewards.score(replies, rows, device, where[0])
+    def _score(self, replies, rows, values, device, where) -> tuple[torch.Tensor, dict, int]:
+        """Each reply's total reward [n] (the terms' and the environment's own), every value to log
+        (`values` with the terms' added), and how many rewards failed: plugins' and the
+        environment's alike, each a line in the stage's reward_errors.jsonl (their author wants
+        to see them)."""
+        total, scores, errors = self.rewards.score(replies, rows, device, where[0])
+        total = total.cpu() + values.pop("total", 0)
+        errors += values.pop("errors", [])
         if errors and self.folder is not None:
             with open(self.folder / "reward_errors.jsonl", "a") as f:
                 for label, i, why in errors:
                     f.write(json.dumps({"step": where[0] if where[0] >= 0 else "eval", "rank": where[1],
                                         "reward": label, "reply": i, "error": why}) + "\n")
-        return total.cpu(), values, errors
+        return total, values | scores | {"reward": total}, len(errors)
 
     def _rows(self, prompts, replies) -> dict:
         """tokens [B, T+1]: prompt then reply, right-padded; learned [B, T]: the reply's targets."""
@@ -243,11 +249,8 @@ class Objective(kind.Objective):
         prompts = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         where = (-1, 0, 0)
         rows, replies, values = self._generate(unwrap(model), prompts, batch["prompt"].device, 0, None, where)
-        rewards, scores, _ = self._score(replies, rows, batch["prompt"].device, where)
-        rewards += values.pop("total", 0)
-        values.pop("errors", None)
-        return {"reward": rewards.sum().item(), "prompts": len(rewards)} \
-            | {k: v.sum().item() for k, v in (values | scores).items()}
+        rewards, values, _ = self._score(replies, rows, values, batch["prompt"].device, where)
+        return {"prompts": len(rewards)} | {k: v.sum().item() for k, v in values.items()}
 
     @staticmethod
     def summarize(sums):
