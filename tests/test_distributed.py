@@ -217,7 +217,8 @@ def test_plan_picks_fsdp_when_training_does_not_fit_one_device(tmp_path):
     from llmforge.errors import PlanError
     from llmforge.plan.devices import Device
     from llmforge.plan.estimates import estimate_memory
-    from llmforge.plan.plan import SourceStats, compile_plan, model_config
+    from llmforge.plan.mix import SourceStats
+    from llmforge.plan.plan import compile_plan, model_config
     from llmforge.recipe.loader import load_recipe
 
     from .conftest import TINY_RECIPE

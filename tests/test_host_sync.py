@@ -109,7 +109,8 @@ def test_a_step_that_is_not_finite_is_skipped_and_counted(optimizer):
 
 def test_the_plan_says_when_skipping_must_read_a_flag_every_step(tmp_path):
     from llmforge.plan.devices import Device
-    from llmforge.plan.plan import SourceStats, compile_plan
+    from llmforge.plan.mix import SourceStats
+    from llmforge.plan.plan import compile_plan
     from llmforge.recipe.loader import load_recipe
 
     from .conftest import TINY_RECIPE

@@ -101,7 +101,8 @@ def test_an_optimizer_that_cannot_shard_is_refused_under_fsdp_and_auto_picks_ddp
     from llmforge.optim import OPTIMIZERS
     from llmforge.plan.devices import Device
     from llmforge.plan.estimates import estimate_memory
-    from llmforge.plan.plan import SourceStats, compile_plan, model_config
+    from llmforge.plan.mix import SourceStats
+    from llmforge.plan.plan import compile_plan, model_config
     from llmforge.recipe.loader import load_recipe
 
     assert [name for name, o in OPTIMIZERS.items() if not o.shards] == ["muon"]

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from ..core.paths import recipe_path
 from ..core.values import resolve_percent
-from ..data.sampler import windows_per_epoch
 from ..errors import PlanError
 from ..model.adapters import projections
 from ..model.families import PRESETS
@@ -27,25 +26,7 @@ from ..stages import KINDS
 from .adapter import plan_adapter
 from .devices import Device
 from .estimates import choose_micro_batch, disk_warnings, estimate_memory, estimate_time, memory_budget
-
-
-@dataclass(frozen=True)
-class SourcePlan:
-    name: str
-    weight: float  # normalized share of the stage's tokens
-    documents: int | None
-    train_tokens: int
-    val_tokens: int
-    take_tokens: int  # tokens this stage draws from the source (row capacity, for sft/dpo)
-    epochs: float  # passes over the source's rows
-    estimated: bool  # token counts estimated from bytes: the source is not tokenized yet
-    skipped: int = 0
-    filtered: int = 0
-    rows: int = 0  # rows per epoch: windows (pretrain), packed sequences (sft), pairs (dpo)
-    dropped: int = 0  # examples longer than seq_len+1 left out (overlong: drop)
-    truncated: int = 0  # examples cut to seq_len+1 tokens (overlong: truncate)
-    missing: bool = False  # `plan` of data not at hand
-    reasons: dict = field(default_factory=dict)  # why skipped and filtered records went -> how many
+from .mix import SourcePlan, SourceStats, held_out_fits, missing_warning, plan_mix, source_rows
 
 
 @dataclass(frozen=True)
@@ -124,21 +105,6 @@ class Plan:
         return out
 
 
-@dataclass(frozen=True)
-class SourceStats:
-    documents: int | None
-    train_tokens: int
-    val_tokens: int
-    estimated: bool = False
-    skipped: int = 0  # bad records skipped (on_error: skip)
-    filtered: int = 0  # documents outside min_chars..max_chars
-    reasons: dict = field(default_factory=dict)  # the skipped and filtered records' reasons -> counts
-    examples: object = None  # conversation sources: the training split's Examples (data/rows.py)
-    val_examples: object = None  # ... and the held-out split's
-    missing: str = ""  # `plan` only: why the source's files are not at hand (planned without them)
-    conversations: bool = False  # estimated from file sizes, a conversation source (examples not tokenized yet)
-
-
 def model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:
     """The recipe's model section with its preset's defaults filled in."""
     spec = recipe.model
@@ -175,12 +141,12 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
     if problems:
         # a model-wide problem (it does not fit) fails every stage alike: say it once
         raise PlanError("\n".join(dict.fromkeys(p.message for p in problems)), hint=problems[0].hint)
-    warnings = list(warnings or []) + [_missing(st.missing, [sp.name for sp in stages if not sp.steps and name in [s.name for s in sp.mix]])
+    warnings = list(warnings or []) + [missing_warning(st.missing, [sp.name for sp in stages if not sp.steps and name in [s.name for s in sp.mix]])
                 for name, st in sources.items() if st.missing]
     warnings += [f"data.{s.name}: no held-out {what} seq_len+1 = {sp.seq_len + 1} tokens; "
                  f"stage {sp.name} cannot eval on it"
                  for sp in stages for s in sp.mix if not sources[s.name].missing
-                 for what in [_held_out_fits(sp, sources[s.name], recipe.seed)] if what]
+                 for what in [held_out_fits(sp, sources[s.name], recipe.seed)] if what]
     warnings += [f"stage {sp.name}: runtime.on_nonfinite: skip with optimizer.name: {sp.optimizer['name']} reads one "
                  "flag from the device every step (adamw skips on the device, without waiting)"
                  for sp in stages if sp.on_nonfinite == "skip" and not OPTIMIZERS[sp.optimizer["name"]].skips_on_device]
@@ -191,12 +157,6 @@ def compile_plan(recipe: Recipe, *, vocab_size: int, sources: dict[str, SourceSt
                 model_init=recipe.model.init.hf if recipe.model.init else None, previews=previews or {},
                 notes=tuple(notes or ()) + tuple(n for sp in stages for n in KINDS[sp.kind].notes(
                     f"stages[{sp.index}]", sp.options)))
-
-
-def _missing(why: str, unknown: list[str]) -> str:
-    """The warning for a source not at hand; `unknown`: the stages whose steps count its examples."""
-    steps = f"; the steps of {', '.join(unknown)} count its examples: unknown until then" if unknown else ""
-    return f"{why}; planned from the stages' budgets without it (`llmforge run` needs it{steps})"
 
 
 def plan_stage(recipe: Recipe, index: int, *, vocab_size: int, sources: dict[str, SourceStats], device: Device,
@@ -273,7 +233,7 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
             raise PlanError(f"{where}.batch_size: {global_batch} does not divide among {world_size} processes",
                             hint=f"use a multiple of {world_size}")
     batch_tokens = global_batch * per_row
-    rows = {name: _rows(where, spec, name, sources[name], seq_len, options, recipe.seed) for name in spec.mix}
+    rows = {name: source_rows(where, spec, name, sources[name], seq_len, options, recipe.seed) for name in spec.mix}
     if spec.epochs is not None and any(sources[name].missing for name in spec.mix):
         steps = 0  # epochs of data not at hand: unknown (the plan warns)
     elif spec.epochs is not None:
@@ -289,7 +249,7 @@ def _plan_stage(i, spec, recipe, cfg, sources, device, world_size, shards, finge
         where, recipe.runtime.micro_batch, global_batch // world_size, per_row, cfg, device, shards,
         max(r[3] for r in rows.values()), trainable if adapter else None, frozen_bytes,
         recipe.runtime.activation_checkpointing, beside, bool(adapter) and "w2" in projections(adapter["targets"]))
-    mix = _plan_mix(where, spec.mix, sources, recipe.data, rows, steps * global_batch, per_row)
+    mix = plan_mix(where, spec.mix, sources, recipe.data, rows, steps * global_batch, per_row)
     warmup = round(resolve_percent(spec.schedule.warmup, steps))
     if warmup >= steps and steps > 1:
         raise PlanError(f"{where}.schedule.warmup: {warmup} warmup steps but the stage has only {steps} steps",
@@ -344,16 +304,6 @@ def _format(recipe: Recipe, spec) -> str:
     return recipe.data[next(iter(spec.mix))].format
 
 
-def _held_out_fits(sp, st: SourceStats, seed: int) -> str:
-    """'' if the stage can eval on the source, else what is missing (a window, an example that fits)."""
-    if st.val_examples is None:
-        if st.conversations:  # not tokenized yet: any held-out example may fit
-            return "" if st.val_tokens else "example within"
-        return "" if st.val_tokens >= sp.seq_len + 1 else "window of"
-    rows = KINDS[sp.kind].rows(st.val_examples, sp.seq_len, sp.options, seed, overlong="drop")
-    return "" if rows is None or rows.n_rows else "example within"
-
-
 def stage_init(recipe: Recipe, i: int) -> str | None:
     """The stage whose final weights stage i starts from: its `init`, else the one before it.
     None for the first stage without one: it starts from the model's own start (model.init, or
@@ -362,50 +312,3 @@ def stage_init(recipe: Recipe, i: int) -> str | None:
     if init is None and i > 0:
         return recipe.stages[i - 1].name
     return init
-
-
-def _rows(where, spec, name, st: SourceStats, seq_len: int, options, seed: int) -> tuple[int, int, int, float]:
-    """(rows per epoch, dropped, truncated, logit share) of a source in this stage; examples that
-    would teach nothing are an error here, before any compute is spent."""
-    kind = KINDS[spec.kind]
-    if st.missing:  # not at hand (`plan` before the data is downloaded): nothing to count
-        return 0, 0, 0, 1.0
-    source = None if st.examples is None else kind.rows(st.examples, seq_len, options, seed)
-    if source is None and st.conversations:  # examples not tokenized yet: as packed rows, the last partly filled
-        return max(1, -(-st.train_tokens // seq_len)), 0, 0, 1.0
-    if source is None:  # windows of a token stream: estimate
-        if st.train_tokens < seq_len + 1:
-            raise PlanError(f"{where}.mix.{name}: the source has {st.train_tokens} training tokens, "
-                            f"fewer than one window of seq_len+1 = {seq_len + 1}",
-                            hint="add data to the source or use a shorter seq_len")
-        return windows_per_epoch(st.train_tokens, seq_len), 0, 0, 1.0
-    lay = source.layout
-    if len(lay.empty):
-        raise PlanError(f"{where}.mix.{name}: {len(lay.empty)} example(s) have no {kind.learns} within seq_len+1 = "
-                        f"{seq_len + 1} tokens, so training on them would learn nothing "
-                        f"(first: {st.examples.origins(int(lay.empty[0]))})",
-                        hint=f"set {where}.overlong: drop, raise seq_len, or shorten those examples")
-    if lay.n_rows == 0:
-        raise PlanError(f"{where}.mix.{name}: all {len(st.examples)} examples are longer than seq_len+1 = "
-                        f"{seq_len + 1} tokens and overlong: drop leaves none", hint="raise seq_len")
-    return lay.n_rows, lay.dropped, lay.truncated, kind.logit_share(source)
-
-
-def _plan_mix(where, mix: dict, sources: dict, specs: dict, rows: dict, total_rows: int,
-              per_row: int) -> tuple[SourcePlan, ...]:
-    total = sum(mix.values())
-    out = []
-    for name, weight in mix.items():
-        st, (n_rows, dropped, truncated, _) = sources[name], rows[name]
-        take = round(total_rows * weight / total)
-        epochs = take / n_rows if n_rows else float("nan")  # as the sampler walks it (nan: not at hand)
-        cap = specs[name].epochs
-        if cap is not None and epochs > cap and not st.estimated:
-            raise PlanError(f"{where}.mix.{name}: the stage takes {take * per_row:,} tokens from {name!r}, "
-                            f"{epochs:.2f} passes over its {st.train_tokens:,} training tokens; "
-                            f"data.{name}.epochs allows {cap:g}",
-                            hint=f"add data, lower its weight or the stage's budget, or raise data.{name}.epochs")
-        out.append(SourcePlan(name, weight / total, st.documents, st.train_tokens, st.val_tokens, take * per_row,
-                              epochs, st.estimated, st.skipped, st.filtered, n_rows, dropped, truncated,
-                              bool(st.missing), st.reasons))
-    return tuple(out)

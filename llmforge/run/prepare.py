@@ -23,7 +23,8 @@ from ..errors import CheckpointError, PlanError, RecipeError, TokenizerError
 from ..model.hf import check_weights
 from ..plan.devices import Device, detect_device
 from ..plan.estimates import HANDS_BACK
-from ..plan.plan import Plan, SourceStats, compile_plan, model_config
+from ..plan.mix import SourceStats
+from ..plan.plan import Plan, compile_plan, model_config
 from ..recipe.loader import diff_recipes
 from ..recipe.schema import Recipe, dump_recipe
 from ..stages import KINDS
