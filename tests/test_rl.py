@@ -225,20 +225,22 @@ def test_resume_after_kill_9_is_bitwise_with_plugins_updates_and_dynamic_samplin
         assert resumed[m["step"]]["reward"] == m["reward"]
 
 
-def test_ranks_whose_replies_log_different_reward_parts_train_together(tmp_path, site):
-    """Two processes, one prompt each a step: a plugin whose named part depends on the prompt's
-    level gives the ranks different figures; their sum over ranks still lines up (a part a rank
-    lacks counts 0), and each step logs the parts of both (the ranks' sums were matched by
-    position, so rank 0's part names labelled the other rank's values, or unequal counts of parts
-    met in one all-reduce of unequal sizes)."""
-    folder = project(tmp_path, "reward: [{plugin: levels}]")
+def test_grpo_under_two_processes_sums_figures_by_name_and_refills_alike(tmp_path, site):
+    """Two processes, one prompt each a step. A plugin whose named part depends on the prompt's
+    level gives the ranks different figures: their sum over ranks still lines up (a part a rank
+    lacks counts 0) and each step logs the parts of both (the ranks' figures were summed by
+    position: rank 0's part names labelled the other rank's values, and unequal counts of parts
+    met in one all-reduce of unequal sizes). Dynamic sampling with coin rewards, which mostly score
+    alike: a rank that needs more prompts makes every rank draw them (refills), and the run ends."""
+    extra = "\n    dynamic_sampling: true\n    max_rollouts: 3"
+    folder = project(tmp_path, "reward: [{plugin: levels, weight: 0.0}, {plugin: coin}]", extra)
     folder.joinpath("recipe.yaml").write_text(folder.joinpath("recipe.yaml").read_text()
                                               .replace("batch_size: 4", "batch_size: 2"))
     result = cli("run", "recipe.yaml", "--nproc-per-node", 2, cwd=folder, env=env(site), timeout=240)
     assert result.returncode == 0, result.stderr
     steps = metrics(folder)
-    assert len(steps) == 6
-    for m in steps:  # each rank's replies score 1 under their own level's part, so the parts sum to the reward
+    assert len(steps) == 6 and any(m["refills"] > 0 for m in steps)
+    for m in steps:  # each rank's replies score 1 under their own level's part, so the parts sum to the term
         parts = [v for k, v in m.items() if k.startswith("reward/levels/level") and not k.endswith("_std")]
         assert parts and sum(parts) == pytest.approx(m["reward/levels"]) == pytest.approx(1.0)
     assert any(sum(k.startswith("reward/levels/level") for k in m) == 2 for m in steps)  # levels differed

@@ -37,6 +37,12 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def cores_of_this_rank() -> int:
+    """This process's share of the CPUs when torchrun started several training processes on this
+    machine (its LOCAL_WORLD_SIZE): pools that each took them all would fight over them."""
+    return max(1, cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def _init(tokenizer, template=None, threads: int = 1) -> None:
     global TOKENIZER, TEMPLATE
     threading.Thread(target=exit_when_orphaned, args=(os.getppid(),), daemon=True).start()

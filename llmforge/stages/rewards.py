@@ -123,7 +123,7 @@ class Rewards:
                 self.models[j] = reward.RewardScorer(Path(term.path), device)
             elif term.plugin is not None:
                 self.plugins[j] = plugins.Scorer(plugins.find(plugins.REWARDS, term.plugin, f"{self.where}.reward[{j}]"),
-                                                 term.timeout, procs.cores())
+                                                 term.timeout, procs.cores_of_this_rank())
 
     def score(self, replies: list[Reply], rows: dict, device, step: int) -> tuple[torch.Tensor, dict, list]:
         """Each reply's total reward [n], each term's reward of each reply [n] (reward/<label>, and
