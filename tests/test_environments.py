@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from llmforge.errors import TrainingError
 from llmforge.stages import environments, episodes
 from llmforge.stages.environments import Calculator, EnvironmentSpec
 from llmforge.stages.rewards import RewardTerm, Rewards
@@ -143,6 +144,12 @@ def test_an_environments_reward_parts_are_logged_and_its_failures_written(tmp_pa
     errors = [json.loads(line) for line in (tmp_path / "reward_errors.jsonl").read_text().splitlines()]
     assert [(e["step"], e["reward"], e["reply"]) for e in errors] == [(3, "judge", 1), (3, "judge", 3)]
     assert errors[0]["error"] == "ValueError: no verdict on this one"
+    # a seq_len that holds no prompt with the tool list trains nothing: one line naming the key
+    short = Objective(SimpleNamespace(index=1, options=options, seq_len=64), tok, template, seed=1)
+    with pytest.raises(TrainingError, match=r"stages\[1\]\.seq_len: 64 tokens hold none of these prompts with judge "
+                                            r"\(built in\)'s tool list \(the shortest is \d+ tokens") as e:
+        short._converse(model, prompts, [None] * 4, seeds, 1.0, torch.Generator().manual_seed(0), (0, 0, 0))
+    assert "set stages[1].seq_len to about" in e.value.hint
 
 
 # --- a real run ---------------------------------------------------------------------------------------

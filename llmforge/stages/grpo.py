@@ -35,7 +35,7 @@ from ..data.rows import PromptRows
 from ..model.generate import generate_batch, reply_texts
 from ..model.kept import Kept
 from ..model.weights import unwrap
-from ..errors import TokenizerError
+from ..errors import TokenizerError, TrainingError
 from ..text.toolcalls import ToolCallFormat
 from . import kind
 from . import environments, episodes, plugins
@@ -170,6 +170,14 @@ class Objective(kind.Objective):
         spec, found = self.o.environment, self.environment
         talks = [episodes.start(self.template, self.tokenizer, found, m, rec, spec.options, seed)
                  for m, rec, seed in zip(prompts["messages"], prompts["record"], seeds)]
+        if all(len(c.ids) >= self.sp.seq_len for c in talks):  # one too long is counted; all: seq_len is wrong
+            shortest, at = min(len(c.ids) for c in talks), f"stages[{self.sp.index}].seq_len"
+            need = shortest + spec.max_turns * self.o.max_new_tokens
+            raise TrainingError(f"{at}: {self.sp.seq_len} tokens hold none of these prompts with {found.label}'s "
+                                f"tool list (the shortest is {shortest} tokens before any reply)",
+                                hint=f"set {at} to about {-(-need // 64) * 64} (the prompt with the tools, then "
+                                     f"max_turns x max_new_tokens = {spec.max_turns} x {self.o.max_new_tokens}, "
+                                     "and the tools' results) and run again")
         episodes.roll(model, talks, template=self.template, tokenizer=self.tokenizer, found=found, fmt=self.calls,
                       seq_len=self.sp.seq_len, max_turns=spec.max_turns, max_new_tokens=self.o.max_new_tokens,
                       temperature=temperature, top_k=self.o.top_k, generator=generator, stop_ids=self.stop_ids)
