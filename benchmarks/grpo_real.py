@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -109,7 +110,7 @@ def tool_conversations(work: Path, n: int = 160) -> None:
 
     with open(work / "calls.jsonl", "w") as f:
         for r in problems(n, 3):
-            a, b = (int(x) for x in __import__("re").findall(r"\d+", r["prompt"])[:2])
+            a, b = (int(x) for x in re.findall(r"\d+", r["prompt"])[:2])
             expression = f"{a} + {b}" if "gets" in r["prompt"] else f"{a} - {b}"
             call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
             f.write(json.dumps({"tools": Calculator.tools, "messages": [
